@@ -1,0 +1,1 @@
+"""The modeled Linux-style kernel network stack (later issues)."""
