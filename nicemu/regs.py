@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import struct
+from typing import NamedTuple
 
 BAR0_SIZE = 0x20000  # 128 KiB of MMIO
 NREGS = BAR0_SIZE // 4
@@ -279,3 +280,146 @@ ETH_ZLEN_FCS = 64  # minimum frame, FCS included
 ETH_MAX_FCS = 1522  # maximum frame without LPE (VLAN tagged), FCS included
 ETH_MAX_LPE = 16384  # with RCTL.LPE
 FCS_LEN = 4
+
+
+# --- Nic <-> datapath engine events (docs/architecture.md) -----------------------------------
+# An engine call returns ICR cause bits to raise now, plus these two bits above the ICR range
+# that start the Nic's delay timers.
+EV_RX_DONE = 1 << 32  # a frame was written to the RX ring: RDTR/RADV -> RXT0
+EV_TX_IDE = 1 << 33  # an RS|IDE TX descriptor was written back: TIDV/TADV -> TXDW
+EV_CAUSES = 0xFFFFFFFF  # the ICR part of an event word
+
+# --- more register bits -------------------------------------------------------------------
+CTRL_RESET = int(Ctrl.FD | Ctrl.SLU | Ctrl.SPEED_1000)  # power-on CTRL
+STATUS_RESET = int(Status.FD | Status.SPEED_1000)  # power-on STATUS, plus LU while the cable is up
+
+
+class Mdic(enum.IntFlag):
+    """MDI control (SDM "MDI Control Register"). nicemu models no PHY: an access completes at once with ERROR."""
+
+    DATA = 0xFFFF
+    READY = 0x10000000
+    INT_EN = 0x20000000
+    ERROR = 0x40000000
+
+
+ITR_INTERVAL = 0xFFFF  # ITR bits 15:0, in 256 ns units
+ITR_UNIT_NS = 256
+DELAY_TIMER = 0xFFFF  # RDTR/RADV/TIDV/TADV bits 15:0, in 1.024 us units
+DELAY_UNIT_NS = 1024
+DELAY_FPD = 0x80000000  # RDTR/TIDV bit 31: flush partial descriptor block (fire the timer now)
+RING_LEN_MASK = 0x000FFF80  # RDLEN/TDLEN bits 19:7: a multiple of 128 bytes, at most 1 MiB
+RING_BASE_MASK = 0xFFFFFFF0  # RDBAL/TDBAL: descriptors are 16-byte aligned, bits 3:0 read 0
+RING_INDEX_MASK = 0xFFFF  # RDH/RDT/TDH/TDT: 16-bit descriptor indices
+RAH_MASK = 0x8003FFFF  # RAH: AV, AS (17:16), MAC bytes 4..5 (15:0)
+RAH_AS = 0x00030000
+
+# --- EEPROM -------------------------------------------------------------------------------
+EEPROM_WORDS = 64
+EEPROM_CHECKSUM_WORD = 0x3F
+EEPROM_CHECKSUM = 0xBABA  # the sum of words 0..0x3F
+EEPROM_SUBSYSTEM_ID = 0x0B  # word offsets of the PCI identity the 8254x loads at power-on
+EEPROM_SUBSYSTEM_VENDOR = 0x0C
+EEPROM_DEVICE_ID = 0x0D
+EEPROM_VENDOR_ID = 0x0E
+
+PCI_SUBSYSTEM_VENDOR_ID = 0x8086
+PCI_SUBSYSTEM_ID = 0x001E  # PRO/1000 MT Desktop Adapter, the usual 82540EM board
+
+
+# --- the register table ---------------------------------------------------------------------
+# One entry per register: offset -> Register(name, reset value, read kind, write kind), as in
+# QEMU's e1000.c macreg_readops/macreg_writeops. The kinds name a behavior; nicemu.nic.Nic
+# turns each kind into its handler once, at construction, so an access is one list lookup.
+# Offsets not in the table read 0 and ignore writes (hardware leaves them undecoded).
+
+# read kinds
+READ_PLAIN = "plain"  # the register word
+READ_WRITE_ONLY = "write_only"  # ICS, IMC: write-only, read 0
+READ_ICR = "icr"  # return the pending causes and clear them
+READ_CLEAR = "clear_on_read"  # 32-bit statistics
+READ_STAT_LOW = "stat_low"  # low dword of a 64-bit statistic: plain
+READ_STAT_HIGH = "stat_high"  # high dword: return it and clear the pair
+
+# write kinds
+WRITE_PLAIN = "plain"  # store the value
+WRITE_READ_ONLY = "read_only"  # ignore (STATUS, statistics)
+WRITE_CTRL = "ctrl"  # RST: self-clearing device reset
+WRITE_EERD = "eerd"  # START: read the EEPROM word, DONE with data in 31:16
+WRITE_MDIC = "mdic"  # no PHY: completes at once with READY | ERROR
+WRITE_ICR = "icr"  # write 1s to clear causes
+WRITE_ICS = "ics"  # write 1s to set causes
+WRITE_IMS = "ims"  # write 1s to enable causes
+WRITE_IMC = "imc"  # write 1s to disable causes
+WRITE_ITR = "itr"  # throttle interval, bits 15:0
+WRITE_RCTL = "rctl"  # store; with EN set, drain the RX packet buffer
+WRITE_TCTL = "tctl"  # store; with EN set, transmit what the ring holds
+WRITE_RING_BASE = "ring_base"  # RDBAL/TDBAL: bits 3:0 read 0
+WRITE_RING_LEN = "ring_len"  # RDLEN/TDLEN: bits 19:7 only
+WRITE_HEAD = "head"  # RDH/TDH: 16 bits
+WRITE_RDT = "rdt"  # 16 bits; drain the RX packet buffer into the new descriptors
+WRITE_TDT = "tdt"  # 16 bits; transmit up to the new tail
+WRITE_RDTR = "rdtr"  # 16-bit delay; FPD fires a pending RXT0 now
+WRITE_TIDV = "tidv"  # 16-bit delay; FPD fires a pending TXDW now
+WRITE_DELAY = "delay"  # RADV/TADV: 16-bit delay
+WRITE_RAH = "rah"  # AV, AS, MAC bytes 4..5
+
+
+class Register(NamedTuple):
+    """One row of REGISTERS."""
+
+    name: str
+    reset: int
+    read: str
+    write: str
+
+
+def _register_table() -> dict[int, Register]:
+    R = Register
+    t = {
+        CTRL: R("CTRL", CTRL_RESET, READ_PLAIN, WRITE_CTRL),
+        STATUS: R("STATUS", STATUS_RESET, READ_PLAIN, WRITE_READ_ONLY),
+        EECD: R("EECD", 0, READ_PLAIN, WRITE_READ_ONLY),
+        EERD: R("EERD", 0, READ_PLAIN, WRITE_EERD),
+        CTRL_EXT: R("CTRL_EXT", 0, READ_PLAIN, WRITE_PLAIN),
+        MDIC: R("MDIC", 0, READ_PLAIN, WRITE_MDIC),
+        ICR: R("ICR", 0, READ_ICR, WRITE_ICR),
+        ITR: R("ITR", 0, READ_PLAIN, WRITE_ITR),
+        ICS: R("ICS", 0, READ_WRITE_ONLY, WRITE_ICS),
+        IMS: R("IMS", 0, READ_PLAIN, WRITE_IMS),
+        IMC: R("IMC", 0, READ_WRITE_ONLY, WRITE_IMC),
+        RCTL: R("RCTL", 0, READ_PLAIN, WRITE_RCTL),
+        TCTL: R("TCTL", 0, READ_PLAIN, WRITE_TCTL),
+        TIPG: R("TIPG", 0, READ_PLAIN, WRITE_PLAIN),
+        PBA: R("PBA", PBA_DEFAULT, READ_PLAIN, WRITE_PLAIN),
+        RDBAL: R("RDBAL", 0, READ_PLAIN, WRITE_RING_BASE),
+        RDBAH: R("RDBAH", 0, READ_PLAIN, WRITE_PLAIN),
+        RDLEN: R("RDLEN", 0, READ_PLAIN, WRITE_RING_LEN),
+        RDH: R("RDH", 0, READ_PLAIN, WRITE_HEAD),
+        RDT: R("RDT", 0, READ_PLAIN, WRITE_RDT),
+        RDTR: R("RDTR", 0, READ_PLAIN, WRITE_RDTR),
+        RADV: R("RADV", 0, READ_PLAIN, WRITE_DELAY),
+        TDBAL: R("TDBAL", 0, READ_PLAIN, WRITE_RING_BASE),
+        TDBAH: R("TDBAH", 0, READ_PLAIN, WRITE_PLAIN),
+        TDLEN: R("TDLEN", 0, READ_PLAIN, WRITE_RING_LEN),
+        TDH: R("TDH", 0, READ_PLAIN, WRITE_HEAD),
+        TDT: R("TDT", 0, READ_PLAIN, WRITE_TDT),
+        TIDV: R("TIDV", 0, READ_PLAIN, WRITE_TIDV),
+        TADV: R("TADV", 0, READ_PLAIN, WRITE_DELAY),
+        RXCSUM: R("RXCSUM", 0, READ_PLAIN, WRITE_PLAIN),
+    }
+    for i in range(MTA_WORDS):
+        t[MTA + 4 * i] = R(f"MTA[{i}]", 0, READ_PLAIN, WRITE_PLAIN)
+    for n in range(RA_ENTRIES):
+        t[RAL(n)] = R(f"RAL[{n}]", 0, READ_PLAIN, WRITE_PLAIN)
+        t[RAH(n)] = R(f"RAH[{n}]", 0, READ_PLAIN, WRITE_RAH)
+    for name, off in STATS_32.items():
+        t[off] = R(name, 0, READ_CLEAR, WRITE_READ_ONLY)
+    for name, (low, high) in STATS_64.items():
+        t[low] = R(name + "L", 0, READ_STAT_LOW, WRITE_READ_ONLY)
+        t[high] = R(name + "H", 0, READ_STAT_HIGH, WRITE_READ_ONLY)
+    return dict(sorted(t.items()))
+
+
+REGISTERS: dict[int, Register] = _register_table()
+REGISTER_NAMES: dict[int, str] = {off: r.name for off, r in REGISTERS.items()}
