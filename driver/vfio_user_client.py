@@ -1,0 +1,282 @@
+"""VfioUserBus: the driver's Bus to a device in an emulator process, over vfio-user.
+
+The driver side owns host memory, as a host does: `VfioUserBus` creates the DmaMemory (a
+memfd), DMA_MAPs it at bus address 0 and attaches an eventfd as the INTx trigger. Then:
+- write32 is a posted REGION_WRITE (No_reply): one sendmsg, no wait, as a PCIe doorbell;
+- read32 is a REGION_READ round trip; because the server handles commands in order, its reply
+  also proves every earlier posted write is done (PCIe's "read flushes posted writes");
+- wait_irq waits on the eventfd and the socket together, so an emulator that dies wakes the
+  driver with BusError instead of leaving it asleep.
+Every failure of the transport (EOF, a socket error, an Error reply, a timeout) is BusError.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import select
+import socket
+import struct
+
+from driver.bus import BusError
+from nicemu.dma import DmaMemory
+from nicemu.vfio_user import protocol as p
+from nicemu.vfio_user.protocol import Command, Flags
+
+__all__ = ["VfioUserBus", "BusError"]
+
+DEFAULT_MEM_SIZE = 4 << 20
+_WRITE32 = struct.Struct("=HHIIIQIII")  # header + REGION_ACCESS + one dword, packed at once
+_READ = struct.Struct("=HHIIIQII")  # header + REGION_ACCESS
+_NO_REPLY = int(Flags.NO_REPLY)
+_ERROR = int(Flags.ERROR)
+_REGION_WRITE = int(Command.REGION_WRITE)
+_REGION_READ = int(Command.REGION_READ)
+
+
+def _errname(err: int) -> str:
+    return f"{errno.errorcode.get(err, err)}: {os.strerror(err)}" if err else "no errno"
+
+
+class VfioUserBus:
+    """A `driver.bus.Bus` to the device served on `socket_path`.
+
+    `mem_size`: bytes of DMA memory to create and map at bus address 0 (`self.mem`).
+    `timeout`: seconds a reply may take before the device is declared gone.
+    One thread at a time: requests and wait_irq share the socket, as a driver's single
+    context does.
+    """
+
+    def __init__(self, socket_path: str, mem_size: int = DEFAULT_MEM_SIZE, *, timeout: float = 5.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.bar0_size = 0
+        self.reads = 0  # BAR0 accesses, as InProcessBus counts them (the driver's stats show them)
+        self.writes = 0
+        self._id = 0
+        self._buf = bytearray(p.HEADER_SIZE + p.REGION_ACCESS.size + p.MAX_DATA_XFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._eventfd: int | None = None
+        self.mem: DmaMemory | None = None
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.settimeout(timeout)  # a stopped emulator must not hang connect()
+            try:
+                self.sock.connect(socket_path)
+            except OSError as e:
+                raise BusError(f"cannot connect to the emulator at {socket_path}: {e}") from None
+            self.sock.settimeout(None)
+            # A blocking socket with kernel timeouts: socket.settimeout() would add a poll()
+            # before every recv and send, a syscall per MMIO access for nothing.
+            tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            self._negotiate()
+            self.mem = DmaMemory(mem_size, name="nicemu-driver-dma")
+            self.dma_map(self.mem.fd, 0, mem_size)
+            self._eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._set_irq_eventfd(self._eventfd)
+            self._poll = select.poll()  # poll, not select(): no FD_SETSIZE limit on fd numbers
+            self._poll.register(self._eventfd, select.POLLIN)
+            self._poll.register(self.sock, select.POLLIN)
+        except BaseException:
+            self.close()
+            raise
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def _negotiate(self) -> None:
+        reply = self._request(Command.VERSION, p.pack_version(p.VERSION_MAJOR, p.VERSION_MINOR, {
+            "capabilities": {"max_msg_fds": 1, "max_data_xfer_size": p.MAX_DATA_XFER_SIZE}}))
+        major, minor, caps = p.parse_version(reply)
+        if major != p.VERSION_MAJOR:
+            raise BusError(f"emulator speaks vfio-user {major}.{minor}")
+        self.server_caps = caps.get("capabilities", {})
+        self.max_data_xfer_size = int(self.server_caps.get("max_data_xfer_size", 4096))
+
+        info = self._request(Command.DEVICE_GET_INFO, p.DEVICE_INFO.pack(p.DEVICE_INFO.size, 0, 0, 0))
+        _, self.device_flags, self.num_regions, self.num_irqs = p.DEVICE_INFO.unpack(info)
+        if not self.device_flags & p.DEVICE_FLAGS_PCI or self.num_regions <= p.CONFIG_REGION:
+            raise BusError(f"not a PCI device (flags {self.device_flags:#x}, {self.num_regions} regions)")
+        self.bar0_size = self.region_info(p.BAR0_REGION)[1]
+        self.config_size = self.region_info(p.CONFIG_REGION)[1]
+        if self.bar0_size == 0 or self.config_size < 64:
+            raise BusError(f"device regions too small: BAR0 {self.bar0_size}, config {self.config_size}")
+        irq = self._request(Command.DEVICE_GET_IRQ_INFO, p.IRQ_INFO.pack(p.IRQ_INFO.size, 0, p.INTX_IRQ, 0))
+        _, irq_flags, _, count = p.IRQ_INFO.unpack(irq)
+        if count < 1 or not irq_flags & p.IRQ_INFO_EVENTFD:
+            raise BusError("the device has no INTx that can signal an eventfd")
+
+    def region_info(self, index: int) -> tuple[int, int]:
+        """(flags, size) of region `index`."""
+        reply = self._request(Command.DEVICE_GET_REGION_INFO, p.REGION_INFO.pack(p.REGION_INFO.size, 0, index, 0, 0, 0))
+        _, flags, _, _, size, _ = p.REGION_INFO.unpack(reply)
+        return flags, size
+
+    def dma_map(self, fd: int, address: int, size: int, offset: int = 0, writable: bool = True) -> None:
+        flags = p.DMA_MAP_READ | (p.DMA_MAP_WRITE if writable else 0)
+        self._request(Command.DMA_MAP, p.DMA_MAP.pack(p.DMA_MAP.size, flags, offset, address, size), fds=[fd])
+
+    def dma_unmap(self, address: int, size: int) -> None:
+        self._request(Command.DMA_UNMAP, p.DMA_UNMAP.pack(p.DMA_UNMAP.size, 0, address, size))
+
+    def _set_irq_eventfd(self, fd: int) -> None:
+        flags = p.IRQ_SET_DATA_EVENTFD | p.IRQ_SET_ACTION_TRIGGER
+        self._request(Command.DEVICE_SET_IRQS, p.IRQ_SET.pack(p.IRQ_SET.size, flags, p.INTX_IRQ, 0, 1), fds=[fd])
+
+    # --- the Bus ---------------------------------------------------------------------------
+
+    def read32(self, offset: int) -> int:
+        if not 0 <= offset < self.bar0_size:
+            raise ValueError(f"BAR0 offset {offset:#x} is outside [0, {self.bar0_size:#x})")
+        self.reads += 1
+        data = self._region_read(p.BAR0_REGION, offset, 4)
+        return int.from_bytes(data, "little")
+
+    def write32(self, offset: int, value: int) -> None:
+        if not 0 <= offset < self.bar0_size:  # as Nic.write32: a driver bug, not a device error
+            raise ValueError(f"BAR0 offset {offset:#x} is outside [0, {self.bar0_size:#x})")
+        self.writes += 1
+        self._id = msg_id = (self._id + 1) & 0xFFFF
+        msg = _WRITE32.pack(msg_id, _REGION_WRITE, _WRITE32.size, _NO_REPLY, 0, offset, p.BAR0_REGION, 4,
+                            value & 0xFFFFFFFF)
+        try:
+            self.sock.sendall(msg)
+        except OSError as e:
+            raise BusError(f"emulator gone: posted write to {offset:#x} failed: {e}") from None
+
+    def config_read(self, offset: int, size: int = 4) -> int:
+        return int.from_bytes(self._region_read(p.CONFIG_REGION, offset, size), "little")
+
+    def config_write(self, offset: int, value: int, size: int = 4) -> None:
+        self._request(Command.REGION_WRITE,
+                      p.REGION_ACCESS.pack(offset, p.CONFIG_REGION, size) + value.to_bytes(size, "little"))
+
+    def read_region(self, region: int, offset: int, count: int) -> bytes:
+        """A raw REGION_READ (e.g. the whole config space)."""
+        return bytes(self._region_read(region, offset, count))
+
+    def irq_fd(self) -> int:
+        if self._eventfd is None:
+            raise BusError("bus is closed")
+        return self._eventfd
+
+    def wait_irq(self, timeout: float | None) -> bool:
+        """Wait for the INTx eventfd; the socket is watched too: EOF means the emulator died."""
+        efd = self.irq_fd()
+        try:
+            ready = self._poll.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+        except OSError as e:
+            raise BusError(f"wait for interrupt failed: {e}") from None
+        if not ready:
+            return False
+        if any(fd == efd for fd, _ in ready):
+            try:
+                os.eventfd_read(efd)
+            except BlockingIOError:  # consumed elsewhere meanwhile
+                pass
+            return True
+        # The server never talks unasked: a readable socket is EOF, an error or a protocol fault.
+        try:
+            data = self.sock.recv(p.HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False  # spurious wake-up
+        except OSError as e:
+            raise BusError(f"emulator gone: {e}") from None
+        if not data:
+            raise BusError("emulator gone: the connection closed while waiting for an interrupt")
+        raise BusError(f"unexpected message from the emulator while waiting for an interrupt: {bytes(data)!r}")
+
+    def reset(self) -> None:
+        self._request(Command.DEVICE_RESET, b"")
+
+    def close(self) -> None:
+        """Disconnect (the emulator resets the device) and free the DMA memory."""
+        if self.sock.fileno() >= 0:
+            self.sock.close()
+        if self._eventfd is not None:
+            os.close(self._eventfd)
+            self._eventfd = None
+        if self.mem is not None:
+            self.mem.close()
+
+    def __enter__(self) -> "VfioUserBus":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- messages -------------------------------------------------------------------------
+
+    def _region_read(self, region: int, offset: int, count: int) -> memoryview:
+        self._id = msg_id = (self._id + 1) & 0xFFFF
+        try:
+            self.sock.sendall(_READ.pack(msg_id, _REGION_READ, _READ.size, 0, 0, offset, region, count))
+        except OSError as e:
+            raise BusError(f"emulator gone: read of region {region} at {offset:#x} failed: {e}") from None
+        payload = self._reply(msg_id, _REGION_READ, _READ.size + count)
+        if len(payload) != p.REGION_ACCESS.size + count:
+            raise BusError(f"REGION_READ reply of {len(payload)} bytes for {count} bytes of data")
+        return payload[p.REGION_ACCESS.size :]
+
+    def _request(self, command: int, payload: bytes, fds: list[int] | None = None) -> memoryview:
+        """Send a command and return its reply's payload (valid until the next request)."""
+        self._id = msg_id = (self._id + 1) & 0xFFFF
+        msg = p.pack_message(msg_id, command, payload)
+        try:
+            if fds:
+                sent = socket.send_fds(self.sock, [msg], fds)
+                if sent < len(msg):
+                    self.sock.sendall(msg[sent:])
+            else:
+                self.sock.sendall(msg)
+        except OSError as e:
+            raise self._gone(f"{p.command_name(command)} failed: {e}") from None
+        return self._reply(msg_id, command)
+
+    def _gone(self, what: str) -> BusError:
+        """The connection broke: if the server left a last word (EBUSY for a second client,
+        sent just before it closed), report that instead of the bare socket error."""
+        try:
+            data = self.sock.recv(p.HEADER_SIZE, socket.MSG_DONTWAIT)
+        except OSError:
+            data = b""
+        if len(data) == p.HEADER_SIZE:
+            _, _, _, flags, err = p.HEADER.unpack(data)
+            if flags & Flags.ERROR and err == errno.EBUSY:
+                return BusError(f"device busy: another driver holds it ({_errname(err)})")
+        return BusError(f"emulator gone: {what}")
+
+    def _reply(self, msg_id: int, command: int, expect: int = p.HEADER_SIZE) -> memoryview:
+        """Receive one reply; BusError on EOF, timeout, an Error reply or a mismatched id.
+
+        Replies come one at a time (the client waits for each), so asking for up to `expect`
+        bytes (the size the reply should have) never reads into a later message, and a read32
+        costs one recv.
+        """
+        have = self._recv_at_least(0, p.HEADER_SIZE, expect, command)
+        rid, rcmd, size, flags, err = p.HEADER.unpack_from(self._buf)
+        if flags & _ERROR:
+            if rid != msg_id and err == errno.EBUSY:
+                raise BusError(f"device busy: another driver holds it ({_errname(err)})")
+            raise BusError(f"emulator refused {p.command_name(command)}: {_errname(err)}")
+        if size < p.HEADER_SIZE or size > len(self._buf):
+            raise BusError(f"bad reply size {size}")
+        if have < size:
+            have = self._recv_at_least(have, size, size, command)
+        if rid != msg_id or rcmd != command or flags & p.TYPE_MASK != p.TYPE_REPLY or have != size:
+            raise BusError(f"unexpected reply (id {rid}, command {rcmd}, {have} bytes) to "
+                           f"{p.command_name(command)} id {msg_id}")
+        return self._view[p.HEADER_SIZE : size]
+
+    def _recv_at_least(self, have: int, need: int, upto: int, command: int) -> int:
+        while have < need:
+            try:
+                n = self.sock.recv_into(self._view[have:upto])
+            except (socket.timeout, BlockingIOError):  # SO_RCVTIMEO expired
+                raise BusError(f"emulator did not answer {p.command_name(command)} in {self.timeout} s") from None
+            except OSError as e:
+                raise BusError(f"emulator gone: {e}") from None
+            if n == 0:
+                raise BusError(f"emulator gone: connection closed during {p.command_name(command)}")
+            have += n
+        return have

@@ -1,0 +1,274 @@
+"""The `nicemu` command.
+
+One function builds each subcommand's parser (`_add_<name>`) and one runs it (`cmd_<name>`);
+`SUBCOMMANDS` lists them in the order `--help` shows them, so adding a command is adding a pair
+and a row. Exit status: 0 success, 1 runtime failure, 2 bad usage or bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, Sequence
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+
+DEFAULT_MAC = "52:54:00:12:34:56"
+
+
+class CliError(Exception):
+    """A user-facing error: printed without a traceback."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# --- show ----------------------------------------------------------------------------------
+
+def _add_show(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    ps = sub.add_parser(
+        "show", help="build a device in this process and print its registers",
+        description="Build one emulated 82540EM in this process (no socket, no driver) and print "
+                    "its PCI identity, the MAC read through EERD, and its register file at "
+                    "power-on, named as the SDM names them.")
+    ps.add_argument("--mac", default=DEFAULT_MAC, help=f"EEPROM MAC address (default {DEFAULT_MAC})")
+    ps.add_argument("--engine", default="auto", choices=("auto", "cython", "python"),
+                    help="data-path engine (default: auto = Cython if built)")
+    ps.add_argument("--all", action="store_true",
+                    help="also print the MTA table, unused RAL/RAH entries and zero statistics")
+    return ps
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    import warnings
+
+    from nicemu import regs as R
+    from nicemu.dma import DmaMemory
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # "Cython not built" is shown below instead
+        nic = _make_nic(DmaMemory(1 << 16), args.mac, args.engine)
+    out = sys.stdout
+    vendor = nic.config_read(0x00, 2)
+    device = nic.config_read(0x02, 2)
+    klass = nic.config_read(0x08, 4) >> 8
+    nic.config_write(0x10, 0xFFFFFFFF)  # BAR0 sizing, as firmware does it
+    bar_size = (~(nic.config_read(0x10) & 0xFFFFFFF0) & 0xFFFFFFFF) + 1
+    nic.config_write(0x10, 0)
+    words = []
+    for addr in range(3):  # the MAC through EERD, as a driver reads it
+        nic.write32(R.EERD, addr << 8 | int(R.Eerd.START))
+        words.append(nic.read32(R.EERD) >> 16)
+    mac = ":".join(f"{w >> s & 0xFF:02x}" for w in words for s in (0, 8))
+    engine = type(nic.engine).__name__
+    print(f"82540EM  PCI {vendor:04x}:{device:04x}  class {klass:06x}  BAR0 {bar_size // 1024} KiB  "
+          f"engine {engine}", file=out)
+    print(f"MAC (EEPROM via EERD) {mac}", file=out)
+    print(file=out)
+    print(f"{'offset':>8}  {'register':<10}  {'value':>10}  bits", file=out)
+    for off, reg in R.REGISTERS.items():
+        value = nic.peek32(off)
+        if not args.all and not value and (reg.name.startswith(("MTA", "RAL", "RAH")) or reg.read in
+                                           (R.READ_CLEAR, R.READ_STAT_LOW, R.READ_STAT_HIGH)):
+            continue
+        print(f"  0x{off:05x}  {reg.name:<10}  0x{value:08x}  {_bits(off, value)}", file=out)
+    if not args.all:
+        print("\n(zero MTA, RAL/RAH and statistics registers hidden; --all shows them)", file=out)
+    return 0
+
+
+def _bits(off: int, value: int) -> str:
+    """The set bits of a register with an IntFlag class, named as the SDM names them."""
+    from nicemu import regs as R
+
+    flags = {R.CTRL: R.Ctrl, R.STATUS: R.Status, R.RCTL: R.Rctl, R.TCTL: R.Tctl, R.ICR: R.Icr, R.IMS: R.Icr}
+    cls = flags.get(off)
+    if cls is None or not value:
+        return ""
+    names = [m.name for m in cls if m.value and m.value & (m.value - 1) == 0 and value & m.value]
+    return "|".join(n for n in names if n)
+
+
+# --- serve ---------------------------------------------------------------------------------
+
+def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    ps = sub.add_parser(
+        "serve", help="run an emulator process serving devices over vfio-user",
+        description="Run one emulator process. Each device listens on an AF_UNIX socket "
+                    "(directory created 0700, socket 0600) and speaks vfio-user to one driver at "
+                    "a time. Either give --socket/--mac (repeat both for several devices) or "
+                    "--config FILE [--process NAME] for this process's share of a YAML topology. "
+                    "Stops cleanly on SIGTERM or Ctrl-C (sockets are unlinked).")
+    ps.add_argument("--socket", action="append", default=[], metavar="PATH",
+                    help="socket path of a device (repeat for several devices)")
+    ps.add_argument("--mac", action="append", default=[], metavar="MAC",
+                    help="MAC of the device with the same position (default 52:54:00:12:34:56, +1 per device)")
+    ps.add_argument("--pair", action="store_true",
+                    help="join the two devices given back to back (an in-process cable)")
+    ps.add_argument("--link", choices=("up", "down"), default="up",
+                    help="without --pair: the link state of each device's port; its transmitted "
+                         "frames leave the device and are dropped (default up)")
+    ps.add_argument("--engine", default="auto", choices=("auto", "cython", "python"),
+                    help="data-path engine (default: auto = Cython if built)")
+    ps.add_argument("--config", metavar="FILE", help="YAML topology (see docs/topology.md)")
+    ps.add_argument("--process", metavar="NAME", help="with --config: which process of the topology to run")
+    ps.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                    help="log level on stderr (default warning)")
+    return ps
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nicemu.emulator import Emulator
+
+    if args.config:
+        if args.socket or args.mac or args.pair:
+            raise CliError("serve: --config cannot be combined with --socket/--mac/--pair", 2)
+        emu = _emulator_from_config(args.config, args.process)
+    else:
+        if args.process:
+            raise CliError("serve: --process needs --config", 2)
+        if not args.socket:
+            raise CliError("serve: give --socket PATH (and --mac MAC), or --config FILE", 2)
+        if len(args.mac) > len(args.socket):
+            raise CliError(f"serve: {len(args.mac)} --mac for {len(args.socket)} --socket", 2)
+        if args.pair and len(args.socket) != 2:
+            raise CliError("serve: --pair joins exactly two devices (give --socket twice)", 2)
+        emu = Emulator()
+        try:
+            from nicemu.dma import DmaMemory
+
+            nics = []
+            for i, path in enumerate(args.socket):
+                mac = args.mac[i] if i < len(args.mac) else _nth_mac(i)
+                nic = _make_nic(DmaMemory(), mac, args.engine)
+                emu.add_device(f"nic{i}", nic, path)
+                nics.append(nic)
+            if args.pair:
+                emu.add_pair(nics[0], nics[1])
+            else:
+                for nic in nics:
+                    nic.attach(_drop_frame)  # no cable: frames leave the port and are gone
+                    nic.set_link(args.link == "up")
+        except BaseException:
+            emu.close()
+            raise
+    for name, server in emu.servers.items():
+        print(f"nicemu: {name} {server.nic.mac} on {server.socket_path}", flush=True)
+    print("nicemu: ready", flush=True)
+    emu.run()
+    return 0
+
+
+def _drop_frame(frame: bytes) -> bool:
+    return True
+
+
+def _emulator_from_config(config: str, process: str | None):
+    try:
+        from nicemu.topology import build_emulator
+    except ImportError as e:
+        raise CliError(f"serve --config: topology support is not available ({e})") from None
+    try:
+        return build_emulator(config, process)
+    except (OSError, ValueError) as e:  # TopologyError is a ValueError with every problem listed
+        render = getattr(e, "render", None)
+        raise CliError(render() if callable(render) else f"serve --config {config}: {e}", 2) from None
+
+
+def _nth_mac(i: int) -> str:
+    base = int(DEFAULT_MAC.replace(":", ""), 16) + i
+    return ":".join(f"{base >> s & 0xFF:02x}" for s in range(40, -1, -8))
+
+
+def _make_nic(mem, mac: str, engine: str):
+    from nicemu.nic import Nic
+
+    try:
+        return Nic(mem, mac=mac, engine=engine)
+    except ValueError as e:
+        raise CliError(f"bad device settings (mac {mac!r}, engine {engine!r}): {e}", 2) from None
+
+
+# --- up (nicemu.supervisor) -------------------------------------------------------------------
+
+def _add_up(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    ps = sub.add_parser(
+        "up", help="start every emulator process of a YAML topology and supervise them",
+        description="Validate a YAML topology (docs/topology.md), start one emulator process per "
+                    "process group (devices on a pair cable share one), create shared resources "
+                    "such as shm cable memory and hand them over, and wait. Ctrl-C or SIGTERM stops "
+                    "every process (SIGKILL after --stop-timeout) and removes the sockets; if one "
+                    "process dies, all are stopped and the exit status is 1. A bad config is "
+                    "reported with every problem and exit status 2.")
+    ps.add_argument("config", metavar="CONFIG", help="the YAML topology file")
+    ps.add_argument("--runtime-dir", metavar="DIR",
+                    help="directory for the sockets (default: the config's runtime_dir, else "
+                         "/tmp/nicemu-$UID/NAME)")
+    ps.add_argument("--stop-timeout", type=float, default=5.0, metavar="SECONDS",
+                    help="how long processes get to stop after SIGTERM before SIGKILL (default 5)")
+    ps.add_argument("--ready-timeout", type=float, default=30.0, metavar="SECONDS",
+                    help="how long to wait for every device socket to appear (default 30)")
+    ps.add_argument("--check", action="store_true",
+                    help="only validate the config and print the plan (processes, devices, cables)")
+    ps.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+                    help="log level of the supervisor and the emulator processes (default warning)")
+    return ps
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from nicemu.supervisor import run_up
+    from nicemu.topology import TopologyError
+
+    if not (args.stop_timeout >= 0 and args.ready_timeout > 0):
+        raise CliError("up: --stop-timeout must be >= 0 and --ready-timeout > 0 seconds", 2)
+    try:
+        return run_up(args.config, runtime_dir=args.runtime_dir, stop_timeout=args.stop_timeout,
+                      ready_timeout=args.ready_timeout, check=args.check, log_level=args.log_level)
+    except TopologyError as e:
+        raise CliError(e.render(), 2) from None
+
+
+# --- the command ---------------------------------------------------------------------------
+
+# (name, add parser, run): add a row to add a subcommand.
+SUBCOMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], argparse.ArgumentParser],
+                        Callable[[argparse.Namespace], int]]] = [
+    ("show", _add_show, cmd_show),
+    ("serve", _add_serve, cmd_serve),
+    ("up", _add_up, cmd_up),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nicemu",
+        description="An emulated Intel 82540EM (e1000) NIC: run devices, connect them, watch them.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for _name, add, run in SUBCOMMANDS:
+        add(sub).set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = getattr(args, "log_level", "warning")
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        return args.run(args)
+    except CliError as e:
+        print(f"nicemu: {e}", file=sys.stderr)
+        return e.status
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `nicemu show | head`
+        sys.stderr.close()
+        return 0
+    except OSError as e:  # e.g. the socket path is in use or not writable
+        print(f"nicemu: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

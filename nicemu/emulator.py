@@ -1,0 +1,264 @@
+"""The emulator process: one selectors loop over vfio-user servers, cable ends and timers.
+
+Everything a device does happens on this one thread, as in QEMU's main loop: a vfio-user
+message, a frame arriving on a cable, or a due moderation timer. The loop sleeps in
+`select()` until one of them is ready, with the timeout taken from the earliest
+`next_deadline()` of the devices (and of timer sources such as a delayed-frame cable), so an
+idle emulator uses no CPU and a timer fires on time.
+
+SIGTERM and SIGINT stop the loop (through a self-pipe, so the sleeping select wakes), then
+`close()` drops clients (resetting their devices), unlinks every socket and closes cables.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from nicemu.vfio_user.server import VfioUserServer
+
+__all__ = ["Emulator", "Port"]
+
+log = logging.getLogger("nicemu.emulator")
+
+
+@dataclass
+class Port:
+    """A Nic's port plugged into a cable end (nicemu.cable.base.CableEnd)."""
+
+    nic: Any
+    cable: Any
+    link: bool = False  # the link state last given to the Nic
+    errors: int = 0
+    fd: int | None = field(default=None)
+
+
+class _PortTimer:
+    """A cable end with a deadline but no run_timers(): servicing the port is its timer."""
+
+    def __init__(self, emu: "Emulator", port: Port) -> None:
+        self.emu, self.port = emu, port
+
+    def next_deadline(self) -> int | None:
+        return self.port.cable.next_deadline()
+
+    def run_timers(self) -> None:
+        self.emu._service_port(self.port)
+
+
+class Emulator:
+    """Devices, their sockets and cables, driven by one event loop.
+
+    `clock` must be the clock the Nics use (ns); it only turns deadlines into select timeouts.
+    """
+
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
+        self.clock = clock
+        self.selector = selectors.DefaultSelector()
+        self.servers: dict[str, VfioUserServer] = {}
+        self.nics: list[Any] = []
+        self.ports: list[Port] = []
+        self.timer_sources: list[Any] = []  # objects with next_deadline()/run_timers()
+        self.closeables: list[Any] = []  # cables and other objects to close() at the end
+        self._running = False
+        self._closed = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
+
+    # --- building ---------------------------------------------------------------------------
+
+    def add_device(self, name: str, nic: Any, socket_path: str) -> VfioUserServer:
+        """Serve `nic` over vfio-user on `socket_path` (created 0600 in a 0700 directory)."""
+        if name in self.servers:
+            raise ValueError(f"device name {name!r} is used twice")
+        server = VfioUserServer(nic, socket_path, name=name)
+        server.register(self.selector)
+        self.servers[name] = server
+        if nic not in self.nics:
+            self.nics.append(nic)
+        log.info("%s: %s listening on %s", name, nic.mac, server.socket_path)
+        return server
+
+    def add_nic(self, nic: Any) -> None:
+        """A device without a socket (e.g. the far end of an in-process pair): its timers run."""
+        if nic not in self.nics:
+            self.nics.append(nic)
+
+    def add_port(self, nic: Any, cable: Any) -> Port:
+        """Plug `nic`'s port into a cable end: TX goes to cable.send; arriving frames, link
+        changes and "writable again" are serviced when cable.fileno() is readable."""
+        port = Port(nic, cable)
+        nic.attach(cable.send)
+        port.link = bool(getattr(cable, "link_up", True))
+        nic.set_link(port.link)
+        fd = cable.fileno()
+        if fd is not None:
+            port.fd = fd
+            self.selector.register(fd, selectors.EVENT_READ, lambda _m, port=port: self._service_port(port))
+        self.ports.append(port)
+        self.add_nic(nic)
+        if hasattr(cable, "next_deadline"):  # an end that holds frames (delay faults)
+            self.timer_sources.append(cable if hasattr(cable, "run_timers") else _PortTimer(self, port))
+        self.closeables.append(cable)
+        return port
+
+    def add_pair(self, nic_a: Any, nic_b: Any, **options: Any) -> Any:
+        """Two devices of this process back to back (nicemu.cable.pair.PairCable; options:
+        captures and faults). Without options the frames go engine to engine."""
+        from nicemu.cable.pair import PairCable
+
+        pair = PairCable(nic_a, nic_b, **options)
+        self.add_nic(nic_a)
+        self.add_nic(nic_b)
+        self.add_timer_source(pair)
+        self.closeables.append(pair)
+        return pair
+
+    def add_timer_source(self, source: Any) -> None:
+        """Anything with next_deadline() -> ns | None and run_timers(); if it has a fileno()
+        that is not None, run_timers() also runs when that descriptor is readable."""
+        self.timer_sources.append(source)
+        fd = source.fileno() if hasattr(source, "fileno") else None
+        if fd is not None:
+            self.selector.register(fd, selectors.EVENT_READ, lambda _m, s=source: self._run_source(s))
+
+    def add_closeable(self, obj: Any) -> None:
+        """Close `obj` when the emulator closes (e.g. a capture file or a shm segment)."""
+        self.closeables.append(obj)
+
+    # --- running ----------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until stop() or SIGTERM/SIGINT, then close everything."""
+        handlers_set = False
+        old: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                old[sig] = signal.signal(sig, self._on_signal)
+            handlers_set = True
+        self._running = True
+        try:
+            while self._running:
+                self.run_once(self._timeout())
+        finally:
+            if handlers_set:
+                for sig, h in old.items():
+                    signal.signal(sig, h)
+            self.close()
+
+    def run_once(self, timeout: float | None = 0) -> None:
+        """One turn: wait up to `timeout` s for ready descriptors, handle them, fire due timers."""
+        try:
+            events = self.selector.select(timeout)
+        except InterruptedError:
+            events = []
+        for key, mask in events:
+            try:
+                key.data(mask)
+            except Exception:  # one broken callback must not stop the other devices
+                log.exception("event handler failed")
+        self._run_due_timers()
+
+    def stop(self) -> None:
+        """Ask run() to return (safe from a signal handler or another thread)."""
+        self._running = False
+        try:
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        self.stop()
+
+    def _on_wake(self, _mask: int) -> None:
+        try:
+            while os.read(self._wake_r, 512):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _timeout(self) -> float | None:
+        """Seconds until the earliest device or timer-source deadline (None: sleep until I/O)."""
+        earliest: int | None = None
+        for obj in self.nics + self.timer_sources:
+            d = obj.next_deadline()
+            if d is not None and (earliest is None or d < earliest):
+                earliest = d
+        if earliest is None:
+            return None
+        return max(0.0, (earliest - self.clock()) / 1e9)
+
+    def _run_due_timers(self) -> None:
+        now = self.clock()
+        for nic in self.nics:
+            d = nic.next_deadline()
+            if d is not None and d <= now:
+                try:
+                    nic.run_timers()
+                except Exception:
+                    log.exception("%r: run_timers failed", nic)
+        for src in self.timer_sources:
+            d = src.next_deadline()
+            if d is not None and d <= now:
+                self._run_source(src)
+
+    def _run_source(self, src: Any) -> None:
+        try:
+            src.run_timers()
+        except Exception:
+            log.exception("%r: run_timers failed", src)
+
+    def _service_port(self, port: Port) -> None:
+        """The cable's descriptor is readable: frames, a link change, or room to send again."""
+        cable, nic = port.cable, port.nic
+        try:
+            for frame in cable.recv_frames():
+                nic.receive(frame)
+            up = bool(getattr(cable, "link_up", True))
+            if up != port.link:
+                port.link = up
+                nic.set_link(up)
+            if cable.writable():
+                nic.tx_ready()
+        except Exception:
+            port.errors += 1
+            log.exception("%r: cable %r failed", nic, cable)
+            if port.errors >= 100 and port.fd is not None:  # a cable that keeps failing: unplug it
+                log.error("%r: unplugging cable %r after %d errors", nic, cable, port.errors)
+                self.selector.unregister(port.fd)
+                port.fd = None
+                nic.set_link(False)
+                port.link = False
+
+    # --- teardown ---------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Drop clients (devices reset, DMA unmapped), unlink sockets, close cables."""
+        if self._closed:
+            return
+        self._closed = True
+        for server in self.servers.values():
+            try:
+                server.close()
+            except Exception:
+                log.exception("%s: close failed", server.name)
+        for obj in reversed(self.closeables):
+            try:
+                obj.close()
+            except Exception:
+                log.exception("%r: close failed", obj)
+        self.selector.close()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
+
+    def __enter__(self) -> "Emulator":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

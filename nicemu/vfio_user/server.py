@@ -1,0 +1,688 @@
+"""Serves one Nic to one vfio-user client over an AF_UNIX stream socket.
+
+The server is driven by a `selectors` loop (nicemu.emulator.Emulator): `register(selector)`
+puts the listening socket in it, and every key's `data` is the callback to run when it is
+ready. Per readable event the server does one `recvmsg_into` straight into its decoder's
+buffer (SCM_RIGHTS fds come with it), then handles every complete message in order: a burst
+of posted MMIO writes costs one syscall, and 32-bit BAR0 reads and writes have a short path.
+
+Lifecycle of a client (also after kill -9 of the driver): on disconnect the device is reset,
+every DMA region is unmapped, the INTx eventfd is closed and the next client is accepted.
+A client that connects while another is served gets one Error reply (msg id 0, command 0,
+errno EBUSY) and is closed.
+
+Errors: a message the server refuses gets an Error reply with an errno and the server goes on
+(posted No_reply commands get no reply: the failure is logged and counted in
+`posted_errors`). A broken stream (size field below 16), EOF mid-message or a socket error
+ends the connection, as above. Nothing a client sends can stop the emulator.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import selectors
+import socket
+import stat
+import struct
+from typing import Any, Callable
+
+from nicemu.dma import DmaError
+from nicemu.vfio_user import protocol as p
+from nicemu.vfio_user.protocol import Command, Flags, FramingError, Message, ProtocolError
+
+__all__ = ["VfioUserServer", "listen_unix"]
+
+log = logging.getLogger("nicemu.vfio_user")
+
+BAR0_SIZE = 0x20000
+CONFIG_SIZE = 256
+ICR = 0x00C0
+IMS = 0x00D0
+PCI_COMMAND = 0x04
+MAX_DMA_REGIONS = 64
+OUTPUT_HIGH_WATER = 4 << 20  # stop reading requests while this much reply data waits to be sent
+_ANC_SIZE = socket.CMSG_SPACE(p.MAX_MSG_FDS * 4)
+_REPLY = int(p.MsgType.REPLY)
+_NO_REPLY = int(Flags.NO_REPLY)
+_REGION_WRITE = int(Command.REGION_WRITE)
+_REGION_READ = int(Command.REGION_READ)
+_VERSION = int(Command.VERSION)
+_U32 = struct.Struct("<I")
+_HDR_ACCESS = struct.Struct("=HHIIIQII")  # a reply header + REGION_ACCESS in one pack
+_ACCESS_FIXED = p.HEADER_SIZE + p.REGION_ACCESS.size
+_ACCESS32 = struct.Struct("=QIII")  # REGION_ACCESS + one dword of data
+_READ32_REPLY = struct.Struct("=HHIIIQIII")  # the whole reply to a 32-bit read
+
+
+def listen_unix(path: str) -> tuple[socket.socket, str | None]:
+    """Bind and listen on `path`: its directory created 0700 if missing, the socket 0600.
+
+    A stale socket file (nobody accepts on it) is replaced; a live one or a non-socket file is
+    an error, so two emulators never steal each other's device. Returns the socket and the
+    directory it created (None if it existed), to remove when done.
+    """
+    path = os.path.abspath(path)
+    directory = os.path.dirname(path)
+    created = None
+    if not os.path.isdir(directory):
+        os.makedirs(directory, mode=0o700)
+        os.chmod(directory, 0o700)  # mode is filtered by the umask; make it exact
+        created = directory
+    if os.path.lexists(path):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)  # stale: left by an emulator that was killed
+        else:
+            raise OSError(errno.EADDRINUSE, f"{path} is served by another process")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    old = os.umask(0o177)  # the socket file is created 0600, no window where it is wider
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot bind {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(4)
+    sock.setblocking(False)
+    return sock, created
+
+
+def _is_eventfd(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[eventfd]"
+    except OSError:
+        return False
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+class VfioUserServer:
+    """One device (`nic`) on one socket (`socket_path`)."""
+
+    def __init__(self, nic: Any, socket_path: str, *, name: str = "nic") -> None:
+        self.nic = nic
+        self.name = name
+        self.socket_path = os.path.abspath(socket_path)
+        self.listener, self._created_dir = listen_unix(self.socket_path)
+        self._inode = os.stat(self.socket_path).st_ino
+        self.selector: selectors.BaseSelector | None = None
+        self.conn: socket.socket | None = None
+        self.decoder = p.Decoder()
+        self.irq_fd: int | None = None
+        self._fds: list[tuple[int, list[int]]] = []  # (stream offset they came with, fds)
+        self._out = bytearray()
+        self._negotiated = False
+        self._signalled = False
+        # counters (for tests, `show` and logs)
+        self.clients_served = 0
+        self.clients_refused = 0
+        self.messages = 0
+        self.error_replies = 0
+        self.posted_errors = 0
+        self.irqs_signalled = 0
+        nic.on_irq = self._on_irq
+        self._handlers: dict[int, Callable[[Message, list[int]], bytes | None]] = {
+            Command.VERSION: self._version,
+            Command.DMA_MAP: self._dma_map,
+            Command.DMA_UNMAP: self._dma_unmap,
+            Command.DEVICE_GET_INFO: self._device_get_info,
+            Command.DEVICE_GET_REGION_INFO: self._device_get_region_info,
+            Command.DEVICE_GET_IRQ_INFO: self._device_get_irq_info,
+            Command.DEVICE_SET_IRQS: self._device_set_irqs,
+            Command.REGION_READ: self._region_read,
+            Command.REGION_WRITE: self._region_write,
+            Command.DEVICE_RESET: self._device_reset,
+        }
+
+    # --- event loop wiring -------------------------------------------------------------
+
+    def register(self, selector: selectors.BaseSelector) -> None:
+        self.selector = selector
+        selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+
+    @property
+    def connected(self) -> bool:
+        return self.conn is not None
+
+    def _on_accept(self, _mask: int) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:  # e.g. EMFILE: keep serving the current client
+            log.error("%s: accept failed: %s", self.name, e)
+            return
+        if self.conn is not None and self._client_gone():
+            pass  # the old client hung up (e.g. was killed) and we had not noticed yet
+        if self.conn is not None:
+            self.clients_refused += 1
+            log.warning("%s: refused a second client (device busy)", self.name)
+            try:
+                conn.setblocking(False)
+                conn.send(p.pack_error(0, 0, errno.EBUSY))
+            except OSError:
+                pass
+            conn.close()
+            return
+        conn.setblocking(False)
+        self.conn = conn
+        self.clients_served += 1
+        self._negotiated = False
+        self.decoder = p.Decoder()
+        if self.selector is not None:
+            self.selector.register(conn, selectors.EVENT_READ, self._on_conn_event)
+        log.info("%s: client connected", self.name)
+
+    def _client_gone(self) -> bool:
+        """Finish with the current client if it has hung up: handle what it sent before, then
+        the EOF (so a driver restarted right after kill -9 is not refused because the loop
+        happened to see its connect before the old connection's hang-up)."""
+        for _ in range(64):  # what a dead client left is bounded by its socket buffer
+            conn = self.conn
+            if conn is None:
+                return True
+            if self._out:
+                return False  # still owed replies: it is being served
+            try:
+                data = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False  # nothing pending: alive as far as anyone can tell
+            except OSError:
+                data = b""
+            if not data:
+                self.disconnect("client hung up")
+                return True
+            self._receive()
+        return self.conn is None
+
+    def _on_conn_event(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+            if self.conn is None or self._out:
+                return
+            self._process()  # requests held back while replies were pending
+        if mask & selectors.EVENT_READ and self.conn is not None and not self._out:
+            self._receive()
+
+    def _receive(self) -> None:
+        conn = self.conn
+        assert conn is not None
+        dec = self.decoder
+        try:
+            n, anc, msg_flags, _ = conn.recvmsg_into([dec.writable()], _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.disconnect(f"receive failed: {e}")
+            return
+        if anc:
+            self._take_ancillary(anc, dec.stream_pos + n - 1)
+        if msg_flags & socket.MSG_CTRUNC:
+            log.warning("%s: client sent more than %d fds in one message; the kernel dropped the rest",
+                        self.name, p.MAX_MSG_FDS)
+        if n == 0:
+            if dec.pending():
+                self.disconnect(f"client closed the connection mid-message ({dec.pending()} bytes pending)")
+            else:
+                self.disconnect("client closed the connection")
+            return
+        dec.commit(n)
+        self._process()
+
+    def _take_ancillary(self, anc: list, tag: int) -> None:
+        fds: list[int] = []
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                usable = len(data) - len(data) % 4
+                fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
+        if fds:
+            self._fds.append((tag, fds))
+
+    def _fds_for(self, msg: Message) -> list[int]:
+        """The fds that arrived with `msg` (those that came with any earlier byte too: they were
+        not claimed by the message they came with, and are closed by the caller)."""
+        if not self._fds or self._fds[0][0] >= msg.end:
+            return []
+        out: list[int] = []
+        while self._fds and self._fds[0][0] < msg.end:
+            out.extend(self._fds.pop(0)[1])
+        return out
+
+    # --- message processing --------------------------------------------------------------
+
+    def _process(self) -> None:
+        """Handle every complete message, in order; stop early while replies are backed up.
+
+        32-bit BAR0 accesses (posted writes and reads: what a driver does all the time) are
+        decoded straight from the buffer without building a Message; everything else goes
+        through the decoder and a handler per command.
+        """
+        dec = self.decoder
+        buf = dec.buf
+        nic = self.nic
+        unpack_hdr = p.HEADER.unpack_from
+        unpack_rw = _ACCESS32.unpack_from
+        unpack_r = p.REGION_ACCESS.unpack_from
+        while self.conn is not None and len(self._out) <= OUTPUT_HIGH_WATER:
+            start = dec.start
+            avail = dec.end - start
+            if avail < p.HEADER_SIZE:
+                return
+            if self._negotiated and not self._fds:
+                msg_id, cmd, size, flags, _ = unpack_hdr(buf, start)
+                if size == 36 and cmd == _REGION_WRITE and flags == _NO_REPLY:
+                    if avail < 36:
+                        return
+                    offset, region, count, value = unpack_rw(buf, start + 16)
+                    if region == 0 and count == 4 and offset < BAR0_SIZE:
+                        dec.start = start + 36
+                        self.messages += 1
+                        try:
+                            if offset == IMS:
+                                self._bar0_write(offset, value)
+                            else:
+                                nic.write32(offset, value)
+                        except Exception:
+                            log.exception("%s: device failed on a write to %#x", self.name, offset)
+                            self.posted_errors += 1
+                        continue
+                elif size == 32 and cmd == _REGION_READ and flags == 0:
+                    if avail < 32:
+                        return
+                    offset, region, count = unpack_r(buf, start + 16)
+                    if region == 0 and count == 4 and offset < BAR0_SIZE:
+                        dec.start = start + 32
+                        self.messages += 1
+                        try:
+                            value = self._bar0_read(offset) if offset == ICR else nic.read32(offset)
+                        except Exception:
+                            log.exception("%s: device failed on a read of %#x", self.name, offset)
+                            self.error_replies += 1
+                            self._send(p.pack_error(msg_id, cmd, errno.EIO))
+                            continue
+                        self._send(_READ32_REPLY.pack(msg_id, cmd, 36, _REPLY, 0, offset, 0, 4, value))
+                        continue
+            try:
+                msg = dec.next_message()
+            except FramingError as e:
+                log.warning("%s: %s; closing the connection", self.name, e)
+                self._send(p.pack_error(0, 0, e.errno))
+                self.disconnect("broken message stream")
+                return
+            except ProtocolError as e:  # oversized: refused unread, the stream goes on
+                msg_id, cmd, flags = dec.last_oversized
+                if flags & _NO_REPLY:
+                    self.posted_errors += 1
+                    log.warning("%s: posted %s", self.name, e)
+                else:
+                    self.error_replies += 1
+                    log.warning("%s: %s", self.name, e)
+                    self._send(p.pack_error(msg_id, cmd, e.errno))
+                continue
+            if msg is None:
+                return
+            self._handle(msg)
+
+    def _handle(self, msg: Message) -> None:
+        """One message through its command handler; every failure becomes an Error reply."""
+        self.messages += 1
+        cmd = msg.command
+        fds = self._fds_for(msg) if self._fds else []
+        try:
+            if msg.flags & p.TYPE_MASK:  # not a command (a reply, or a bad type)
+                raise ProtocolError(errno.EINVAL, f"message {msg.msg_id} is not a command "
+                                                  f"(type {msg.flags & p.TYPE_MASK})")
+            handler = self._handlers.get(cmd)
+            if handler is None:
+                raise ProtocolError(errno.ENOSYS, f"unknown command {cmd}")
+            if not self._negotiated and cmd != _VERSION:
+                raise ProtocolError(errno.EINVAL, f"{p.command_name(cmd)} before VERSION")
+            reply = handler(msg, fds)
+        except ProtocolError as e:
+            _close_fds(fds)
+            self._refuse(msg, e.errno, str(e))
+        except Exception as e:  # a device bug must not take the emulator down
+            _close_fds(fds)
+            log.exception("%s: %s failed", self.name, p.command_name(cmd))
+            self._refuse(msg, errno.EIO, f"internal error: {e}")
+        else:
+            if reply is not None and not msg.flags & _NO_REPLY:
+                self._send(reply)
+
+    def _refuse(self, msg: Message, err: int, why: str) -> None:
+        if msg.flags & _NO_REPLY:
+            self.posted_errors += 1
+            log.warning("%s: posted %s (msg id %d) failed: %s", self.name, p.command_name(msg.command),
+                        msg.msg_id, why)
+            return
+        self.error_replies += 1
+        log.info("%s: %s (msg id %d) refused: %s", self.name, p.command_name(msg.command), msg.msg_id, why)
+        self._send(p.pack_error(msg.msg_id, msg.command, err))
+
+    def _send(self, data: bytes | bytearray) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        if self._out:
+            self._out += data
+            return
+        try:
+            n = conn.send(data)
+        except (BlockingIOError, InterruptedError):
+            n = 0
+        except OSError as e:
+            self.disconnect(f"send failed: {e}")
+            return
+        if n < len(data):
+            self._out += memoryview(data)[n:]
+            if self.selector is not None:
+                self.selector.modify(conn, selectors.EVENT_WRITE, self._on_conn_event)
+
+    def _flush(self) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        try:
+            n = conn.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            self.disconnect(f"send failed: {e}")
+            return
+        del self._out[:n]
+        if not self._out and self.selector is not None:
+            self.selector.modify(conn, selectors.EVENT_READ, self._on_conn_event)
+
+    # --- interrupts -------------------------------------------------------------------
+
+    def _on_irq(self, level: bool) -> None:
+        """nic.on_irq: INTx rose -> one eventfd signal."""
+        if level:
+            self._signal()
+
+    def _signal(self) -> None:
+        self._signalled = True
+        fd = self.irq_fd
+        if fd is None:
+            return
+        try:
+            os.eventfd_write(fd, 1)
+            self.irqs_signalled += 1
+        except OSError as e:  # a full counter (never in practice) must not block the loop
+            log.warning("%s: cannot signal INTx eventfd: %s", self.name, e)
+
+    def _bar0_read(self, offset: int) -> int:
+        """A BAR0 read. Level-triggered INTx over an edge-like eventfd: after the driver reads
+        ICR, a line that is still (or again) high is signalled once more (once: the Nic may
+        have re-signalled through on_irq already)."""
+        if offset != ICR:
+            return self.nic.read32(offset)
+        self._signalled = False
+        value = self.nic.read32(offset)
+        if self.nic.irq and not self._signalled:
+            self._signal()
+        return value
+
+    def _bar0_write(self, offset: int, value: int) -> None:
+        """A BAR0 write; after an IMS write a line still high is signalled again (see above)."""
+        if offset != IMS:
+            self.nic.write32(offset, value)
+            return
+        self._signalled = False
+        self.nic.write32(offset, value)
+        if self.nic.irq and not self._signalled:
+            self._signal()
+
+    # --- commands -----------------------------------------------------------------------
+
+    def _version(self, msg: Message, fds: list[int]) -> bytes:
+        self._no_fds(msg, fds)
+        major, minor, _caps = p.parse_version(msg.payload)
+        if major != p.VERSION_MAJOR:
+            raise ProtocolError(errno.ENOTSUP, f"client speaks vfio-user {major}.{minor}, server {p.VERSION_MAJOR}.x")
+        self._negotiated = True
+        payload = p.pack_version(p.VERSION_MAJOR, min(minor, p.VERSION_MINOR), p.server_capabilities())
+        return p.pack_message(msg.msg_id, msg.command, payload, flags=_REPLY)
+
+    def _dma_map(self, msg: Message, fds: list[int]) -> bytes:
+        p.expect_size(msg.command, msg.payload, p.DMA_MAP.size)
+        argsz, flags, offset, address, size = p.DMA_MAP.unpack_from(msg.payload)
+        if len(fds) != 1:
+            raise ProtocolError(errno.EINVAL, f"DMA_MAP needs exactly one fd, got {len(fds)}")
+        if flags & (p.DMA_MAP_READ | p.DMA_MAP_WRITE) != p.DMA_MAP_READ | p.DMA_MAP_WRITE:
+            # The device writes descriptors back and receives into buffers anywhere in its
+            # memory; DmaMemory has no per-region permissions, and a write into a read-only
+            # mapping would fault the whole emulator. So: readable and writable, or refused.
+            raise ProtocolError(errno.ENOTSUP, f"DMA_MAP flags {flags:#x}: nicemu maps only readable+writable memory")
+        if len(self.nic.mem.regions) >= MAX_DMA_REGIONS:
+            raise ProtocolError(errno.ENOSPC, f"at most {MAX_DMA_REGIONS} DMA regions")
+        fd = fds.pop()
+        try:
+            self.nic.mem.map_fd(fd, address, size, offset, writable=True)
+        except DmaError as e:  # map_fd closed the fd
+            raise ProtocolError(errno.EINVAL, str(e)) from None
+        log.info("%s: DMA_MAP %#x+%#x", self.name, address, size)
+        return p.pack_message(msg.msg_id, msg.command, flags=_REPLY)
+
+    def _dma_unmap(self, msg: Message, fds: list[int]) -> bytes:
+        self._no_fds(msg, fds)
+        p.expect_size(msg.command, msg.payload, p.DMA_UNMAP.size)
+        argsz, flags, address, size = p.DMA_UNMAP.unpack_from(msg.payload)
+        try:
+            self.nic.mem.unmap(address, size)
+        except DmaError as e:
+            raise ProtocolError(errno.EINVAL, str(e)) from None
+        log.info("%s: DMA_UNMAP %#x+%#x", self.name, address, size)
+        return p.pack_message(msg.msg_id, msg.command, p.DMA_UNMAP.pack(p.DMA_UNMAP.size, 0, address, size),
+                              flags=_REPLY)
+
+    def _device_get_info(self, msg: Message, fds: list[int]) -> bytes:
+        self._no_fds(msg, fds)
+        p.expect_size(msg.command, msg.payload, p.DEVICE_INFO.size)
+        info = p.DEVICE_INFO.pack(p.DEVICE_INFO.size, p.DEVICE_FLAGS_RESET | p.DEVICE_FLAGS_PCI,
+                                  p.NUM_REGIONS, p.NUM_IRQS)
+        return p.pack_message(msg.msg_id, msg.command, info, flags=_REPLY)
+
+    def _device_get_region_info(self, msg: Message, fds: list[int]) -> bytes:
+        self._no_fds(msg, fds)
+        p.expect_size(msg.command, msg.payload, p.REGION_INFO.size)
+        index = p.REGION_INFO.unpack_from(msg.payload)[2]
+        if index >= p.NUM_REGIONS:
+            raise ProtocolError(errno.EINVAL, f"no region {index} (the device has {p.NUM_REGIONS})")
+        size = _region_size(index)
+        flags = p.REGION_INFO_FLAG_READ | p.REGION_INFO_FLAG_WRITE if size else 0
+        info = p.REGION_INFO.pack(p.REGION_INFO.size, flags, index, 0, size, 0)
+        return p.pack_message(msg.msg_id, msg.command, info, flags=_REPLY)
+
+    def _device_get_irq_info(self, msg: Message, fds: list[int]) -> bytes:
+        self._no_fds(msg, fds)
+        p.expect_size(msg.command, msg.payload, p.IRQ_INFO.size)
+        index = p.IRQ_INFO.unpack_from(msg.payload)[2]
+        if index >= p.NUM_IRQS:
+            raise ProtocolError(errno.EINVAL, f"no IRQ index {index} (the device has {p.NUM_IRQS})")
+        count, flags = (1, p.IRQ_INFO_EVENTFD) if index == p.INTX_IRQ else (0, 0)
+        info = p.IRQ_INFO.pack(p.IRQ_INFO.size, flags, index, count)
+        return p.pack_message(msg.msg_id, msg.command, info, flags=_REPLY)
+
+    def _device_set_irqs(self, msg: Message, fds: list[int]) -> bytes:
+        if len(msg.payload) < p.IRQ_SET.size:
+            raise ProtocolError(errno.EINVAL, f"DEVICE_SET_IRQS payload is {len(msg.payload)} bytes, "
+                                              f"need at least {p.IRQ_SET.size}")
+        argsz, flags, index, start, count = p.IRQ_SET.unpack_from(msg.payload)
+        if index != p.INTX_IRQ:
+            raise ProtocolError(errno.EINVAL, f"IRQ index {index} has no interrupts (only INTx, index 0)")
+        if start + count > 1:
+            raise ProtocolError(errno.EINVAL, f"INTx has one vector; start {start} count {count}")
+        action = flags & (p.IRQ_SET_ACTION_MASK | p.IRQ_SET_ACTION_UNMASK | p.IRQ_SET_ACTION_TRIGGER)
+        data = flags & (p.IRQ_SET_DATA_NONE | p.IRQ_SET_DATA_BOOL | p.IRQ_SET_DATA_EVENTFD)
+        if action != p.IRQ_SET_ACTION_TRIGGER:
+            raise ProtocolError(errno.EINVAL, "only ACTION_TRIGGER is supported")
+        if data == p.IRQ_SET_DATA_EVENTFD:
+            if len(fds) != count:
+                raise ProtocolError(errno.EINVAL, f"DATA_EVENTFD with count {count} needs {count} fds, got {len(fds)}")
+            if count == 1:
+                fd = fds[0]
+                if not _is_eventfd(fd):
+                    raise ProtocolError(errno.EINVAL, "the INTx fd is not an eventfd")
+                fds.clear()
+                os.set_blocking(fd, False)  # a signal must never block the emulator
+                self._close_irq_fd()
+                self.irq_fd = fd
+                log.info("%s: INTx eventfd attached", self.name)
+                if self.nic.irq:  # the line is already high: tell the driver now
+                    self._signal()
+            else:
+                self._close_irq_fd()
+        elif data == p.IRQ_SET_DATA_NONE:
+            self._no_fds(msg, fds)
+            if count == 0:
+                self._close_irq_fd()  # VFIO: DATA_NONE|TRIGGER with count 0 tears the trigger down
+            else:
+                self._signal()  # ... and with count 1 fires it (a loopback test of the path)
+        else:
+            raise ProtocolError(errno.EINVAL, "only DATA_EVENTFD and DATA_NONE are supported")
+        return p.pack_message(msg.msg_id, msg.command, flags=_REPLY)
+
+    def _check_access(self, region: int, offset: int, count: int) -> None:
+        if region >= p.NUM_REGIONS:
+            raise ProtocolError(errno.EINVAL, f"no region {region}")
+        size = _region_size(region)
+        if size == 0:
+            raise ProtocolError(errno.EINVAL, f"region {region} is not implemented (size 0)")
+        if count == 0 or offset >= size or count > size - offset:
+            raise ProtocolError(errno.EINVAL, f"access {offset:#x}+{count} outside region {region} of {size:#x} bytes")
+        if region == p.BAR0_REGION:
+            # Registers are dwords. An unaligned offset goes to the device, which reads 0 and
+            # ignores the write, as the in-process Nic (and the hardware) does.
+            if count & 3:
+                raise ProtocolError(errno.EINVAL, f"BAR0 access of {count} bytes: registers are read in whole dwords")
+        elif count not in (1, 2, 4) and (offset & 3 or count & 3):
+            raise ProtocolError(errno.EINVAL, f"config access {offset:#x}+{count}: use 1, 2 or 4 bytes or whole dwords")
+
+    def _region_read(self, msg: Message, fds: list[int]) -> bytes:
+        self._no_fds(msg, fds)
+        p.expect_size(msg.command, msg.payload, p.REGION_ACCESS.size)
+        offset, region, count = p.REGION_ACCESS.unpack_from(msg.payload)
+        self._check_access(region, offset, count)
+        data = bytearray(count)
+        if region == p.BAR0_REGION:
+            for off in range(0, count, 4):
+                _U32.pack_into(data, off, self._bar0_read(offset + off))
+        elif count in (1, 2, 4):
+            data[:] = self.nic.config_read(offset, count).to_bytes(count, "little")
+        else:
+            for off in range(0, count, 4):
+                _U32.pack_into(data, off, self.nic.config_read(offset + off, 4))
+        return _HDR_ACCESS.pack(msg.msg_id, msg.command, _ACCESS_FIXED + count, _REPLY, 0,
+                                offset, region, count) + data
+
+    def _region_write(self, msg: Message, fds: list[int]) -> bytes:
+        self._no_fds(msg, fds)
+        payload = msg.payload
+        if len(payload) < p.REGION_ACCESS.size:
+            raise ProtocolError(errno.EINVAL, f"REGION_WRITE payload is {len(payload)} bytes, need at least 16")
+        offset, region, count = p.REGION_ACCESS.unpack_from(payload)
+        if len(payload) != p.REGION_ACCESS.size + count:
+            raise ProtocolError(errno.EINVAL, f"REGION_WRITE says {count} data bytes, carries "
+                                              f"{len(payload) - p.REGION_ACCESS.size}")
+        self._check_access(region, offset, count)
+        nic = self.nic
+        if region == p.BAR0_REGION:
+            for off in range(0, count, 4):
+                self._bar0_write(offset + off, _U32.unpack_from(payload, 16 + off)[0])
+        elif count in (1, 2, 4):
+            nic.config_write(offset, int.from_bytes(payload[16 : 16 + count], "little"), count)
+        else:
+            for off in range(0, count, 4):
+                nic.config_write(offset + off, _U32.unpack_from(payload, 16 + off)[0], 4)
+        return _HDR_ACCESS.pack(msg.msg_id, msg.command, _ACCESS_FIXED, _REPLY, 0, offset, region, count)
+
+    def _device_reset(self, msg: Message, fds: list[int]) -> bytes:
+        self._no_fds(msg, fds)
+        p.expect_size(msg.command, msg.payload, 0)
+        self.nic.reset()
+        return p.pack_message(msg.msg_id, msg.command, flags=_REPLY)
+
+    def _no_fds(self, msg: Message, fds: list[int]) -> None:
+        if fds:
+            raise ProtocolError(errno.EINVAL, f"{p.command_name(msg.command)} takes no fds, got {len(fds)}")
+
+    # --- teardown -----------------------------------------------------------------------
+
+    def _close_irq_fd(self) -> None:
+        if self.irq_fd is not None:
+            os.close(self.irq_fd)
+            self.irq_fd = None
+
+    def disconnect(self, why: str = "disconnect") -> None:
+        """Drop the client: reset the device, unmap its memory, close its eventfd."""
+        conn = self.conn
+        if conn is None:
+            return
+        log.info("%s: %s; resetting the device", self.name, why)
+        if self.selector is not None:
+            try:
+                self.selector.unregister(conn)
+            except (KeyError, ValueError):
+                pass
+        conn.close()
+        self._out.clear()
+        for _, fds in self._fds:
+            _close_fds(fds)
+        self._fds.clear()
+        self._close_irq_fd()
+        self._negotiated = False
+        try:
+            # First, so no DMA happens from here on. nic.reset() keeps config space (as a
+            # function reset does); the next client gets a power-on device: bus master off.
+            self.nic.config_write(PCI_COMMAND, 0, 2)
+            self.nic.reset()
+        except Exception:
+            log.exception("%s: reset after disconnect failed", self.name)
+        self.nic.mem.close()
+        self.conn = None  # last: `connected` turns False once the device is clean
+
+    def close(self) -> None:
+        """Stop serving: drop the client, close and unlink the socket (only if it is still ours)."""
+        self.disconnect("server closing")
+        if self.selector is not None:
+            try:
+                self.selector.unregister(self.listener)
+            except (KeyError, ValueError):
+                pass
+        self.listener.close()
+        try:
+            if os.stat(self.socket_path).st_ino == self._inode:
+                os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        if self._created_dir:
+            try:
+                os.rmdir(self._created_dir)
+            except OSError:
+                pass  # not empty: other sockets live there
+        if self.nic.on_irq == self._on_irq:
+            self.nic.on_irq = None
+
+
+def _region_size(index: int) -> int:
+    if index == p.BAR0_REGION:
+        return BAR0_SIZE
+    if index == p.CONFIG_REGION:
+        return CONFIG_SIZE
+    return 0

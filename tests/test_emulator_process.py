@@ -1,0 +1,354 @@
+"""End to end with real processes: `python -m nicemu serve` in one process, a driver
+(VfioUserBus) in this one or in a child, over a real AF_UNIX socket; kill -9 of either side.
+
+Every process a test starts is killed and reaped by its fixture; /dev/shm is checked unchanged.
+"""
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import RxRing, TxRing, enable_bus_master, make_frame, with_fcs
+from driver.bus import BusError
+from driver.vfio_user_client import VfioUserBus
+from nicemu import regs as R
+
+ROOT = Path(__file__).resolve().parents[1]
+MAC_A = "52:54:00:aa:00:01"
+MAC_B = "52:54:00:aa:00:02"
+MEM = 1 << 20
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+       "PYTHONWARNINGS": "ignore::RuntimeWarning"}
+
+
+def _read_line(proc: subprocess.Popen, timeout: float) -> str:
+    """One line of the child's stdout, read unbuffered (os.read) so select() stays truthful."""
+    fd = proc.stdout.fileno()
+    end = time.monotonic() + timeout
+    line = b""
+    while time.monotonic() < end:
+        r, _, _ = select.select([fd], [], [], max(0.0, end - time.monotonic()))
+        if r:
+            ch = os.read(fd, 1)
+            if not ch:
+                break
+            if ch == b"\n":
+                return line.decode()
+            line += ch
+    proc.poll()
+    proc.errfile.seek(0)
+    err = proc.errfile.read()
+    raise AssertionError(f"no line from the process in {timeout} s (exit {proc.returncode}): {line!r} {err}")
+
+
+class Procs:
+    """Starts processes and guarantees they are gone at the end (SIGKILL + wait)."""
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+
+    def start(self, args: list[str]) -> subprocess.Popen:
+        # stderr to a file: a pipe nobody reads could fill and block the emulator's logging
+        err = tempfile.TemporaryFile(mode="w+")
+        proc = subprocess.Popen(args, cwd=ROOT, env=ENV, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err, text=True)
+        proc.errfile = err  # type: ignore[attr-defined]
+        self.procs.append(proc)
+        return proc
+
+    def serve(self, *args: str) -> subprocess.Popen:
+        proc = self.start([sys.executable, "-m", "nicemu", "serve", *args])
+        while True:
+            line = _read_line(proc, 20)
+            if line.strip() == "nicemu: ready":
+                return proc
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            for f in (proc.stdout, proc.errfile):
+                if f:
+                    f.close()
+
+
+@pytest.fixture
+def procs():
+    shm_before = set(os.listdir("/dev/shm"))
+    p = Procs()
+    yield p
+    p.cleanup()
+    assert set(os.listdir("/dev/shm")) - shm_before == set(), "a shared-memory segment was left in /dev/shm"
+
+
+def connect(path: str) -> VfioUserBus:
+    """A driver's bus to the device at `path` (no retry: a device whose previous driver is gone,
+    even by kill -9 a moment ago, must accept at once)."""
+    return VfioUserBus(path, MEM)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args", [["--help"], ["show", "--help"], ["serve", "--help"]])
+def test_help_on_every_command(args):
+    out = subprocess.run([sys.executable, "-m", "nicemu", *args], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 0 and "usage: nicemu" in out.stdout
+
+
+def test_show_prints_the_register_file():
+    out = subprocess.run([sys.executable, "-m", "nicemu", "show", "--mac", MAC_A], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "PCI 8086:100e" in out.stdout and "BAR0 128 KiB" in out.stdout
+    assert f"MAC (EEPROM via EERD) {MAC_A}" in out.stdout
+    assert "STATUS      0x00000083  FD|LU|SPEED_1000" in out.stdout
+    assert "PBA         0x00100030" in out.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["serve"], "give --socket PATH"),
+    (["serve", "--socket", "/tmp/x.sock", "--mac", "zz:00"], "bad device settings"),
+    (["serve", "--socket", "/tmp/x.sock", "--pair"], "--pair joins exactly two devices"),
+    (["serve", "--process", "a"], "--process needs --config"),
+])
+def test_serve_usage_errors(args, message):
+    out = subprocess.run([sys.executable, "-m", "nicemu", *args], cwd=ROOT, env=ENV, capture_output=True,
+                         text=True, timeout=30)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+    assert not os.path.exists("/tmp/x.sock")
+
+
+def test_serve_with_a_bad_config_names_every_problem(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text('devices:\n  nic0: {mac: "zz", colour: red}\n')
+    out = subprocess.run([sys.executable, "-m", "nicemu", "serve", "--config", str(cfg)], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "devices.nic0.colour" in out.stderr and "devices.nic0.mac" in out.stderr
+
+
+def test_serve_config_runs_one_process_of_a_topology(procs, tmp_path):
+    cfg = tmp_path / "one.yaml"
+    sock = tmp_path / "run" / "nic0.sock"
+    cfg.write_text(f'devices:\n  nic0: {{mac: "{MAC_A}", socket: {sock}}}\n')
+    proc = procs.serve("--config", str(cfg), "--process", "nic0")
+    with connect(str(sock)) as bus:
+        assert bus.config_read(0x02, 2) == 0x100E
+        assert not bus.read32(R.STATUS) & R.Status.LU  # no cable in this topology: link down
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0 and not sock.exists()
+
+
+def test_serve_on_a_socket_in_use_fails_clearly(procs, tmp_path):
+    sock = str(tmp_path / "nic.sock")
+    procs.serve("--socket", sock, "--mac", MAC_A)
+    out = subprocess.run([sys.executable, "-m", "nicemu", "serve", "--socket", sock], cwd=ROOT, env=ENV,
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 1 and "served by another process" in out.stderr
+
+
+# --- a driver programs a device in another process ------------------------------------------------
+
+def test_driver_programs_a_device_in_another_process(procs, tmp_path):
+    sock = str(tmp_path / "run" / "nic0.sock")
+    procs.serve("--socket", sock, "--mac", MAC_A)
+    assert oct(os.stat(sock).st_mode & 0o777) == "0o600"
+    with connect(sock) as bus:
+        assert bus.config_read(0x00, 2) == 0x8086 and bus.config_read(0x02, 2) == 0x100E
+        words = []
+        for addr in range(3):
+            bus.write32(R.EERD, addr << 8 | R.Eerd.START)
+            words.append(bus.read32(R.EERD) >> 16)
+        assert ":".join(f"{w >> s & 0xFF:02x}" for w in words for s in (0, 8)) == MAC_A
+        enable_bus_master(bus)
+        bus.write32(R.IMS, R.Icr.TXDW)
+        tx = TxRing(bus).setup()
+        frames = [make_frame(dst=b"\xff" * 6, size=60 + 10 * i) for i in range(5)]
+        tx.send(frames)
+        assert bus.wait_irq(5.0)  # TXDW for the RS descriptors
+        assert bus.read32(R.TDH) == 5
+        assert all(tx.sta(k) & R.TxdSta.DD for k in range(5))
+        assert bus.read32(R.GPTC) == 5 and bus.read32(R.TPT) == 5
+        assert bus.read32(R.BPTC) == 5
+        octets = bus.read32(R.GOTCL) | bus.read32(R.GOTCH) << 32
+        assert octets == sum(len(f) + 4 for f in frames)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_signal_stops_the_emulator_and_unlinks_its_socket(procs, tmp_path, sig):
+    sock = str(tmp_path / "run" / "nic0.sock")
+    proc = procs.serve("--socket", sock)
+    bus = connect(sock)
+    proc.send_signal(sig)
+    assert proc.wait(10) == 0
+    assert not os.path.exists(sock) and not os.path.exists(tmp_path / "run")
+    with pytest.raises(BusError):
+        bus.read32(R.STATUS)
+    bus.close()
+
+
+CHILD_DRIVER = textwrap.dedent("""
+    import sys, time
+    from driver.vfio_user_client import VfioUserBus
+    bus = VfioUserBus(sys.argv[1], 1 << 20)
+    bus.config_write(0x04, 0x6, 2)
+    bus.write32(0x0410, 0xABCD)          # TIPG
+    bus.write32(0x00D0, 0x1)             # IMS
+    assert bus.read32(0x0410) == 0xABCD
+    print("programmed", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_kill9_of_the_driver_resets_the_device_for_the_next(procs, tmp_path):
+    sock = str(tmp_path / "nic0.sock")
+    procs.serve("--socket", sock, "--mac", MAC_A)
+    child = procs.start([sys.executable, "-c", CHILD_DRIVER, sock])
+    assert _read_line(child, 20).strip() == "programmed"
+    child.kill()
+    child.wait(10)
+    with connect(sock) as bus:  # accepted at once: the emulator sees the hang-up first
+        assert bus.read32(R.TIPG) == 0 and bus.read32(R.IMS) == 0
+        assert bus.config_read(0x04, 2) & R.PciCommand.MASTER == 0
+        tx = TxRing(bus)
+        enable_bus_master(bus)
+        tx.setup().send([make_frame(size=60)])
+        assert bus.read32(R.TDH) == 1 and bus.read32(R.GPTC) == 1
+
+
+def test_kill9_of_the_emulator_gives_the_driver_bus_errors(procs, tmp_path):
+    sock = str(tmp_path / "nic0.sock")
+    proc = procs.serve("--socket", sock)
+    bus = connect(sock)
+    bus.write32(R.IMS, R.Icr.TXDW)
+    assert bus.read32(R.IMS) == R.Icr.TXDW
+    proc.kill()
+    proc.wait(10)
+    t0 = time.monotonic()
+    with pytest.raises(BusError, match="emulator gone"):
+        bus.wait_irq(30.0)  # would sleep 30 s if the socket were not watched
+    assert time.monotonic() - t0 < 5
+    with pytest.raises(BusError, match="emulator gone"):
+        bus.read32(R.STATUS)
+    with pytest.raises(BusError, match="emulator gone"):
+        bus.write32(R.TIPG, 1)
+    bus.close()
+    # a new emulator on the same path replaces the stale socket kill -9 left
+    procs.serve("--socket", sock)
+    with connect(sock) as bus2:
+        assert bus2.read32(R.STATUS) & R.Status.FD
+
+
+def test_back_to_back_pair_in_one_emulator_process(procs, tmp_path):
+    sa, sb = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    procs.serve("--socket", sa, "--mac", MAC_A, "--socket", sb, "--mac", MAC_B, "--pair")
+    with connect(sa) as a, connect(sb) as b:
+        enable_bus_master(a)
+        enable_bus_master(b)
+        rx = RxRing(b).setup()
+        b.write32(R.IMS, R.Icr.RXT0)
+        tx = TxRing(a).setup()
+        frame = make_frame(dst=bytes.fromhex(MAC_B.replace(":", "")), src=bytes.fromhex(MAC_A.replace(":", "")),
+                           size=80)
+        tx.send([frame])
+        assert a.read32(R.TDH) == 1
+        assert b.wait_irq(5.0)
+        assert b.read32(R.RDH) == 1
+        assert rx.desc(0)[3] & R.RxdStatus.DD
+        assert rx.data(0) == with_fcs(frame)
+        assert b.read32(R.GPRC) == 1 and a.read32(R.GPTC) == 1
+
+
+# --- two emulator processes joined by a cable (nicemu up) -------------------------------------------
+
+TWO_PROCESS_CONFIG = """
+devices:
+  nic0: {{mac: "{a}"}}
+  nic1: {{mac: "{b}"}}
+cables:
+  - kind: {kind}
+    ends: [nic0, nic1]
+"""
+
+
+UDP_CONFIG = """
+devices:
+  nic0: {{mac: "{a}"}}
+  nic1: {{mac: "{b}"}}
+cables:
+  - {{kind: udp, ends: [nic0], local: "127.0.0.1:{p0}", remote: "127.0.0.1:{p1}"}}
+  - {{kind: udp, ends: [nic1], local: "127.0.0.1:{p1}", remote: "127.0.0.1:{p0}"}}
+"""
+
+
+def _free_udp_ports(n: int) -> list[int]:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.parametrize("kind", ["shm", "unix", "udp"])
+def test_frame_crosses_a_cable_between_two_emulator_processes(procs, tmp_path, kind):
+    cfg = tmp_path / f"{kind}.yaml"
+    if kind == "udp":  # over loopback only
+        p0, p1 = _free_udp_ports(2)
+        cfg.write_text(UDP_CONFIG.format(a=MAC_A, b=MAC_B, p0=p0, p1=p1))
+    else:
+        cfg.write_text(TWO_PROCESS_CONFIG.format(a=MAC_A, b=MAC_B, kind=kind))
+    run = tmp_path / "run"
+    sup = procs.start([sys.executable, "-m", "nicemu", "up", str(cfg), "--runtime-dir", str(run)])
+    sa, sb = str(run / "nic0.sock"), str(run / "nic1.sock")
+    end = time.monotonic() + 30
+    while not (os.path.exists(sa) and os.path.exists(sb)):
+        assert sup.poll() is None, "nicemu up exited"
+        assert time.monotonic() < end, "sockets did not appear"
+        time.sleep(0.05)
+    with connect_when_up(sa) as a, connect_when_up(sb) as b:
+        enable_bus_master(a)
+        enable_bus_master(b)
+        rx = RxRing(b).setup()
+        b.write32(R.IMS, R.Icr.RXT0)
+        tx = TxRing(a).setup()
+        frames = [make_frame(dst=bytes.fromhex(MAC_B.replace(":", "")), size=64 + i) for i in range(3)]
+        tx.send(frames)
+        got = 0
+        end = time.monotonic() + 10
+        while got < 3 and time.monotonic() < end:  # one interrupt may cover several frames
+            b.wait_irq(1.0)
+            b.read32(R.ICR)
+            got = b.read32(R.RDH)
+        assert got == 3
+        assert [rx.data(k) for k in range(3)] == [with_fcs(f) for f in frames]
+        assert b.read32(R.GPRC) == 3 and a.read32(R.GPTC) == 3
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(20) == 0
+    assert not os.path.exists(sa) and not os.path.exists(sb)
+
+
+def connect_when_up(path: str, timeout: float = 20.0) -> VfioUserBus:
+    """Connect once the socket accepts (`nicemu up` reports no readiness on stdout; a child
+    may still be between bind and listen)."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            return connect(path)
+        except BusError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
