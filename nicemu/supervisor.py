@@ -1,0 +1,465 @@
+"""`nicemu up CONFIG`: start every emulator process of a topology, watch them, stop them all.
+
+Why a supervisor: a topology spans several processes (one per process group, see
+nicemu.topology), some of which share resources that must exist before either starts (the
+memory of a `shm` cable between two processes). The supervisor
+
+1. validates the config (a TopologyError lists every problem; the CLI exits 2),
+2. prepares the private runtime directory (0700) and refuses to start over a live socket,
+3. creates the shared resources itself and hands each child exactly its part with
+   `pass_fds` (then drops its own copies, so a dead child reads as "link down" to its peer),
+4. starts `python -m nicemu serve --config FILE --process NAME` per process group, each in its
+   own process group (a terminal's Ctrl-C reaches only the supervisor, which then stops the
+   children in order) and with PR_SET_PDEATHSIG, so the children get SIGTERM and clean up even
+   if the supervisor is killed with SIGKILL,
+5. waits, sleeping on a signal wake-up descriptor (SIGCHLD, SIGTERM, SIGINT, SIGHUP); a child
+   that dies takes the topology down with a message naming it and a non-zero exit,
+6. stops: SIGTERM to every child, SIGKILL to any still alive after `stop_timeout` seconds (or at
+   once on a second Ctrl-C), reaps them all, removes socket files left behind and the runtime
+   directory if it created it.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import json
+import os
+import select
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import nicemu
+from nicemu import topology as T
+
+__all__ = ["Supervisor", "SupervisorError", "describe", "run_up"]
+
+PR_SET_PDEATHSIG = 1
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+DEFAULT_STOP_TIMEOUT = 5.0
+DEFAULT_READY_TIMEOUT = 30.0
+_POLL = 0.05  # seconds between socket checks while children start
+
+
+class SupervisorError(RuntimeError):
+    """`nicemu up` could not start or keep the topology running (message for the user)."""
+
+
+@dataclass
+class Child:
+    """One emulator process of the topology."""
+
+    name: str
+    devices: tuple[str, ...]
+    popen: subprocess.Popen
+    pass_fds: tuple[int, ...] = ()
+    status: int | None = None  # Popen.returncode once reaped
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def poll(self) -> int | None:
+        if self.status is None:
+            self.status = self.popen.poll()
+        return self.status
+
+
+def exit_reason(status: int) -> str:
+    """Popen.returncode in words: 'exited with status 3' / 'was killed by SIGKILL'."""
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"was killed by {name}"
+    return f"exited with status {status}"
+
+
+def describe(topo: T.Topology) -> list[str]:
+    """The plan, as lines for the user: processes, devices with MAC and socket, cables."""
+    n_p, n_d = len(topo.processes), len(topo.devices)
+    lines = [f"topology {topo.name}: {n_p} process{'es' if n_p != 1 else ''}, {n_d} device"
+             f"{'s' if n_d != 1 else ''}, runtime directory {topo.runtime_dir}"]
+    for pname, devs in topo.processes.items():
+        lines.append(f"  process {pname}:")
+        for d in devs:
+            spec = topo.devices[d]
+            lines.append(f"    {d}  {spec.mac}  {spec.socket}")
+    for c in topo.cables:
+        extra = ""
+        if c.kind == "shm":
+            extra = f" ring_bytes={c.ring_bytes}"
+        elif c.kind == "udp":
+            extra = f" local={c.local[0]}:{c.local[1]} remote={c.remote[0]}:{c.remote[1]}"
+        elif c.kind == "tap":
+            extra = f" name={c.tap_name}" + (f" netns={c.netns}" if c.netns else "")
+        elif c.kind == "unix" and c.unix_peer is not None:
+            extra = f" peer={c.unix_peer}"
+        if c.capture:
+            extra += " capture=" + ",".join(f"{d}:{p}" for d, p in c.capture.items())
+        if c.faults:
+            extra += " faults=" + ",".join(c.faults)
+        lines.append(f"  cables[{c.index}] {c.kind} {' - '.join(c.ends)}{extra}")
+    return lines
+
+
+def _pdeathsig_preexec(parent: int) -> Callable[[], None]:
+    """Runs in the child between fork and exec: die with the supervisor, even by SIGKILL."""
+    libc = ctypes.CDLL(None, use_errno=True)  # loaded in the parent: nothing to load after fork
+    prctl = libc.prctl
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        if os.getppid() != parent:  # the supervisor died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+class Supervisor:
+    """Runs one topology's emulator processes (see the module docstring)."""
+
+    def __init__(self, topo: T.Topology, *, stop_timeout: float = DEFAULT_STOP_TIMEOUT,
+                 ready_timeout: float = DEFAULT_READY_TIMEOUT, log_level: str | None = None,
+                 out: TextIO | None = None, err: TextIO | None = None) -> None:
+        if topo.source is None:
+            raise ValueError("nicemu up needs a topology loaded from a file (children re-read it)")
+        self.topo = topo
+        self.stop_timeout = stop_timeout
+        self.ready_timeout = ready_timeout
+        self.log_level = log_level
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+        self.children: list[Child] = []
+        self.created_runtime_dir = False
+        self.stop_requested: int | None = None  # the signal that asked us to stop
+        self.signals_seen = 0
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._old_handlers: dict[int, Any] = {}
+        self._old_wakeup: int | None = None
+
+    # --- the whole life -------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Start, wait until stopped or a child dies, stop. Returns the exit status."""
+        self._install_signals()
+        try:
+            try:
+                self.start()
+                if not self.wait_ready():
+                    return 1 if self.stop_requested is None else 0
+                self._say(f"nicemu up: {self.topo.name} is up ({len(self.children)} process"
+                          f"{'es' if len(self.children) != 1 else ''}); Ctrl-C or SIGTERM stops it")
+                return self.watch()
+            except SupervisorError as e:
+                self._complain(f"nicemu up: {e}")
+                return 1
+            finally:
+                self.stop()
+                if self.children:
+                    self._say(f"nicemu up: {self.topo.name} stopped")
+        finally:
+            self._restore_signals()
+
+    def start(self) -> None:
+        """Prepare the runtime directory and shared resources, then start every child."""
+        topo = self.topo
+        self._prepare_runtime_dir()
+        self._refuse_live_sockets()
+        for line in describe(topo):
+            self._say(line)
+        shared = self._create_shared_ends()
+        try:
+            python_path = str(Path(nicemu.__file__).resolve().parent.parent)
+            env_base = dict(os.environ)
+            env_base["PYTHONPATH"] = os.pathsep.join(
+                p for p in (python_path, env_base.get("PYTHONPATH", "")) if p)
+            env_base[T.ENV_RUNTIME_DIR] = str(topo.runtime_dir)
+            env_base.pop(T.ENV_CABLE_ENDS, None)
+            preexec = _pdeathsig_preexec(os.getpid())
+            for pname, devices in topo.processes.items():
+                if self.stop_requested is not None:
+                    return
+                mine = {k: end for k, (dev, end) in shared.items() if dev in devices}
+                env = dict(env_base)
+                if mine:
+                    env[T.ENV_CABLE_ENDS] = json.dumps({k: end.to_arg() for k, end in mine.items()})
+                fds = tuple(fd for end in mine.values() for fd in end.fds())
+                cmd = [sys.executable, "-m", "nicemu", "serve", "--config", str(topo.source),
+                       "--process", pname]
+                if self.log_level:
+                    cmd += ["--log-level", self.log_level]
+                try:
+                    popen = subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
+                                             preexec_fn=preexec, process_group=0)
+                except OSError as e:
+                    raise SupervisorError(f"cannot start process {pname!r}: {e}") from None
+                self.children.append(Child(pname, devices, popen, fds))
+                # The child owns its ends now; our copies would keep its peer's link up after
+                # the child died.
+                for end in mine.values():
+                    end.release()
+        finally:
+            for _key, (_dev, end) in shared.items():
+                end.release()  # idempotent; also covers ends never handed out
+
+    def wait_ready(self) -> bool:
+        """Wait until every device socket exists. False: a child died, a stop was asked, or
+        the sockets did not appear in time (the reason is printed)."""
+        deadline = time.monotonic() + self.ready_timeout
+        pending = {d.socket: name for name, d in self.topo.devices.items()}
+        while pending:
+            if self.stop_requested is not None:
+                return False
+            dead = self._dead_child()
+            if dead is not None:
+                self._complain(f"nicemu up: process {dead.name!r} (pid {dead.pid}, devices "
+                               f"{', '.join(dead.devices)}) {exit_reason(dead.status)} while starting; "
+                               "stopping the others")
+                return False
+            listening = _listening_paths()
+            for path in list(pending):
+                if (str(path) in listening) if listening is not None else _is_socket(path):
+                    del pending[path]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                self._complain(f"nicemu up: no socket for {', '.join(sorted(pending.values()))} after "
+                               f"{self.ready_timeout:g} s; stopping")
+                return False
+            self._sleep(_POLL)
+        return True
+
+    def watch(self) -> int:
+        """Sleep until a stop signal (0) or a child's death (1)."""
+        while True:
+            if self.stop_requested is not None:
+                name = signal.Signals(self.stop_requested).name
+                self._say(f"nicemu up: {name}: stopping {len(self.children)} process"
+                          f"{'es' if len(self.children) != 1 else ''}")
+                return 0
+            dead = self._dead_child()
+            if dead is not None:
+                self._complain(f"nicemu up: process {dead.name!r} (pid {dead.pid}, devices "
+                               f"{', '.join(dead.devices)}) {exit_reason(dead.status)}; stopping the "
+                               "others")
+                return 1
+            self._sleep(None if self._wake_r is not None else 0.5)
+
+    def stop(self) -> None:
+        """SIGTERM every child, SIGKILL the ones still alive after stop_timeout (or after a
+        second stop signal), reap them all, then remove what they left behind."""
+        live = [c for c in self.children if c.poll() is None]
+        for c in live:
+            _signal(c, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_timeout
+        signals_at_start = self.signals_seen
+        while True:
+            live = [c for c in live if c.poll() is None]
+            if not live:
+                break
+            now = time.monotonic()
+            if now >= deadline or self.signals_seen > signals_at_start:  # impatient: a 2nd Ctrl-C
+                for c in live:
+                    self._complain(f"nicemu up: process {c.name!r} (pid {c.pid}) did not stop; killing it")
+                    _signal(c, signal.SIGKILL)
+                for c in live:
+                    c.popen.wait()
+                    c.poll()
+                break
+            self._sleep(min(_POLL, deadline - now))
+        self._cleanup_files()
+
+    # --- steps ------------------------------------------------------------------------------
+
+    def _prepare_runtime_dir(self) -> None:
+        rdir = self.topo.runtime_dir
+        existed = rdir.exists()
+        try:
+            T.ensure_private_dir(rdir)
+        except OSError as e:
+            raise SupervisorError(f"runtime directory: {e}") from None
+        self.created_runtime_dir = not existed
+
+    def _refuse_live_sockets(self) -> None:
+        """Two copies of a topology would fight over its sockets: say so before starting."""
+        listening = _listening_paths()
+        for name, d in self.topo.devices.items():
+            live = (str(d.socket) in listening) if listening is not None else _accepts(d.socket)
+            if _is_socket(d.socket) and live:
+                raise SupervisorError(f"{d.socket} (device {name}) is served by another process; is "
+                                      f"topology {self.topo.name!r} already up?")
+
+    def _create_shared_ends(self) -> dict[str, tuple[str, Any]]:
+        """shm cables between processes: create the memory here, one end per child."""
+        shared: dict[str, tuple[str, Any]] = {}
+        cables = self.topo.shared_cables()
+        if not cables:
+            return shared
+        from nicemu.cable.shm import ShmCable
+
+        try:
+            for c in cables:
+                a, b = ShmCable.create(c.ring_bytes or T.SHM_DEFAULT_RING_BYTES)
+                shared[T.end_key(c, c.ends[0])] = (c.ends[0], a)
+                shared[T.end_key(c, c.ends[1])] = (c.ends[1], b)
+        except BaseException as e:
+            for _dev, end in shared.values():
+                end.release()
+            if isinstance(e, (OSError, ValueError)):
+                raise SupervisorError(f"cannot create the shared memory of a shm cable: {e}") from None
+            raise
+        return shared
+
+    def _cleanup_files(self) -> None:
+        """Remove sockets the children left (e.g. after SIGKILL) and our runtime directory.
+
+        Only dead sockets go: one still bound by a live process belongs to someone else (say,
+        the copy of this topology that made our start fail)."""
+        bound = _unix_paths(listening_only=False)
+        for p in self.topo.socket_paths() if self.children else []:
+            if bound is not None and str(p) in bound:
+                continue
+            try:
+                if stat.S_ISSOCK(os.lstat(p).st_mode):
+                    os.unlink(p)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                self._complain(f"nicemu up: cannot remove {p}: {e}")
+        if self.created_runtime_dir:
+            try:
+                os.rmdir(self.topo.runtime_dir)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                if e.errno != errno.ENOTEMPTY:
+                    self._complain(f"nicemu up: cannot remove {self.topo.runtime_dir}: {e}")
+
+    def _dead_child(self) -> Child | None:
+        for c in self.children:
+            if c.poll() is not None:
+                return c
+        return None
+
+    # --- signals ----------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        """Signals only set a flag and write to a socket our select sleeps on (no races)."""
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return  # embedded use: no handlers; the loops poll instead
+        self._wake_r, self._wake_w = socket.socketpair()
+        for s in (self._wake_r, self._wake_w):
+            s.setblocking(False)
+        self._old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in STOP_SIGNALS:
+            self._old_handlers[sig] = signal.signal(sig, self._on_stop_signal)
+        self._old_handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_sigchld)
+
+    def _restore_signals(self) -> None:
+        for sig, h in self._old_handlers.items():
+            signal.signal(sig, h)
+        self._old_handlers.clear()
+        if self._wake_w is not None:
+            signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
+            self._wake_r.close()
+            self._wake_w.close()
+            self._wake_r = self._wake_w = None
+
+    def _on_stop_signal(self, signum: int, _frame: Any) -> None:
+        self.signals_seen += 1
+        if self.stop_requested is None:
+            self.stop_requested = signum
+
+    def _on_sigchld(self, _signum: int, _frame: Any) -> None:
+        pass  # the wake-up fd already woke the loop; children are polled there
+
+    def _sleep(self, timeout: float | None) -> None:
+        """Sleep until a signal arrives (or timeout seconds pass)."""
+        if self._wake_r is None:
+            time.sleep(timeout if timeout is not None else 0.5)
+            return
+        select.select([self._wake_r], [], [], timeout)
+        try:
+            while self._wake_r.recv(512):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    # --- output -----------------------------------------------------------------------------
+
+    def _say(self, line: str) -> None:
+        print(line, file=self.out, flush=True)
+
+    def _complain(self, line: str) -> None:
+        print(line, file=self.err, flush=True)
+
+
+def _signal(c: Child, sig: int) -> None:
+    try:
+        c.popen.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def _is_socket(p: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(p).st_mode)
+    except OSError:
+        return False
+
+
+def _unix_paths(listening_only: bool) -> set[str] | None:
+    """Paths of bound AF_UNIX sockets (only those in listen() state, /proc/net/unix flag
+    __SO_ACCEPTCON, if listening_only), or None if /proc cannot tell. Checked without
+    connecting: a probe connection would be a vfio-user client to the device."""
+    try:
+        with open("/proc/net/unix") as f:
+            next(f)
+            out = set()
+            for line in f:
+                parts = line.split(None, 7)
+                if len(parts) == 8 and (not listening_only or int(parts[3], 16) & 0x10000):
+                    out.add(parts[7].rstrip("\n"))
+            return out
+    except (OSError, ValueError, StopIteration):
+        return None
+
+
+def _listening_paths() -> set[str] | None:
+    return _unix_paths(listening_only=True)
+
+
+def _accepts(p: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(p))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def run_up(config: str | os.PathLike, *, runtime_dir: str | os.PathLike | None = None,
+           stop_timeout: float = DEFAULT_STOP_TIMEOUT, ready_timeout: float = DEFAULT_READY_TIMEOUT,
+           check: bool = False, log_level: str | None = None) -> int:
+    """`nicemu up`: raises TopologyError for a bad config (the CLI prints it and exits 2)."""
+    topo = T.load(config, runtime_dir=runtime_dir)
+    if check:
+        for line in describe(topo):
+            print(line)
+        print("config OK")
+        return 0
+    return Supervisor(topo, stop_timeout=stop_timeout, ready_timeout=ready_timeout,
+                      log_level=log_level).run()

@@ -1,0 +1,1246 @@
+"""YAML topologies: which devices exist, which cables join their ports, and which process runs what.
+
+A topology file is checked completely before anything starts: every problem is collected with
+the key path it belongs to (``cables[1].faults.nic0.drop``) and the reason, and all of them are
+raised together as one `TopologyError`, so a user fixes a config in one pass instead of one
+traceback at a time. The schema (every key, default and meaning) is in docs/topology.md.
+
+`load()` turns a file into plain frozen dataclasses (`Topology`, `DeviceSpec`, `CableSpec`,
+`FaultSpec`) with every default filled in and every path made absolute, so the supervisor
+(`nicemu up`) and each emulator process (`nicemu serve --config FILE --process NAME`) derive the
+same plan from the same file. `build_emulator()` wires one process's share of that plan into an
+`Emulator`.
+"""
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import os
+import re
+import stat
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
+
+import yaml
+
+if TYPE_CHECKING:  # imported lazily at run time: validation must work without the device built
+    from nicemu.emulator import Emulator
+
+__all__ = [
+    "CABLE_KINDS",
+    "CableSpec",
+    "DeviceSpec",
+    "FaultSpec",
+    "Problem",
+    "Topology",
+    "TopologyError",
+    "build_emulator",
+    "default_runtime_dir",
+    "ensure_private_dir",
+    "load",
+    "parse",
+]
+
+CABLE_KINDS = ("pair", "shm", "unix", "udp", "tap")
+
+# The 82540EM has 64 KB of on-chip packet buffer shared between RX and TX (PBA.RXA/TXA in KB).
+PBA_TOTAL_KB = 64
+PBA_DEFAULT_RX_KB = 48
+PBA_DEFAULT_TX_KB = 16
+PBA_MIN_KB = 2  # each side must hold one full-size (1522-byte) frame
+
+SHM_DEFAULT_RING_BYTES = 1 << 20
+SHM_MIN_RING_BYTES = 1 << 16
+SHM_MAX_RING_BYTES = 1 << 30
+
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes including the terminating NUL
+IFNAMSIZ_MAX = 15  # Linux interface names: 16 bytes including the NUL
+
+# Where `nicemu up` tells each child which inherited fds make up its shm cable ends:
+# JSON {"cable<i>.<device>": "<ShmCableEnd.to_arg()>"}.
+ENV_CABLE_ENDS = "NICEMU_CABLE_ENDS"
+# Where `nicemu up --runtime-dir` tells each child the runtime directory it chose.
+ENV_RUNTIME_DIR = "NICEMU_RUNTIME_DIR"
+
+RESERVED_NAMES = frozenset({"peer"})  # `peer` names the outside end in per-cable maps
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
+_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+
+# Network safety: emulated traffic may only use loopback or the benchmarking range (RFC 2544).
+ALLOWED_NETWORKS = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("198.18.0.0/15"),
+    ipaddress.ip_network("::1/128"),
+)
+
+TOP_KEYS = ("name", "runtime_dir", "devices", "cables")
+DEVICE_KEYS = ("mac", "socket", "pba", "engine", "process", "driver")
+# Ring and buffer sizes are programmed by the driver (RDLEN/TDLEN, RCTL.BSIZE), not fixed in the
+# device: a topology records the ones a driver attached to the device should use
+# (driver.e1000.E1000Config fields), checked against what the 82540EM and the driver allow.
+DRIVER_KEYS = ("rx_ring_size", "tx_ring_size", "rx_buffer_len", "tx_buffer_len")
+RX_BUFFER_SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384)  # RCTL.BSIZE/BSEX encodings
+PBA_KEYS = ("rx_kb", "tx_kb")
+ENGINES = ("auto", "cython", "python")
+FAULT_PROBABILITIES = ("drop", "corrupt", "duplicate", "reorder")
+FAULT_KEYS = FAULT_PROBABILITIES + (
+    "corrupt_bits", "reorder_timeout_ms", "delay_ms", "rate_bps", "overhead_bytes", "limit", "seed",
+)
+CABLE_COMMON_KEYS = ("kind", "ends", "capture", "faults")
+CABLE_KIND_KEYS: dict[str, tuple[str, ...]] = {
+    "pair": (),
+    "shm": ("ring_bytes",),
+    "unix": ("path", "peer"),
+    "udp": ("local", "remote"),
+    "tap": ("name", "netns"),
+}
+CABLE_ENDS: dict[str, tuple[int, int]] = {  # kind -> (min, max) number of devices
+    "pair": (2, 2),
+    "shm": (2, 2),
+    "unix": (1, 2),
+    "udp": (1, 1),
+    "tap": (1, 1),
+}
+
+
+# --- results ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a config: where (key path, YAML line) and why."""
+
+    path: str
+    message: str
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = self.path or "(top level)"
+        if self.line is not None:
+            where += f" (line {self.line})"
+        return f"{where}: {self.message}"
+
+
+class TopologyError(ValueError):
+    """A config that cannot be run; `problems` lists every reason, not only the first."""
+
+    def __init__(self, problems: Iterable[Problem], source: str = "<config>") -> None:
+        self.problems = list(problems)
+        self.source = source
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        n = len(self.problems)
+        head = f"{self.source}: {n} problem{'s' if n != 1 else ''}"
+        return head + ":\n" + "\n".join(f"  {p}" for p in self.problems)
+
+
+@dataclass(frozen=True)
+class FaultSpec:
+    """Faults on the frames travelling one way along a cable; the keys of nicemu.faults.FaultConfig."""
+
+    drop: float = 0.0
+    corrupt: float = 0.0
+    corrupt_bits: int = 1
+    duplicate: float = 0.0
+    reorder: float = 0.0
+    reorder_timeout_ms: float = 10.0
+    delay_ms: float = 0.0
+    rate_bps: int | None = None  # None = no rate limit
+    overhead_bytes: int = 0
+    limit: int = 1000
+    seed: int = 0
+
+    def kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for nicemu.faults.FaultConfig."""
+        return {k: getattr(self, k) for k in FAULT_KEYS}
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """One emulated 82540EM: its identity, its vfio-user socket and its process group."""
+
+    name: str
+    mac: str
+    socket: Path
+    pba_rx_kb: int = PBA_DEFAULT_RX_KB
+    pba_tx_kb: int = PBA_DEFAULT_TX_KB
+    engine: str = "auto"
+    process: str = ""  # the process group it runs in (always filled in by load())
+    driver: Mapping[str, int] = field(default_factory=dict)  # E1000Config settings for its driver
+
+    @property
+    def pba(self) -> int:
+        """The PBA register value: RX KB in bits 15:0, TX KB in bits 31:16."""
+        return (self.pba_tx_kb << 16) | self.pba_rx_kb
+
+
+@dataclass(frozen=True)
+class CableSpec:
+    """One cable: its kind, the devices plugged into it, and kind-specific options.
+
+    `faults` is keyed by the sender: a device name (frames that device transmits) or "peer"
+    (frames arriving from outside the topology on a one-device cable). `capture` is keyed by
+    device name.
+    """
+
+    index: int
+    kind: str
+    ends: tuple[str, ...]
+    capture: Mapping[str, Path] = field(default_factory=dict)
+    faults: Mapping[str, FaultSpec] = field(default_factory=dict)
+    ring_bytes: int | None = None  # shm
+    unix_paths: Mapping[str, Path] = field(default_factory=dict)  # unix: device -> bound path
+    unix_peer: Path | None = None  # unix with one device: the outside peer's path
+    local: tuple[str, int] | None = None  # udp
+    remote: tuple[str, int] | None = None  # udp
+    tap_name: str | None = None  # tap
+    netns: str | None = None  # tap
+
+    def faults_into(self, device: str) -> FaultSpec | None:
+        """Faults on the frames this cable delivers to `device`."""
+        senders = [e for e in self.ends if e != device] or ["peer"]
+        return self.faults.get(senders[0])
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A validated topology: every default filled in, every path absolute."""
+
+    name: str
+    source: Path | None
+    runtime_dir: Path
+    devices: Mapping[str, DeviceSpec]
+    cables: tuple[CableSpec, ...]
+    processes: Mapping[str, tuple[str, ...]]  # process group -> device names, in file order
+
+    def cable_of(self, device: str) -> CableSpec | None:
+        for c in self.cables:
+            if device in c.ends:
+                return c
+        return None
+
+    def process_of(self, device: str) -> str:
+        return self.devices[device].process
+
+    def cable_processes(self, cable: CableSpec) -> tuple[str, ...]:
+        """The distinct process groups a cable's devices run in, in end order."""
+        return tuple(dict.fromkeys(self.devices[e].process for e in cable.ends))
+
+    def shared_cables(self) -> list[CableSpec]:
+        """shm cables whose ends run in different processes: the parent creates their memory."""
+        return [c for c in self.cables if c.kind == "shm" and len(self.cable_processes(c)) > 1]
+
+    def socket_paths(self) -> list[Path]:
+        """Every filesystem socket this topology creates (device sockets, unix cable ends)."""
+        paths = [d.socket for d in self.devices.values()]
+        for c in self.cables:
+            paths.extend(c.unix_paths.values())
+        return paths
+
+
+# --- YAML loading -----------------------------------------------------------------------
+
+
+class _MarkedDict(dict):
+    """A mapping that remembers its YAML line and the line of each key, for error messages."""
+
+    key_lines: dict[Any, int]
+    line: int | None = None
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 numbers and duplicate-key detection.
+
+    YAML 1.1 reads an unquoted `52:54:00:12:34:56` as a base-60 integer; a MAC written the way
+    everybody writes it must stay a string, so the sexagesimal forms are not resolved.
+    """
+
+    duplicate_keys: list[tuple[str, int]]
+
+
+_Loader.yaml_implicit_resolvers = {
+    ch: [(tag, rx) for tag, rx in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for ch, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+][0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _MarkedDict:
+    loader.flatten_mapping(node)
+    result = _MarkedDict()
+    result.key_lines = {}
+    result.line = node.start_mark.line + 1
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            hash(key)
+        except TypeError:
+            raise yaml.constructor.ConstructorError(
+                None, None, "a mapping key must be a plain value", key_node.start_mark
+            ) from None
+        line = key_node.start_mark.line + 1
+        if key in result:
+            loader.duplicate_keys.append((str(key), line))
+        result[key] = loader.construct_object(value_node, deep=True)
+        result.key_lines[key] = line
+    return result
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def _yaml_load(text: str, source: str) -> Any:
+    loader = _Loader(text)
+    loader.duplicate_keys = []
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        reason = getattr(exc, "problem", None) or str(exc)
+        raise TopologyError([Problem("", f"not valid YAML: {reason}", line)], source) from None
+    finally:
+        loader.dispose()
+    if loader.duplicate_keys:
+        raise TopologyError(
+            [Problem("", f"key {k!r} appears more than once", line) for k, line in loader.duplicate_keys],
+            source,
+        )
+    return data
+
+
+# --- validation -------------------------------------------------------------------------
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _describe(v: Any) -> str:
+    if isinstance(v, bool):
+        return f"the boolean {v!r}"
+    if isinstance(v, (dict, list)):
+        return f"a {'mapping' if isinstance(v, dict) else 'list'}"
+    if v is None:
+        return "empty"
+    return repr(v)
+
+
+def parse_size(v: Any) -> int | None:
+    """A byte count: an integer, or a string such as "64K", "1M", "1MiB" (powers of 1024)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str):
+        m = _SIZE_RE.match(v)
+        if m:
+            unit = (m.group(2) or "B")[0].upper()
+            return int(m.group(1)) * {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[unit]
+    return None
+
+
+def parse_rate(v: Any) -> int | None:
+    """Bits per second: an integer, or a string with a decimal unit ("100M", "1G", "10k")."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    if isinstance(v, str):
+        m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:bps|bit/s)?\s*$", v)
+        if m:
+            return int(float(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()])
+    return None
+
+
+def parse_mac(v: Any) -> tuple[str | None, str | None]:
+    """(normalized "aa:bb:cc:dd:ee:ff", None) or (None, why it is not a usable port MAC)."""
+    if not isinstance(v, str):
+        if isinstance(v, int) and not isinstance(v, bool):
+            return None, "must be a string like \"52:54:00:12:34:56\" (quote it in YAML)"
+        return None, f"must be a string like \"52:54:00:12:34:56\", got {_describe(v)}"
+    if not _MAC_RE.match(v):
+        return None, f"{v!r} is not a MAC address (six hex bytes separated by ':', e.g. 52:54:00:12:34:56)"
+    octets = bytes(int(x, 16) for x in re.split(r"[:-]", v))
+    if octets[0] & 1:
+        return None, (
+            f"{v!r} is a multicast address (bit 0 of the first byte is set); "
+            "a port's own address must be unicast"
+        )
+    if octets == bytes(6):
+        return None, f"{v!r} is the all-zero address, which no port may use"
+    return ":".join(f"{b:02x}" for b in octets), None
+
+
+def parse_host_port(v: Any) -> tuple[tuple[str, int] | None, str | None]:
+    """("host", port) for an allowed address, or why not. Only loopback and 198.18.0.0/15."""
+    if not isinstance(v, str):
+        return None, f"must be a string \"HOST:PORT\", got {_describe(v)}"
+    m = re.match(r"^\[([0-9A-Fa-f:]+)\]:(\d+)$", v) or re.match(r"^([^:\[\]]+):(\d+)$", v)
+    if not m:
+        return None, f"{v!r} is not HOST:PORT (e.g. 127.0.0.1:5555, [::1]:5555)"
+    host, port = m.group(1), int(m.group(2))
+    if host == "localhost":
+        host = "127.0.0.1"
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return None, f"{host!r} is not an IP address (host names are not resolved; use 127.0.0.1)"
+    if not any(addr in net for net in ALLOWED_NETWORKS):
+        return None, (
+            f"{host} is outside the allowed networks (loopback 127.0.0.0/8, ::1, and 198.18.0.0/15): "
+            "emulated traffic must not reach real networks"
+        )
+    if not 1 <= port <= 65535:
+        return None, f"port {port} is outside 1..65535"
+    return (str(addr), port), None
+
+
+def default_runtime_dir(name: str) -> Path:
+    """Where sockets go unless the config says otherwise: private to this user and topology."""
+    return Path(f"/tmp/nicemu-{os.getuid()}") / name
+
+
+class _Checker:
+    """Walks the parsed YAML once, collecting problems instead of stopping at the first."""
+
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.problems: list[Problem] = []
+        self.cable_lines: dict[int, int | None] = {}
+
+    def err(self, path: str, message: str, where: Any = None, key: Any = None) -> None:
+        line = None
+        if isinstance(where, _MarkedDict):
+            line = where.key_lines.get(key) if key is not None else where.line
+        elif isinstance(where, int):
+            line = where
+        self.problems.append(Problem(path, message, line))
+
+    def keys(self, mapping: dict, path: str, allowed: Iterable[str], what: str) -> None:
+        allowed = list(allowed)
+        for k in mapping:
+            if k not in allowed:
+                p = f"{path}.{k}" if path else str(k)
+                self.err(p, f"unknown key for {what}{_suggest(str(k), allowed)} (valid: {', '.join(allowed)})",
+                         mapping, k)
+
+    def mapping(self, v: Any, path: str, parent: Any = None, key: Any = None) -> dict | None:
+        if v is None:
+            return _empty()
+        if not isinstance(v, dict):
+            self.err(path, f"must be a mapping (key: value lines), got {_describe(v)}", parent, key)
+            return None
+        return v
+
+    def number(self, m: dict, key: str, path: str, *, integer: bool = False, lo: float | None = None,
+               hi: float | None = None, default: Any = None) -> Any:
+        if key not in m:
+            return default
+        v = m[key]
+        p = f"{path}.{key}"
+        if not _is_number(v):
+            self.err(p, f"must be {'an integer' if integer else 'a number'}, got {_describe(v)}", m, key)
+            return default
+        if integer and isinstance(v, float):
+            if not v.is_integer():
+                self.err(p, f"must be an integer, got {v!r}", m, key)
+                return default
+            v = int(v)
+        if v != v:  # NaN
+            self.err(p, "must be a number, got NaN", m, key)
+            return default
+        if lo is not None and v < lo:
+            self.err(p, f"must be at least {lo}, got {v!r}", m, key)
+            return default
+        if hi is not None and v > hi:
+            self.err(p, f"must be at most {hi}, got {v!r}", m, key)
+            return default
+        return v
+
+
+def _empty() -> _MarkedDict:
+    d = _MarkedDict()
+    d.key_lines = {}
+    return d
+
+
+def _abs(p: str, base: Path) -> Path:
+    path = Path(os.path.expanduser(p))
+    return Path(os.path.normpath(path if path.is_absolute() else base / path))
+
+
+def parse(text: str, *, source: str = "<config>", name: str | None = None,
+          runtime_dir: str | os.PathLike | None = None, cwd: Path | None = None) -> Topology:
+    """Validate a topology given as YAML text; raise TopologyError listing every problem.
+
+    `name` is the default topology name (the file stem when loading a file); `runtime_dir`
+    overrides the config's own (as `nicemu up --runtime-dir` does). Relative capture and
+    runtime_dir paths are taken from `cwd` (default: the current directory); relative socket
+    paths from the runtime directory.
+    """
+    data = _yaml_load(text, source)
+    c = _Checker(source)
+    cwd = cwd or Path.cwd()
+    if data is None:
+        raise TopologyError([Problem("", "the file is empty; a topology needs at least `devices:`")], source)
+    if not isinstance(data, dict):
+        raise TopologyError([Problem("", f"the top level must be a mapping with `devices:` and `cables:`, "
+                                         f"got {_describe(data)}")], source)
+    c.keys(data, "", TOP_KEYS, "a topology")
+
+    # name, runtime_dir
+    topo_name = name or "topology"
+    if "name" in data:
+        if isinstance(data["name"], str) and _NAME_RE.match(data["name"]):
+            topo_name = data["name"]
+        else:
+            c.err("name", f"must be a name of letters, digits, '_', '.', '-' (at most 32), got "
+                          f"{_describe(data['name'])}", data, "name")
+    if not _NAME_RE.match(topo_name):
+        topo_name = re.sub(r"[^A-Za-z0-9_.-]", "_", topo_name)[:32].lstrip("._-") or "topology"
+    if runtime_dir is not None:
+        rdir = _abs(os.fspath(runtime_dir), cwd)
+    elif "runtime_dir" in data:
+        if isinstance(data["runtime_dir"], str) and data["runtime_dir"].strip():
+            rdir = _abs(data["runtime_dir"], cwd)
+        else:
+            c.err("runtime_dir", f"must be a directory path, got {_describe(data['runtime_dir'])}",
+                  data, "runtime_dir")
+            rdir = default_runtime_dir(topo_name)
+    else:
+        rdir = default_runtime_dir(topo_name)
+
+    devices = _check_devices(c, data, rdir)
+    cables = _check_cables(c, data, devices, rdir, cwd)
+    processes = _assign_processes(c, devices, cables)
+    _check_unique_paths(c, devices, cables)
+
+    if c.problems:
+        raise TopologyError(c.problems, source)
+    devs = {n: DeviceSpec(name=n, process=processes[1][n], **d) for n, d in devices.items()}
+    return Topology(topo_name, None, rdir, devs, tuple(cables), processes[0])
+
+
+def load(path: str | os.PathLike, *, runtime_dir: str | os.PathLike | None = None) -> Topology:
+    """Read and validate a topology file (see `parse`)."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise TopologyError([Problem("", f"cannot read the file: {exc.strerror}")], str(path)) from None
+    except UnicodeDecodeError:
+        raise TopologyError([Problem("", "the file is not UTF-8 text")], str(path)) from None
+    topo = parse(text, source=str(path), name=p.stem, runtime_dir=runtime_dir)
+    return Topology(topo.name, p.resolve(), topo.runtime_dir, topo.devices, topo.cables, topo.processes)
+
+
+def _check_devices(c: _Checker, data: dict, rdir: Path) -> dict[str, dict[str, Any]]:
+    """Per-device checks; returns name -> DeviceSpec fields (process: explicit name or None)."""
+    out: dict[str, dict[str, Any]] = {}
+    if "devices" not in data:
+        c.err("devices", "missing: a topology needs at least one device")
+        return out
+    devs = c.mapping(data["devices"], "devices", data, "devices")
+    if devs is None:
+        return out
+    if not devs:
+        c.err("devices", "a topology needs at least one device", data, "devices")
+    macs: dict[str, str] = {}
+    for i, (name, d) in enumerate(devs.items()):
+        path = f"devices.{name}"
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            c.err(path, "a device name is letters, digits, '_', '.', '-' (at most 32, not starting "
+                        "with a punctuation mark)", devs, name)
+            continue
+        if name in RESERVED_NAMES:
+            c.err(path, f"{name!r} is reserved (it names the outside end of a cable)", devs, name)
+            continue
+        d = c.mapping(d, path, devs, name)
+        if d is None:
+            continue
+        c.keys(d, path, DEVICE_KEYS, "a device")
+        spec: dict[str, Any] = {}
+        # mac: default 52:54:00:12:34:56 (QEMU's) counting up in file order
+        if "mac" in d:
+            mac, why = parse_mac(d["mac"])
+            if why:
+                c.err(f"{path}.mac", why, d, "mac")
+        else:
+            mac = "52:54:00:12:%02x:%02x" % divmod(0x3456 + i, 256)
+        if mac is not None:
+            if mac in macs:
+                c.err(f"{path}.mac", f"{mac} is also the MAC of devices.{macs[mac]}; each port needs its own",
+                      d, "mac" if "mac" in d else None)
+            macs[mac] = name
+            spec["mac"] = mac
+        # socket
+        sock = d.get("socket", f"{name}.sock")
+        if not isinstance(sock, str) or not sock.strip():
+            c.err(f"{path}.socket", f"must be a socket path, got {_describe(sock)}", d, "socket")
+            sock = f"{name}.sock"
+        spec["socket"] = _abs(sock, rdir)
+        # pba
+        rx, tx = PBA_DEFAULT_RX_KB, PBA_DEFAULT_TX_KB
+        if "pba" in d:
+            pba = c.mapping(d["pba"], f"{path}.pba", d, "pba")
+            if pba is not None:
+                c.keys(pba, f"{path}.pba", PBA_KEYS, "the packet buffer allocation")
+                lim = PBA_TOTAL_KB - PBA_MIN_KB
+                rx_v = c.number(pba, "rx_kb", f"{path}.pba", integer=True, lo=PBA_MIN_KB, hi=lim)
+                tx_v = c.number(pba, "tx_kb", f"{path}.pba", integer=True, lo=PBA_MIN_KB, hi=lim)
+                bad = ("rx_kb" in pba and rx_v is None) or ("tx_kb" in pba and tx_v is None)
+                if not bad:
+                    # Like the hardware: what RX does not take is left for TX, and the reverse.
+                    rx = rx_v if rx_v is not None else (PBA_TOTAL_KB - tx_v if tx_v is not None else rx)
+                    tx = tx_v if tx_v is not None else (PBA_TOTAL_KB - rx_v if rx_v is not None else tx)
+                    if rx + tx > PBA_TOTAL_KB:
+                        c.err(f"{path}.pba", f"rx_kb + tx_kb = {rx + tx} KB, but the 82540EM has "
+                                             f"{PBA_TOTAL_KB} KB of packet buffer in all", d, "pba")
+        spec["pba_rx_kb"], spec["pba_tx_kb"] = rx, tx
+        # engine
+        eng = d.get("engine", "auto")
+        if eng not in ENGINES:
+            c.err(f"{path}.engine", f"must be one of {', '.join(ENGINES)}, got {_describe(eng)}"
+                                    f"{_suggest(str(eng), ENGINES)}", d, "engine")
+            eng = "auto"
+        spec["engine"] = eng
+        # process (explicit group); None = decided by _assign_processes
+        proc = d.get("process")
+        if proc is not None and not (isinstance(proc, str) and _NAME_RE.match(proc)):
+            c.err(f"{path}.process", f"must be a process name of letters, digits, '_', '.', '-', got "
+                                     f"{_describe(proc)}", d, "process")
+            proc = None
+        spec["_process"] = proc
+        # driver: the sizes its driver should use
+        drv: dict[str, int] = {}
+        if "driver" in d:
+            dm = c.mapping(d["driver"], f"{path}.driver", d, "driver")
+            if dm is not None:
+                dp = f"{path}.driver"
+                c.keys(dm, dp, DRIVER_KEYS, "driver settings")
+                for key in ("rx_ring_size", "tx_ring_size"):
+                    n = c.number(dm, key, dp, integer=True, lo=8, hi=4096)
+                    if n is not None and n % 8:
+                        c.err(f"{dp}.{key}", f"must be a multiple of 8 descriptors (RDLEN/TDLEN are "
+                                             f"multiples of 128 bytes), got {n}", dm, key)
+                    elif n is not None:
+                        drv[key] = n
+                if "rx_buffer_len" in dm:
+                    n = parse_size(dm["rx_buffer_len"])
+                    if n not in RX_BUFFER_SIZES:
+                        c.err(f"{dp}.rx_buffer_len", f"must be one of the sizes RCTL.BSIZE encodes "
+                                                     f"({', '.join(map(str, RX_BUFFER_SIZES))}), got "
+                                                     f"{_describe(dm['rx_buffer_len'])}", dm, "rx_buffer_len")
+                    else:
+                        drv["rx_buffer_len"] = n
+                n = c.number(dm, "tx_buffer_len", dp, integer=True, lo=256, hi=16384)
+                if n is not None:
+                    drv["tx_buffer_len"] = n
+        spec["driver"] = drv
+        spec["_line"] = devs.key_lines.get(name)
+        out[name] = spec
+    return out
+
+
+def _check_faults(c: _Checker, v: Any, path: str, senders: list[str], cable_index: int,
+                  parent: dict) -> dict[str, FaultSpec]:
+    out: dict[str, FaultSpec] = {}
+    faults = c.mapping(v, path, parent, "faults")
+    if faults is None:
+        return out
+    for sender, spec in faults.items():
+        p = f"{path}.{sender}"
+        if sender not in senders:
+            c.err(p, f"a fault direction is named by the sender, one of {', '.join(senders)}"
+                     f"{_suggest(str(sender), senders)}", faults, sender)
+            continue
+        f = c.mapping(spec, p, faults, sender)
+        if f is None:
+            continue
+        c.keys(f, p, FAULT_KEYS, "faults")
+        kw: dict[str, Any] = {}
+        for prob in FAULT_PROBABILITIES:
+            if prob in f:
+                v2 = f[prob]
+                if not _is_number(v2):
+                    c.err(f"{p}.{prob}", f"must be a probability between 0 and 1, got {_describe(v2)}", f, prob)
+                elif not 0.0 <= v2 <= 1.0:
+                    c.err(f"{p}.{prob}", f"is a probability and must be between 0 and 1, got {v2!r}", f, prob)
+                else:
+                    kw[prob] = float(v2)
+        for key in ("delay_ms", "reorder_timeout_ms"):
+            ms = c.number(f, key, p, lo=0, hi=60_000)
+            if ms is not None:
+                kw[key] = float(ms)
+        if "rate_bps" in f:
+            rate = parse_rate(f["rate_bps"])
+            if rate is None or not 1 <= rate <= 10**12:
+                c.err(f"{p}.rate_bps", "must be a positive line rate in bits per second (e.g. 1000000 or "
+                                       f"\"100M\"), got {_describe(f['rate_bps'])}", f, "rate_bps")
+            else:
+                kw["rate_bps"] = rate
+        for key, lo, hi in (("corrupt_bits", 1, 64), ("overhead_bytes", 0, 1024), ("limit", 1, 1_000_000)):
+            v3 = c.number(f, key, p, integer=True, lo=lo, hi=hi)
+            if v3 is not None:
+                kw[key] = v3
+        seed = c.number(f, "seed", p, integer=True, lo=0, hi=2**63 - 1)
+        # Default seed: fixed per cable and direction, so runs repeat without anyone choosing one.
+        kw["seed"] = seed if seed is not None else zlib.crc32(f"cables[{cable_index}].{sender}".encode())
+        out[sender] = FaultSpec(**kw)
+    return out
+
+
+def _check_cables(c: _Checker, data: dict, devices: dict[str, dict], rdir: Path,
+                  cwd: Path) -> list[CableSpec]:
+    out: list[CableSpec] = []
+    if "cables" not in data or data["cables"] is None:
+        return out
+    cables = data["cables"]
+    if not isinstance(cables, list):
+        c.err("cables", f"must be a list of cables (lines starting with '- kind: ...'), got "
+                        f"{_describe(cables)}", data, "cables")
+        return out
+    plugged: dict[str, int] = {}  # device -> index of the cable it is plugged into
+    tap_names: dict[str, int] = {}
+    udp_locals: dict[tuple[str, int], int] = {}
+    for i, cab in enumerate(cables):
+        path = f"cables[{i}]"
+        cab = c.mapping(cab, path)
+        if cab is None:
+            continue
+        c.cable_lines[i] = getattr(cab, "line", None)
+        kind = cab.get("kind")
+        if "kind" not in cab:
+            c.err(f"{path}.kind", f"missing: one of {', '.join(CABLE_KINDS)}", c.cable_lines[i])
+            continue
+        if kind not in CABLE_KINDS:
+            c.err(f"{path}.kind", f"unknown cable kind {_describe(kind)}{_suggest(str(kind), CABLE_KINDS)} "
+                                  f"(valid: {', '.join(CABLE_KINDS)})", cab, "kind")
+            continue
+        c.keys(cab, path, CABLE_COMMON_KEYS + CABLE_KIND_KEYS[kind], f"a {kind} cable")
+        # ends
+        lo, hi = CABLE_ENDS[kind]
+        count = f"{lo}" if lo == hi else f"{lo} or {hi}"
+        ends_v = cab.get("ends")
+        if isinstance(ends_v, str):
+            ends_v = [ends_v]
+        if not isinstance(ends_v, list) or not all(isinstance(e, str) for e in ends_v):
+            c.err(f"{path}.ends", f"must be a list of {count} device name{'s' if hi > 1 else ''}, got "
+                                  f"{_describe(ends_v) if 'ends' in cab else 'nothing'}", cab, "ends")
+            continue
+        if not lo <= len(ends_v) <= hi:
+            c.err(f"{path}.ends", f"a {kind} cable joins {count} device{'s' if hi > 1 else ''}, got "
+                                  f"{len(ends_v)}", cab, "ends")
+            continue
+        ok = True
+        for j, e in enumerate(ends_v):
+            if e not in devices:
+                c.err(f"{path}.ends[{j}]", f"unknown device {e!r}{_suggest(e, devices)}"
+                                           f" (devices: {', '.join(devices) or 'none'})", cab, "ends")
+                ok = False
+            elif e in ends_v[:j]:
+                c.err(f"{path}.ends[{j}]", f"device {e!r} is on both ends of the cable", cab, "ends")
+                ok = False
+            elif e in plugged:
+                c.err(f"{path}.ends[{j}]", f"device {e!r} is already plugged into cables[{plugged[e]}]; "
+                                           "a device has one port", cab, "ends")
+                ok = False
+            else:
+                plugged[e] = i
+        ends = tuple(ends_v)
+        spec: dict[str, Any] = {}
+        # capture: device -> pcap path
+        capture: dict[str, Path] = {}
+        if "capture" in cab:
+            cap = c.mapping(cab["capture"], f"{path}.capture", cab, "capture")
+            for dev, p in (cap or {}).items():
+                cp = f"{path}.capture.{dev}"
+                if dev not in ends:
+                    c.err(cp, f"a capture is named by the device whose port it records, one of "
+                              f"{', '.join(ends)}{_suggest(str(dev), ends)}", cap, dev)
+                elif not isinstance(p, str) or not p.strip():
+                    c.err(cp, f"must be a pcap file path, got {_describe(p)}", cap, dev)
+                else:
+                    capture[dev] = _abs(p, cwd)
+        # faults: sender -> spec
+        faults: dict[str, FaultSpec] = {}
+        if "faults" in cab:
+            senders = list(ends) + (["peer"] if len(ends) == 1 else [])
+            faults = _check_faults(c, cab["faults"], f"{path}.faults", senders, i, cab)
+        # kind options
+        if kind == "shm":
+            rb = parse_size(cab.get("ring_bytes", SHM_DEFAULT_RING_BYTES))
+            if rb is None:
+                c.err(f"{path}.ring_bytes", f"must be a size in bytes (e.g. 1048576 or \"1M\"), got "
+                                            f"{_describe(cab.get('ring_bytes'))}", cab, "ring_bytes")
+            elif not SHM_MIN_RING_BYTES <= rb <= SHM_MAX_RING_BYTES or rb & (rb - 1):
+                c.err(f"{path}.ring_bytes", f"must be a power of two between {SHM_MIN_RING_BYTES} and "
+                                            f"{SHM_MAX_RING_BYTES}, got {rb}", cab, "ring_bytes")
+            else:
+                spec["ring_bytes"] = rb
+        elif kind == "unix":
+            unix_paths: dict[str, Path] = {}
+            p = cab.get("path")
+            if "path" in cab and (not isinstance(p, str) or not p.strip()):
+                c.err(f"{path}.path", f"must be a socket path, got {_describe(p)}", cab, "path")
+                p = None
+            if len(ends) == 2:
+                if "path" in cab or "peer" in cab:
+                    key = "path" if "path" in cab else "peer"
+                    c.err(f"{path}.{key}", "a unix cable between two devices of this topology chooses "
+                                           "its own socket paths; `path`/`peer` are for a one-device "
+                                           "cable to an outside peer", cab, key)
+                for e in ends:
+                    unix_paths[e] = rdir / f"cable{i}-{e}.sock"
+            else:
+                unix_paths[ends[0]] = _abs(p, rdir) if p else rdir / f"cable{i}-{ends[0]}.sock"
+                peer = cab.get("peer")
+                if not isinstance(peer, str) or not peer.strip():
+                    c.err(f"{path}.peer", "a unix cable with one device needs `peer`: the socket path "
+                                          "of the outside end" if "peer" not in cab
+                          else f"must be a socket path, got {_describe(peer)}", cab,
+                          "peer" if "peer" in cab else None)
+                else:
+                    spec["unix_peer"] = _abs(peer, rdir)
+            spec["unix_paths"] = unix_paths
+        elif kind == "udp":
+            for key in ("local", "remote"):
+                if key not in cab:
+                    c.err(f"{path}.{key}", f"missing: the {key} address as HOST:PORT "
+                                           "(127.0.0.1 or 198.18.0.0/15)", cab)
+                    continue
+                hp, why = parse_host_port(cab[key])
+                if why:
+                    c.err(f"{path}.{key}", why, cab, key)
+                else:
+                    spec[key] = hp
+            if "local" in spec:
+                if spec["local"] in udp_locals:
+                    c.err(f"{path}.local", f"{spec['local'][0]}:{spec['local'][1]} is also the local "
+                                           f"address of cables[{udp_locals[spec['local']]}]", cab, "local")
+                udp_locals[spec["local"]] = i
+            if spec.get("local") and spec.get("local") == spec.get("remote"):
+                c.err(f"{path}.remote", "is the same as `local`: the cable would talk to itself",
+                      cab, "remote")
+        elif kind == "tap":
+            default_name = f"nm-{ends[0]}"
+            tn = cab.get("name", default_name)
+            if not isinstance(tn, str) or not _IFNAME_RE.match(tn) or tn in (".", ".."):
+                c.err(f"{path}.name", f"must be an interface name of letters, digits, '_', '.', '-', "
+                                      f"got {_describe(tn)}", cab, "name")
+            elif len(tn) > IFNAMSIZ_MAX:
+                if "name" in cab:
+                    c.err(f"{path}.name", f"{tn!r} is longer than {IFNAMSIZ_MAX} characters "
+                                          "(Linux's limit for interface names)", cab, "name")
+                else:
+                    c.err(f"{path}.name", f"the default name {tn!r} is longer than {IFNAMSIZ_MAX} "
+                                          "characters; set `name`", cab, None)
+            else:
+                if tn in tap_names:
+                    c.err(f"{path}.name", f"TAP {tn!r} is also used by cables[{tap_names[tn]}]",
+                          cab, "name")
+                tap_names[tn] = i
+                spec["tap_name"] = tn
+            if "netns" in cab:
+                ns = cab["netns"]
+                if not isinstance(ns, str) or not _IFNAME_RE.match(ns) or ns in (".", ".."):
+                    c.err(f"{path}.netns", f"must be the name of a network namespace (ip netns), "
+                                           f"got {_describe(ns)}", cab, "netns")
+                else:
+                    spec["netns"] = ns
+        if ok:
+            out.append(CableSpec(index=i, kind=kind, ends=ends, capture=capture, faults=faults, **spec))
+    return out
+
+
+def _assign_processes(c: _Checker, devices: dict[str, dict], cables: list[CableSpec]
+                      ) -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """Group devices into processes: pair cables and equal `process:` names join groups.
+
+    A `pair` cable is an in-process call from one device model into the other, so its two
+    devices must share a process; every other device gets a process of its own unless the
+    config groups them. Returns (process -> devices, device -> process).
+    """
+    order = list(devices)
+    parent = {d: d for d in order}
+
+    def find(x: str) -> str:
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    def union(a: str, b: str) -> None:
+        ra, rb = find(a), find(b)
+        if ra != rb:
+            if order.index(ra) > order.index(rb):
+                ra, rb = rb, ra
+            parent[rb] = ra
+
+    by_name: dict[str, str] = {}
+    for d, spec in devices.items():
+        name = spec["_process"]
+        if name is not None:
+            if name in by_name:
+                union(by_name[name], d)
+            else:
+                by_name[name] = d
+    for cab in cables:
+        if cab.kind != "pair" or not all(e in devices for e in cab.ends):
+            continue
+        a, b = cab.ends
+        pa, pb = devices[a]["_process"], devices[b]["_process"]
+        if pa is not None and pb is not None and pa != pb:
+            c.err(f"cables[{cab.index}]", f"a pair cable joins two devices inside one process, but "
+                                          f"{a} is in process {pa!r} and {b} in {pb!r}; use a shm or unix "
+                                          "cable between processes, or put both in one process",
+                  c.cable_lines.get(cab.index))
+            continue
+        union(a, b)
+
+    groups: dict[str, list[str]] = {}
+    for d in order:
+        groups.setdefault(find(d), []).append(d)
+    explicit_names = {spec["_process"] for spec in devices.values() if spec["_process"]}
+    processes: dict[str, tuple[str, ...]] = {}
+    of: dict[str, str] = {}
+    for root, members in groups.items():
+        names = list(dict.fromkeys(devices[m]["_process"] for m in members if devices[m]["_process"]))
+        if len(names) > 1:
+            continue  # already reported as a pair between forced processes
+        if names:
+            pname = names[0]
+        else:  # an automatic name: the first device's, made unique against the explicit ones
+            pname, n = root, 2
+            while pname in explicit_names or pname in processes:
+                pname, n = f"{root}.{n}", n + 1
+        processes[pname] = tuple(members)
+        for m in members:
+            of[m] = pname
+    for d in devices:
+        devices[d].pop("_line", None)
+        devices[d].pop("_process", None)
+        of.setdefault(d, "")
+    return processes, of
+
+
+def _check_unique_paths(c: _Checker, devices: dict[str, dict], cables: list[CableSpec]) -> None:
+    """Two things may not create the same file, and socket paths must fit in sun_path."""
+    seen: dict[Path, str] = {}
+
+    def claim(p: Path, who: str) -> None:
+        if p in seen:
+            c.err(who, f"{p} is also used by {seen[p]}")
+        else:
+            seen[p] = who
+
+    for name, d in devices.items():
+        if "socket" not in d:
+            continue
+        claim(d["socket"], f"devices.{name}.socket")
+        if len(os.fsencode(str(d["socket"]))) > SUN_PATH_MAX:
+            c.err(f"devices.{name}.socket", f"{d['socket']} is longer than {SUN_PATH_MAX} bytes, the "
+                                            "limit of a unix socket path; use a shorter runtime_dir")
+    for cab in cables:
+        for dev, p in cab.unix_paths.items():
+            claim(p, f"cables[{cab.index}] (unix socket of {dev})")
+            if len(os.fsencode(str(p))) > SUN_PATH_MAX:
+                c.err(f"cables[{cab.index}]", f"the socket path {p} is longer than {SUN_PATH_MAX} bytes")
+        if cab.unix_peer is not None and len(os.fsencode(str(cab.unix_peer))) > SUN_PATH_MAX:
+            c.err(f"cables[{cab.index}].peer", f"{cab.unix_peer} is longer than {SUN_PATH_MAX} bytes")
+        for dev, p in cab.capture.items():
+            claim(p, f"cables[{cab.index}].capture.{dev}")
+
+
+# --- run-time helpers -----------------------------------------------------------------
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create `path` (and a missing parent) with mode 0700, or check an existing one is ours.
+
+    Sockets in a directory another user can write to could be replaced under us; a directory
+    that is not ours, or a symlink, is refused rather than used.
+    """
+    path = Path(path)
+    for p in reversed([path, *path.parents][: _missing_depth(path)]):
+        try:
+            os.mkdir(p, 0o700)
+        except FileExistsError:
+            pass
+    st = os.lstat(path)
+    parent = os.stat(path.parent)
+    if parent.st_uid not in (os.getuid(), 0):
+        raise OSError(f"{path.parent} belongs to uid {parent.st_uid}; refusing to put sockets under it")
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"{path} is not a directory (or is a symlink); refusing to put sockets there")
+    if st.st_uid != os.getuid():
+        raise OSError(f"{path} belongs to uid {st.st_uid}, not to us; refusing to put sockets there")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
+def _missing_depth(path: Path) -> int:
+    n = 0
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        n += 1
+    return n
+
+
+def end_key(cable: CableSpec, device: str) -> str:
+    """The name of one cable end in ENV_CABLE_ENDS."""
+    return f"cable{cable.index}.{device}"
+
+
+def inherited_cable_ends(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The shm cable ends `nicemu up` passed to this process: "cable<i>.<device>" -> end arg."""
+    raw = (os.environ if env is None else env).get(ENV_CABLE_ENDS)
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+        if not isinstance(data, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise ValueError(f"{ENV_CABLE_ENDS} is not a JSON object of cable ends: {exc}") from None
+    return {str(k): str(v) for k, v in data.items()}
+
+
+# --- wiring one process --------------------------------------------------------------------
+
+
+def _topology_problem(topo: Topology, message: str, path: str = "") -> TopologyError:
+    return TopologyError([Problem(path, message)], str(topo.source or topo.name))
+
+
+def build_emulator(config_path: str | os.PathLike, process: str | None = None, *,
+                   runtime_dir: str | os.PathLike | None = None,
+                   cable_ends: Mapping[str, str] | None = None) -> "Emulator":
+    """An Emulator running process `process` of a topology (None: the whole topology).
+
+    This is `nicemu serve --config FILE [--process NAME]`. Under `nicemu up` each child is
+    told its runtime directory (NICEMU_RUNTIME_DIR) and the shm cable ends the parent created
+    for it (NICEMU_CABLE_ENDS); `runtime_dir` and `cable_ends` override those. Raises
+    TopologyError for a bad config or an unknown process, OSError when a resource cannot be
+    opened (a socket path in use, no permission for a TAP); nothing is left open then.
+    """
+    topo = load(config_path, runtime_dir=runtime_dir or os.environ.get(ENV_RUNTIME_DIR) or None)
+    if process is None:
+        names = list(topo.devices)
+    elif process in topo.processes:
+        names = list(topo.processes[process])
+    else:
+        raise _topology_problem(topo, f"no process {process!r} in this topology; its processes are: "
+                                      f"{', '.join(topo.processes)}{_suggest(process, topo.processes)}")
+    ends_given = inherited_cable_ends() if cable_ends is None else dict(cable_ends)
+
+    from nicemu.dma import DmaMemory
+    from nicemu.emulator import Emulator
+    from nicemu.nic import Nic
+
+    missing = [Problem(f"cables[{c.index}].capture.{dev}", f"the directory {p.parent} does not exist")
+               for c in topo.cables for dev, p in c.capture.items() if dev in names and not p.parent.is_dir()]
+    if missing:
+        raise TopologyError(missing, str(topo.source or topo.name))
+    if any(_under(p, topo.runtime_dir) for p in topo.socket_paths()):
+        ensure_private_dir(topo.runtime_dir)
+    emu = _emulator_class(Emulator)()
+    _catch_early_stop(emu)
+    try:
+        nics: dict[str, Any] = {}
+        for name in names:
+            d = topo.devices[name]
+            try:
+                nic = Nic(DmaMemory(), mac=d.mac, engine=d.engine)
+            except ImportError as e:  # engine: cython without the extension built
+                raise _topology_problem(topo, f"the {d.engine} engine is not available ({e}); build it "
+                                              "(cythonize -i -3 nicemu/_datapath.pyx) or use engine: auto",
+                                        f"devices.{name}.engine") from None
+            _apply_pba(nic, d)
+            emu.add_device(name, nic, str(d.socket))
+            nics[name] = nic
+        for cable in topo.cables:
+            local = [e for e in cable.ends if e in nics]
+            if not local:
+                continue
+            if cable.kind == "pair":
+                a, b = cable.ends
+                emu.add_pair(nics[a], nics[b], capture_a=cable.capture.get(a), capture_b=cable.capture.get(b),
+                             faults_ab=_fault_kwargs(cable.faults.get(a)),
+                             faults_ba=_fault_kwargs(cable.faults.get(b)))
+                continue
+            for dev, end in _open_ends(topo, cable, local, ends_given):
+                emu.add_port(nics[dev], _wrap_end(cable, dev, end))
+        for name in names:
+            if topo.cable_of(name) is None:  # no cable plugged in: link down, frames go nowhere
+                nics[name].attach(_unplugged)
+                nics[name].set_link(False)
+    except BaseException:
+        emu.close()
+        raise
+    return emu
+
+
+_EMULATOR_CLASS: type | None = None
+
+
+def _emulator_class(base: type) -> type:
+    """Emulator that honours a SIGTERM/SIGINT which arrived before its run() took over the
+    signals: `nicemu up` may stop (or die and, through PR_SET_PDEATHSIG, stop) a child that is
+    still building, and that child must still close its sockets instead of running on."""
+    global _EMULATOR_CLASS
+    if _EMULATOR_CLASS is None or _EMULATOR_CLASS.__bases__[0] is not base:
+
+        class TopologyEmulator(base):  # type: ignore[misc, valid-type]
+            early_signal: int | None = None
+
+            def run_once(self, timeout: float | None = 0) -> None:
+                if self.early_signal is not None:
+                    self.stop()
+                    return
+                super().run_once(timeout)
+
+            def close(self) -> None:
+                try:
+                    super().close()
+                finally:
+                    _restore_handlers(self)
+
+        _EMULATOR_CLASS = TopologyEmulator
+    return _EMULATOR_CLASS
+
+
+def _catch_early_stop(emu: Any) -> None:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def remember(signum: int, _frame: Any) -> None:
+        emu.early_signal = signum
+
+    emu.saved_handlers = {sig: signal.signal(sig, remember) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_handlers(emu: Any) -> None:
+    import signal
+
+    saved = getattr(emu, "saved_handlers", None)
+    emu.saved_handlers = None
+    for sig, handler in (saved or {}).items():
+        signal.signal(sig, handler)
+
+
+def _under(path: Path, directory: Path) -> bool:
+    return directory == path.parent or directory in path.parents
+
+
+def _unplugged(frame: bytes) -> bool:
+    return True
+
+
+def _apply_pba(nic: Any, d: DeviceSpec) -> None:
+    """Give the device the configured RX/TX packet buffer split (PBA register)."""
+    if (d.pba_rx_kb, d.pba_tx_kb) == (PBA_DEFAULT_RX_KB, PBA_DEFAULT_TX_KB):
+        return
+    from nicemu import regs as R
+
+    # The Nic has no per-instance reset value for PBA, so a device reset (CTRL.RST,
+    # DEVICE_RESET) returns it to the 82540EM's 48/16 split; drivers program PBA after reset.
+    nic.write32(R.PBA, d.pba)
+
+
+def _fault_kwargs(spec: FaultSpec | None) -> dict[str, Any] | None:
+    return spec.kwargs() if spec is not None else None
+
+
+def _open_ends(topo: Topology, cable: CableSpec, local: list[str],
+               ends_given: Mapping[str, str]) -> list[tuple[str, Any]]:
+    """The raw cable ends (before faults and capture) for this process's devices on `cable`."""
+    opened: list[tuple[str, Any]] = []
+    try:
+        if cable.kind == "shm":
+            from nicemu.cable.shm import ShmCable, ShmCableEnd
+
+            if len(local) == 2:  # both ends here: make the memory ourselves
+                a, b = ShmCable.create(cable.ring_bytes or SHM_DEFAULT_RING_BYTES)
+                opened += [(cable.ends[0], a), (cable.ends[1], b)]
+            else:
+                dev = local[0]
+                arg = ends_given.get(end_key(cable, dev))
+                if arg is None:
+                    procs = topo.cable_processes(cable)
+                    raise _topology_problem(
+                        topo, f"this shm cable joins processes {procs[0]!r} and {procs[1]!r}; its shared "
+                              "memory is created by `nicemu up`, which starts both (run the topology with "
+                              "`nicemu up`, or without --process to run it all in one process)",
+                        f"cables[{cable.index}]")
+                opened.append((dev, ShmCableEnd.from_arg(arg)))
+        elif cable.kind == "unix":
+            from nicemu.cable.unix import UnixCableEnd
+
+            for dev in local:
+                if cable.unix_peer is not None:
+                    peer = cable.unix_peer
+                else:
+                    peer = cable.unix_paths[next(e for e in cable.ends if e != dev)]
+                opened.append((dev, UnixCableEnd(cable.unix_paths[dev], peer)))
+        elif cable.kind == "udp":
+            from nicemu.cable.udp import UdpCableEnd
+
+            opened.append((local[0], UdpCableEnd(local=cable.local, remote=cable.remote)))
+        elif cable.kind == "tap":
+            from nicemu.cable.tap import TapCableEnd
+
+            kw: dict[str, Any] = {"name": cable.tap_name}
+            if cable.netns is not None:
+                kw["netns"] = cable.netns
+            opened.append((local[0], TapCableEnd(**kw)))
+        else:  # pragma: no cover - validation admits only the kinds above
+            raise ValueError(f"unknown cable kind {cable.kind!r}")
+    except BaseException:
+        for _dev, end in opened:
+            end.close()
+        raise
+    return opened
+
+
+def _wrap_end(cable: CableSpec, dev: str, end: Any) -> Any:
+    """Faults on the inside, capture outermost (nicemu.cable.wrap_end): the pcap shows what
+    the port itself saw. Faults into this device: on a two-device cable the other end applies
+    them on its tx side (so each direction is shaped once); from the outside ("peer") this end
+    applies them on receive."""
+    from nicemu.cable import wrap_end
+
+    tx = cable.faults.get(dev)
+    rx = cable.faults.get("peer") if len(cable.ends) == 1 else None
+    return wrap_end(end, capture=cable.capture.get(dev), faults_tx=_fault_kwargs(tx), faults_rx=_fault_kwargs(rx))

@@ -1,0 +1,584 @@
+"""`nicemu up` with real processes: sockets, clients, frames across cables, and clean stops.
+
+Every test starts `python -m nicemu up CONFIG --runtime-dir <tmp>` and checks afterwards that
+no process and no socket is left, whichever way the topology ended (SIGTERM, Ctrl-C, a child
+killed, the supervisor killed with SIGKILL, a child that ignores SIGTERM).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from nicemu import regs as R
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ROOT / "configs"
+START_TIMEOUT = 30.0  # generous: the machine is shared; nothing here measures time
+STOP_TIMEOUT = 15.0
+
+MAC0 = "52:54:00:12:34:56"
+MAC1 = "52:54:00:12:34:57"
+
+
+# --- process helpers --------------------------------------------------------------------------
+
+
+def alive(pid: int) -> bool:
+    """True while pid is a process that has not exited (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state != "Z"
+
+
+def children_of(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except FileNotFoundError:
+        return []
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(interval)
+
+
+class Up:
+    """A running `nicemu up` with its output in files (no pipe can fill up and block it)."""
+
+    def __init__(self, config: Path, rt: Path, tmp: Path, *extra: str) -> None:
+        self.rt = rt
+        self.out_path, self.err_path = tmp / "up.out", tmp / "up.err"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "nicemu", "up", str(config), "--runtime-dir", str(rt), *extra],
+            cwd=tmp, stdout=open(self.out_path, "w"), stderr=open(self.err_path, "w"),
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.DEVNULL)
+        self.children: list[int] = []
+
+    @property
+    def out(self) -> str:
+        return self.out_path.read_text()
+
+    @property
+    def err(self) -> str:
+        return self.err_path.read_text()
+
+    def wait_up(self, nprocs: int) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"nicemu up exited with {self.proc.returncode}:\n{self.out}\n{self.err}")
+            return " is up (" in self.out
+
+        wait_for(ready, START_TIMEOUT, "nicemu up to be up")
+        self.children = children_of(self.proc.pid)
+        assert len(self.children) == nprocs, (self.children, self.out)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self) -> int:
+        return self.proc.wait(timeout=STOP_TIMEOUT)
+
+    def assert_all_gone(self) -> None:
+        for pid in self.children:
+            wait_for(lambda: not alive(pid), STOP_TIMEOUT, f"child {pid} to exit")
+        socks = [p for p in self.rt.rglob("*")] if self.rt.exists() else []
+        assert socks == [], socks
+
+    def kill_everything(self) -> None:
+        """Test cleanup, whatever happened: nothing may outlive a test."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pid in self.children:
+            if alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+
+@pytest.fixture
+def start_up(tmp_path: Path):
+    ups: list[Up] = []
+
+    def start(config: Path, *extra: str, rt: Path | None = None) -> Up:
+        u = Up(config, rt or tmp_path / "rt", tmp_path, *extra)
+        ups.append(u)
+        return u
+
+    yield start
+    for u in ups:
+        u.kill_everything()
+
+
+def write_config(tmp_path: Path, text: str, name: str = "topo.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return p
+
+
+# --- a minimal driver: rings programmed over the Bus, as conftest does in-process ---------------
+
+
+def open_bus(path: Path):
+    from driver.vfio_user_client import VfioUserBus
+
+    bus = VfioUserBus(str(path), mem_size=1 << 20)
+    bus.config_write(0x04, int(R.PciCommand.MEMORY | R.PciCommand.MASTER), size=2)
+    return bus
+
+
+RX_BASE, RX_BUF, TX_BASE, TX_BUF, N = 0x1000, 0x10000, 0x800, 0x80000, 8
+
+
+def rx_setup(bus) -> None:
+    for k in range(N):
+        bus.mem.write(RX_BASE + 16 * k, R.RX_DESC.pack(RX_BUF + 2048 * k, 0, 0, 0, 0, 0))
+    bus.write32(R.RDBAL, RX_BASE)
+    bus.write32(R.RDBAH, 0)
+    bus.write32(R.RDLEN, N * 16)
+    bus.write32(R.RDH, 0)
+    bus.write32(R.RDT, N - 1)
+    bus.write32(R.RCTL, int(R.Rctl.EN | R.Rctl.BAM))
+    bus.read32(R.STATUS)  # a read flushes the posted writes
+
+
+def tx_send(bus, frame: bytes) -> None:
+    bus.write32(R.TDBAL, TX_BASE)
+    bus.write32(R.TDBAH, 0)
+    bus.write32(R.TDLEN, N * 16)
+    bus.write32(R.TDH, 0)
+    bus.write32(R.TDT, 0)
+    bus.write32(R.TCTL, int(R.Tctl.EN | R.Tctl.PSP))
+    bus.mem.write(TX_BUF, frame)
+    cmd = int(R.TxdCmd.EOP | R.TxdCmd.IFCS | R.TxdCmd.RS)
+    bus.mem.write(TX_BASE, R.TX_DESC.pack(TX_BUF, len(frame), 0, cmd, 0, 0, 0))
+    bus.write32(R.TDT, 1)
+    bus.read32(R.STATUS)
+
+
+def rx_wait(bus, timeout: float = 10.0) -> bytes:
+    def dd() -> bool:
+        return bool(R.RX_DESC.unpack(bus.mem.read(RX_BASE, 16))[3] & int(R.RxdStatus.DD))
+
+    wait_for(dd, timeout, "a frame in the RX ring")
+    _addr, length, _csum, status, errors, _sp = R.RX_DESC.unpack(bus.mem.read(RX_BASE, 16))
+    assert status & int(R.RxdStatus.EOP) and errors == 0
+    return bus.mem.read(RX_BUF, length)
+
+
+def frame_for(dst: str = MAC1, src: str = MAC0) -> bytes:
+    body = bytes.fromhex(dst.replace(":", "")) + bytes.fromhex(src.replace(":", "")) + b"\x88\xb5"
+    return body + b"nicemu up says hello".ljust(46, b"\0")
+
+
+def send_and_receive(rt: Path) -> None:
+    """A client on each device: nic0 transmits, the frame lands in nic1's RX ring, FCS and all."""
+    b0, b1 = open_bus(rt / "nic0.sock"), open_bus(rt / "nic1.sock")
+    try:
+        assert b1.read32(R.STATUS) & int(R.Status.LU)
+        rx_setup(b1)
+        frame = frame_for()
+        tx_send(b0, frame)
+        got = rx_wait(b1)
+        assert got == frame + struct.pack("<I", zlib.crc32(frame))
+    finally:
+        b0.close()
+        b1.close()
+
+
+def check_socket_modes(rt: Path, names: list[str]) -> None:
+    assert stat.S_IMODE(os.stat(rt).st_mode) == 0o700
+    for n in names:
+        st = os.lstat(rt / f"{n}.sock")
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600, n
+
+
+# --- the tests ---------------------------------------------------------------------------------
+
+
+def test_pair_up_serves_both_devices_and_sigterm_stops_everything(start_up, tmp_path: Path) -> None:
+    up = start_up(CONFIGS / "pair.yaml")
+    up.wait_up(nprocs=1)  # a pair cable keeps both devices in one process
+    rt = up.rt
+    check_socket_modes(rt, ["nic0", "nic1"])
+    bus = open_bus(rt / "nic0.sock")
+    try:
+        ral, rah = bus.read32(R.RAL(0)), bus.read32(R.RAH(0))
+        mac = struct.pack("<IH", ral, rah & 0xFFFF)
+        assert mac == bytes.fromhex(MAC0.replace(":", ""))
+    finally:
+        bus.close()
+    send_and_receive(rt)
+    up.signal(signal.SIGTERM)
+    assert up.wait() == 0, up.err
+    up.assert_all_gone()
+    assert not rt.exists()  # the runtime directory it created is removed too
+    assert "Traceback" not in up.err
+    assert "stopped" in up.out
+
+
+def test_shm_cable_between_two_processes_and_ctrl_c(start_up) -> None:
+    up = start_up(CONFIGS / "shm.yaml")
+    up.wait_up(nprocs=2)
+    check_socket_modes(up.rt, ["nic0", "nic1"])
+    send_and_receive(up.rt)  # crosses from one emulator process to the other over the memfd rings
+    up.signal(signal.SIGINT)
+    assert up.wait() == 0, up.err
+    up.assert_all_gone()
+    assert "Traceback" not in up.err
+
+
+def test_unix_cable_between_two_processes(start_up) -> None:
+    up = start_up(CONFIGS / "unix.yaml")
+    up.wait_up(nprocs=2)
+    send_and_receive(up.rt)
+    up.signal(signal.SIGTERM)
+    assert up.wait() == 0, up.err
+    up.assert_all_gone()  # the unix cable's own socket files too
+
+
+def test_a_dying_child_stops_the_topology(start_up) -> None:
+    up = start_up(CONFIGS / "shm.yaml")
+    up.wait_up(nprocs=2)
+    victim, other = up.children
+    os.kill(victim, signal.SIGKILL)
+    assert up.wait() == 1
+    assert "was killed by SIGKILL; stopping the others" in up.err
+    assert f"pid {victim}" in up.err
+    up.assert_all_gone()
+    assert not alive(other)
+    assert "Traceback" not in up.err
+
+
+def test_children_follow_a_killed_supervisor(start_up) -> None:
+    up = start_up(CONFIGS / "shm.yaml")
+    up.wait_up(nprocs=2)
+    up.signal(signal.SIGKILL)
+    up.proc.wait(timeout=STOP_TIMEOUT)
+    for pid in up.children:  # PR_SET_PDEATHSIG: SIGTERM, so they still clean up after themselves
+        wait_for(lambda: not alive(pid), STOP_TIMEOUT, f"child {pid} to follow the supervisor")
+    try:
+        wait_for(lambda: not any(up.rt.glob("*.sock")), STOP_TIMEOUT, "the children to unlink their sockets")
+    except AssertionError:
+        raise AssertionError(f"left: {list(up.rt.glob('*'))}\nstderr:\n{up.err}\nstdout:\n{up.out}")
+
+
+def test_a_child_that_ignores_sigterm_is_killed_after_the_timeout(start_up) -> None:
+    up = start_up(CONFIGS / "shm.yaml", "--stop-timeout", "1")
+    up.wait_up(nprocs=2)
+    stuck = up.children[0]
+    os.kill(stuck, signal.SIGSTOP)  # a stopped process cannot act on SIGTERM
+    up.signal(signal.SIGTERM)
+    assert up.wait() == 0, up.err
+    assert f"(pid {stuck}) did not stop; killing it" in up.err
+    up.assert_all_gone()  # the supervisor removed the socket the killed child could not
+
+
+def test_a_second_up_of_the_same_topology_is_refused(start_up, tmp_path: Path) -> None:
+    first = start_up(CONFIGS / "pair.yaml")
+    first.wait_up(nprocs=1)
+    other = tmp_path / "second"
+    other.mkdir()
+    second = Up(CONFIGS / "pair.yaml", first.rt, other)
+    try:
+        assert second.proc.wait(timeout=START_TIMEOUT) == 1
+        assert "already up?" in second.err
+        assert "Traceback" not in second.err
+    finally:
+        second.kill_everything()
+    assert all(alive(p) for p in first.children)
+    send_and_receive(first.rt)  # the first topology was not disturbed
+    first.signal(signal.SIGTERM)
+    assert first.wait() == 0
+
+
+def test_a_child_that_cannot_start_is_reported(start_up, tmp_path: Path) -> None:
+    rt = tmp_path / "rt"
+    rt.mkdir(mode=0o700)
+    (rt / "nic1.sock").write_text("not a socket")  # nic1's process cannot bind its socket
+    up = start_up(CONFIGS / "shm.yaml", rt=rt)
+    assert up.wait() == 1
+    assert "process 'nic1'" in up.err and "while starting" in up.err
+    assert "nic1.sock exists and is not a socket" in up.err  # the child's own reason, passed through
+    for pid in children_of(up.proc.pid):
+        assert not alive(pid)
+    assert sorted(p.name for p in rt.iterdir()) == ["nic1.sock"]  # the user's file is untouched
+
+
+def test_bad_config_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, """
+        devices:
+          nic0: {mac: "01:00:5e:00:00:01"}
+          nic1: {macc: "52:54:00:12:34:57"}
+        cables:
+          - {kind: pair, ends: [nic0, nic2]}
+    """)
+    r = subprocess.run([sys.executable, "-m", "nicemu", "up", str(cfg)], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=START_TIMEOUT)
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert "3 problems" in r.stderr
+    assert "devices.nic0.mac (line 3)" in r.stderr and "multicast" in r.stderr
+    assert "devices.nic1.macc (line 4): unknown key for a device; did you mean 'mac'?" in r.stderr
+    assert "cables[0].ends[1]" in r.stderr and "unknown device 'nic2'" in r.stderr
+
+
+def test_serve_config_reports_problems_too(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "NICEMU_RUNTIME_DIR": str(tmp_path / "rt")}
+    cfg = write_config(tmp_path, "devices: {a: {pba: {rx_kb: 70}}}\n")
+    r = subprocess.run([sys.executable, "-m", "nicemu", "serve", "--config", str(cfg)],
+                       capture_output=True, text=True, env=env, timeout=START_TIMEOUT)
+    assert r.returncode == 2 and "devices.a.pba.rx_kb" in r.stderr and "Traceback" not in r.stderr
+    # an unknown process, and a shm end whose memory only `nicemu up` can create
+    r = subprocess.run([sys.executable, "-m", "nicemu", "serve", "--config", str(CONFIGS / "shm.yaml"),
+                        "--process", "nic3"], capture_output=True, text=True, env=env, timeout=START_TIMEOUT)
+    assert r.returncode == 2 and "no process 'nic3'" in r.stderr and "did you mean" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "nicemu", "serve", "--config", str(CONFIGS / "shm.yaml"),
+                        "--process", "nic1"], capture_output=True, text=True, env=env, timeout=START_TIMEOUT)
+    assert r.returncode == 2 and "created by `nicemu up`" in r.stderr and "Traceback" not in r.stderr
+    assert not list((tmp_path / "rt").glob("*.sock"))
+
+
+def test_check_prints_the_plan_and_starts_nothing(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "nicemu", "up", str(CONFIGS / "shm.yaml"), "--check",
+                        "--runtime-dir", str(tmp_path / "rt")], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=START_TIMEOUT)
+    assert r.returncode == 0, r.stderr
+    assert "2 processes, 2 devices" in r.stdout
+    assert f"nic1  {MAC1}  {tmp_path / 'rt' / 'nic1.sock'}" in r.stdout
+    assert "cables[0] shm nic0 - nic1 ring_bytes=1048576" in r.stdout
+    assert not (tmp_path / "rt").exists()
+
+
+# --- build_emulator in this process (what each child runs) -------------------------------------
+
+
+def test_build_emulator_whole_topology_in_one_process(tmp_path: Path, monkeypatch) -> None:
+    from nicemu.topology import build_emulator
+
+    monkeypatch.chdir(tmp_path)
+    rt = tmp_path / "rt"
+    emu = build_emulator(CONFIGS / "faults.yaml", None, runtime_dir=rt)  # pair + captures + faults
+    try:
+        assert sorted(emu.servers) == ["nic0", "nic1"]
+        assert stat.S_IMODE(os.stat(rt).st_mode) == 0o700
+        a, b = emu.servers["nic0"].nic, emu.servers["nic1"].nic
+        assert (a.mac, b.mac) == (MAC0, MAC1)
+    finally:
+        emu.close()
+    assert not list(rt.iterdir())
+    from nicemu.pcap import read_pcap
+
+    for n in ("nic0", "nic1"):  # the captures were opened (relative to the current directory)
+        assert read_pcap(tmp_path / f"{n}.pcap")[1] == []
+
+
+def test_build_emulator_one_process_of_several(tmp_path: Path) -> None:
+    from nicemu.topology import build_emulator
+
+    cfg = write_config(tmp_path, f"""
+        runtime_dir: {tmp_path / 'rt'}
+        devices:
+          a: {{process: left, pba: {{rx_kb: 40}}}}
+          b: {{process: left}}
+          c: {{}}
+        cables:
+          - {{kind: pair, ends: [a, b]}}
+    """)
+    emu = build_emulator(cfg, "left")
+    try:
+        assert sorted(emu.servers) == ["a", "b"]
+        assert emu.servers["a"].nic.read32(R.PBA) == (24 << 16) | 40
+        assert emu.servers["b"].nic.read32(R.PBA) == R.PBA_DEFAULT
+    finally:
+        emu.close()
+    emu = build_emulator(cfg, "c")
+    try:
+        nic = emu.servers["c"].nic
+        assert not nic.read32(R.STATUS) & int(R.Status.LU)  # no cable: link down
+    finally:
+        emu.close()
+
+
+# --- more cable kinds, captures and faults across processes ------------------------------------
+
+
+def free_udp_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_udp_cable_between_two_processes(start_up, tmp_path: Path) -> None:
+    p0, p1 = free_udp_ports(2)
+    cfg = write_config(tmp_path, f"""
+        devices:
+          nic0: {{mac: "{MAC0}"}}
+          nic1: {{mac: "{MAC1}"}}
+        cables:
+          - {{kind: udp, ends: [nic0], local: "127.0.0.1:{p0}", remote: "127.0.0.1:{p1}"}}
+          - {{kind: udp, ends: [nic1], local: "127.0.0.1:{p1}", remote: "127.0.0.1:{p0}"}}
+    """)
+    up = start_up(cfg)
+    up.wait_up(nprocs=2)
+    send_and_receive(up.rt)
+    up.signal(signal.SIGTERM)
+    assert up.wait() == 0, up.err
+    up.assert_all_gone()
+
+
+def test_captures_and_faults_work_across_processes(start_up, tmp_path: Path) -> None:
+    from nicemu.pcap import read_pcap
+
+    cfg = write_config(tmp_path, f"""
+        devices:
+          nic0: {{mac: "{MAC0}"}}
+          nic1: {{mac: "{MAC1}"}}
+        cables:
+          - kind: shm
+            ends: [nic0, nic1]
+            capture: {{nic0: caps/nic0.pcap, nic1: caps/nic1.pcap}}
+            faults:
+              nic0: {{corrupt: 1.0, seed: 5}}   # every frame nic0 sends gets a bit flipped
+    """)
+    (tmp_path / "caps").mkdir()
+    up = start_up(cfg)
+    up.wait_up(nprocs=2)
+    b0, b1 = open_bus(up.rt / "nic0.sock"), open_bus(up.rt / "nic1.sock")
+    try:
+        rx_setup(b1)
+        b1.read32(R.CRCERRS)  # clear on read
+        frame = frame_for()
+        tx_send(b0, frame)
+        wait_for(lambda: b1.read32(R.CRCERRS) == 1, 10.0, "nic1 to count the corrupted frame")
+        assert not R.RX_DESC.unpack(b1.mem.read(RX_BASE, 16))[3] & int(R.RxdStatus.DD)  # dropped
+    finally:
+        b0.close()
+        b1.close()
+    up.signal(signal.SIGTERM)
+    assert up.wait() == 0, up.err
+    up.assert_all_gone()
+    sent = read_pcap(tmp_path / "caps/nic0.pcap")[1]
+    got = read_pcap(tmp_path / "caps/nic1.pcap")[1]
+    good = frame + struct.pack("<I", zlib.crc32(frame))
+    assert [r.data for r in sent] == [good]  # nic0's port sent it intact ...
+    assert len(got) == 1 and got[0].data != good and len(got[0].data) == len(good)  # ... nic1 saw bit flips
+
+
+def _have_tap() -> str | None:
+    try:
+        from nicemu.cable.tap import tap_available
+    except ImportError:
+        return "nicemu.cable.tap is missing"
+    why = tap_available()
+    if why is None and subprocess.run(["ip", "netns", "list"], capture_output=True).returncode != 0:
+        why = "ip netns is not available"
+    return why
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(_have_tap() is not None, reason=str(_have_tap()))
+def test_tap_cable_in_a_network_namespace(start_up, tmp_path: Path) -> None:
+    ns, tap = f"nicemu-up-{os.getpid()}", f"nmup{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        cfg = write_config(tmp_path, f"""
+            devices:
+              nic0: {{mac: "{MAC0}"}}
+            cables:
+              - {{kind: tap, ends: [nic0], name: {tap}, netns: {ns}}}
+        """)
+        up = start_up(cfg)
+        up.wait_up(nprocs=1)
+        subprocess.run(["ip", "-n", ns, "link", "set", tap, "up"], check=True)
+        bus = open_bus(up.rt / "nic0.sock")
+        try:
+            rx_setup(bus)
+            # The kernel side writes a frame into the TAP (a raw socket inside the namespace).
+            frame = frame_for(dst=MAC0, src="02:00:00:00:00:01")
+            code = (f"import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); "
+                    f"s.bind(({tap!r}, 0)); s.send(bytes.fromhex({frame.hex()!r}))")
+            subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], check=True, timeout=30)
+            got = rx_wait(bus)
+            assert got == frame + struct.pack("<I", zlib.crc32(frame))
+        finally:
+            bus.close()
+        up.signal(signal.SIGTERM)
+        assert up.wait() == 0, up.err
+        up.assert_all_gone()
+        gone = subprocess.run(["ip", "-n", ns, "link", "show", tap], capture_output=True)
+        assert gone.returncode != 0  # the TAP went with its emulator
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def test_build_emulator_honours_a_stop_before_run(tmp_path: Path) -> None:
+    """A SIGTERM that arrives while a child is still building (before run() owns the signals)
+    must still stop it and unlink its sockets, not be lost."""
+    from nicemu.topology import build_emulator
+
+    before = signal.getsignal(signal.SIGTERM)
+    emu = build_emulator(CONFIGS / "pair.yaml", None, runtime_dir=tmp_path / "rt")
+    assert sorted(p.name for p in (tmp_path / "rt").iterdir()) == ["nic0.sock", "nic1.sock"]
+    os.kill(os.getpid(), signal.SIGTERM)  # caught by the early handler: remembered, not fatal
+    emu.run()  # returns at once and closes
+    assert list((tmp_path / "rt").iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
+
+
+def test_a_second_ctrl_c_kills_at_once(start_up) -> None:
+    up = start_up(CONFIGS / "shm.yaml", "--stop-timeout", "600")  # only the second Ctrl-C can end it
+    up.wait_up(nprocs=2)
+    stuck = up.children[1]
+    os.kill(stuck, signal.SIGSTOP)
+    up.signal(signal.SIGINT)
+    wait_for(lambda: "SIGINT: stopping" in up.out, STOP_TIMEOUT, "the first Ctrl-C to be seen")
+    wait_for(lambda: not alive(up.children[0]), STOP_TIMEOUT, "the other child to stop")
+    up.signal(signal.SIGINT)
+    assert up.wait() == 0, up.err
+    assert f"(pid {stuck}) did not stop; killing it" in up.err
+    up.assert_all_gone()
+
+
+def test_build_emulator_names_a_missing_capture_directory(tmp_path: Path) -> None:
+    from nicemu.topology import TopologyError, build_emulator
+
+    cfg = write_config(tmp_path, f"""
+        runtime_dir: {tmp_path / 'rt'}
+        devices: {{a: {{}}, b: {{}}}}
+        cables: [{{kind: pair, ends: [a, b], capture: {{b: {tmp_path / 'nowhere' / 'b.pcap'}}}}}]
+    """)
+    with pytest.raises(TopologyError) as ei:
+        build_emulator(cfg)
+    assert ei.value.problems[0].path == "cables[0].capture.b"
+    assert "does not exist" in ei.value.problems[0].message
+    assert not (tmp_path / "rt").exists()  # nothing was created
