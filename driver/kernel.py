@@ -1,0 +1,280 @@
+"""The kernel-style driver as a process: `python -m driver.kernel --socket PATH [options]`.
+
+It connects to one device of an emulator process over vfio-user, brings it up with
+driver.e1000.E1000 and runs the event loop a kernel would: wait on the interrupt eventfd,
+run the top half, then the bottom half (--mode interrupt) or the NAPI poll (--mode napi),
+which keeps polling without interrupts while traffic fills its budget.
+
+Above the driver sits a small application in place of the network stack (a later issue
+plugs the modeled stack in at the same callbacks):
+  --app count   count received frames (default)
+  --app echo    send every frame back to its sender (source and destination MAC swapped)
+  --app gen     transmit --count frames of --size bytes to --dst as fast as the TX queue
+                takes them (stop/wake flow control) or at --rate frames/s, then keep
+                counting what arrives
+Frames refused by a stopped queue wait in a small qdisc-like backlog (--txqueuelen).
+
+Output: one JSON object per line on stdout:
+  {"event": "up", "mac": ..., "pid": ..., "mode": ...}     after bring-up
+  {"event": "carrier", "up": true|false}                   link changes
+  {"event": "stats", ...}                                  on SIGUSR1, every --stats-interval
+                                                           seconds, and once at exit
+  {"event": "error", "message": ...}                       the device went away (exit 1)
+SIGTERM / SIGINT: bring the interface down cleanly and exit 0.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import resource
+import signal
+import struct
+import sys
+import time
+from typing import Sequence
+
+from driver.bus import BusError
+from driver.e1000 import NETDEV_TX_BUSY, E1000, E1000Config, poll_bucket_labels
+from driver.skbuff import SkBuff
+from nicemu.regs import IMS
+
+__all__ = ["main", "DriverApp", "context_switches"]
+
+GEN_ETHERTYPE = 0x88B5  # IEEE 802 local experimental EtherType
+
+
+def context_switches() -> dict[str, int]:
+    """This process's voluntary and involuntary context switches and CPU time so far."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "nvcsw": ru.ru_nvcsw, "nivcsw": ru.ru_nivcsw, "ctx_switches": ru.ru_nvcsw + ru.ru_nivcsw,
+        "cpu_user_s": round(ru.ru_utime, 3), "cpu_sys_s": round(ru.ru_stime, 3),
+    }
+
+
+def _mac_bytes(mac: str) -> bytes:
+    parts = mac.split(":")
+    if len(parts) != 6:
+        raise argparse.ArgumentTypeError(f"bad MAC {mac!r}")
+    try:
+        return bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad MAC {mac!r}") from None
+
+
+class DriverApp:
+    """The consumer above the driver: counts, echoes or generates frames, with a backlog for
+    frames the stopped TX queue refused (what the qdisc does in Linux)."""
+
+    def __init__(self, drv: E1000, app: str, *, txqueuelen: int = 1000, rx_delay: float = 0.0,
+                 dst: bytes = b"\xff" * 6, size: int = 64, count: int = 0, rate: float = 0.0) -> None:
+        self.drv = drv
+        self.app = app
+        self.rx_delay = rx_delay
+        self.rx_frames = 0
+        self.rx_bytes = 0
+        self.backlog: collections.deque[SkBuff] = collections.deque()
+        self.txqueuelen = txqueuelen
+        self.qdisc_drops = 0
+        self.gen_left = count
+        self.gen_sent = 0
+        self.dst = dst
+        self.size = size
+        self.rate = rate  # frames/s for the generator, 0 = as fast as the queue takes them
+        self._next_due: float | None = None  # paced generator: when the next frame is due
+        self.first_rx: float | None = None
+        self.last_rx: float | None = None
+        drv.receive = self.receive
+        drv.on_tx_wake = self.drain_backlog
+
+    def receive(self, skb: SkBuff) -> None:
+        now = time.monotonic()
+        if self.first_rx is None:
+            self.first_rx = now
+        self.last_rx = now
+        self.rx_frames += 1
+        self.rx_bytes += skb.len
+        if self.app == "echo":
+            d = skb.data
+            self.enqueue(SkBuff(d[6:12] + d[0:6] + d[12:], skb.protocol))
+        if self.rx_delay:
+            time.sleep(self.rx_delay)  # a slow consumer: the ring and then the FIFO fill up
+
+    def enqueue(self, skb: SkBuff) -> None:
+        if self.backlog or self.drv.queue_stopped:
+            if len(self.backlog) >= self.txqueuelen:
+                self.qdisc_drops += 1
+            else:
+                self.backlog.append(skb)
+            return
+        if self.drv.xmit(skb, xmit_more=True) == NETDEV_TX_BUSY:
+            self.backlog.append(skb)
+
+    def drain_backlog(self) -> None:
+        drv = self.drv
+        while self.backlog and not drv.queue_stopped:
+            if drv.xmit(self.backlog[0], xmit_more=True) == NETDEV_TX_BUSY:
+                break
+            self.backlog.popleft()
+
+    def generate(self) -> None:
+        """Queue generator frames while the TX queue takes them (one doorbell per batch)."""
+        drv = self.drv
+        if not self.gen_left or drv.queue_stopped or not drv.carrier:
+            return
+        src = bytes.fromhex(drv.mac.replace(":", ""))
+        header = self.dst + src + struct.pack("!H", GEN_ETHERTYPE)
+        pad = bytes(max(0, self.size - 4 - len(header) - 8))  # size counts the FCS
+        limit = self.gen_left
+        if self.rate:
+            # paced: one frame per slot and per loop turn; a late process catches up one
+            # frame per turn (never in a burst), forgetting slots more than 10 behind
+            now = time.monotonic()
+            gap = 1.0 / self.rate
+            if self._next_due is None or self._next_due < now - 10 * gap:
+                self._next_due = now
+            if now < self._next_due:
+                return
+            self._next_due += gap
+            limit = 1
+        while limit > 0 and not drv.queue_stopped:
+            limit -= 1
+            frame = header + struct.pack("!Q", self.gen_sent) + pad
+            if drv.xmit(SkBuff(frame, GEN_ETHERTYPE), xmit_more=True) == NETDEV_TX_BUSY:
+                break
+            self.gen_sent += 1
+            self.gen_left -= 1
+
+    def after_turn(self) -> None:
+        self.drain_backlog()
+        if self.app == "gen":
+            self.generate()
+        self.drv.flush_tx()
+
+    def idle_timeout(self, longest: float) -> float:
+        """How long the loop may wait for an interrupt: 0 while the generator has frames and
+        queue room (sooner if its rate makes the next frame due earlier)."""
+        drv = self.drv
+        if self.app != "gen" or not self.gen_left or drv.queue_stopped or not drv.carrier:
+            return longest
+        if not self.rate or self._next_due is None:
+            return 0.0
+        return min(longest, max(0.0, self._next_due - time.monotonic()))
+
+    def report(self) -> dict:
+        drv = self.drv
+        st = drv.ethtool_stats()
+        out = {
+            "event": "stats", "mac": drv.mac, "mode": drv.config.mode.value, "app": self.app,
+            "rx_frames": self.rx_frames, "rx_app_bytes": self.rx_bytes, "gen_sent": self.gen_sent,
+            "backlog": len(self.backlog), "qdisc_drops": self.qdisc_drops, "carrier": drv.carrier,
+            "queue_stopped": drv.queue_stopped, "napi_scheduled": drv.napi_scheduled,
+            "ims": drv.bus.read32(IMS) if drv.is_open else 0,
+            "rx_seconds": (self.last_rx - self.first_rx) if self.first_rx is not None else 0.0,
+            "poll_buckets": poll_bucket_labels(drv.config.budget),
+        }
+        out.update(st)
+        out.update(context_switches())
+        return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m driver.kernel", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--socket", required=True, help="the device's vfio-user socket")
+    ap.add_argument("--mode", choices=("interrupt", "napi"), default="napi")
+    ap.add_argument("--app", choices=("count", "echo", "gen"), default="count")
+    ap.add_argument("--dst", type=_mac_bytes, default=b"\xff" * 6, help="gen: destination MAC")
+    ap.add_argument("--size", type=int, default=64, help="gen: frame size including FCS (64..1518)")
+    ap.add_argument("--count", type=int, default=0, help="gen: frames to send")
+    ap.add_argument("--rate", type=float, default=0.0, help="gen: frames per second (0: as fast as possible)")
+    ap.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (0: run until signalled)")
+    ap.add_argument("--rx-ring", type=int, default=256)
+    ap.add_argument("--tx-ring", type=int, default=256)
+    ap.add_argument("--budget", type=int, default=64)
+    ap.add_argument("--itr", default="0",
+                    help="interrupts/s cap (ITR), 0 = off, or 'dynamic' / 'conservative' (Linux's adaptive ITR)")
+    ap.add_argument("--rdtr", type=int, default=0)
+    ap.add_argument("--radv", type=int, default=8)
+    ap.add_argument("--tidv", type=int, default=8)
+    ap.add_argument("--tadv", type=int, default=32)
+    ap.add_argument("--rx-delay", type=float, default=0.0, help="seconds the consumer spends per frame")
+    ap.add_argument("--txqueuelen", type=int, default=1000)
+    ap.add_argument("--stats-interval", type=float, default=0.0, help="print stats every S seconds (0: only on SIGUSR1/exit)")
+    ap.add_argument("--mem", type=int, default=4 << 20, help="bytes of DMA memory")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not 64 <= args.size <= 1518:
+        print(json.dumps({"event": "error", "message": f"--size {args.size} outside 64..1518"}), flush=True)
+        return 2
+    from driver.vfio_user_client import VfioUserBus
+
+    stop = False
+    dump = False
+
+    def on_stop(signum, frame) -> None:
+        nonlocal stop
+        stop = True
+
+    def on_dump(signum, frame) -> None:
+        nonlocal dump
+        dump = True
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGUSR1, on_dump)
+
+    def emit(obj: dict) -> None:
+        print(json.dumps(obj), flush=True)
+
+    try:
+        cfg = E1000Config(
+            mode=args.mode, rx_ring_size=args.rx_ring, tx_ring_size=args.tx_ring, budget=args.budget,
+            itr=args.itr, rdtr=args.rdtr, radv=args.radv, tidv=args.tidv, tadv=args.tadv,
+        )
+    except ValueError as e:
+        emit({"event": "error", "message": str(e)})
+        return 2
+    try:
+        bus = VfioUserBus(args.socket, mem_size=args.mem)
+    except BusError as e:
+        emit({"event": "error", "message": str(e)})
+        return 1
+    drv = E1000(bus, cfg, on_carrier=lambda up: emit({"event": "carrier", "up": up}))
+    app = DriverApp(drv, args.app, txqueuelen=args.txqueuelen, rx_delay=args.rx_delay,
+                    dst=args.dst, size=args.size, count=args.count, rate=args.rate)
+    rc = 0
+    try:
+        mac = drv.open()
+        emit({"event": "up", "mac": mac, "pid": os.getpid(), "mode": cfg.mode.value, "app": args.app})
+        start = time.monotonic()
+        next_stats = start + args.stats_interval if args.stats_interval else None
+        while not stop:
+            now = time.monotonic()
+            if args.duration and now - start >= args.duration:
+                break
+            app.after_turn()
+            timeout = 0.0 if drv.napi_scheduled else app.idle_timeout(0.2)
+            drv.process(timeout)
+            if dump or (next_stats is not None and now >= next_stats):
+                dump = False
+                if next_stats is not None:
+                    next_stats = now + args.stats_interval
+                emit(app.report())
+        emit(app.report())
+        drv.close()
+    except BusError as e:
+        emit({"event": "error", "message": f"device gone: {e}"})
+        rc = 1
+    finally:
+        bus.close()
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

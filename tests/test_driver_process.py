@@ -1,0 +1,322 @@
+"""The kernel-style driver in its own process against emulator processes (real sockets).
+
+Each test starts `python -m nicemu serve` (two devices joined by an in-process `--pair`
+cable, or two emulator processes joined by a unix cable for the unplug test) and drivers as
+`python -m driver.kernel --socket ...` processes, which report JSON lines on stdout. The
+test process itself also drives a device through VfioUserBus for the bring-up test.
+Nothing is left behind: every process is reaped and the socket directory removed.
+"""
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from driver import hw
+from driver.e1000 import E1000, E1000Config
+from driver.skbuff import SkBuff
+
+ROOT = Path(__file__).resolve().parents[1]
+MAC0 = "52:54:00:12:34:56"
+MAC1 = "52:54:00:12:34:57"
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+
+class Proc:
+    """A child process whose stdout lines are collected by a reader thread."""
+
+    def __init__(self, args: list[str], name: str) -> None:
+        self.name = name
+        self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                  env=ENV, cwd=ROOT)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._t = threading.Thread(target=self._read, daemon=True)
+        self._t.start()
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            self.lines.put(line.rstrip("\n"))
+
+    def line(self, predicate, timeout: float = 20.0) -> str:
+        end = time.monotonic() + timeout
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.name}: no matching line in {timeout}s; saw {self.seen[-5:]}; "
+                                     f"stderr: {self.stderr_tail()}")
+            try:
+                ln = self.lines.get(timeout=min(left, 0.5))
+            except queue.Empty:
+                if self.p.poll() is not None and self.lines.empty():
+                    raise AssertionError(f"{self.name} exited {self.p.returncode}; saw {self.seen[-5:]}; "
+                                         f"stderr: {self.stderr_tail()}") from None
+                continue
+            self.seen.append(ln)
+            if predicate(ln):
+                return ln
+
+    def event(self, name: str, timeout: float = 20.0, **match) -> dict:
+        def pred(ln: str) -> bool:
+            try:
+                d = json.loads(ln)
+            except ValueError:
+                return False
+            return d.get("event") == name and all(d.get(k) == v for k, v in match.items())
+
+        return json.loads(self.line(pred, timeout))
+
+    def stats(self) -> dict:
+        self.p.send_signal(signal.SIGUSR1)
+        return self.event("stats")
+
+    def wait_stats(self, cond, timeout: float = 30.0) -> dict:
+        """Ask for stats until cond(stats) holds."""
+        end = time.monotonic() + timeout
+        while True:
+            st = self.stats()
+            if cond(st):
+                return st
+            if time.monotonic() > end:
+                raise AssertionError(f"{self.name}: condition never held; last stats {st}")
+            time.sleep(0.05)
+
+    def stop(self) -> dict | None:
+        """SIGTERM; the driver's final stats line (None if it printed none)."""
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+        try:
+            self.p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+        self._t.join(timeout=5)
+        last = None
+        while not self.lines.empty():
+            ln = self.lines.get()
+            self.seen.append(ln)
+        for ln in self.seen:
+            try:
+                d = json.loads(ln)
+            except ValueError:
+                continue
+            if d.get("event") == "stats":
+                last = d
+        return last
+
+    def stderr_tail(self) -> str:
+        if self.p.poll() is None:
+            return "(running)"
+        try:
+            return self.p.stderr.read()[-2000:]
+        except (OSError, ValueError):
+            return ""
+
+    def kill9(self) -> None:
+        self.p.send_signal(signal.SIGKILL)
+        self.p.wait(timeout=10)
+        self._t.join(timeout=5)
+
+
+class Lab:
+    """Processes and a private socket directory, all cleaned up at the end."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="nkdrv", dir="/tmp"))  # short: AF_UNIX paths
+        self.procs: list[Proc] = []
+
+    def emulator_pair(self) -> tuple[str, str]:
+        """One emulator process, two devices back to back; returns their socket paths."""
+        a, b = str(self.dir / "a.sock"), str(self.dir / "b.sock")
+        emu = self.start([sys.executable, "-m", "nicemu", "serve", "--socket", a, "--mac", MAC0,
+                          "--socket", b, "--mac", MAC1, "--pair"], "emulator")
+        emu.line(lambda ln: ln == "nicemu: ready")
+        self.emu = emu
+        return a, b
+
+    def start(self, args: list[str], name: str) -> Proc:
+        p = Proc(args, name)
+        self.procs.append(p)
+        return p
+
+    def driver(self, sock: str, *extra: str, name: str = "driver") -> Proc:
+        p = self.start([sys.executable, "-m", "driver.kernel", "--socket", sock, *extra], name)
+        up = p.event("up")
+        p.mac = up["mac"]
+        return p
+
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            if p.p.poll() is None:
+                p.stop()
+        for p in self.procs:
+            for f in (p.p.stdout, p.p.stderr):
+                f.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def lab():
+    lb = Lab()
+    yield lb
+    lb.close()
+    assert all(p.p.poll() is not None for p in lb.procs)
+    assert not lb.dir.exists()
+
+
+def test_bringup_against_emulator_process(lab):
+    from driver.vfio_user_client import VfioUserBus
+
+    a, b = lab.emulator_pair()
+    with VfioUserBus(a) as bus:
+        assert hw.probe(bus) == MAC0
+        drv = E1000(bus, E1000Config(rx_ring_size=64, tx_ring_size=64))
+        assert drv.open() == MAC0 and drv.carrier
+        assert bus.read32(0x00D0) == hw.IMS_ENABLE_MASK  # IMS
+        assert bus.read32(0x2818) == 63  # RDT: every buffer but one given to the device
+        assert drv.xmit(SkBuff(bytes.fromhex(MAC1.replace(":", "")) * 2 + b"\x88\xb5" + bytes(46))) == 0
+        drv.close()
+        assert drv.allocator.allocations == 0
+
+
+@pytest.mark.parametrize("mode", ["interrupt", "napi"])
+def test_frames_both_ways_back_to_back(lab, mode):
+    a, b = lab.emulator_pair()
+    echo = lab.driver(b, "--mode", mode, "--app", "echo", name="echo")
+    n = 500  # fits in the RX ring plus the 48 KB packet buffer: nothing can be missed
+    gen = lab.driver(a, "--mode", mode, "--app", "gen", "--count", str(n), "--dst", MAC1, name="gen")
+    st = gen.wait_stats(lambda s: s["rx_frames"] >= n)
+    assert st["gen_sent"] == n and st["rx_frames"] == n and st["tx_packets"] == n
+    est = echo.stop()
+    gst = gen.stop()
+    assert est["rx_frames"] == n and est["tx_packets"] == n and est["MPC"] == 0
+    assert gst["GPRC"] == n and gst["GPTC"] == n and est["GPRC"] == n
+    assert est["interrupts"] > 0 and gst["interrupts"] > 0
+    if mode == "napi":
+        assert est["polls"] >= est["interrupts"] and est["napi_completes"] == est["interrupts"]
+    else:
+        assert est["polls"] == 0 and est["bottom_halves"] == est["interrupts"]
+
+
+def test_tx_queue_stops_and_wakes_when_the_ring_fills(lab):
+    a, b = lab.emulator_pair()
+    lab.driver(b, name="sink")
+    n = 3000
+    gen = lab.driver(a, "--app", "gen", "--count", str(n), "--tx-ring", "64", "--dst", MAC1, name="gen")
+    st = gen.wait_stats(lambda s: s["tx_packets"] == n)
+    assert st["gen_sent"] == n and st["GPTC"] == n
+    assert st["tx_queue_stops"] > 0 and st["restart_queue"] > 0
+    assert st["tx_queue_stops"] == st["restart_queue"] and not st["queue_stopped"]
+    assert st["tx_doorbells"] < n  # one TDT write per batch, not per frame
+
+
+def test_napi_polls_under_load_and_reenables_interrupts_when_idle(lab):
+    a, b = lab.emulator_pair()
+    # a consumer slower than the generator: the ring always holds a full budget
+    rx = lab.driver(b, "--mode", "napi", "--rx-delay", "0.0002", name="rx")
+    gen = lab.driver(a, "--app", "gen", "--count", "2000", "--dst", MAC1, name="gen")
+    gen.wait_stats(lambda s: s["tx_packets"] == 2000)
+    st = rx.wait_stats(lambda s: not s["napi_scheduled"] and s["rx_frames"] > 0
+                       and s["rx_packets"] + s["MPC"] == 2000)
+    assert st["poll_histogram"][-1] > 0  # polls that took the whole budget stayed in polling
+    assert st["napi_completes"] == st["interrupts"]
+    assert st["ims"] == hw.IMS_ENABLE_MASK  # idle: interrupts enabled again
+    assert st["interrupts"] < st["polls"]
+    before = st["interrupts"]
+    gen.stop()
+    gen2 = lab.driver(a, "--app", "gen", "--count", "1", "--dst", MAC1, name="gen2")
+    st = rx.wait_stats(lambda s: s["interrupts"] > before and not s["napi_scheduled"])
+    assert st["ims"] == hw.IMS_ENABLE_MASK
+    gen2.stop()
+
+
+def test_rx_overrun_counted_when_the_consumer_is_slow(lab):
+    a, b = lab.emulator_pair()
+    rx = lab.driver(b, "--rx-ring", "64", "--rx-delay", "0.002", name="slow")
+    gen = lab.driver(a, "--app", "gen", "--count", "2000", "--dst", MAC1, name="gen")
+    gen.wait_stats(lambda s: s["tx_packets"] == 2000)
+    st = rx.stats()
+    assert st["rx_no_buffer_count"] > 0 and st["rx_missed_errors"] > 0
+    assert st["MPC"] == st["rx_missed_errors"] and st["RNBC"] == st["rx_no_buffer_count"]
+
+
+def test_lsc_on_cable_unplug(lab):
+    """Two emulator processes joined by a unix cable: stopping one unplugs the other's cable."""
+    cfg = lab.dir / "unix.yaml"
+    cfg.write_text(
+        f"runtime_dir: {lab.dir}\n"
+        f"devices:\n  nic0:\n    mac: {MAC0}\n  nic1:\n    mac: {MAC1}\n"
+        "cables:\n  - kind: unix\n    ends: [nic0, nic1]\n"
+    )
+
+    def emulator(proc: str) -> Proc:
+        e = lab.start([sys.executable, "-m", "nicemu", "serve", "--config", str(cfg), "--process", proc], proc)
+        e.line(lambda ln: ln == "nicemu: ready")
+        return e
+
+    emulator("nic0")
+    e1 = emulator("nic1")
+    drv = lab.driver(str(lab.dir / "nic0.sock"), name="driver")
+    if not _carrier_up_seen(drv):  # the link is up once the peer end has said hello
+        drv.event("carrier", up=True)
+    e1.stop()  # the peer's emulator goes: its end says bye, our link drops
+    drv.event("carrier", up=False)
+    emulator("nic1")  # plugged in again: hello, link up
+    drv.event("carrier", up=True)
+    st = drv.stats()
+    assert st["carrier"] and st["link_changes"] >= 3
+
+
+def _carrier_up_seen(p: Proc) -> bool:
+    for ln in p.seen:
+        try:
+            d = json.loads(ln)
+        except ValueError:
+            continue
+        if d.get("event") == "carrier" and d.get("up"):
+            return True
+    return False
+
+
+def test_driver_restart_after_kill9(lab):
+    a, b = lab.emulator_pair()
+    rx = lab.driver(b, name="rx1")
+    gen = lab.driver(a, "--app", "gen", "--count", "100", "--dst", MAC1, name="gen1")
+    rx.wait_stats(lambda s: s["rx_frames"] == 100)
+    rx.kill9()  # no close(): the emulator sees the socket drop and resets the device
+    gen.stop()
+    rx2 = lab.driver(b, name="rx2")
+    assert rx2.mac == MAC1
+    gen2 = lab.driver(a, "--app", "gen", "--count", "100", "--dst", MAC1, name="gen2")
+    st = rx2.wait_stats(lambda s: s["rx_frames"] == 100)
+    assert st["GPRC"] == 100 and st["carrier"]
+    gen2.stop()
+    assert lab.emu.p.poll() is None  # the emulator lived through it
+
+
+def test_driver_reports_a_vanished_device_and_exits(lab):
+    a, b = lab.emulator_pair()
+    drv = lab.driver(b, name="driver")
+    lab.emu.stop()
+    err = drv.event("error")
+    assert "gone" in err["message"]
+    assert drv.p.wait(timeout=10) == 1
+
+
+def test_driver_process_rejects_bad_settings(lab):
+    a, b = lab.emulator_pair()
+    p = lab.start([sys.executable, "-m", "driver.kernel", "--socket", b, "--rx-ring", "100"], "bad")
+    err = p.event("error")
+    assert "multiple of 8" in err["message"] and p.p.wait(timeout=10) == 2
+    p = lab.start([sys.executable, "-m", "driver.kernel", "--socket", str(lab.dir / "none.sock")], "nosock")
+    assert "cannot connect" in p.event("error")["message"] and p.p.wait(timeout=10) == 1
