@@ -10,6 +10,7 @@ kill -9: the kernel frees a memfd when its last fd and mapping go away.
 """
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 from dataclasses import dataclass, field
@@ -48,10 +49,16 @@ class DmaRegion:
             self.fd = None
 
 
+# A mapping whose file shrinks under it faults (SIGBUS) on the next access: a DMA fd must be
+# sealed against shrinking before the device maps it, so no peer can crash the emulator that way.
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL
+
+
 def _memfd_mapping(size: int, name: str) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
     try:
         os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
         mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
     except BaseException:
         os.close(fd)
@@ -104,6 +111,13 @@ class DmaMemory:
                 raise DmaError(f"DMA mapping {addr:#x}+{size:#x} overlaps {r.addr:#x}+{r.size:#x}")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
         try:
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0
+            if not seals & fcntl.F_SEAL_SHRINK:
+                raise DmaError("DMA fd must be a memfd sealed with F_SEAL_SHRINK (a file that can "
+                               "shrink under the mapping would fault the device)")
             if os.fstat(fd).st_size < offset + size:
                 raise DmaError(f"DMA mapping {offset:#x}+{size:#x} runs past the end of its fd")
             mm = mmap.mmap(fd, size, mmap.MAP_SHARED, prot, offset=offset)

@@ -65,7 +65,8 @@ class Emulator:
         self.ports: list[Port] = []
         self.timer_sources: list[Any] = []  # objects with next_deadline()/run_timers()
         self.closeables: list[Any] = []  # cables and other objects to close() at the end
-        self._running = False
+        self._stopping = False  # set by stop(); never reset, so a stop before run() is kept
+        self._saved_handlers: dict[int, Any] = {}
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
@@ -133,22 +134,22 @@ class Emulator:
 
     # --- running ----------------------------------------------------------------------------
 
+    def catch_signals(self) -> None:
+        """Make SIGTERM/SIGINT stop this emulator from now on, also while it is still being
+        built: `nicemu up` may stop a child before its run() starts, and that child must close
+        its sockets rather than run on. close() puts the old handlers back."""
+        if self._saved_handlers or threading.current_thread() is not threading.main_thread():
+            return
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._saved_handlers[sig] = signal.signal(sig, self._on_signal)
+
     def run(self) -> None:
         """Serve until stop() or SIGTERM/SIGINT, then close everything."""
-        handlers_set = False
-        old: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                old[sig] = signal.signal(sig, self._on_signal)
-            handlers_set = True
-        self._running = True
+        self.catch_signals()
         try:
-            while self._running:
+            while not self._stopping:
                 self.run_once(self._timeout())
         finally:
-            if handlers_set:
-                for sig, h in old.items():
-                    signal.signal(sig, h)
             self.close()
 
     def run_once(self, timeout: float | None = 0) -> None:
@@ -166,7 +167,7 @@ class Emulator:
 
     def stop(self) -> None:
         """Ask run() to return (safe from a signal handler or another thread)."""
-        self._running = False
+        self._stopping = True
         try:
             os.write(self._wake_w, b"x")
         except (BlockingIOError, OSError):
@@ -256,6 +257,9 @@ class Emulator:
         self.selector.close()
         os.close(self._wake_r)
         os.close(self._wake_w)
+        for sig, handler in self._saved_handlers.items():
+            signal.signal(sig, handler)
+        self._saved_handlers = {}
 
     def __enter__(self) -> "Emulator":
         return self

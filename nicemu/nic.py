@@ -55,6 +55,7 @@ _ICR = R.ICR >> 2
 _IMS = R.IMS >> 2
 _ITR = R.ITR >> 2
 _STATUS = R.STATUS >> 2
+_PBA = R.PBA >> 2
 _RDTR = R.RDTR >> 2
 _RADV = R.RADV >> 2
 _TIDV = R.TIDV >> 2
@@ -119,8 +120,12 @@ class Nic:
         mac: str | bytes = "52:54:00:12:34:56",
         clock: Callable[[], int] | None = None,
         engine: str | EngineFactory = "auto",
+        pba: int = R.PBA_DEFAULT,
     ) -> None:
+        """`pba` is the packet buffer split the device powers up with (RX KB in bits 15:0, TX KB
+        in bits 31:16), as a board's EEPROM would set it; reset returns PBA to it."""
         self.mem = mem
+        self.pba_reset = pba & _M32
         self.clock: Callable[[], int] = clock if clock is not None else time.monotonic_ns
         self.eeprom = Eeprom(mac)
         self.pci = PciConfig()
@@ -301,6 +306,7 @@ class Nic:
         memoryview(regs).cast("B")[:] = _ZERO_BAR0  # in place: the engine holds a view of it
         for i, value in _RESET_VALUES:
             regs[i] = value
+        regs[_PBA] = self.pba_reset
         if self.link_up:
             regs[_STATUS] |= _LU
         ral, rah = self.eeprom.receive_address()

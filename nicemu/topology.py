@@ -1072,19 +1072,18 @@ def build_emulator(config_path: str | os.PathLike, process: str | None = None, *
         raise TopologyError(missing, str(topo.source or topo.name))
     if any(_under(p, topo.runtime_dir) for p in topo.socket_paths()):
         ensure_private_dir(topo.runtime_dir)
-    emu = _emulator_class(Emulator)()
-    _catch_early_stop(emu)
+    emu = Emulator()
+    emu.catch_signals()  # a SIGTERM while building must still stop it cleanly
     try:
         nics: dict[str, Any] = {}
         for name in names:
             d = topo.devices[name]
             try:
-                nic = Nic(DmaMemory(), mac=d.mac, engine=d.engine)
+                nic = Nic(DmaMemory(), mac=d.mac, engine=d.engine, pba=d.pba)
             except ImportError as e:  # engine: cython without the extension built
                 raise _topology_problem(topo, f"the {d.engine} engine is not available ({e}); build it "
                                               "(cythonize -i -3 nicemu/_datapath.pyx) or use engine: auto",
                                         f"devices.{name}.engine") from None
-            _apply_pba(nic, d)
             emu.add_device(name, nic, str(d.socket))
             nics[name] = nic
         for cable in topo.cables:
@@ -1109,74 +1108,12 @@ def build_emulator(config_path: str | os.PathLike, process: str | None = None, *
     return emu
 
 
-_EMULATOR_CLASS: type | None = None
-
-
-def _emulator_class(base: type) -> type:
-    """Emulator that honours a SIGTERM/SIGINT which arrived before its run() took over the
-    signals: `nicemu up` may stop (or die and, through PR_SET_PDEATHSIG, stop) a child that is
-    still building, and that child must still close its sockets instead of running on."""
-    global _EMULATOR_CLASS
-    if _EMULATOR_CLASS is None or _EMULATOR_CLASS.__bases__[0] is not base:
-
-        class TopologyEmulator(base):  # type: ignore[misc, valid-type]
-            early_signal: int | None = None
-
-            def run_once(self, timeout: float | None = 0) -> None:
-                if self.early_signal is not None:
-                    self.stop()
-                    return
-                super().run_once(timeout)
-
-            def close(self) -> None:
-                try:
-                    super().close()
-                finally:
-                    _restore_handlers(self)
-
-        _EMULATOR_CLASS = TopologyEmulator
-    return _EMULATOR_CLASS
-
-
-def _catch_early_stop(emu: Any) -> None:
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-
-    def remember(signum: int, _frame: Any) -> None:
-        emu.early_signal = signum
-
-    emu.saved_handlers = {sig: signal.signal(sig, remember) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-
-def _restore_handlers(emu: Any) -> None:
-    import signal
-
-    saved = getattr(emu, "saved_handlers", None)
-    emu.saved_handlers = None
-    for sig, handler in (saved or {}).items():
-        signal.signal(sig, handler)
-
-
 def _under(path: Path, directory: Path) -> bool:
     return directory == path.parent or directory in path.parents
 
 
 def _unplugged(frame: bytes) -> bool:
     return True
-
-
-def _apply_pba(nic: Any, d: DeviceSpec) -> None:
-    """Give the device the configured RX/TX packet buffer split (PBA register)."""
-    if (d.pba_rx_kb, d.pba_tx_kb) == (PBA_DEFAULT_RX_KB, PBA_DEFAULT_TX_KB):
-        return
-    from nicemu import regs as R
-
-    # The Nic has no per-instance reset value for PBA, so a device reset (CTRL.RST,
-    # DEVICE_RESET) returns it to the 82540EM's 48/16 split; drivers program PBA after reset.
-    nic.write32(R.PBA, d.pba)
 
 
 def _fault_kwargs(spec: FaultSpec | None) -> dict[str, Any] | None:

@@ -129,6 +129,22 @@ def test_power_on_state(make_nic):
     assert nic.engine.bus_master is False
 
 
+def test_board_pba_is_the_reset_value(clock):
+    """A board may power up with another packet buffer split; every reset returns PBA to it."""
+    from nicemu import Nic
+    from nicemu.dma import DmaMemory
+
+    with DmaMemory(1 << 16) as mem:
+        nic = Nic(mem, clock=clock, engine=StubEngine, pba=(8 << 16) | 56)
+        assert nic.read32(R.PBA) == 0x00080038
+        nic.write32(R.PBA, R.PBA_DEFAULT)
+        nic.write32(R.CTRL, R.Ctrl.RST)
+        assert nic.read32(R.PBA) == 0x00080038
+        nic.write32(R.PBA, R.PBA_DEFAULT)
+        nic.reset()
+        assert nic.read32(R.PBA) == 0x00080038
+
+
 def test_ral_rah_from_other_mac(make_nic):
     nic = make_nic(mac="00:1b:21:0a:0b:0c", engine=StubEngine)
     assert nic.read32(R.RAL(0)) == 0x0A211B00
