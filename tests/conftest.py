@@ -15,6 +15,7 @@ push real frames through the engine).
 """
 from __future__ import annotations
 
+import os
 import struct
 import warnings
 import zlib
@@ -234,3 +235,14 @@ def stub_nic(make_nic, mem) -> Nic:
     nic = make_nic(mem=mem, engine=StubEngine)
     nic.engine.calls.clear()
     return nic
+
+
+def sealed_memfd(size: int) -> int:
+    """A memfd as a driver side hands it over in DMA_MAP: sealed against shrinking, which
+    DmaMemory.map_fd requires."""
+    import fcntl
+
+    fd = os.memfd_create("test-dma", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, size)
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    return fd

@@ -1,7 +1,6 @@
 """DmaMemory: the device reaches only mapped ranges, and nothing else."""
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 
@@ -9,12 +8,7 @@ import pytest
 
 from nicemu.dma import DmaError, DmaMemory
 
-
-def sealed_memfd(size: int) -> int:
-    fd = os.memfd_create("test-dma", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    os.ftruncate(fd, size)
-    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-    return fd
+from conftest import sealed_memfd
 
 
 def test_single_region_read_write_view():

@@ -1,0 +1,376 @@
+"""The Cython engine (Datapath) and the pure-Python reference (RefDatapath) must agree exactly.
+
+Both engines run the same random scenario, each on its own register file and DMA memory:
+random frames (sizes around every limit, unicast/multicast/broadcast, bad FCS, IPv4 TCP/UDP
+with good and bad checksums), random ring states (BSIZE/BSEX, SECRC, RDMTS, PBA, small rings,
+wraparound, heads and tails anywhere) and random TX chains (several descriptors, DEXT, IC, PSP,
+no EOP, bad addresses), a cable that sometimes refuses frames. After every step the returned
+events must match; at the end the memory, every register word (statistics), the transmitted
+frames and the diagnostics counters must match. Fixed seeds: a failure reproduces.
+"""
+from __future__ import annotations
+
+import random
+import struct
+import zlib
+from array import array
+
+import pytest
+
+from nicemu import DmaMemory
+from nicemu import regs as R
+from nicemu.datapath_ref import RefDatapath
+
+Datapath = pytest.importorskip("nicemu._datapath").Datapath
+
+MEM_SIZE = 1 << 19
+RX_BASE = 0x1000  # RX ring (up to 64 descriptors)
+TX_BASE = 0x2000  # TX ring
+RX_BUFS = 0x4000  # RX buffers: 64 slots of up to 2 KiB ... may overlap each other (allowed)
+TX_BUFS = 0x24000
+MACS = [bytes.fromhex(m) for m in ("525400123456", "525400abcdef", "020000000001")]
+
+
+def ones_sum(b: bytes) -> int:
+    if len(b) & 1:
+        b += b"\0"
+    s = sum(struct.unpack(f"!{len(b) // 2}H", b))
+    while s > 0xFFFF:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def ip_packet(rng: random.Random, proto: int, size: int) -> bytes:
+    """An IPv4 packet (header + TCP/UDP/other) with correct checksums, then maybe broken."""
+    payload = rng.randbytes(max(0, size))
+    hdr_len = 20
+    if proto == 6:
+        l4 = bytearray(struct.pack("!HHIIBBHHH", 1234, 80, 1, 2, 5 << 4, 0x18, 1000, 0, 0)) + payload
+        csum_off = 16
+    elif proto == 17:
+        l4 = bytearray(struct.pack("!HHHH", 53, 5353, 8 + len(payload), 0)) + payload
+        csum_off = 6
+    else:
+        l4 = bytearray(payload)
+        csum_off = None
+    total = hdr_len + len(l4)
+    src, dst = bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])
+    frag = rng.choice([0, 0, 0, 0x2000, 0x4000])
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, total, 7, frag, 64, proto, 0, src, dst))
+    ip[10:12] = struct.pack("!H", ones_sum(bytes(ip)) ^ 0xFFFF)
+    if csum_off is not None and not (proto == 17 and rng.random() < 0.2):
+        pseudo = src + dst + struct.pack("!BBH", 0, proto, len(l4))
+        c = ones_sum(pseudo + bytes(l4)) ^ 0xFFFF
+        if proto == 17 and c == 0:
+            c = 0xFFFF
+        l4[csum_off : csum_off + 2] = struct.pack("!H", c)
+    if rng.random() < 0.2:
+        ip[rng.randrange(20)] ^= 0x40
+    if rng.random() < 0.2 and len(l4):
+        l4[rng.randrange(len(l4))] ^= 0x01
+    return bytes(ip + l4)
+
+
+def random_frame(rng: random.Random) -> bytes:
+    kind = rng.random()
+    if kind < 0.45:
+        dst = rng.choice(MACS)
+    elif kind < 0.6:
+        dst = b"\xff" * 6
+    elif kind < 0.8:
+        dst = bytes([0x01, 0x00, 0x5E, 0, rng.randrange(256), rng.randrange(256)])
+    else:
+        dst = bytes([rng.randrange(256) & 0xFE]) + rng.randbytes(5)
+    src = bytes.fromhex("020000000099")
+    size = rng.choice([rng.randrange(0, 70), rng.randrange(60, 200), rng.randrange(1500, 1530),
+                       rng.randrange(200, 4000), rng.randrange(16370, 16400), 64, 1518])
+    if rng.random() < 0.4:
+        body = dst + src + b"\x08\x00" + ip_packet(rng, rng.choice([6, 17, 1]), max(0, size - 58))
+    else:
+        body = dst + src + struct.pack("!H", rng.choice([0x88B5, 0x0800, 0x86DD])) + rng.randbytes(max(0, size - 18))
+    body = body[: max(0, size - 4)] if size >= 4 else body[:size]
+    frame = body + struct.pack("<I", zlib.crc32(body))
+    if rng.random() < 0.1 and frame:
+        i = rng.randrange(len(frame))
+        frame = frame[:i] + bytes([frame[i] ^ 0x10]) + frame[i + 1 :]
+    return frame
+
+
+class Side:
+    """One engine with its own registers and memory, and a cable whose answers are scripted."""
+
+    def __init__(self, cls, seed_mem: bytes, answers: list[bool]) -> None:
+        self.mem = DmaMemory(MEM_SIZE)
+        self.mem.write(0, seed_mem)
+        self.regs = array("I", bytes(R.BAR0_SIZE))
+        self.engine = cls(self.regs, self.mem)
+        self.engine.bus_master = True
+        self.answers = list(answers)
+        self.wire: list[bytes] = []
+        self.log: list = []
+
+    def sink(self, frame: bytes) -> bool:
+        ok = self.answers.pop() if self.answers else True
+        self.log.append(("sink", frame, ok))
+        if ok:
+            self.wire.append(frame)
+        return ok
+
+    def w(self, off: int, value: int) -> None:
+        self.regs[off >> 2] = value & 0xFFFFFFFF
+
+    def close(self) -> None:
+        self.mem.close()
+
+
+def program(rng: random.Random, sides: list[Side]) -> dict:
+    """Random device state, written identically to every side; returns the ring geometry."""
+    rctl = int(R.Rctl.EN) if rng.random() < 0.95 else 0
+    for bit in (R.Rctl.SBP, R.Rctl.UPE, R.Rctl.MPE, R.Rctl.LPE, R.Rctl.BAM, R.Rctl.SECRC):
+        if rng.random() < 0.4:
+            rctl |= int(bit)
+    rctl |= rng.randrange(4) << R.RCTL_MO_SHIFT
+    rctl |= rng.randrange(4) << R.RCTL_RDMTS_SHIFT
+    rctl |= rng.randrange(4) << R.RCTL_BSIZE_SHIFT
+    if rng.random() < 0.3:
+        rctl |= int(R.Rctl.BSEX)
+    rx_n = rng.choice([8, 16, 32, 64])
+    tx_n = rng.choice([8, 16, 32])
+    pba = (rng.choice([0, 1, 2, 4, 16, 64, 100]) << 16) | rng.choice([0, 1, 2, 8, 48, 64, 200])
+    setup = {
+        R.RCTL: rctl,
+        R.TCTL: int(R.Tctl.EN) | (int(R.Tctl.PSP) if rng.random() < 0.5 else 0),
+        R.RXCSUM: rng.choice([0, 0x100, 0x200, 0x300, 0x30E, 0x0301]),
+        R.PBA: pba if rng.random() < 0.7 else R.PBA_DEFAULT,
+        R.RDBAL: RX_BASE if rng.random() < 0.95 else MEM_SIZE + 0x100,
+        R.RDBAH: 0,
+        R.RDLEN: rx_n * 16 + (rng.choice([0, 0, 0, 5, 100]) if rng.random() < 0.2 else 0),
+        R.RDH: rng.randrange(rx_n),
+        R.TDBAL: TX_BASE if rng.random() < 0.95 else MEM_SIZE - 0x40,
+        R.TDBAH: 0,
+        R.TDLEN: tx_n * 16,
+        R.TDH: rng.randrange(tx_n),
+    }
+    setup[R.RDT] = setup[R.RDH]
+    setup[R.TDT] = setup[R.TDH]
+    for k, mac in enumerate(MACS[:2]):
+        setup[R.RAL(k)] = int.from_bytes(mac[:4], "little")
+        setup[R.RAH(k)] = int.from_bytes(mac[4:], "little") | (0x80000000 if rng.random() < 0.8 else 0)
+    for i in range(R.MTA_WORDS):
+        setup[R.MTA + 4 * i] = rng.getrandbits(32) if rng.random() < 0.3 else 0
+    for s in sides:
+        for off, v in setup.items():
+            s.w(off, v)
+    return {"rx_n": rx_n, "tx_n": tx_n}
+
+
+def write_rx_descs(rng: random.Random, sides: list[Side], geo: dict) -> None:
+    for k in range(geo["rx_n"]):
+        addr = RX_BUFS + k * 0x800 if rng.random() < 0.97 else rng.choice([MEM_SIZE - 8, 1 << 40])
+        d = R.RX_DESC.pack(addr, 0, 0, 0, 0, 0)
+        for s in sides:
+            s.mem.write(RX_BASE + 16 * k, d)
+
+
+def queue_tx(rng: random.Random, sides: list[Side], geo: dict, tail: int) -> int:
+    """Write one random packet's descriptors at `tail`; returns the new tail."""
+    n = geo["tx_n"]
+    ndesc = rng.choice([1, 1, 1, 2, 3, 5])
+    size = rng.choice([rng.randrange(0, 80), rng.randrange(60, 1600), rng.randrange(16000, 16500)])
+    body = random_frame(rng)[:-4] if rng.random() < 0.7 else rng.randbytes(size)
+    pieces = []
+    cuts = sorted(rng.randrange(len(body) + 1) for _ in range(ndesc - 1))
+    prev = 0
+    for c in cuts + [len(body)]:
+        pieces.append(body[prev:c])
+        prev = c
+    for i, piece in enumerate(pieces):
+        slot = TX_BUFS + tail * 0x1000  # 4 KiB per slot: small pieces never overlap
+        addr = slot if rng.random() < 0.97 else rng.choice([MEM_SIZE - 2, 1 << 33])
+        piece = piece[:0x1000]
+        last = i == len(pieces) - 1
+        cmd = int(R.TxdCmd.RS) if rng.random() < 0.7 else 0
+        if last and rng.random() < 0.95:
+            cmd |= int(R.TxdCmd.EOP)
+        if rng.random() < 0.8:
+            cmd |= int(R.TxdCmd.IFCS)
+        if rng.random() < 0.3:
+            cmd |= int(R.TxdCmd.IC)
+        if rng.random() < 0.3:
+            cmd |= int(R.TxdCmd.IDE)
+        if rng.random() < 0.04:
+            cmd |= int(R.TxdCmd.DEXT)
+        cso, css = rng.randrange(80), rng.randrange(60)
+        d = R.TX_DESC.pack(addr, len(piece), cso, cmd, rng.randrange(16) << 4, css, 0)
+        for s in sides:
+            if addr == slot:
+                s.mem.write(slot, piece)
+            s.mem.write(TX_BASE + 16 * tail, d)
+        tail = (tail + 1) % n
+    return tail
+
+
+def compare(a: Side, b: Side, where: str) -> None:
+    assert a.regs.tobytes() == b.regs.tobytes(), f"registers differ {where}: " + ", ".join(
+        f"{R.REGISTER_NAMES.get(4 * i, hex(4 * i))}: {x} != {y}"
+        for i, (x, y) in enumerate(zip(a.regs, b.regs)) if x != y
+    )
+    ma, mb = a.mem.read(0, MEM_SIZE), b.mem.read(0, MEM_SIZE)
+    if ma != mb:
+        first = next(i for i in range(MEM_SIZE) if ma[i] != mb[i])
+        pytest.fail(f"memory differs {where} first at {first:#x}")
+    for attr in ("dma_errors", "tx_dropped", "tx_dext_skipped", "rx_dropped"):
+        assert getattr(a.engine, attr) == getattr(b.engine, attr), f"{attr} differs {where}"
+    assert a.log == b.log, f"cable traffic differs {where}"
+
+
+def run_scenario(seed: int, steps: int = 60) -> None:
+    rng = random.Random(seed)
+    seed_mem = random.Random(seed + 1).randbytes(MEM_SIZE)
+    answers = [random.Random(seed + 2).random() < 0.75 for _ in range(400)]
+    sides = [Side(RefDatapath, seed_mem, answers), Side(Datapath, seed_mem, answers)]
+    try:
+        geo = program(rng, sides)
+        write_rx_descs(rng, sides, geo)
+        use_sink = rng.random() < 0.6
+        for s in sides:
+            if use_sink:
+                s.engine.sink = s.sink
+        tx_tail = sides[0].regs[R.TDT >> 2]
+        for step in range(steps):
+            op = rng.random()
+            results = []
+            if op < 0.45:
+                frame = random_frame(rng)
+                results = [s.engine.receive(frame) for s in sides]
+            elif op < 0.6:
+                rx_n = geo["rx_n"]
+                new = (sides[0].regs[R.RDT >> 2] + rng.randrange(1, rx_n)) % rx_n
+                if rng.random() < 0.3:
+                    write_rx_descs(rng, sides, geo)
+                for s in sides:
+                    s.w(R.RDT, new)
+                results = [s.engine.drain_rx() for s in sides]
+            elif op < 0.85:
+                for _ in range(rng.randrange(1, 4)):
+                    tx_tail = queue_tx(rng, sides, geo, tx_tail)
+                for s in sides:
+                    s.w(R.TDT, tx_tail)
+                results = [s.engine.transmit() for s in sides]
+            elif op < 0.92:
+                results = [s.engine.tx_resume() for s in sides]
+            elif op < 0.95:
+                flip = rng.random() < 0.5
+                for s in sides:
+                    s.engine.bus_master = flip
+                results = [s.engine.drain_rx() for s in sides]
+            elif op < 0.97:
+                rctl = sides[0].regs[R.RCTL >> 2] ^ int(R.Rctl.SECRC | R.Rctl.LPE)
+                pba = rng.choice([R.PBA_DEFAULT, 0x00010001, 0x00020002])
+                for s in sides:
+                    s.w(R.RCTL, rctl)
+                    s.w(R.PBA, pba)
+                results = [0, 0]
+            else:
+                for s in sides:
+                    s.engine.reset()
+                results = [0, 0]
+            assert results[0] == results[1], f"seed {seed} step {step}: events {results[0]:#x} != {results[1]:#x}"
+            compare(sides[0], sides[1], f"(seed {seed} step {step})")
+            if step % 10 == 9:
+                sent_ref, sent_cy = (s.engine.take_transmitted() for s in sides)
+                assert sent_ref == sent_cy, f"seed {seed} step {step}: transmitted frames differ"
+        sent_ref, sent_cy = (s.engine.take_transmitted() for s in sides)
+        assert sent_ref == sent_cy
+    finally:
+        for s in sides:
+            s.close()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_engines_agree_on_random_scenarios(seed: int) -> None:
+    run_scenario(seed)
+
+
+def test_engines_agree_long_run() -> None:
+    run_scenario(1000, steps=600)
+
+
+def _pair(cls, seed_mem: bytes):
+    a, b = Side(cls, seed_mem, []), Side(cls, seed_mem, [])
+    a.engine.link(b.engine)
+    b.engine.link(a.engine)
+    return a, b
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_linked_pairs_agree(seed: int) -> None:
+    """Frames sent engine to engine (the in-C path) land exactly as in the reference pair."""
+    rng = random.Random(seed)
+    seed_mem = random.Random(seed + 1).randbytes(MEM_SIZE)
+    ref_pair, cy_pair = _pair(RefDatapath, seed_mem), _pair(Datapath, seed_mem)
+    sides = [*ref_pair, *cy_pair]
+    try:
+        # identical programming for both pairs: tx side (a) and rx side (b)
+        geo = program(rng, sides)
+        write_rx_descs(rng, sides, geo)
+        tails = [sides[0].regs[R.TDT >> 2], sides[1].regs[R.TDT >> 2]]
+        for step in range(40):
+            which = rng.randrange(2)
+            if rng.random() < 0.7:
+                tails[which] = queue_tx(rng, [ref_pair[which], cy_pair[which]], geo, tails[which])
+                for s in (ref_pair[which], cy_pair[which]):
+                    s.w(R.TDT, tails[which])
+                ev = [s.engine.transmit() for s in (ref_pair[which], cy_pair[which])]
+            else:
+                rx_n = geo["rx_n"]
+                new = (ref_pair[which].regs[R.RDT >> 2] + rng.randrange(1, rx_n)) % rx_n
+                for s in (ref_pair[which], cy_pair[which]):
+                    s.w(R.RDT, new)
+                ev = [s.engine.drain_rx() for s in (ref_pair[which], cy_pair[which])]
+            assert ev[0] == ev[1]
+            peer = 1 - which
+            assert ref_pair[peer].engine.take_events() == cy_pair[peer].engine.take_events()
+            for k in range(2):
+                compare(ref_pair[k], cy_pair[k], f"(seed {seed} step {step} side {k})")
+    finally:
+        for s in sides:
+            s.close()
+
+
+@pytest.mark.parametrize("kinds", [(RefDatapath, Datapath), (Datapath, RefDatapath)])
+def test_mixed_engines_linked(kinds) -> None:
+    """A Cython engine linked to a Python one hands frames over through peer.deliver()."""
+    seed_mem = random.Random(5).randbytes(MEM_SIZE)
+    ref_pair = _pair(RefDatapath, seed_mem)
+    a, b = Side(kinds[0], seed_mem, []), Side(kinds[1], seed_mem, [])
+    a.engine.link(b.engine)
+    b.engine.link(a.engine)
+    try:
+        rng = random.Random(9)
+        sides = [*ref_pair, a, b]
+        geo = program(rng, sides)
+        for s in sides:  # make sure frames get through: receiver on, promiscuous, big buffers
+            s.w(R.RCTL, int(R.Rctl.EN | R.Rctl.UPE | R.Rctl.MPE | R.Rctl.BAM))
+            s.w(R.PBA, R.PBA_DEFAULT)
+            s.w(R.RDBAL, RX_BASE)
+            s.w(R.TDBAL, TX_BASE)
+        write_rx_descs(random.Random(1), sides, geo)
+        rx_n = geo["rx_n"]
+        tail = ref_pair[0].regs[R.TDT >> 2]
+        for step in range(30):
+            new_rdt = (ref_pair[1].regs[R.RDH >> 2] - 1) % rx_n
+            for s in (ref_pair[1], b):
+                s.w(R.RDT, new_rdt)
+            assert ref_pair[1].engine.drain_rx() == b.engine.drain_rx()
+            tail = queue_tx(rng, [ref_pair[0], a], geo, tail)
+            for s in (ref_pair[0], a):
+                s.w(R.TDT, tail)
+            assert ref_pair[0].engine.transmit() == a.engine.transmit()
+            assert ref_pair[1].engine.take_events() == b.engine.take_events()
+            compare(ref_pair[0], a, f"(step {step}, sender)")
+            compare(ref_pair[1], b, f"(step {step}, receiver)")
+        assert b.regs[R.GPRC >> 2] > 10
+    finally:
+        for s in (*ref_pair, a, b):
+            s.close()

@@ -1,0 +1,322 @@
+"""Misprogramming never crashes the device and never touches memory outside DmaMemory.
+
+Each case has a defined outcome (docs/datapath.md, "Misprogramming"), and after a reset the
+device works again. Both engines. Memory outside the mapped regions cannot even be reached
+by construction; these tests also check that nothing *inside* is written where it must not be.
+"""
+from __future__ import annotations
+
+import os
+import random
+import struct
+import zlib
+from array import array
+
+import pytest
+from conftest import RxRing, TxRing, enable_bus_master, make_frame, sealed_memfd
+
+from nicemu import DmaMemory
+from nicemu import regs as R
+from nicemu.nic import Nic
+
+EOP, IFCS, RS = int(R.TxdCmd.EOP), int(R.TxdCmd.IFCS), int(R.TxdCmd.RS)
+MEM = 1 << 20
+
+
+@pytest.fixture(params=["python", "cython"])
+def dev(request, make_nic):
+    return make_nic(engine=request.param)
+
+
+def body(size: int = 60) -> bytes:
+    return make_frame(dst=bytes.fromhex("525400654321"), size=size, fcs=False)
+
+
+def works_after_reset(nic) -> None:
+    """CTRL.RST, program fresh rings, and one frame goes out and one comes in."""
+    nic.write32(R.CTRL, int(R.Ctrl.RST))
+    enable_bus_master(nic)
+    nic.transmitted()
+    tx = TxRing(nic).setup()
+    tx.send([body()])
+    assert len(nic.transmitted()) == 1
+    rx = RxRing(nic).setup()
+    frame = make_frame()
+    nic.receive(frame)
+    assert rx.data(0) == frame
+
+
+def snapshot(nic) -> bytes:
+    return nic.mem.read(0, nic.mem.size)
+
+
+# --- TX -----------------------------------------------------------------------------------
+
+def test_tx_ring_outside_memory_skips_descriptors(dev) -> None:
+    TxRing(dev).setup()
+    dev.write32(R.TDBAL, 0xFFFF0000)
+    dev.write32(R.TDBAH, 0x7)
+    before = snapshot(dev)
+    dev.write32(R.TDT, 3)
+    assert dev.read32(R.TDH) == 3  # skipped, not stuck
+    assert dev.dma_errors == 3
+    assert dev.transmitted() == [] and snapshot(dev) == before
+    works_after_reset(dev)
+
+
+def test_tx_ring_straddling_the_end_of_memory(dev) -> None:
+    TxRing(dev).setup()
+    dev.write32(R.TDBAL, MEM - 0x40)  # descriptors 0..3 inside, 4.. outside
+    for k in range(4):
+        dev.mem.write(MEM - 0x40 + 16 * k, R.TX_DESC.pack(0x80000, 60, 0, EOP | IFCS | RS, 0, 0, 0))
+    dev.mem.write(0x80000, body())
+    dev.write32(R.TDT, 6)
+    assert len(dev.transmitted()) == 4 and dev.dma_errors == 2 and dev.read32(R.TDH) == 6
+    works_after_reset(dev)
+
+
+def test_tx_buffer_outside_memory_drops_the_packet(dev) -> None:
+    ring = TxRing(dev).setup()
+    dev.mem.write(ring.base, R.TX_DESC.pack(MEM - 10, 60, 0, EOP | IFCS | RS, 0, 0, 0))
+    dev.mem.write(ring.base + 16, R.TX_DESC.pack(1 << 63, 60, 0, EOP | IFCS | RS, 0, 0, 0))
+    dev.write32(R.TDT, 2)
+    assert dev.transmitted() == []
+    assert dev.read32(R.TDH) == 2 and ring.sta(0) & R.TxdSta.DD and ring.sta(1) & R.TxdSta.DD
+    assert dev.dma_errors == 2 and dev.engine.tx_dropped == 2
+    works_after_reset(dev)
+
+
+def test_zero_length_tx_ring_with_tdt_set(dev) -> None:
+    """QEMU CVE-2016-1981 / CVE-2021-20257: an infinite loop here. nicemu: nothing happens."""
+    TxRing(dev).setup()
+    dev.write32(R.TDLEN, 0)
+    dev.write32(R.TDT, 5)
+    assert dev.read32(R.TDH) == 0 and dev.transmitted() == []
+    dev.write32(R.TDLEN, 100)  # below 128: rounds down to 0 descriptors
+    assert dev.read32(R.TDLEN) == 0
+    dev.write32(R.TDT, 7)
+    assert dev.read32(R.TDH) == 0 and dev.transmitted() == []
+    works_after_reset(dev)
+
+
+def test_ring_length_not_a_multiple_of_128_is_rounded_down(dev) -> None:
+    ring = TxRing(dev, n=8).setup()
+    dev.write32(R.TDLEN, 8 * 16 + 100)  # 228: 8 descriptors
+    frames = [body(60 + i) for i in range(7)]
+    ring.send(frames)
+    assert [f[:-4] for f in dev.transmitted()] == frames
+    ring.send([body(99)])  # tail wraps 7 -> 0 in an 8-descriptor ring
+    assert len(dev.transmitted()) == 1 and dev.read32(R.TDH) == 0
+    # the engine rounds down even if the register held a raw value
+    dev.regs[R.TDLEN >> 2] = 8 * 16 + 100
+    ring.send([body()])
+    assert len(dev.transmitted()) == 1
+
+
+@pytest.mark.parametrize("tdh, tdt", [(0, 40), (40, 3), (0xFFFF, 0)])
+def test_tx_head_or_tail_beyond_the_ring_is_no_work(dev, tdh, tdt) -> None:
+    ring = TxRing(dev).setup()
+    for k in range(16):
+        dev.mem.write(ring.base + 16 * k, R.TX_DESC.pack(ring.buf_base, 60, 0, EOP | RS, 0, 0, 0))
+    dev.write32(R.TDH, tdh)
+    dev.write32(R.TDT, tdt)
+    assert dev.transmitted() == [] and dev.read32(R.TDH) == tdh
+    works_after_reset(dev)
+
+
+def test_tx_chain_without_eop_is_bounded(dev) -> None:
+    ring = TxRing(dev, n=8).setup()
+    for k in range(8):
+        dev.mem.write(ring.base + 16 * k, R.TX_DESC.pack(ring.buf_base, 100, 0, RS | IFCS, 0, 0, 0))
+    dev.write32(R.TDT, 3)
+    assert dev.read32(R.TDH) == 0  # an incomplete packet: waits for the rest
+    dev.write32(R.TDT, 7)  # a full ring (7 descriptors) and still no EOP: it can never end
+    assert dev.read32(R.TDH) == 7 and dev.transmitted() == []
+    assert dev.engine.tx_dropped == 1
+    assert all(ring.sta(k) & R.TxdSta.DD for k in range(7))  # the driver gets its buffers back
+    works_after_reset(dev)
+
+
+def test_tx_packet_longer_than_16384_is_dropped(dev) -> None:
+    ring = TxRing(dev, n=16).setup()
+    dev.write32(R.PBA, 0x00300010)  # 48 KB TX so that only the 16384 limit applies
+    for k in range(9):  # 9 descriptors of 2000 bytes = 18000 bytes
+        cmd = RS | (EOP | IFCS if k == 8 else 0)
+        dev.mem.write(ring.base + 16 * k, R.TX_DESC.pack(ring.buf_base, 2000, 0, cmd, 0, 0, 0))
+    dev.write32(R.TDT, 9)
+    assert dev.transmitted() == [] and dev.read32(R.TDH) == 9 and dev.engine.tx_dropped == 1
+    frame = body(16380)  # 16384 with the FCS: the largest
+    for k in range(9, 11):
+        piece = frame[: 8190] if k == 9 else frame[8190:]
+        addr = 0x20000 + (k - 9) * 0x4000
+        dev.mem.write(addr, piece)
+        dev.mem.write(ring.base + 16 * k, R.TX_DESC.pack(addr, len(piece), 0, RS | (EOP | IFCS if k == 10 else 0), 0, 0, 0))
+    dev.write32(R.TDT, 11)
+    (out,) = dev.transmitted()
+    assert len(out) == 16384 and out == frame + struct.pack("<I", zlib.crc32(frame))
+
+
+def test_tx_packet_longer_than_the_tx_packet_buffer_is_dropped(dev) -> None:
+    ring = TxRing(dev).setup()
+    dev.write32(R.PBA, (2 << 16) | 46)  # 2 KB TX packet buffer
+    frame = body(2100)
+    dev.mem.write(ring.buf_base, frame)
+    dev.mem.write(ring.base, R.TX_DESC.pack(ring.buf_base, len(frame), 0, EOP | IFCS | RS, 0, 0, 0))
+    dev.write32(R.TDT, 1)
+    assert dev.transmitted() == [] and dev.read32(R.TDH) == 1 and dev.engine.tx_dropped == 1
+    dev.write32(R.PBA, 0)  # no TX buffer at all: every packet is too long
+    ring.tail = 1
+    ring.send([body(60)])
+    assert dev.transmitted() == [] and dev.engine.tx_dropped == 2 and dev.read32(R.TDH) == 2
+    works_after_reset(dev)
+
+
+# --- RX -----------------------------------------------------------------------------------
+
+def test_rx_ring_outside_memory_drops_without_writing(dev) -> None:
+    RxRing(dev).setup()
+    dev.write32(R.RDBAL, 0xFFFFF000)
+    before = snapshot(dev)
+    for _ in range(3):
+        dev.receive(make_frame())
+    assert snapshot(dev) == before
+    assert dev.read32(R.RDH) == 0 and dev.dma_errors == 3 and dev.engine.rx_dropped == 3
+    works_after_reset(dev)
+
+
+def test_rx_buffer_outside_memory_drops_without_writing(dev) -> None:
+    ring = RxRing(dev, bufsize=256).setup(rctl=3 << R.RCTL_BSIZE_SHIFT)
+    dev.mem.write(ring.base, R.RX_DESC.pack(MEM - 40, 0, 0, 0, 0, 0))  # 64 bytes do not fit
+    dev.mem.write(ring.base + 16 * 2, R.RX_DESC.pack(1 << 50, 0, 0, 0, 0, 0))
+    before = snapshot(dev)
+    dev.receive(make_frame(size=64))
+    assert snapshot(dev) == before and dev.dma_errors == 1 and dev.read32(R.RDH) == 0
+    # a frame needing three buffers, the third one bad: nothing of it is written
+    dev.mem.write(ring.base, R.RX_DESC.pack(ring.buf_base, 0, 0, 0, 0, 0))
+    before = snapshot(dev)
+    dev.receive(make_frame(size=600))
+    assert snapshot(dev) == before and dev.dma_errors == 2 and dev.read32(R.RDH) == 0
+    works_after_reset(dev)
+
+
+def test_zero_length_rx_ring_frames_wait(dev) -> None:
+    RxRing(dev).setup()
+    dev.write32(R.RDLEN, 0)
+    dev.receive(make_frame())
+    assert dev.read32(R.RNBC) == 1 and dev.read32(R.RDH) == 0
+    works_after_reset(dev)
+
+
+@pytest.mark.parametrize("rdh, rdt", [(0, 40), (40, 3)])
+def test_rx_head_or_tail_beyond_the_ring_is_no_buffers(dev, rdh, rdt) -> None:
+    RxRing(dev).setup()
+    dev.write32(R.RDH, rdh)
+    before = snapshot(dev)
+    dev.write32(R.RDT, rdt)
+    dev.receive(make_frame())
+    assert snapshot(dev) == before and dev.read32(R.RNBC) == 1 and dev.read32(R.RDH) == rdh
+    works_after_reset(dev)
+
+
+def test_frame_needing_more_buffers_than_the_ring_has_is_dropped(dev) -> None:
+    ring = RxRing(dev, n=8, bufsize=256).setup(rctl=3 << R.RCTL_BSIZE_SHIFT)
+    dev.receive(make_frame(size=1522))  # 6 buffers: fits in 7
+    assert dev.read32(R.RDH) == 6
+    dev.write32(R.RCTL, int(R.Rctl.EN | R.Rctl.LPE) | (3 << R.RCTL_BSIZE_SHIFT))
+    ring.give(6)
+    dev.receive(make_frame(size=3000))  # 12 buffers: never fits in an 8-descriptor ring
+    assert dev.read32(R.RDH) == 6 and dev.engine.rx_dropped == 1
+    frame = make_frame(size=64)
+    dev.receive(frame)  # the queue is not blocked behind it
+    assert ring.data(6) == frame
+
+
+def test_read_only_dma_region_is_never_written(make_nic) -> None:
+    for engine in ("python", "cython"):
+        mem = DmaMemory()
+        fd = sealed_memfd(MEM)
+        mem.map_fd(fd, 0, MEM, writable=False)
+        nic = make_nic(engine=engine, mem=mem)
+        nic.write32(R.RDBAL, 0x1000)
+        nic.write32(R.RDLEN, 128)
+        nic.write32(R.RCTL, int(R.Rctl.EN | R.Rctl.BAM))
+        nic.write32(R.RDT, 5)
+        nic.receive(make_frame())
+        assert nic.dma_errors == 1 and nic.read32(R.RDH) == 0
+        assert mem.read(0x1000, 128) == bytes(128)
+        mem.close()
+
+
+def test_unmapped_memory_is_noticed_by_the_engine(make_nic) -> None:
+    """DMA_UNMAP while the device runs: the engine must not use the old mapping."""
+    for engine in ("python", "cython"):
+        mem = DmaMemory()
+        fd = sealed_memfd(MEM)
+        mem.map_fd(fd, 0, MEM)
+        nic = make_nic(engine=engine, mem=mem)
+        tx = TxRing(nic).setup()
+        tx.send([body()])
+        assert len(nic.transmitted()) == 1
+        mem.unmap(0, MEM)
+        nic.write32(R.TDT, 5)  # the driver rings a doorbell with its memory gone
+        assert nic.transmitted() == [] and nic.dma_errors == 4 and nic.read32(R.TDH) == 5
+        nic.receive(make_frame())
+        fd = sealed_memfd(MEM)
+        mem.map_fd(fd, 0, MEM)  # mapped again (fresh, zeroed)
+        works_after_reset(nic)
+        mem.close()
+
+
+def test_a_frame_of_any_length_and_content_is_safe(dev) -> None:
+    ring = RxRing(dev).setup(rctl=int(R.Rctl.SBP | R.Rctl.UPE | R.Rctl.MPE | R.Rctl.LPE | R.Rctl.BSEX) | (1 << 16))
+    dev.write32(R.RXCSUM, 0x3FF)  # offload on, PCSS = 255
+    rng = random.Random(3)
+    for n in list(range(0, 80)) + [1522, 1523, 16383, 16384, 16385, 20000]:
+        dev.receive(rng.randbytes(n))  # random bytes: almost all fail the FCS, SBP keeps them
+        if dev.read32(R.RDH) == ring.tail:
+            ring.give(ring.n - 1)
+    assert dev.read32(R.RUC) == 64 and dev.read32(R.ROC) == 2  # sizes 0..63; 16385 and 20000
+    assert dev.read32(R.CRCERRS) == 20  # the other 20: random bytes, stored with CE (SBP)
+    # IPv4 headers that lie about their lengths
+    for ihl, total in ((15, 20), (5, 65535), (5, 0), (6, 21)):
+        ip = bytes([0x40 | ihl, 0]) + struct.pack("!H", total) + bytes(5) + b"\x06" + bytes(10)
+        frame = make_frame(payload=b"", ethertype=0x0800, size=64, fcs=False)[:14] + ip
+        dev.receive(frame + bytes(60 - len(frame)) + struct.pack("<I", zlib.crc32(frame + bytes(60 - len(frame)))))
+    works_after_reset(dev)
+
+
+def test_bad_arguments_from_python_raise_cleanly() -> None:
+    from nicemu.datapath_ref import RefDatapath
+
+    mods = [RefDatapath]
+    try:
+        from nicemu._datapath import Datapath
+
+        mods.append(Datapath)
+        with pytest.raises((ValueError, TypeError, BufferError)):
+            Datapath(bytearray(16), DmaMemory(4096))  # a register file too small
+    except ImportError:
+        pass
+    for cls in mods:
+        mem = DmaMemory(4096)
+        nic_regs = array("I", bytes(R.BAR0_SIZE))
+        nic_regs[R.RCTL >> 2] = int(R.Rctl.EN)
+        engine = cls(nic_regs, mem)
+        with pytest.raises(TypeError):
+            engine.receive(None)
+        mem.close()
+
+
+def test_nic_level_reset_keeps_the_engine_consistent(make_nic) -> None:
+    for engine in ("python", "cython"):
+        nic: Nic = make_nic(engine=engine)
+        RxRing(nic).setup(give=0)
+        for _ in range(5):
+            nic.receive(make_frame())  # waiting in the RX packet buffer
+        nic.reset()
+        enable_bus_master(nic)
+        rx = RxRing(nic).setup()  # the old frames were emptied with the buffer
+        assert nic.read32(R.RDH) == 0
+        frame = make_frame(size=100)
+        nic.receive(frame)
+        assert rx.data(0) == frame
