@@ -5,7 +5,8 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 HERE = Path(__file__).parent
-PYX = sorted(str(p.relative_to(HERE)) for p in HERE.glob("*/_*.pyx"))
+PACKAGES = ("nicemu", "driver", "kstack")
+PYX = sorted(str(p.relative_to(HERE)) for pkg in PACKAGES for p in (HERE / pkg).rglob("_*.pyx"))
 
 extensions = [
     Extension(p[:-4].replace("/", "."), [p], extra_compile_args=["-O3"]) for p in PYX

@@ -1,0 +1,203 @@
+"""In-process cables: two devices back to back inside one emulator process.
+
+`PairCable(nic_a, nic_b)` plugs two Nics together. With no capture and no faults it uses
+`nic_a.connect(nic_b)`: frames go from one data-path engine to the other without a Python
+object per frame (the fast default). With a capture or faults on either side it builds a
+Python-level pair of `PipeEnd`s wrapped in `FaultyEnd` / `CapturedEnd`, and delivers
+synchronously: a frame the TX ring sends is in the peer's RX ring when the TDT write returns,
+unless a fault holds it (then `run_timers()` at `next_deadline()` releases it; `fileno()` is
+a timerfd-backed descriptor an event loop can wait on).
+
+Options (the YAML keys of a `pair` cable):
+    capture_a, capture_b   pcap path for port a / port b (None: no capture)
+    faults_ab, faults_ba   fault settings (nicemu.faults.FaultConfig keys) for the direction
+                           a -> b and b -> a
+    clock                  callable returning ns, for fault timing (default: nic_a.clock)
+
+`pipe()` is the same pair as two plain CableEnds for an event loop that services ports itself
+(nicemu.emulator): send() queues into the peer's inbox and rings its eventfd.
+"""
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any, Callable, Mapping
+
+from nicemu.cable.base import CableEnd, Poller, eventfd_clear
+
+__all__ = ["PairCable", "PipeEnd", "pipe"]
+
+
+class PipeEnd:
+    """One end of an in-process pipe pair. Bounded: send() refuses while the peer's inbox
+    holds `limit` frames, and the peer rings our eventfd when it drains a full inbox."""
+
+    def __init__(self, limit: int = 256) -> None:
+        if limit < 1:
+            raise ValueError(f"pipe limit must be >= 1, got {limit}")
+        self.limit = limit
+        self.peer: PipeEnd | None = None
+        self.inbox: collections.deque[bytes] = collections.deque()
+        self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._closed = False
+        self._peer_waiting = False  # the peer was refused: ring it when our inbox drains
+
+    @property
+    def link_up(self) -> bool:
+        return not self._closed and self.peer is not None and not self.peer._closed
+
+    def fileno(self) -> int | None:
+        return None if self._closed else self._efd
+
+    def send(self, frame: bytes) -> bool:
+        peer = self.peer
+        if peer is None or self._closed or peer._closed:
+            return True  # unplugged: the frame is lost on the floor, as on a real cable
+        if len(peer.inbox) >= peer.limit:
+            peer._peer_waiting = True
+            return False
+        was_empty = not peer.inbox
+        peer.inbox.append(bytes(frame))
+        if was_empty:
+            os.eventfd_write(peer._efd, 1)
+        return True
+
+    def writable(self) -> bool:
+        peer = self.peer
+        return peer is None or peer._closed or len(peer.inbox) < peer.limit
+
+    def recv_frames(self) -> list[bytes]:
+        if self._closed:
+            return []
+        eventfd_clear(self._efd)
+        frames = list(self.inbox)
+        self.inbox.clear()
+        if self._peer_waiting and self.peer is not None and not self.peer._closed:
+            self._peer_waiting = False
+            os.eventfd_write(self.peer._efd, 1)  # space again: wake the refused sender
+        return frames
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.inbox.clear()
+        if self.peer is not None and not self.peer._closed:
+            os.eventfd_write(self.peer._efd, 1)  # the peer sees link down
+        os.close(self._efd)
+
+
+def pipe(limit: int = 256) -> tuple[PipeEnd, PipeEnd]:
+    """Two connected in-process cable ends."""
+    a, b = PipeEnd(limit), PipeEnd(limit)
+    a.peer, b.peer = b, a
+    return a, b
+
+
+class PairCable:
+    """Two Nics in one process, back to back. See the module docstring for the options."""
+
+    def __init__(
+        self,
+        nic_a,
+        nic_b,
+        *,
+        capture_a: str | os.PathLike[str] | None = None,
+        capture_b: str | os.PathLike[str] | None = None,
+        faults_ab: Mapping[str, Any] | None = None,
+        faults_ba: Mapping[str, Any] | None = None,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        from nicemu.faults import FaultConfig, FaultyEnd
+        from nicemu.pcap import CapturedEnd
+
+        if nic_a is nic_b:
+            raise ValueError("pair cable: both ends are the same device")
+        self.nic_a, self.nic_b = nic_a, nic_b
+        fab = FaultConfig.from_dict(faults_ab)
+        fba = FaultConfig.from_dict(faults_ba)
+        self.fast = capture_a is None and capture_b is None and not fab.active and not fba.active
+        self.end_a: CableEnd | None = None
+        self.end_b: CableEnd | None = None
+        self._poller: Poller | None = None
+        if self.fast:
+            nic_a.connect(nic_b)
+        else:
+            clk = clock or getattr(nic_a, "clock", None)
+            pa, pb = pipe()
+            ea: CableEnd = pa
+            eb: CableEnd = pb
+            # faults on a's end shape a -> b on its tx side; b -> a on b's tx side
+            if fab.active or fba.active:
+                ea = FaultyEnd(ea, tx=fab, clock=clk)
+                eb = FaultyEnd(eb, tx=fba, clock=clk)
+            if capture_a is not None:
+                ea = CapturedEnd(ea, capture_a)
+            if capture_b is not None:
+                eb = CapturedEnd(eb, capture_b)
+            self.end_a, self.end_b = ea, eb
+            self._poller = Poller()
+            for e in (ea, eb):
+                fd = e.fileno()
+                if fd is not None:
+                    self._poller.watch(fd)
+            nic_a.attach(self._sink(ea, eb, nic_b))
+            nic_b.attach(self._sink(eb, ea, nic_a))
+        nic_a.set_link(True)
+        nic_b.set_link(True)
+
+    @staticmethod
+    def _sink(mine: CableEnd, theirs: CableEnd, peer) -> Callable[[bytes], bool]:
+        def sink(frame: bytes) -> bool:
+            if not mine.send(frame):
+                return False
+            for f in theirs.recv_frames():  # synchronous, as in QEMU: delivered before return
+                peer.receive(f)
+            return True
+
+        return sink
+
+    def fileno(self) -> int | None:
+        """Readable when a held (delayed) frame may be due; None on the fast path."""
+        return None if self._poller is None else self._poller.fileno()
+
+    def next_deadline(self) -> int | None:
+        ts = [
+            nd()
+            for e in (self.end_a, self.end_b)
+            if e is not None and (nd := getattr(e, "next_deadline", None)) is not None and nd() is not None
+        ]
+        return min(ts) if ts else None
+
+    def run_timers(self) -> None:
+        """Release frames whose delay has passed, in both directions, and resume TX buffers."""
+        if self.end_a is None or self.end_b is None:
+            return
+        for _ in range(2):  # tx releases on one side become rx arrivals on the other
+            for end, nic in ((self.end_a, self.nic_a), (self.end_b, self.nic_b)):
+                for f in end.recv_frames():
+                    nic.receive(f)
+        for end, nic in ((self.end_a, self.nic_a), (self.end_b, self.nic_b)):
+            if end.writable():
+                nic.tx_ready()
+
+    def close(self) -> None:
+        """Unplug: both links go down and what the devices still transmit is lost, as with a
+        pulled cable (the engines are unlinked on the fast path)."""
+        if self.fast:
+            self.nic_a.disconnect()
+        elif self.end_a is not None:
+            self.end_a.close()
+            self.end_b.close()
+            self.end_a = self.end_b = None
+        if self._poller is not None:
+            self._poller.close()
+            self._poller = None
+        self.nic_a.attach(_unplugged)
+        self.nic_b.attach(_unplugged)
+        self.nic_a.set_link(False)
+        self.nic_b.set_link(False)
+
+
+def _unplugged(frame: bytes) -> bool:
+    return True  # taken and lost: nothing is plugged in

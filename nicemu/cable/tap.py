@@ -1,0 +1,171 @@
+"""A cable to the Linux kernel: the port is a TAP device, so the real network stack is the peer.
+
+/dev/net/tun with TUNSETIFF (IFF_TAP | IFF_NO_PI) gives a network interface whose frames we
+read and write on a file descriptor. The device is not made persistent, so the kernel removes
+it the moment the last descriptor closes: nothing is left behind even after kill -9.
+
+The kernel speaks frames without FCS; the NIC's wire carries them with. Towards the NIC the
+cable pads short frames to 60 bytes (as the sending MAC would) and appends the FCS; towards
+the kernel it checks and strips the FCS, and drops a frame whose FCS is bad (a real receiving
+MAC would, and count it: `tx_bad_fcs`).
+
+Options (YAML keys of a `tap` cable end):
+    name    interface name; "%d" lets the kernel pick a number (`end.ifname` is the name
+            the kernel gave)                                        (default "nicemu%d")
+    netns   move the interface into this existing network namespace (`ip link set ... netns`);
+            the descriptor keeps working from here                   (default None)
+
+The interface is created down; configure it with iproute2 (addresses in tests come from
+198.18.0.0/15). Needs CAP_NET_ADMIN (root) and /dev/net/tun.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import subprocess
+import zlib
+
+from nicemu.cable.base import CableError, Poller, Timer
+
+__all__ = ["TapCableEnd", "tap_available"]
+
+TUNSETIFF = 0x400454CA
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFNAMSIZ = 16
+ETH_ZLEN = 60  # minimum frame without FCS
+_LE32 = struct.Struct("<I")
+
+
+def tap_available() -> str | None:
+    """None if a TAP can be created here, else the reason it cannot."""
+    if not os.path.exists("/dev/net/tun"):
+        return "/dev/net/tun does not exist"
+    if os.geteuid() != 0:
+        return "creating a TAP device needs root (CAP_NET_ADMIN)"
+    return None
+
+
+class TapCableEnd:
+    """One TAP interface as a cable end (a CableEnd)."""
+
+    RECV_BATCH = 256
+
+    def __init__(self, name: str = "nicemu%d", netns: str | None = None) -> None:
+        ifname = name
+        if not isinstance(ifname, str):
+            raise ValueError(f"tap name must be a string, got {ifname!r}")
+        name_b = ifname.encode()
+        if not name_b or len(name_b) >= IFNAMSIZ or b"/" in name_b or b" " in name_b:
+            raise ValueError(f"tap name must be 1..15 characters without '/' or spaces, got {ifname!r}")
+        try:
+            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            raise CableError(e.errno, f"tap cable: cannot open /dev/net/tun: {e.strerror}") from None
+        try:
+            ifr = struct.pack("16sH22x", name_b, IFF_TAP | IFF_NO_PI)
+            res = fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as e:
+            os.close(fd)
+            raise CableError(e.errno, f"tap cable: TUNSETIFF {ifname!r} failed: {e.strerror}") from None
+        self.fd = fd
+        self.ifname = res[:IFNAMSIZ].rstrip(b"\0").decode()
+        self.netns = None
+        self._closed = False
+        self._blocked = False
+        self._timer = Timer()
+        self._poller = Poller()
+        self._poller.watch(fd)
+        self._poller.watch(self._timer.fileno())
+        self.tx_frames = 0
+        self.rx_frames = 0
+        self.tx_bad_fcs = 0  # frames from the NIC whose FCS was wrong: not given to the kernel
+        self.tx_dropped = 0  # runts or write errors
+        self.last_error: str | None = None
+        if netns is not None:
+            try:
+                self.move_to_netns(netns)
+            except BaseException:
+                self.close()
+                raise
+
+    def move_to_netns(self, netns: str) -> None:
+        """Move the interface into an existing network namespace; our fd keeps working."""
+        r = subprocess.run(
+            ["ip", "link", "set", "dev", self.ifname, "netns", netns], capture_output=True, text=True
+        )
+        if r.returncode != 0:
+            raise CableError(errno.EINVAL, f"tap cable: cannot move {self.ifname} to netns {netns}: {r.stderr.strip()}")
+        self.netns = netns
+
+    @property
+    def link_up(self) -> bool:
+        return not self._closed  # the TAP has carrier while we hold its fd
+
+    def fileno(self) -> int | None:
+        return None if self._closed else self._poller.fileno()
+
+    def send(self, frame: bytes) -> bool:
+        """A frame from the NIC (FCS included) to the kernel, without its FCS."""
+        if self._closed:
+            return True
+        if self._blocked:
+            return False
+        n = len(frame)
+        if n < 14 + 4:
+            self.tx_dropped += 1
+            return True
+        body = memoryview(frame)[: n - 4]
+        if _LE32.unpack_from(frame, n - 4)[0] != zlib.crc32(body):
+            self.tx_bad_fcs += 1
+            return True
+        try:
+            os.write(self.fd, body)
+        except BlockingIOError:
+            self._blocked = True
+            self._timer.arm_in(50_000)
+            return False
+        except OSError as e:  # e.g. EIO: the interface is down
+            self.tx_dropped += 1
+            self.last_error = f"write: {e}"
+            return True
+        self.tx_frames += 1
+        return True
+
+    def writable(self) -> bool:
+        return not self._blocked
+
+    def recv_frames(self) -> list[bytes]:
+        """Frames from the kernel, padded to 60 bytes and with their FCS added."""
+        if self._closed:
+            return []
+        if self._blocked:
+            self._timer.clear()
+            self._blocked = False
+        out: list[bytes] = []
+        for _ in range(self.RECV_BATCH):
+            try:
+                data = os.read(self.fd, 65536)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                self.last_error = f"read: {e}"
+                break
+            if not data:
+                break
+            if len(data) < ETH_ZLEN:
+                data += bytes(ETH_ZLEN - len(data))
+            out.append(data + _LE32.pack(zlib.crc32(data)))
+        self.rx_frames += len(out)
+        return out
+
+    def close(self) -> None:
+        """Close the fd: the kernel deletes the (non-persistent) interface."""
+        if self._closed:
+            return
+        self._closed = True
+        self._poller.close()
+        self._timer.close()
+        os.close(self.fd)

@@ -1,0 +1,227 @@
+"""Packet capture in the classic libpcap format, FCS included, and a capture wrapper for any
+cable end.
+
+Why classic pcap: tcpdump, tshark and Wireshark all read it, and it is simple enough to write
+byte by byte (https://www.tcpdump.org/manpages/pcap-savefile.5.html). The global header is
+magic 0xa1b2c3d4 (microsecond timestamps), version 2.4, snaplen, and the link type
+LINKTYPE_ETHERNET (1). Each record is ts_sec, ts_usec, captured length, original length.
+
+The frames are what the wire carries, so every record ends with the 4-byte FCS. The pcap
+format can say so: the top bits of the link-type word (pcap-savefile(5), "LinkType and
+additional information"; libpcap's LT_FCS_DATALINK_EXT) hold the P bit (0x04000000, "FCS
+length present") and the FCS length in 16-bit units in bits 28..31 (2 -> 4 bytes), i.e. the
+word is 0x24000001 (`fcs_in_header=True`, the default). libpcap (tcpdump) and Wireshark's
+reader mask it down to link type 1 and tshark then knows the last 4 bytes are the FCS; with
+`fcs_in_header=False` the word is exactly 1 and tshark must be told (`-o eth.fcs:Always`).
+Either way tshark checks the FCS with:
+
+    tshark -r port.pcap -o eth.check_fcs:TRUE -T fields -e frame.number -e eth.fcs.status
+
+(see docs/cables.md; with fcs_in_header=False add `-o eth.fcs:Always`.) eth.fcs.status is
+"1" (good) or "0" (bad). Classic pcap has no direction field: `CapturedEnd` writes what the
+port sends and what it receives into one file in time order; use two wrappers with
+`directions="tx"`/`"rx"` to get one file per direction.
+"""
+from __future__ import annotations
+
+import os
+import struct
+import time
+from pathlib import Path
+from typing import BinaryIO, Callable, NamedTuple
+
+from nicemu.cable.base import CableEnd
+
+__all__ = [
+    "LINKTYPE_ETHERNET",
+    "PCAP_MAGIC",
+    "CapturedEnd",
+    "PcapRecord",
+    "PcapWriter",
+    "read_pcap",
+]
+
+PCAP_MAGIC = 0xA1B2C3D4
+LINKTYPE_ETHERNET = 1
+FCS_PRESENT = 1 << 26  # the "P" (FCS length present) bit of the link-type word
+FCS_LEN_4 = 2 << 28  # FCS length in 16-bit units, bits 28..31 (2 -> 4 bytes)
+GLOBAL_HEADER = struct.Struct("<IHHiIII")  # magic, major, minor, thiszone, sigfigs, snaplen, network
+RECORD_HEADER = struct.Struct("<IIII")  # ts_sec, ts_usec, incl_len, orig_len
+
+
+class PcapRecord(NamedTuple):
+    ts_ns: int
+    data: bytes
+    orig_len: int
+
+
+class PcapWriter:
+    """Writes frames to a classic pcap file. `path` may be a path or a binary file object.
+
+    flush_each: flush after every record, so a capture survives kill -9 of the emulator and
+    can be followed live (`tail -c +1 -f port.pcap | tshark -r -`). Costs a write per frame.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | BinaryIO,
+        *,
+        snaplen: int = 65535,
+        fcs_in_header: bool = True,
+        flush_each: bool = True,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        if not 0 < snaplen <= 0x7FFFFFFF:
+            raise ValueError(f"pcap snaplen must be positive, got {snaplen}")
+        self.snaplen = snaplen
+        self.flush_each = flush_each
+        self.clock = clock or time.time_ns  # pcap timestamps are wall-clock time
+        self.count = 0
+        if isinstance(path, (str, os.PathLike)):
+            self.path: Path | None = Path(path)
+            self._f: BinaryIO = open(self.path, "wb")
+            self._owns = True
+        else:
+            self.path = None
+            self._f = path
+            self._owns = False
+        network = LINKTYPE_ETHERNET | ((FCS_PRESENT | FCS_LEN_4) if fcs_in_header else 0)
+        self._f.write(GLOBAL_HEADER.pack(PCAP_MAGIC, 2, 4, 0, 0, snaplen, network))
+        if flush_each:
+            self._f.flush()
+
+    def write(self, frame: bytes, ts_ns: int | None = None) -> None:
+        """Append one frame (FCS included), stamped ts_ns (default: the clock now)."""
+        if self._f is None:
+            raise ValueError("pcap writer is closed")
+        if ts_ns is None:
+            ts_ns = self.clock()
+        sec, ns = divmod(ts_ns, 1_000_000_000)
+        incl = min(len(frame), self.snaplen)
+        self._f.write(RECORD_HEADER.pack(sec & 0xFFFFFFFF, ns // 1000, incl, len(frame)))
+        self._f.write(frame[:incl])
+        self.count += 1
+        if self.flush_each:
+            self._f.flush()
+
+    def flush(self) -> None:
+        if self._f is not None:
+            self._f.flush()
+
+    def close(self) -> None:
+        if self._f is None:
+            return
+        f, self._f = self._f, None
+        if self._owns:
+            f.close()
+        else:
+            f.flush()
+
+    def __enter__(self) -> "PcapWriter":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_pcap(path: str | os.PathLike[str] | bytes) -> tuple[int, list[PcapRecord]]:
+    """Parse a classic pcap file (either byte order, micro- or nanosecond magic).
+
+    Returns (link-type word, records). Truncated or malformed files raise ValueError saying
+    where; for tests and tools, not a hot path."""
+    data = path if isinstance(path, bytes) else Path(path).read_bytes()
+    if len(data) < GLOBAL_HEADER.size:
+        raise ValueError(f"pcap: file shorter than the {GLOBAL_HEADER.size}-byte global header")
+    magic_le = struct.unpack_from("<I", data)[0]
+    for endian in "<>":
+        magic = struct.unpack_from(endian + "I", data)[0]
+        if magic in (0xA1B2C3D4, 0xA1B23C4D):
+            break
+    else:
+        raise ValueError(f"pcap: bad magic {magic_le:#010x}")
+    nano = magic == 0xA1B23C4D
+    hdr = struct.Struct(endian + "IHHiIII")
+    rec = struct.Struct(endian + "IIII")
+    _, _major, _minor, _, _, _snaplen, network = hdr.unpack_from(data)
+    off = hdr.size
+    out: list[PcapRecord] = []
+    while off < len(data):
+        if off + rec.size > len(data):
+            raise ValueError(f"pcap: truncated record header at offset {off}")
+        sec, frac, incl, orig = rec.unpack_from(data, off)
+        off += rec.size
+        if off + incl > len(data):
+            raise ValueError(f"pcap: truncated record data at offset {off}")
+        ts = sec * 1_000_000_000 + (frac if nano else frac * 1000)
+        out.append(PcapRecord(ts, data[off : off + incl], orig))
+        off += incl
+    return network, out
+
+
+class CapturedEnd:
+    """A CableEnd that records what passes through another one into a PcapWriter.
+
+    Placed outermost (on the NIC's side of any fault injector), it shows the port's view:
+    every frame the NIC transmitted (accepted by the cable) and every frame the NIC received,
+    as the NIC received it (corrupted ones included).
+
+    directions: "both" (default), "tx" (what the port sends) or "rx" (what it receives).
+    close_writer: close the writer with the end (False when several ends share one writer).
+    """
+
+    def __init__(
+        self,
+        inner: CableEnd,
+        writer: PcapWriter | str | os.PathLike[str],
+        *,
+        directions: str = "both",
+        close_writer: bool = True,
+    ) -> None:
+        if directions not in ("both", "tx", "rx"):
+            raise ValueError(f"capture directions must be 'both', 'tx' or 'rx', got {directions!r}")
+        self.inner = inner
+        self.writer = writer if isinstance(writer, PcapWriter) else PcapWriter(writer)
+        self._tx = directions in ("both", "tx")
+        self._rx = directions in ("both", "rx")
+        self._close_writer = close_writer
+
+    @property
+    def link_up(self) -> bool:
+        return self.inner.link_up
+
+    def fileno(self) -> int | None:
+        return self.inner.fileno()
+
+    def send(self, frame: bytes) -> bool:
+        if not self.inner.send(frame):
+            return False  # not on the wire yet: it is captured when the cable takes it
+        if self._tx:
+            self.writer.write(frame)
+        return True
+
+    def recv_frames(self) -> list[bytes]:
+        frames = self.inner.recv_frames()
+        if self._rx and frames:
+            now = self.writer.clock()
+            for f in frames:
+                self.writer.write(f, now)
+        return frames
+
+    def writable(self) -> bool:
+        return self.inner.writable()
+
+    def run_timers(self) -> None:
+        rt = getattr(self.inner, "run_timers", None)
+        if rt is not None:
+            rt()
+
+    def next_deadline(self) -> int | None:
+        nd = getattr(self.inner, "next_deadline", None)
+        return nd() if nd is not None else None
+
+    def close(self) -> None:
+        try:
+            self.inner.close()
+        finally:
+            if self._close_writer:
+                self.writer.close()
