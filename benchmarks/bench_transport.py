@@ -31,12 +31,27 @@ from driver.vfio_user_client import VfioUserBus  # noqa: E402
 from nicemu import regs as R  # noqa: E402
 
 
+def _nicemu(*args: str, stdout: int) -> subprocess.Popen:
+    """`python -m nicemu ARGS` from this checkout, as its own process."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore::RuntimeWarning"}
+    return subprocess.Popen([sys.executable, "-m", "nicemu", *args], cwd=ROOT, env=env,
+                            stdout=stdout, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> None:
+    """SIGTERM, SIGKILL if it is still there after `timeout` seconds, and reap it."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @contextmanager
 def emulator(*args: str):
     """A `nicemu serve` child process, killed and reaped at the end."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore::RuntimeWarning"}
-    proc = subprocess.Popen([sys.executable, "-m", "nicemu", "serve", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    proc = _nicemu("serve", *args, stdout=subprocess.PIPE)
     try:
         fd = proc.stdout.fileno()
         out = b""
@@ -50,12 +65,7 @@ def emulator(*args: str):
             out += chunk
         yield proc
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc, 10)
         proc.stdout.close()
 
 
@@ -214,9 +224,7 @@ def topology_up(d: str, kind: str):
         f.write("devices:\n  nic0: {mac: '52:54:00:aa:00:01'}\n  nic1: {mac: '52:54:00:aa:00:02'}\n"
                 f"cables:\n  - kind: {kind}\n    ends: [nic0, nic1]\n")
     run = os.path.join(d, f"run-{kind}")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore::RuntimeWarning"}
-    proc = subprocess.Popen([sys.executable, "-m", "nicemu", "up", cfg, "--runtime-dir", run], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    proc = _nicemu("up", cfg, "--runtime-dir", run, stdout=subprocess.DEVNULL)
     try:
         socks = (os.path.join(run, "nic0.sock"), os.path.join(run, "nic1.sock"))
         deadline = time.monotonic() + 30
@@ -232,12 +240,7 @@ def topology_up(d: str, kind: str):
         time.sleep(0.1)  # let the emulators see those probe clients go
         yield socks
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc, 20)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,12 @@ from typing import Any, Callable, Mapping
 
 from nicemu.cable.base import CableEnd, Poller, Timer
 
-__all__ = ["FaultConfig", "FaultLine", "FaultStats", "FaultyEnd"]
+__all__ = ["FaultConfig", "FaultLine", "FaultStats", "FaultyEnd", "PROBABILITY_KEYS"]
 
 NS_PER_MS = 1_000_000
 NS_PER_S = 1_000_000_000
+
+PROBABILITY_KEYS = ("drop", "corrupt", "duplicate", "reorder")  # the FaultConfig keys in 0..1
 
 
 @dataclass(frozen=True)
@@ -68,7 +70,7 @@ class FaultConfig:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("drop", "corrupt", "duplicate", "reorder"):
+        for name in PROBABILITY_KEYS:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"faults.{name}: must be a probability between 0 and 1, got {v!r}")
@@ -218,12 +220,17 @@ class FaultLine:
 
     # --- output --------------------------------------------------------------------------
 
-    def pop_due(self, now: int) -> list[bytes]:
-        """Frames due by now, in delivery order."""
+    def _release_held(self, now: int) -> None:
+        """A frame held back for reordering whose timeout has passed goes out: no frame
+        overtook it in time."""
         if self._held is not None and self._held[0] <= now:
             t, frame = self._held
             self._held = None
             self._push_heap(t, frame)
+
+    def pop_due(self, now: int) -> list[bytes]:
+        """Frames due by now, in delivery order."""
+        self._release_held(now)
         out: list[bytes] = []
         heap = self._heap
         while heap and heap[0][0] <= now:
@@ -233,10 +240,7 @@ class FaultLine:
 
     def peek_due(self, now: int) -> bytes | None:
         """The next frame due by now without taking it (for a tx side whose cable is busy)."""
-        if self._held is not None and self._held[0] <= now:
-            t, frame = self._held
-            self._held = None
-            self._push_heap(t, frame)
+        self._release_held(now)
         if self._heap and self._heap[0][0] <= now:
             return self._heap[0][2]
         return None

@@ -70,6 +70,11 @@ class Child:
             self.status = self.popen.poll()
         return self.status
 
+    def death(self) -> str:
+        """How this (reaped) process ended, for the user: which one, its devices, the reason."""
+        return (f"process {self.name!r} (pid {self.pid}, devices {', '.join(self.devices)}) "
+                f"{exit_reason(self.status)}")
+
 
 def exit_reason(status: int) -> str:
     """Popen.returncode in words: 'exited with status 3' / 'was killed by SIGKILL'."""
@@ -221,9 +226,7 @@ class Supervisor:
                 return False
             dead = self._dead_child()
             if dead is not None:
-                self._complain(f"nicemu up: process {dead.name!r} (pid {dead.pid}, devices "
-                               f"{', '.join(dead.devices)}) {exit_reason(dead.status)} while starting; "
-                               "stopping the others")
+                self._complain(f"nicemu up: {dead.death()} while starting; stopping the others")
                 return False
             listening = _listening_paths()
             for path in list(pending):
@@ -248,9 +251,7 @@ class Supervisor:
                 return 0
             dead = self._dead_child()
             if dead is not None:
-                self._complain(f"nicemu up: process {dead.name!r} (pid {dead.pid}, devices "
-                               f"{', '.join(dead.devices)}) {exit_reason(dead.status)}; stopping the "
-                               "others")
+                self._complain(f"nicemu up: {dead.death()}; stopping the others")
                 return 1
             self._sleep(None if self._wake_r is not None else 0.5)
 

@@ -20,11 +20,13 @@ import os
 import re
 import stat
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import yaml
+
+from nicemu.faults import PROBABILITY_KEYS, FaultConfig
 
 if TYPE_CHECKING:  # imported lazily at run time: validation must work without the device built
     from nicemu.emulator import Emulator
@@ -87,10 +89,7 @@ DRIVER_KEYS = ("rx_ring_size", "tx_ring_size", "rx_buffer_len", "tx_buffer_len")
 RX_BUFFER_SIZES = (256, 512, 1024, 2048, 4096, 8192, 16384)  # RCTL.BSIZE/BSEX encodings
 PBA_KEYS = ("rx_kb", "tx_kb")
 ENGINES = ("auto", "cython", "python")
-FAULT_PROBABILITIES = ("drop", "corrupt", "duplicate", "reorder")
-FAULT_KEYS = FAULT_PROBABILITIES + (
-    "corrupt_bits", "reorder_timeout_ms", "delay_ms", "rate_bps", "overhead_bytes", "limit", "seed",
-)
+FAULT_KEYS = tuple(f.name for f in fields(FaultConfig))
 CABLE_COMMON_KEYS = ("kind", "ends", "capture", "faults")
 CABLE_KIND_KEYS: dict[str, tuple[str, ...]] = {
     "pair": (),
@@ -141,19 +140,10 @@ class TopologyError(ValueError):
 
 
 @dataclass(frozen=True)
-class FaultSpec:
-    """Faults on the frames travelling one way along a cable; the keys of nicemu.faults.FaultConfig."""
+class FaultSpec(FaultConfig):
+    """Faults on the frames travelling one way along a cable: a nicemu.faults.FaultConfig whose
+    seed is always a number (load() fixes one per cable and direction), so runs repeat."""
 
-    drop: float = 0.0
-    corrupt: float = 0.0
-    corrupt_bits: int = 1
-    duplicate: float = 0.0
-    reorder: float = 0.0
-    reorder_timeout_ms: float = 10.0
-    delay_ms: float = 0.0
-    rate_bps: int | None = None  # None = no rate limit
-    overhead_bytes: int = 0
-    limit: int = 1000
     seed: int = 0
 
     def kwargs(self) -> dict[str, Any]:
@@ -685,7 +675,7 @@ def _check_faults(c: _Checker, v: Any, path: str, senders: list[str], cable_inde
             continue
         c.keys(f, p, FAULT_KEYS, "faults")
         kw: dict[str, Any] = {}
-        for prob in FAULT_PROBABILITIES:
+        for prob in PROBABILITY_KEYS:
             if prob in f:
                 v2 = f[prob]
                 if not _is_number(v2):

@@ -31,6 +31,26 @@ def say(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
 
+def plugged_nic(mem: DmaMemory, mac: str, end) -> tuple[Nic, RxRing, TxRing]:
+    """A Nic with an RX and a TX ring of 256 programmed like a driver, plugged into `end`."""
+    nic = Nic(mem, mac=mac)
+    enable_bus_master(nic)
+    rx = RxRing(nic, n=256, bufsize=2048, buf_base=0x10000).setup()
+    tx = TxRing(nic, n=256, base=0x2000, buf_base=0x100000).setup()
+    plug(nic, end)
+    return nic, rx, tx
+
+
+def transmit(nic: Nic, tx: TxRing, end, state: dict, frames: list[bytes]) -> None:
+    """Send frames (no FCS) in batches of 128: the TX ring has 256 slots, so the cable is
+    serviced until the device took each batch."""
+    for i in range(0, len(frames), 128):
+        tx.send(frames[i : i + 128])
+        while nic.read32(R.TDH) != tx.tail:
+            select.select([end.fileno()], [], [], 1)
+            service(nic, end, state)
+
+
 def main() -> int:
     kind, options, count = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
     if kind == "shm":
@@ -40,11 +60,7 @@ def main() -> int:
     else:
         end = make_cable(kind, **options)
     mem = DmaMemory(2 << 20)
-    nic = Nic(mem, mac=PEER_MAC)
-    enable_bus_master(nic)
-    rx = RxRing(nic, n=256, bufsize=2048, buf_base=0x10000).setup()
-    tx = TxRing(nic, n=256, base=0x2000, buf_base=0x100000).setup()
-    plug(nic, end)
+    nic, rx, tx = plugged_nic(mem, PEER_MAC, end)
     state: dict = {}
     say({"ready": True, "link": bool(end.link_up)})
     got: list[bytes] = []
@@ -60,13 +76,7 @@ def main() -> int:
             k += 1
     say({"received": [g.hex() for g in got]})
     # echo: swap the addresses, drop the FCS (the device appends a new one)
-    replies = [g[6:12] + g[0:6] + g[12:-4] for g in got]
-    for i in range(0, len(replies), 128):
-        tx.send(replies[i : i + 128])
-        # the TX ring has 256 slots: keep servicing until the device took this batch
-        while nic.read32(R.TDH) != tx.tail:
-            r, _, _ = select.select([end.fileno()], [], [], 5)
-            service(nic, end, state)
+    transmit(nic, tx, end, state, [g[6:12] + g[0:6] + g[12:-4] for g in got])
     while True:
         r, _, _ = select.select([end.fileno(), sys.stdin], [], [], 20)
         if sys.stdin in r:
@@ -104,11 +114,7 @@ def echo_through_child(end, kind: str, options: dict, frames: list[bytes], pass_
             before_start()
         ready = json.loads(proc.stdout.readline() or '{"error": "child died"}')
         assert ready.get("ready"), ready
-        nic = Nic(mem, mac=MAC)
-        enable_bus_master(nic)
-        rx = RxRing(nic, n=256, bufsize=2048, buf_base=0x10000).setup()
-        tx = TxRing(nic, n=256, base=0x2000, buf_base=0x100000).setup()
-        plug(nic, end)
+        nic, rx, tx = plugged_nic(mem, MAC, end)
         state: dict = {}
         out = proc.stdout.fileno()
         child_got = None
@@ -118,11 +124,7 @@ def echo_through_child(end, kind: str, options: dict, frames: list[bytes], pass_
                 break
             select.select([end.fileno()], [], [], 0.1)
             service(nic, end, state)
-        for i in range(0, len(frames), 128):
-            tx.send(frames[i : i + 128])
-            while nic.read32(R.TDH) != tx.tail:
-                select.select([end.fileno()], [], [], 1)
-                service(nic, end, state)
+        transmit(nic, tx, end, state, frames)
         echoes: list[bytes] = []
         k = 0
         while child_got is None or len(echoes) < len(frames):

@@ -21,10 +21,20 @@ from nicemu.cable.base import CableError
 from nicemu.cable.unix import UnixCableEnd
 
 PEER_BYTES = bytes.fromhex(PEER_MAC.replace(":", ""))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def readable(end, timeout: float = 0) -> bool:
     return bool(select.select([end.fileno()], [], [], timeout)[0])
+
+
+def reap(procs: list[subprocess.Popen]) -> None:
+    """Kill the peer processes still running, wait for each and close its pipe."""
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        p.stdout.close()
 
 
 @pytest.fixture
@@ -149,13 +159,12 @@ PEER_SCRIPT = textwrap.dedent(
 
 
 def test_killed_peer_is_link_down_and_a_restarted_one_brings_it_back(sockdir) -> None:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     a = UnixCableEnd(sockdir / "a.sock", sockdir / "b.sock")
     procs = []
     try:
         for round_ in range(2):
             p = subprocess.Popen([sys.executable, "-c", PEER_SCRIPT, str(sockdir / "b.sock"),
-                                  str(sockdir / "a.sock"), root], stdout=subprocess.PIPE, text=True)
+                                  str(sockdir / "a.sock"), ROOT], stdout=subprocess.PIPE, text=True)
             procs.append(p)
             assert p.stdout.readline().strip() == "up True"
             assert readable(a, 10)
@@ -169,11 +178,7 @@ def test_killed_peer_is_link_down_and_a_restarted_one_brings_it_back(sockdir) ->
             assert readable(a)  # the link change wakes the loop
             a.recv_frames()
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-            p.stdout.close()
+        reap(procs)
         a.close()
 
 
@@ -216,8 +221,7 @@ def test_idle_end_notices_a_killed_peer_and_relinks_with_its_successor(sockdir) 
     """Link pulses: with no traffic, a peer killed by kill -9 is noticed within a pulse; its
     restarted successor (refused by the kernel while we were still associated with the dead
     one) is reached on a later pulse, and frames flow again."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = [sys.executable, "-c", PULSING_PEER, str(sockdir / "b.sock"), str(sockdir / "a.sock"), root]
+    args = [sys.executable, "-c", PULSING_PEER, str(sockdir / "b.sock"), str(sockdir / "a.sock"), ROOT]
     a = UnixCableEnd(sockdir / "a.sock", sockdir / "b.sock", pulse_ms=20)
     procs = [subprocess.Popen(args, stdout=subprocess.PIPE, text=True)]
     try:
@@ -250,9 +254,5 @@ def test_idle_end_notices_a_killed_peer_and_relinks_with_its_successor(sockdir) 
             got += a.recv_frames()
         assert got == [f[::-1]]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-            p.stdout.close()
+        reap(procs)
         a.close()

@@ -225,28 +225,31 @@ def service(nic, end: CableEnd, state: dict | None = None) -> int:
 
 
 class DatagramEnd:
-    """Shared logic of a cable that carries one frame per datagram on an unconnected socket
-    (the udp cable; the unix cable connects its socket and has its own class).
+    """Shared logic of a cable that carries one frame per datagram (the udp and unix cables):
+    the socket, a timer and a private eventfd behind one Poller, the link state and counters.
 
-    The socket is non-blocking and unconnected (sendto the peer's address each time, as QEMU's
-    udp netdev does). A full socket buffer refuses the frame (send -> False) and arms a retry
-    timer (50 us, doubling to 1 ms while still full): an unconnected datagram socket cannot
-    report when there is room again, so the end looks again. Link changes seen while sending
-    ring a private eventfd, so the loop wakes and reads link_up.
+    The socket is non-blocking. As the udp cable uses it, it is unconnected (sendto the peer's
+    address each time, as QEMU's udp netdev does): a full socket buffer refuses the frame
+    (send -> False) and arms a retry timer (50 us, doubling to 1 ms while still full), since an
+    unconnected datagram socket cannot report when there is room again, so the end looks
+    again. A subclass changes what differs through hooks: `_sendto`, `_wait_writable` and
+    `_send_failed` when sending, `_from_peer` and `_accept` when receiving (the unix cable
+    connects its socket, waits for EPOLLOUT, and reads its link pulses in its own
+    recv_frames). Link changes ring the private eventfd, so the loop wakes and reads link_up.
     """
 
     RETRY_MIN_NS = 50_000
     RETRY_MAX_NS = 1_000_000
     RECV_BATCH = 256  # datagrams per recv_frames call; the rest keep the fd readable
 
-    def __init__(self, sock, peer) -> None:
+    def __init__(self, sock, peer, *, link: bool = True) -> None:
         self.sock = sock
         sock.setblocking(False)
         self.peer = peer
         self._closed = False
         self._blocked = False
         self._retry_ns = self.RETRY_MIN_NS
-        self._link = True
+        self._link = link
         self._timer = Timer()
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._poller = Poller()
@@ -267,7 +270,7 @@ class DatagramEnd:
     def _set_link(self, up: bool) -> None:
         if up != self._link:
             self._link = up
-            os.eventfd_write(self._wake, 1)
+            os.eventfd_write(self._wake, 1)  # wake the loop so it reads link_up
 
     def fileno(self) -> int | None:
         return None if self._closed else self._poller.fileno()
@@ -276,8 +279,8 @@ class DatagramEnd:
         self.sock.sendto(data, self.peer)
 
     def send(self, frame: bytes) -> bool:
-        if self._closed or self.peer is None:
-            self.tx_dropped += 1
+        if self._closed or self.peer is None or not self._link:
+            self.tx_dropped += 1  # unplugged: the frame is lost, as on a real cable
             return True
         if self._blocked:
             self.tx_refused += 1
@@ -286,21 +289,26 @@ class DatagramEnd:
             self._sendto(frame)
         except BlockingIOError:
             self._blocked = True
-            self._timer.arm_in(self._retry_ns)
-            self._retry_ns = min(2 * self._retry_ns, self.RETRY_MAX_NS)
+            self._wait_writable()
             self.tx_refused += 1
             return False
         except OSError as e:
             self.tx_dropped += 1
-            self.last_error = f"send: {e}"
             self._send_failed(e)
             return True
         self._retry_ns = self.RETRY_MIN_NS
         self.tx_frames += 1
         return True
 
+    def _wait_writable(self) -> None:
+        """Hook: the socket buffer is full; arrange for fileno() to wake the loop when the end
+        may be writable again (here: a retry timer with backoff)."""
+        self._timer.arm_in(self._retry_ns)
+        self._retry_ns = min(2 * self._retry_ns, self.RETRY_MAX_NS)
+
     def _send_failed(self, e: OSError) -> None:
-        """Hook: a send error that is not 'buffer full' (the unix cable drops the link)."""
+        """Hook: a send error that is not 'buffer full' (the unix cable also drops the link)."""
+        self.last_error = f"send: {e}"
 
     def writable(self) -> bool:
         return not self._blocked

@@ -33,7 +33,7 @@ import stat
 import time
 from pathlib import Path
 
-from nicemu.cable.base import MAX_FRAME, CableError, Poller, Timer, eventfd_clear
+from nicemu.cable.base import MAX_FRAME, CableError, DatagramEnd, eventfd_clear
 
 __all__ = ["UnixCableEnd"]
 
@@ -75,17 +75,16 @@ def _bind(sock: socket.socket, path: Path) -> None:
     os.chmod(path, 0o600)
 
 
-class UnixCableEnd:
-    """One end of a unix-datagram cable (a CableEnd)."""
-
-    RECV_BATCH = 256
+class UnixCableEnd(DatagramEnd):
+    """One end of a unix-datagram cable (a CableEnd). Its socket is connected to the peer, so
+    a full peer queue is waited out on EPOLLOUT, and its timer sends the link pulses."""
 
     def __init__(
         self, path: str | os.PathLike[str], peer: str | os.PathLike[str], pulse_ms: float = 250
     ) -> None:
         self.path = Path(os.path.abspath(path))
-        self.peer = os.path.abspath(peer)
-        if str(self.path) == self.peer:
+        peer = os.path.abspath(peer)
+        if str(self.path) == peer:
             raise CableError(errno.EINVAL, f"unix cable: path and peer are the same ({self.path})")
         if isinstance(pulse_ms, bool) or not isinstance(pulse_ms, (int, float)) or not 1 <= pulse_ms <= 60_000:
             raise ValueError(f"unix cable pulse_ms must be a number of milliseconds from 1 to 60000, got {pulse_ms!r}")
@@ -100,36 +99,12 @@ class UnixCableEnd:
         except BaseException:
             sock.close()
             raise
-        self.sock = sock
-        self._closed = False
-        self._link = False
-        self._blocked = False
+        super().__init__(sock, peer, link=False)
         self._last_tx = 0
-        self._timer = Timer()
-        self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._poller = Poller()
-        self._poller.watch(sock.fileno())
-        self._poller.watch(self._timer.fileno())
-        self._poller.watch(self._wake)
-        self.tx_frames = 0
-        self.rx_frames = 0
-        self.tx_refused = 0
-        self.tx_dropped = 0  # lost: link down or a send error
-        self.rx_foreign = 0  # datagrams from someone other than the peer (ignored)
-        self.last_error: str | None = None
         self._reach_peer()
         self._timer.arm_in(self.pulse_ns)
 
     # --- link ------------------------------------------------------------------------------
-
-    @property
-    def link_up(self) -> bool:
-        return self._link and not self._closed
-
-    def _set_link(self, up: bool) -> None:
-        if up != self._link:
-            self._link = up
-            os.eventfd_write(self._wake, 1)  # wake the loop so it reads link_up
 
     def _reach_peer(self) -> None:
         """(Re)connect to the peer's path and say hello. Connecting replaces an association
@@ -164,33 +139,15 @@ class UnixCableEnd:
         if e.errno in _NO_PEER:
             self._set_link(False)
 
-    # --- CableEnd --------------------------------------------------------------------------
+    # --- CableEnd (send is DatagramEnd's) ---------------------------------------------------
 
-    def fileno(self) -> int | None:
-        return None if self._closed else self._poller.fileno()
-
-    def send(self, frame: bytes) -> bool:
-        if not self._link or self._closed:
-            self.tx_dropped += 1  # unplugged: the frame is lost, as on a real cable
-            return True
-        if self._blocked:
-            self.tx_refused += 1
-            return False
-        try:
-            self.sock.send(frame)
-        except BlockingIOError:
-            # the peer's queue is full: wait until the socket polls writable
-            self._blocked = True
-            self._poller.watch(self.sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
-            self.tx_refused += 1
-            return False
-        except OSError as e:
-            self.tx_dropped += 1
-            self._send_failed(e)
-            return True
+    def _sendto(self, data: bytes) -> None:
+        self.sock.send(data)  # connected to the peer
         self._last_tx = time.monotonic_ns()
-        self.tx_frames += 1
-        return True
+
+    def _wait_writable(self) -> None:
+        # the peer's queue is full: wait until the socket polls writable
+        self._poller.watch(self.sock.fileno(), select.EPOLLIN | select.EPOLLOUT)
 
     def writable(self) -> bool:
         if self._blocked and select.select([], [self.sock], [], 0)[1]:
@@ -236,7 +193,6 @@ class UnixCableEnd:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         if self._link:
             try:
                 self.sock.send(BYE)
@@ -246,7 +202,4 @@ class UnixCableEnd:
             self.path.unlink()
         except FileNotFoundError:
             pass
-        self._poller.close()
-        self._timer.close()
-        os.close(self._wake)
-        self.sock.close()
+        super().close()

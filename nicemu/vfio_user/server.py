@@ -498,23 +498,25 @@ class VfioUserServer:
                                   p.NUM_REGIONS, p.NUM_IRQS)
         return p.pack_message(msg.msg_id, msg.command, info, flags=_REPLY)
 
-    def _device_get_region_info(self, msg: Message, fds: list[int]) -> bytes:
+    def _info_index(self, msg: Message, fds: list[int], layout: struct.Struct, count: int, what: str) -> int:
+        """The index a DEVICE_GET_REGION_INFO / DEVICE_GET_IRQ_INFO asks about: both requests
+        are (argsz, flags, index, ...) with no fds, for an index below the device's count."""
         self._no_fds(msg, fds)
-        p.expect_size(msg.command, msg.payload, p.REGION_INFO.size)
-        index = p.REGION_INFO.unpack_from(msg.payload)[2]
-        if index >= p.NUM_REGIONS:
-            raise ProtocolError(errno.EINVAL, f"no region {index} (the device has {p.NUM_REGIONS})")
+        p.expect_size(msg.command, msg.payload, layout.size)
+        index = layout.unpack_from(msg.payload)[2]
+        if index >= count:
+            raise ProtocolError(errno.EINVAL, f"no {what} {index} (the device has {count})")
+        return index
+
+    def _device_get_region_info(self, msg: Message, fds: list[int]) -> bytes:
+        index = self._info_index(msg, fds, p.REGION_INFO, p.NUM_REGIONS, "region")
         size = _region_size(index)
         flags = p.REGION_INFO_FLAG_READ | p.REGION_INFO_FLAG_WRITE if size else 0
         info = p.REGION_INFO.pack(p.REGION_INFO.size, flags, index, 0, size, 0)
         return p.pack_message(msg.msg_id, msg.command, info, flags=_REPLY)
 
     def _device_get_irq_info(self, msg: Message, fds: list[int]) -> bytes:
-        self._no_fds(msg, fds)
-        p.expect_size(msg.command, msg.payload, p.IRQ_INFO.size)
-        index = p.IRQ_INFO.unpack_from(msg.payload)[2]
-        if index >= p.NUM_IRQS:
-            raise ProtocolError(errno.EINVAL, f"no IRQ index {index} (the device has {p.NUM_IRQS})")
+        index = self._info_index(msg, fds, p.IRQ_INFO, p.NUM_IRQS, "IRQ index")
         count, flags = (1, p.IRQ_INFO_EVENTFD) if index == p.INTX_IRQ else (0, 0)
         info = p.IRQ_INFO.pack(p.IRQ_INFO.size, flags, index, count)
         return p.pack_message(msg.msg_id, msg.command, info, flags=_REPLY)
