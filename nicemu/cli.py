@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 DEFAULT_MAC = "52:54:00:12:34:56"
+ENGINES = ("auto", "cython", "python")  # Nic(engine=...)
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
 class CliError(Exception):
@@ -22,6 +24,12 @@ class CliError(Exception):
     def __init__(self, message: str, status: int = 1) -> None:
         super().__init__(message)
         self.status = status
+
+
+def _add_engine(ps: argparse.ArgumentParser) -> None:
+    """The --engine option of the commands that build devices in this process."""
+    ps.add_argument("--engine", default="auto", choices=ENGINES,
+                    help="data-path engine (default: auto = Cython if built)")
 
 
 # --- show ----------------------------------------------------------------------------------
@@ -33,8 +41,7 @@ def _add_show(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "its PCI identity, the MAC read through EERD, and its register file at "
                     "power-on, named as the SDM names them.")
     ps.add_argument("--mac", default=DEFAULT_MAC, help=f"EEPROM MAC address (default {DEFAULT_MAC})")
-    ps.add_argument("--engine", default="auto", choices=("auto", "cython", "python"),
-                    help="data-path engine (default: auto = Cython if built)")
+    _add_engine(ps)
     ps.add_argument("--all", action="store_true",
                     help="also print the MTA table, unused RAL/RAH entries and zero statistics")
     return ps
@@ -109,11 +116,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ps.add_argument("--link", choices=("up", "down"), default="up",
                     help="without --pair: the link state of each device's port; its transmitted "
                          "frames leave the device and are dropped (default up)")
-    ps.add_argument("--engine", default="auto", choices=("auto", "cython", "python"),
-                    help="data-path engine (default: auto = Cython if built)")
+    _add_engine(ps)
     ps.add_argument("--config", metavar="FILE", help="YAML topology (see docs/topology.md)")
     ps.add_argument("--process", metavar="NAME", help="with --config: which process of the topology to run")
-    ps.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+    ps.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
                     help="log level on stderr (default warning)")
     return ps
 
@@ -211,7 +217,7 @@ def _add_up(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     help="how long to wait for every device socket to appear (default 30)")
     ps.add_argument("--check", action="store_true",
                     help="only validate the config and print the plan (processes, devices, cables)")
-    ps.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"),
+    ps.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
                     help="log level of the supervisor and the emulator processes (default warning)")
     return ps
 
@@ -229,6 +235,28 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError(e.render(), 2) from None
 
 
+# --- demo (nicemu.demo) ------------------------------------------------------------------
+
+def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from nicemu.demo import add_arguments
+
+    ps = sub.add_parser(
+        "demo", help="two NICs back to back: interrupt mode, NAPI and a PMD, measured",
+        description="Start an emulator with two devices back to back, a traffic generator on one "
+                    "and, in turn, the kernel-style driver in interrupt mode, in NAPI mode and the "
+                    "kernel-bypass PMD on the other, each in its own process; narrate what happens "
+                    "and end with tables of rate, latency, interrupts, doorbells and register reads "
+                    "per packet and context switches. Ctrl-C or SIGTERM stops everything cleanly.")
+    add_arguments(ps)
+    return ps
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nicemu.demo import main as demo_main
+
+    return demo_main(args)
+
+
 # --- the command ---------------------------------------------------------------------------
 
 # (name, add parser, run): add a row to add a subcommand.
@@ -237,6 +265,7 @@ SUBCOMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], argparse.Arg
     ("show", _add_show, cmd_show),
     ("serve", _add_serve, cmd_serve),
     ("up", _add_up, cmd_up),
+    ("demo", _add_demo, cmd_demo),
 ]
 
 

@@ -1,0 +1,352 @@
+"""`nicemu demo` end to end: real processes, real sockets, real signals.
+
+The main test runs `python -m nicemu demo` with small frame counts and reads what a user
+reads: the narration (which names every process and socket), the two tables, and the exit
+status; `--json` gives the same figures exactly, for the checks the tables round. The signal
+tests stop a demo in the middle of a mode (SIGINT during interrupt mode, SIGTERM while the PMD
+busy-polls) and a kill -9 of the controller; each checks that no process, socket, run
+directory or /dev/shm entry is left.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nicemu import demo
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+       "PYTHONUNBUFFERED": "1"}
+FRAMES = 3000
+PINGS = 200
+SOCKETS = re.compile(r"(/\S+)/nic0\.sock and (/\S+)/nic1\.sock")
+PID = re.compile(r"\bpids? ([\d, ]+)\)")
+
+
+def _dev_shm() -> set[str]:
+    try:
+        return set(os.listdir("/dev/shm"))
+    except FileNotFoundError:
+        return set()
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Live processes whose command line contains `text` (the run directory is in every
+    child's: the emulator's --config, the drivers' --socket)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmd:
+            found.append(f"{entry}: {cmd}")
+    return found
+
+
+def _assert_nothing_left(run_dir: str, pids: list[int], shm_before: set[str]) -> None:
+    deadline = time.monotonic() + 5  # a SIGKILLed controller's children need a moment
+    while time.monotonic() < deadline and (_processes_mentioning(run_dir) or Path(run_dir).exists()):
+        time.sleep(0.1)
+    assert _processes_mentioning(run_dir) == []
+    for pid in pids:  # gone (or the pid now belongs to an unrelated process)
+        assert not Path(f"/proc/{pid}").exists() or _cmdline(pid).find("nicemu") < 0, pid
+    assert not Path(run_dir).exists(), os.listdir(run_dir)
+    assert _dev_shm() - shm_before == set()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _pids(text: str) -> list[int]:
+    return [int(p) for m in PID.finditer(text) for p in m.group(1).split(",") if p.strip().isdigit()]
+
+
+def _table_rows(out: str, title: str) -> dict[str, list[str]]:
+    """The rows of the table whose title line starts with `title`, by mode."""
+    lines = out.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(title))
+    assert "context switches" in lines[start + 1]
+    header = lines[start + 2].split()
+    assert header[:2] == ["mode", "frames"]
+    assert header[-5:] == ["driver", "generator", "emulator", "driver", "cpu"]
+    assert set(lines[start + 3]) <= {"-", " "}
+    rows = {}
+    for ln in lines[start + 4 :]:
+        if not ln.strip():
+            break
+        cells = ln.split()
+        rows[cells[0]] = cells
+    return rows
+
+
+class _Reader:
+    """Collects a child's stdout lines on a thread, so a test can wait for one."""
+
+    def __init__(self, p: subprocess.Popen) -> None:
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        self._t = threading.Thread(target=self._run, args=(p,), daemon=True)
+        self._t.start()
+
+    def _run(self, p: subprocess.Popen) -> None:
+        for line in p.stdout:
+            self.lines.put(line)
+
+    def until(self, pattern: str, timeout: float) -> str:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            self.seen.append(line)
+            if re.search(pattern, line):
+                return line
+        raise AssertionError(f"no line matching {pattern!r} in {timeout} s; saw:\n{''.join(self.seen[-20:])}")
+
+    def rest(self) -> str:
+        self._t.join(timeout=10)
+        while not self.lines.empty():
+            self.seen.append(self.lines.get())
+        return "".join(self.seen)
+
+
+# --- the whole demo -------------------------------------------------------------------------
+
+def test_demo_exchanges_every_frame_in_every_mode_and_leaves_nothing() -> None:
+    shm_before = _dev_shm()
+    p = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--frames", str(FRAMES),
+                        "--pings", str(PINGS), "--json"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
+    out = p.stdout
+    assert p.returncode == 0, f"stdout:\n{out}\nstderr:\n{p.stderr}"
+
+    # the narration says what runs where
+    sockets = SOCKETS.search(" ".join(out.split()))
+    assert sockets, out
+    run_dir = sockets.group(1)
+    assert sockets.group(2) == run_dir
+    for words in ("pair", "interrupt mode", "reads ICR", "NAPI", "budget", "DD", "zero copy",
+                  "never busy-polls", "lesson"):
+        assert words in out, words
+
+    # the tables: a row per mode, every frame out and back, plausible figures
+    stream = _table_rows(out, "stream:")
+    ping = _table_rows(out, "ping-pong:")
+    assert list(stream) == list(ping) == ["irq", "napi", "pmd"]
+    for mode in demo.MODES:
+        assert int(stream[mode][1]) == FRAMES
+        assert int(ping[mode][1]) == PINGS
+        assert float(stream[mode][2].replace(",", "")) > 0  # frames/s
+        assert float(ping[mode][2].replace(",", "")) > 0  # rtt p50
+    # columns after the rate (stream) / rtt p99 (ping-pong): irq/pkt doorbells/pkt reads/pkt
+    assert float(ping["irq"][4]) >= 0.9  # one frame at a time: an interrupt (and more) per packet
+    assert float(ping["napi"][4]) >= 0.9
+    assert float(ping["irq"][6]) >= 0.9  # every interrupt costs an ICR read
+    assert float(stream["pmd"][3]) == 0.0 and float(ping["pmd"][4]) == 0.0  # no interrupt
+    assert float(stream["pmd"][5]) == 0.0 and float(ping["pmd"][6]) == 0.0  # no register read
+    assert float(ping["pmd"][5]) > 0  # doorbells
+
+    # the exact figures
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert [(m["mode"], m["phase"]) for m in figures] == [
+        (mode, phase) for mode in demo.MODES for phase in ("stream", "ping-pong")]
+    for m in figures:
+        n = FRAMES if m["phase"] == "stream" else PINGS
+        assert (m["sent"], m["echoed"], m["received"]) == (n, n, n), m
+        assert m["generator"]["bytes_back"] == n * (demo.DEFAULT_SIZE - 4)
+        assert m["problems"] == []
+        assert m["generator"]["out_of_order"] == m["generator"]["stale"] == 0
+        assert m["doorbells"] > 0
+        assert m["driver"]["dropped"] == 0
+        for role in ("driver", "generator", "emulator"):
+            assert m["context_switches"][role] >= 0 and m["cpu_seconds"][role] >= 0
+        if m["mode"] == "pmd":
+            assert m["interrupts"] == 0 and m["mmio_reads"] == 0
+        else:
+            assert m["interrupts"] > 0
+            assert m["mmio_reads"] >= m["interrupts"]  # an ICR read per interrupt
+        if m["phase"] == "ping-pong":
+            assert 0 < m["rtt_us"]["min"] <= m["rtt_us"]["p50"] <= m["rtt_us"]["p99"] <= m["rtt_us"]["max"]
+            assert m["doorbells_per_packet"] >= 1  # nothing to batch: a TDT (and RDT) per frame
+            if m["mode"] != "pmd":  # it sleeps until the interrupt wakes it, for every packet
+                assert m["context_switches"]["driver"] >= PINGS / 2
+    irq_ping = next(m for m in figures if m["mode"] == "irq" and m["phase"] == "ping-pong")
+    assert irq_ping["interrupts"] >= PINGS
+    _assert_nothing_left(run_dir, _pids(out), shm_before)
+
+
+def test_quiet_prints_only_the_tables(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--quiet", "--modes", "pmd,irq",
+                        "--frames", "500", "--pings", "0", "--size", "1518", "--window", "64"],
+                       cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stdout.splitlines() if ln.strip()]
+    assert lines[0] == "stream: 500 frames of 1518 bytes each way, up to 64 in flight"
+    assert lines[2].split()[:3] == ["mode", "frames", "frames/s"]
+    assert [ln.split()[0] for ln in lines[4:]] == ["pmd", "irq"]  # in the order asked
+    assert all(ln.split()[1] == "500" for ln in lines[4:])
+    assert len(lines) == 6  # no narration, no ping-pong table
+
+
+def test_shm_cable_puts_each_device_in_its_own_emulator() -> None:
+    shm_before = _dev_shm()
+    p = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--cable", "shm", "--modes", "napi",
+                        "--frames", "1000", "--pings", "50", "--json"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, f"{p.stdout}\n{p.stderr}"
+    assert "two emulator processes" in p.stdout
+    figures = json.loads(p.stdout.strip().splitlines()[-1])
+    assert [(m["phase"], m["received"], m["echoed"]) for m in figures] == [
+        ("stream", 1000, 1000), ("ping-pong", 50, 50)]
+    run_dir = SOCKETS.search(" ".join(p.stdout.split())).group(1)
+    _assert_nothing_left(run_dir, _pids(p.stdout), shm_before)
+
+
+# --- stopping it -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig, mode", [(signal.SIGINT, "irq"), (signal.SIGTERM, "pmd")])
+def test_signal_mid_run_stops_everything(sig: int, mode: str) -> None:
+    """Ctrl-C while the interrupt-mode driver works, SIGTERM while the PMD spins: exit 128 +
+    signal, every process gone, the sockets and the run directory removed."""
+    shm_before = _dev_shm()
+    p = subprocess.Popen([sys.executable, "-m", "nicemu", "demo", "--modes", mode,
+                          "--frames", "5000000", "--pings", "0"],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        r = _Reader(p)
+        head = r.until(r"nic1\.sock", 60) + r.until(r"driver process up", 60)
+        time.sleep(0.5)  # frames are flowing now
+        run_dir = SOCKETS.search(" ".join("".join(r.seen).split())).group(1)
+        assert _processes_mentioning(run_dir), "the demo's processes should be running"
+        p.send_signal(sig)
+        rc = p.wait(timeout=30)
+        out = r.rest()
+        err = p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert rc == 128 + sig, f"{out}\n{err}"
+    assert signal.Signals(sig).name in err
+    assert "Traceback" not in err
+    assert "Stopped every driver" in out
+    _assert_nothing_left(run_dir, _pids(head + out), shm_before)
+
+
+def test_kill_9_of_the_controller_takes_the_children_down() -> None:
+    """PR_SET_PDEATHSIG: the drivers, the generator and the emulator go with a SIGKILLed
+    controller; the emulator unlinks its sockets; the next demo removes the dead run's
+    directory."""
+    shm_before = _dev_shm()
+    p = subprocess.Popen([sys.executable, "-m", "nicemu", "demo", "--modes", "napi",
+                          "--frames", "5000000", "--pings", "0"],
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        r = _Reader(p)
+        r.until(r"driver process up", 60)
+        run_dir = SOCKETS.search(" ".join("".join(r.seen).split())).group(1)
+        p.kill()
+        p.wait(timeout=10)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    deadline = time.monotonic() + 10
+    while _processes_mentioning(run_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _processes_mentioning(run_dir) == []
+    deadline = time.monotonic() + 5
+    while any(f.endswith(".sock") for f in os.listdir(run_dir)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not [f for f in os.listdir(run_dir) if f.endswith(".sock")]
+    assert _dev_shm() - shm_before == set()
+    # the next demo sweeps the dead run's directory away
+    q = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--quiet", "--modes", "irq",
+                        "--frames", "100", "--pings", "0"],
+                       cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert q.returncode == 0, q.stderr
+    assert not Path(run_dir).exists()
+
+
+# --- options and pieces, in this process ------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--size", "63"], "--size 63"),
+    (["--size", "1519"], "--size 1519"),
+    (["--window", "0"], "--window 0"),
+    (["--window", "5000"], "--window 5000"),
+    (["--frames", "0", "--pings", "0"], "nothing to send"),
+])
+def test_bad_options_exit_2_with_a_message(args: list[str], message: str, capsys) -> None:
+    assert demo.main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args", [["--modes", "irq,dpdk"], ["--modes", ""], ["--frames", "-1"],
+                                  ["--frames", "many"], ["--cable", "udp"]])
+def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
+    p = subprocess.run([sys.executable, "-m", "nicemu", "demo", *args], cwd=ROOT, env=ENV,
+                       capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2
+    assert "usage: nicemu demo" in p.stderr
+
+
+def test_proc_sample_reads_context_switches_and_cpu_time() -> None:
+    a = demo.proc_sample(os.getpid())
+    time.sleep(0.01)  # a voluntary context switch
+    t = time.process_time() + 0.05
+    while time.process_time() < t:  # some CPU time
+        pass
+    b = demo.proc_sample(os.getpid())
+    assert b.ctx_switches > a.ctx_switches
+    assert b.cpu_seconds > a.cpu_seconds
+
+
+def test_tables_have_a_row_per_mode_and_mark_incomplete_ones() -> None:
+    ok = demo.Measurement("irq", "stream", 1000, 64, sent=1000, echoed=1000, received=1000,
+                          seconds=0.5, rate=2000.0, interrupts=250, doorbells=125, mmio_reads=250,
+                          ctx={"driver": 600, "generator": 20, "emulator": 900},
+                          cpu={"driver": 0.25, "generator": 0.1, "emulator": 0.2}, wall=0.5)
+    short = demo.Measurement("pmd", "stream", 1000, 64, sent=1000, echoed=990, received=990,
+                             seconds=0.1, rate=9900.0, problems=["990 of 1000 came back"], wall=0.1,
+                             cpu={"driver": 0.1})
+    ping = demo.Measurement("napi", "ping-pong", 10, 1, sent=10, echoed=10, received=10,
+                            rtt_us={"min": 90.0, "p50": 120.0, "p99": 300.0, "max": 310.0},
+                            interrupts=17, doorbells=20, mmio_reads=17, wall=0.01)
+    text = demo.format_tables([ok, short, ping], size=64)
+    lines = text.splitlines()
+    assert lines[0] == "stream: 1000 frames of 64 bytes each way, up to 64 in flight"
+    assert lines[1].strip().strip("-").strip() == "context switches"
+    assert lines[4].split() == ["irq", "1000", "2,000", "0.250", "0.125", "0.250", "600", "20", "900", "50%"]
+    assert lines[5].split()[:4] == ["pmd", "!", "990", "9,900"]
+    assert "ping-pong: 10 frames of 64 bytes each way, one at a time" in lines
+    assert lines[-1].split()[:7] == ["napi", "10", "120", "300", "1.700", "2.000", "1.700"]
+    assert not ok.problems and ok.complete and not short.complete
+
+
+def test_parsed_namespace_from_the_cli_runs_the_same_checks(capsys) -> None:
+    ap = argparse.ArgumentParser()
+    demo.add_arguments(ap)
+    opts = ap.parse_args(["--size", "20"])
+    assert demo.main(opts) == 2
+    assert "--size 20" in capsys.readouterr().err
