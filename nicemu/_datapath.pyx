@@ -444,6 +444,15 @@ cdef class Datapath:
                     return g.ptr + off
         return NULL
 
+    cdef inline uint8_t *_desc(self, uint64_t base, uint32_t idx, bint write) noexcept nogil:
+        """Descriptor `idx` of the ring at `base`, or NULL. A ring that runs past the top of the
+        64-bit bus address space does not wrap to address 0 (as the reference's integers do
+        not): those descriptors are faults."""
+        cdef uint64_t addr = base + <uint64_t>idx * DESC
+        if addr < base:
+            return NULL
+        return self._dma(addr, DESC, write)
+
     # --- statistics -------------------------------------------------------------------------
 
     cdef inline void _count(self, int word, uint32_t n) noexcept nogil:
@@ -567,7 +576,7 @@ cdef class Datapath:
             eop = False
             fault = False
             while h != tail:
-                d = self._dma(base + <uint64_t>h * DESC, DESC, False)
+                d = self._desc(base, h, False)
                 c = self._chain + count * DESC
                 count += 1
                 h = h + 1
@@ -605,7 +614,7 @@ cdef class Datapath:
                     if c[11] & CMD_DEXT:
                         self.tx_dext_skipped += 1
                     if c[11] & CMD_RS:
-                        w = self._dma(base + <uint64_t>idx * DESC, DESC, True)
+                        w = self._desc(base, idx, True)
                         if w == NULL:
                             self.dma_errors += 1
                         else:
@@ -630,7 +639,7 @@ cdef class Datapath:
         cdef uint32_t idx = head + PREFETCH_AHEAD
         if idx >= n:
             idx -= n
-        cdef const uint8_t *d = self._dma(base + <uint64_t>idx * DESC, DESC, False)
+        cdef const uint8_t *d = self._desc(base, idx, False)
         if d == NULL:
             return
         cdef const uint8_t *b = self._dma(le64(d), 64, False)
@@ -803,11 +812,11 @@ cdef class Datapath:
         return events
 
     cdef inline bint _accept(self, const uint8_t *d, uint32_t rctl) noexcept nogil:
-        """Receive address filtering (see RefDatapath._accept)."""
+        """Receive address filtering (see RefDatapath._accept): broadcast only with BAM."""
         cdef uint32_t *r = self.r
+        if is_broadcast(d):
+            return (rctl & RCTL_BAM) != 0
         cdef bint multicast = d[0] & 1
-        if (rctl & RCTL_BAM) and is_broadcast(d):
-            return True
         if multicast and (rctl & RCTL_MPE):
             return True
         if not multicast and (rctl & RCTL_UPE):
@@ -882,8 +891,8 @@ cdef class Datapath:
         idx = head
         for k in range(need):
             chunk = bufsize if (k + 1) * bufsize <= dlen else dlen - k * bufsize
-            d = self._dma(base + <uint64_t>idx * DESC, DESC, False)
-            if d == NULL or self._dma(base + <uint64_t>idx * DESC, DESC, True) == NULL:
+            d = self._desc(base, idx, False)
+            if d == NULL or self._desc(base, idx, True) == NULL:
                 self.dma_errors += 1
                 self.rx_dropped += 1
                 return RX_DROPPED
@@ -921,7 +930,7 @@ cdef class Datapath:
             idx = head + PREFETCH_AHEAD
             if idx >= n:
                 idx -= n
-            d = self._dma(base + <uint64_t>idx * DESC, DESC, False)
+            d = self._desc(base, idx, False)
             if d != NULL:
                 d = self._dma(le64(d), 64, False)
                 if d != NULL:

@@ -22,9 +22,9 @@ from nicemu.dma import DmaMemory
 from nicemu.fcs import FCS_RESIDUE
 from nicemu.regs import (
     BPRC, BPTC, CRCERRS, DESC_SIZE, EV_RX_DONE, EV_TX_IDE, GORCL, GOTCL, GPRC, GPTC, MPC, MPRC,
-    MPTC, MTA, PBA, PRC64, PTC64, RA, RA_ENTRIES, RCTL, RDBAH, RDBAL, RDH, RDLEN, RDT, RNBC, ROC,
-    RUC, RXCSUM, TCTL, TDBAH, TDBAL, TDH, TDLEN, TDT, TORL, TOTL, TPR, TPT, Icr, Rctl, RxdErrors,
-    RxdStatus, Rxcsum, Tctl, TxdCmd, TxdSta, rx_buffer_size,
+    MPTC, MTA, PBA, PRC64, PTC64, RA, RA_ENTRIES, RAH_AS, RCTL, RDBAH, RDBAL, RDH, RDLEN, RDT,
+    RNBC, ROC, RUC, RXCSUM, TCTL, TDBAH, TDBAL, TDH, TDLEN, TDT, TORL, TOTL, TPR, TPT, Icr, Rah,
+    Rctl, RxdErrors, RxdStatus, Rxcsum, Tctl, TxdCmd, TxdSta, rx_buffer_size,
 )
 
 __all__ = ["RefDatapath", "pb_record_size", "ones_sum", "rx_checksum_offload", "MAX_FRAME", "PB_MAX"]
@@ -41,6 +41,43 @@ U64 = (1 << 64) - 1
 _BROADCAST = b"\xff" * 6
 _SIZE_BUCKETS = (64, 127, 255, 511, 1023, 1522)  # PRC64.. / PTC64.. upper bounds
 _MTA_SHIFT = (4, 3, 2, 0)  # RCTL.MO 0..3: the hash is (d4 | d5 << 8) >> shift, 12 bits
+
+
+# The bits the per-frame work tests, as plain ints taken once from nicemu.regs (named there as
+# the SDM names them: Rctl.BAM is RCTL_BAM here). An IntFlag operation such as `rctl & Rctl.BAM`
+# builds a new enum object each time (about 1 us), which made this reference several times
+# slower than straightforward Python; with ints the code reads the same and does only its work.
+ICR_TXDW = int(Icr.TXDW)
+ICR_TXQE = int(Icr.TXQE)
+ICR_RXDMT0 = int(Icr.RXDMT0)
+ICR_RXO = int(Icr.RXO)
+RCTL_EN = int(Rctl.EN)
+RCTL_SBP = int(Rctl.SBP)
+RCTL_UPE = int(Rctl.UPE)
+RCTL_MPE = int(Rctl.MPE)
+RCTL_LPE = int(Rctl.LPE)
+RCTL_BAM = int(Rctl.BAM)
+RCTL_SECRC = int(Rctl.SECRC)
+TCTL_EN = int(Tctl.EN)
+TCTL_PSP = int(Tctl.PSP)
+RAH_AV = int(Rah.AV)
+RXCSUM_IPOFL = int(Rxcsum.IPOFL)
+RXCSUM_TUOFL = int(Rxcsum.TUOFL)
+TXD_CMD_EOP = int(TxdCmd.EOP)
+TXD_CMD_IFCS = int(TxdCmd.IFCS)
+TXD_CMD_IC = int(TxdCmd.IC)
+TXD_CMD_RS = int(TxdCmd.RS)
+TXD_CMD_DEXT = int(TxdCmd.DEXT)
+TXD_CMD_IDE = int(TxdCmd.IDE)
+TXD_STA_DD = int(TxdSta.DD)
+RXD_STA_DD = int(RxdStatus.DD)
+RXD_STA_EOP = int(RxdStatus.EOP)
+RXD_STA_IXSM = int(RxdStatus.IXSM)
+RXD_STA_TCPCS = int(RxdStatus.TCPCS)
+RXD_STA_IPCS = int(RxdStatus.IPCS)
+RXD_ERR_CE = int(RxdErrors.CE)
+RXD_ERR_TCPE = int(RxdErrors.TCPE)
+RXD_ERR_IPE = int(RxdErrors.IPE)
 
 
 def pb_record_size(frame_len: int) -> int:
@@ -84,7 +121,7 @@ def rx_checksum_offload(data: bytes | memoryview, rxcsum: int) -> tuple[int, int
     errors = 0
     csum = 0
     checked = False
-    offload = rxcsum & (Rxcsum.IPOFL | Rxcsum.TUOFL)
+    offload = rxcsum & (RXCSUM_IPOFL | RXCSUM_TUOFL)
     n = len(data)
     if offload:
         pcss = rxcsum & 0xFF
@@ -93,12 +130,12 @@ def rx_checksum_offload(data: bytes | memoryview, rxcsum: int) -> tuple[int, int
         if n >= 34 and data[12] == 0x08 and data[13] == 0x00 and data[14] >> 4 == 4:
             ihl = (data[14] & 0x0F) * 4
             if ihl >= 20 and 14 + ihl <= n:
-                if rxcsum & Rxcsum.IPOFL:
+                if rxcsum & RXCSUM_IPOFL:
                     checked = True
-                    status |= RxdStatus.IPCS
+                    status |= RXD_STA_IPCS
                     if ones_sum(data[14 : 14 + ihl]) != 0xFFFF:
-                        errors |= RxdErrors.IPE
-                if rxcsum & Rxcsum.TUOFL:
+                        errors |= RXD_ERR_IPE
+                if rxcsum & RXCSUM_TUOFL:
                     proto = data[23]
                     total = (data[16] << 8) | data[17]
                     frag = ((data[20] << 8) | data[21]) & 0x3FFF  # MF flag and fragment offset
@@ -108,13 +145,13 @@ def rx_checksum_offload(data: bytes | memoryview, rxcsum: int) -> tuple[int, int
                         seg = data[14 + ihl : 14 + total]
                         if not (proto == 17 and seg[6] == 0 and seg[7] == 0):
                             checked = True
-                            status |= RxdStatus.TCPCS
+                            status |= RXD_STA_TCPCS
                             pseudo = ones_sum(data[26:34], proto + seg_len)
                             if ones_sum(seg, pseudo) != 0xFFFF:
-                                errors |= RxdErrors.TCPE
+                                errors |= RXD_ERR_TCPE
     if not checked:
-        status |= RxdStatus.IXSM
-    return int(status), int(errors), csum
+        status |= RXD_STA_IXSM
+    return status, errors, csum
 
 
 class _RxEntry:
@@ -179,9 +216,6 @@ class RefDatapath:
 
     # --- register helpers --------------------------------------------------------------
 
-    def _reg(self, off: int) -> int:
-        return self.regs[off >> 2]
-
     def _count(self, off: int, n: int = 1) -> None:
         """Add to a 32-bit statistic, saturating at 0xFFFFFFFF."""
         i = off >> 2
@@ -200,40 +234,38 @@ class RefDatapath:
     def _ring(self, bal: int, bah: int, dlen: int, dh: int, dt: int) -> tuple[int, int, int, int]:
         """(base, descriptors, head, tail); descriptors == 0 when there is no usable ring:
         a zero length, or head/tail beyond it (misprogramming: treated as no work)."""
-        n = (self._reg(dlen) & RING_LEN_MASK) // DESC_SIZE
-        head = self._reg(dh) & INDEX_MASK
-        tail = self._reg(dt) & INDEX_MASK
+        n = (self.regs[dlen >> 2] & RING_LEN_MASK) // DESC_SIZE
+        head = self.regs[dh >> 2] & INDEX_MASK
+        tail = self.regs[dt >> 2] & INDEX_MASK
         if head >= n or tail >= n:
             n = 0
-        base = (self._reg(bah) << 32) | (self._reg(bal) & RING_BASE_MASK)
+        base = (self.regs[bah >> 2] << 32) | (self.regs[bal >> 2] & RING_BASE_MASK)
         return base, n, head, tail
 
     def _pb_capacity(self, shift: int) -> int:
-        return min((self._reg(PBA) >> shift) & 0xFFFF, PB_MAX // 1024) * 1024
+        return min((self.regs[PBA >> 2] >> shift) & 0xFFFF, PB_MAX // 1024) * 1024
 
     # --- DMA ----------------------------------------------------------------------------
 
-    def _region(self, addr: int, n: int, write: bool):
+    def _view(self, addr: int, n: int, write: bool) -> memoryview | None:
+        """Host memory [addr, addr + n) as a view, if it lies inside one mapped region (a
+        writable one when `write`); else None. Every device access to memory goes through here."""
         for r in self.mem.regions:
             if r.addr <= addr and addr + n <= r.addr + r.size:
                 if write and r.view.readonly:
                     return None
-                return r
+                off = addr - r.addr
+                return r.view[off : off + n]
         return None
 
     def _dma_read(self, addr: int, n: int) -> bytes | None:
-        r = self._region(addr, n, False)
-        if r is None:
+        """A copy of [addr, addr + n) (the device reads a descriptor or buffer once), or None
+        with the fault counted in dma_errors."""
+        v = self._view(addr, n, False)
+        if v is None:
             self.dma_errors += 1
             return None
-        off = addr - r.addr
-        return bytes(r.view[off : off + n])
-
-    def _dma_write(self, addr: int, data: bytes) -> None:
-        """Write to memory that _region(addr, len(data), write=True) accepted beforehand."""
-        r = self._region(addr, len(data), True)
-        off = addr - r.addr
-        r.view[off : off + len(data)] = data
+        return bytes(v)
 
     # --- transmit -----------------------------------------------------------------------
 
@@ -254,7 +286,7 @@ class RefDatapath:
 
     def _walk_tx(self) -> int:
         """Walk the legacy TX descriptors from TDH to TDT (SDM 3.3)."""
-        if not (self._reg(TCTL) & Tctl.EN) or not self.bus_master:
+        if not (self.regs[TCTL >> 2] & TCTL_EN) or not self.bus_master:
             return 0
         base, n, head, tail = self._ring(TDBAL, TDBAH, TDLEN, TDH, TDT)
         if n == 0:
@@ -276,15 +308,15 @@ class RefDatapath:
                 if d is None:
                     fault = True
                     break
-                if d[11] & TxdCmd.DEXT:
+                if d[11] & TXD_CMD_DEXT:
                     if len(chain) == 1:
                         break
                     continue
-                if d[11] & TxdCmd.EOP:
+                if d[11] & TXD_CMD_EOP:
                     eop = True
                     break
             first = chain[0][1]
-            lone_dext = len(chain) == 1 and first is not None and first[11] & TxdCmd.DEXT
+            lone_dext = len(chain) == 1 and first is not None and first[11] & TXD_CMD_DEXT
             if not (eop or fault or lone_dext):
                 if len(chain) < n - 1:
                     break  # the rest of the packet is not queued yet: wait for TDT to move
@@ -299,20 +331,20 @@ class RefDatapath:
                     self.tx_dropped += 1
             # Write back the descriptors the device is done with (STA.DD where RS).
             for idx, d in chain:
-                if d is not None and d[11] & TxdCmd.DEXT:
+                if d is not None and d[11] & TXD_CMD_DEXT:
                     self.tx_dext_skipped += 1
-                if d is not None and d[11] & TxdCmd.RS:
-                    addr = base + idx * DESC_SIZE
-                    if self._region(addr, DESC_SIZE, True) is None:
+                if d is not None and d[11] & TXD_CMD_RS:
+                    w = self._view(base + idx * DESC_SIZE, DESC_SIZE, True)
+                    if w is None:
                         self.dma_errors += 1
                         continue
-                    self._dma_write(addr + 12, bytes([(d[12] & 0xF0) | TxdSta.DD]))
-                    events |= EV_TX_IDE if d[11] & TxdCmd.IDE else int(Icr.TXDW)
+                    w[12] = (d[12] & 0xF0) | TXD_STA_DD
+                    events |= EV_TX_IDE if d[11] & TXD_CMD_IDE else ICR_TXDW
             consumed += len(chain)
             head = h
             self.regs[TDH >> 2] = head
         if consumed and head == tail:
-            events |= int(Icr.TXQE)
+            events |= ICR_TXQE
         return events
 
     def _tx_packet(self, chain: list[tuple[int, bytes | None]]) -> bool:
@@ -320,16 +352,16 @@ class RefDatapath:
         parts = []
         total = 0
         for _, d in chain:
-            if not d[11] & TxdCmd.DEXT:
+            if not d[11] & TXD_CMD_DEXT:
                 length = d[8] | (d[9] << 8)
                 parts.append((int.from_bytes(d[0:8], "little"), length))
                 total += length
         last = chain[-1][1]  # the EOP descriptor: its CMD, CSO and CSS apply to the packet
         cmd, cso, css = last[11], last[10], last[13]
         frame_len = total
-        if self._reg(TCTL) & Tctl.PSP and frame_len < 60:
+        if self.regs[TCTL >> 2] & TCTL_PSP and frame_len < 60:
             frame_len = 60
-        if cmd & TxdCmd.IFCS:
+        if cmd & TXD_CMD_IFCS:
             frame_len += 4
         rec = pb_record_size(frame_len)
         cap = self._pb_capacity(16)
@@ -346,13 +378,13 @@ class RefDatapath:
                     self.tx_dropped += 1
                     return False
                 data += chunk
-        if cmd & TxdCmd.IC and css < total and cso + 2 <= total:
+        if cmd & TXD_CMD_IC and css < total and cso + 2 <= total:
             s = ones_sum(data[css:]) ^ 0xFFFF
             data[cso] = s >> 8
             data[cso + 1] = s & 0xFF
-        if len(data) < frame_len - (4 if cmd & TxdCmd.IFCS else 0):
-            data += bytes(frame_len - (4 if cmd & TxdCmd.IFCS else 0) - len(data))
-        if cmd & TxdCmd.IFCS:
+        if len(data) < frame_len - (4 if cmd & TXD_CMD_IFCS else 0):
+            data += bytes(frame_len - (4 if cmd & TXD_CMD_IFCS else 0) - len(data))
+        if cmd & TXD_CMD_IFCS:
             data += (zlib.crc32(data) & U32).to_bytes(4, "little")
         self._txq.append(bytes(data))
         self._tx_used += rec
@@ -392,8 +424,8 @@ class RefDatapath:
 
     def receive(self, frame: bytes | bytearray | memoryview) -> int:
         """A frame from the cable, FCS included: checks, filter, RX packet buffer, DMA."""
-        rctl = self._reg(RCTL)
-        if not rctl & Rctl.EN:
+        rctl = self.regs[RCTL >> 2]
+        if not rctl & RCTL_EN:
             self.rx_dropped += 1  # the receiver is off: the MAC does not see the frame
             return 0
         frame = bytes(frame)
@@ -403,21 +435,21 @@ class RefDatapath:
         if n < 64:
             self._count(RUC)
             return 0
-        if n > (MAX_FRAME if rctl & Rctl.LPE else 1522):
+        if n > (MAX_FRAME if rctl & RCTL_LPE else 1522):
             self._count(ROC)
             return 0
         errors = 0
         if zlib.crc32(frame) != FCS_RESIDUE:
             self._count(CRCERRS)
-            if not rctl & Rctl.SBP:
+            if not rctl & RCTL_SBP:
                 return 0
-            errors = int(RxdErrors.CE)
+            errors = RXD_ERR_CE
         if not self._accept(frame, rctl):
             return 0
         rec = pb_record_size(n)
         if rec > self._pb_capacity(0) - self._rx_used:
             self._count(MPC)
-            return int(Icr.RXO)
+            return ICR_RXO
         if not errors:
             self._count(GPRC)
             self._count64(GORCL, n)
@@ -426,7 +458,7 @@ class RefDatapath:
                 self._count(PRC64 + 4 * b)
             if frame[0] & 1:
                 self._count(BPRC if frame[:6] == _BROADCAST else MPRC)
-        status, err2, csum = rx_checksum_offload(memoryview(frame)[: n - 4], self._reg(RXCSUM))
+        status, err2, csum = rx_checksum_offload(memoryview(frame)[: n - 4], self.regs[RXCSUM >> 2])
         entry = _RxEntry(frame, status, errors | err2, csum)
         self._rxq.append(entry)
         self._rx_used += rec
@@ -436,24 +468,30 @@ class RefDatapath:
         return events
 
     def _accept(self, frame: bytes, rctl: int) -> bool:
-        """Receive address filtering (SDM 3.2.1 / 13.4.22), in the reference's order."""
+        """Receive address filtering (SDM 3.2.1; RCTL, RAL/RAH, MTA), in the reference's order.
+
+        1. Broadcast (ff:ff:ff:ff:ff:ff) is accepted only if RCTL.BAM: with BAM clear no other
+           filter passes it (not MPE, not its MTA bit, not an exact entry).
+        2. Another group address: RCTL.MPE, an exact RAL/RAH entry, or its MTA hash bit.
+        3. An individual address: RCTL.UPE, or an exact RAL/RAH entry (AV set, AS = 00)."""
         dst = frame[:6]
+        if dst == _BROADCAST:
+            return bool(rctl & RCTL_BAM)
         multicast = dst[0] & 1
-        if dst == _BROADCAST and rctl & Rctl.BAM:
+        if multicast and rctl & RCTL_MPE:
             return True
-        if multicast and rctl & Rctl.MPE:
+        if not multicast and rctl & RCTL_UPE:
             return True
-        if not multicast and rctl & Rctl.UPE:
-            return True
-        for k in range(RA_ENTRIES):
-            rah = self._reg(RA + 8 * k + 4)
-            if rah & 0x80000000 and not rah & 0x30000:  # AV, and AS = 00: a destination address
-                ral = self._reg(RA + 8 * k)
-                if dst == ral.to_bytes(4, "little") + (rah & 0xFFFF).to_bytes(2, "little"):
-                    return True
+        regs = self.regs
+        lo = dst[0] | dst[1] << 8 | dst[2] << 16 | dst[3] << 24
+        hi = dst[4] | dst[5] << 8
+        for i in range(RA >> 2, (RA >> 2) + 2 * RA_ENTRIES, 2):  # RAL[k] at i, RAH[k] at i + 1
+            rah = regs[i + 1]
+            if rah & RAH_AV and not rah & RAH_AS and regs[i] == lo and rah & 0xFFFF == hi:
+                return True
         if multicast:
-            h = ((dst[4] | (dst[5] << 8)) >> _MTA_SHIFT[(rctl >> 12) & 3]) & 0xFFF
-            if self._reg(MTA + 4 * (h >> 5)) >> (h & 31) & 1:
+            h = (hi >> _MTA_SHIFT[(rctl >> 12) & 3]) & 0xFFF
+            if regs[(MTA >> 2) + (h >> 5)] >> (h & 31) & 1:
                 return True
         return False
 
@@ -466,14 +504,14 @@ class RefDatapath:
 
         Returns (events, stopped for lack of descriptors). A frame is written whole or not at
         all: it waits until enough descriptors are free for all its buffers."""
-        if not self.bus_master or not self._reg(RCTL) & Rctl.EN or not self._rxq:
+        rctl = self.regs[RCTL >> 2]
+        if not self.bus_master or not rctl & RCTL_EN or not self._rxq:
             return 0, False
-        rctl = self._reg(RCTL)
         base, n, head, tail = self._ring(RDBAL, RDBAH, RDLEN, RDH, RDT)
         if n == 0:
             return 0, True
         bufsize = rx_buffer_size(rctl)
-        secrc = rctl & Rctl.SECRC
+        secrc = rctl & RCTL_SECRC
         events = 0
         no_desc = False
         while self._rxq:
@@ -488,41 +526,36 @@ class RefDatapath:
                     break
                 # Fetch and check every descriptor and buffer before writing anything.
                 descs = []
-                ok = True
                 for k in range(need):
-                    daddr = base + ((head + k) % n) * DESC_SIZE
-                    d = self._dma_read(daddr, DESC_SIZE)
+                    desc = self._view(base + ((head + k) % n) * DESC_SIZE, DESC_SIZE, True)
+                    if desc is None:
+                        break
                     chunk = min(bufsize, len(data) - k * bufsize)
-                    if d is None or self._region(daddr, DESC_SIZE, True) is None:
-                        ok = False
-                        if d is not None:
-                            self.dma_errors += 1
+                    buf = self._view(int.from_bytes(desc[0:8], "little"), chunk, True)
+                    if buf is None:
                         break
-                    baddr = int.from_bytes(d[0:8], "little")
-                    if self._region(baddr, chunk, True) is None:
-                        self.dma_errors += 1
-                        ok = False
-                        break
-                    descs.append((daddr, baddr, chunk))
-                if not ok:
+                    descs.append((desc, buf))
+                if len(descs) < need:
+                    self.dma_errors += 1
                     self.rx_dropped += 1
                 else:
-                    for k, (daddr, baddr, chunk) in enumerate(descs):
-                        self._dma_write(baddr, data[k * bufsize : k * bufsize + chunk])
-                        last = k == need - 1
-                        status = RxdStatus.DD | (RxdStatus.EOP | e.status if last else 0)
+                    for k, (desc, buf) in enumerate(descs):
+                        buf[:] = data[k * bufsize : k * bufsize + len(buf)]
+                        if k < need - 1:
+                            status, errors, csum = RXD_STA_DD, 0, 0
+                        else:
+                            status, errors, csum = RXD_STA_DD | RXD_STA_EOP | e.status, e.errors, e.csum
                         # length, checksum, errors and special first; the status byte last
-                        fields = chunk.to_bytes(2, "little") + (e.csum if last else 0).to_bytes(2, "little")
-                        self._dma_write(daddr + 8, fields)
-                        self._dma_write(daddr + 13, bytes([e.errors if last else 0, 0, 0]))
-                        self._dma_write(daddr + 12, bytes([status]))
+                        desc[8:12] = (len(buf) | csum << 16).to_bytes(4, "little")
+                        desc[13:16] = bytes((errors, 0, 0))
+                        desc[12] = status
                     head = (head + need) % n
                     self.regs[RDH >> 2] = head
                     events |= EV_RX_DONE
                     free = (tail - head) % n
                     rdmts = (rctl >> 8) & 3
                     if free * DESC_SIZE <= (n * DESC_SIZE) >> (rdmts + 1):
-                        events |= int(Icr.RXDMT0)
+                        events |= ICR_RXDMT0
             self._rxq.popleft()
             self._rx_used -= pb_record_size(len(e.frame))
         return events, no_desc

@@ -81,7 +81,7 @@ def make_engine(kind: str | EngineFactory, regs: array, mem: DmaMemory) -> objec
 
     "cython": nicemu._datapath.Datapath (ImportError if the extension is not built);
     "python": nicemu.datapath_ref.RefDatapath; "auto": Cython if it imports, else the
-    reference with a RuntimeWarning (it is some 20 times slower). A callable is called as
+    reference with a RuntimeWarning (it is 50 to 200 times slower). A callable is called as
     kind(regs, mem) (tests use it to plug in a stand-in).
     """
     if callable(kind):

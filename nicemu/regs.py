@@ -176,12 +176,17 @@ RCTL_MO_SHIFT = 12
 RCTL_BSIZE_SHIFT = 16
 
 
+_RX_BUFFER_SIZES = (2048, 1024, 512, 256)  # RCTL.BSIZE 00..11 with BSEX = 0
+_RX_BUFFER_SIZES_BSEX = (2048, 16384, 8192, 4096)  # with BSEX = 1 (00 is reserved: 2048)
+
+
 def rx_buffer_size(rctl: int) -> int:
-    """Receive buffer size from RCTL.BSIZE/BSEX (SDM 13.4.22)."""
+    """Receive buffer size from RCTL.BSIZE/BSEX (SDM 13.4.22). Plain ints: the data path calls
+    this per frame."""
     bsize = (rctl >> RCTL_BSIZE_SHIFT) & 3
-    if rctl & Rctl.BSEX:
-        return {0: 2048, 1: 16384, 2: 8192, 3: 4096}[bsize]  # BSEX with 00 is reserved: 2048
-    return {0: 2048, 1: 1024, 2: 512, 3: 256}[bsize]
+    if rctl & 0x02000000:  # Rctl.BSEX
+        return _RX_BUFFER_SIZES_BSEX[bsize]
+    return _RX_BUFFER_SIZES[bsize]
 
 
 class Tctl(enum.IntFlag):

@@ -75,6 +75,32 @@ def test_tx_ring_straddling_the_end_of_memory(dev) -> None:
     works_after_reset(dev)
 
 
+def test_rings_at_the_top_of_the_bus_address_space_do_not_wrap_to_zero(dev) -> None:
+    """Descriptors past 2**64 - 1 are faults, never bus address 0 again (the Cython engine's
+    64-bit arithmetic used to wrap there and send frames the driver never queued)."""
+    mem = dev.mem
+    mem.write(0x80000, body())
+    for k in range(3):  # valid-looking descriptors at bus address 0, where a wrap would land
+        mem.write(16 * k, R.TX_DESC.pack(0x80000, 60, 0, EOP | IFCS | RS, 0, 0, 0))
+    TxRing(dev, n=8).setup()
+    dev.write32(R.TDBAH, 0xFFFFFFFF)
+    dev.write32(R.TDBAL, 0xFFFFFFE0)  # descriptors 0, 1 below 2**64; 2.. beyond it
+    before = snapshot(dev)
+    dev.write32(R.TDT, 5)
+    assert dev.transmitted() == [] and dev.dma_errors == 5 and dev.read32(R.TDH) == 5
+    RxRing(dev, n=8).setup()
+    for k in range(3):
+        mem.write(16 * k, R.RX_DESC.pack(0x40000, 0, 0, 0, 0, 0))
+    before = snapshot(dev)
+    dev.write32(R.RDBAH, 0xFFFFFFFF)
+    dev.write32(R.RDBAL, 0xFFFFFFE0)
+    dev.write32(R.RDH, 2)  # the first descriptor the device would use is past 2**64
+    dev.write32(R.RDT, 6)
+    dev.receive(make_frame())
+    assert snapshot(dev) == before and dev.read32(R.RDH) == 2 and dev.engine.rx_dropped == 1
+    works_after_reset(dev)
+
+
 def test_tx_buffer_outside_memory_drops_the_packet(dev) -> None:
     ring = TxRing(dev).setup()
     dev.mem.write(ring.base, R.TX_DESC.pack(MEM - 10, 60, 0, EOP | IFCS | RS, 0, 0, 0))
@@ -111,6 +137,23 @@ def test_ring_length_not_a_multiple_of_128_is_rounded_down(dev) -> None:
     dev.regs[R.TDLEN >> 2] = 8 * 16 + 100
     ring.send([body()])
     assert len(dev.transmitted()) == 1
+    works_after_reset(dev)
+
+
+def test_rx_ring_length_not_a_multiple_of_128_is_rounded_down(dev) -> None:
+    ring = RxRing(dev, n=8).setup()
+    dev.write32(R.RDLEN, 8 * 16 + 100)  # 228: 8 descriptors
+    assert dev.read32(R.RDLEN) == 128
+    frames = [make_frame(size=64 + i) for i in range(7)]
+    for f in frames:
+        dev.receive(f)
+    assert dev.read32(R.RDH) == 7 and [ring.data(k) for k in range(7)] == frames
+    ring.give(7)  # tail 7 -> 6: the ring wraps after descriptor 7, not after 14
+    dev.regs[R.RDLEN >> 2] = 8 * 16 + 100  # the engine rounds down a raw value too
+    for f in frames[:2]:
+        dev.receive(f)
+    assert dev.read32(R.RDH) == 1 and ring.data(7) == frames[0] and ring.data(0) == frames[1]
+    works_after_reset(dev)
 
 
 @pytest.mark.parametrize("tdh, tdt", [(0, 40), (40, 3), (0xFFFF, 0)])
@@ -154,6 +197,7 @@ def test_tx_packet_longer_than_16384_is_dropped(dev) -> None:
     dev.write32(R.TDT, 11)
     (out,) = dev.transmitted()
     assert len(out) == 16384 and out == frame + struct.pack("<I", zlib.crc32(frame))
+    works_after_reset(dev)
 
 
 def test_tx_packet_longer_than_the_tx_packet_buffer_is_dropped(dev) -> None:
@@ -229,6 +273,50 @@ def test_frame_needing_more_buffers_than_the_ring_has_is_dropped(dev) -> None:
     frame = make_frame(size=64)
     dev.receive(frame)  # the queue is not blocked behind it
     assert ring.data(6) == frame
+    works_after_reset(dev)
+
+
+def test_rx_head_beyond_16_bits_and_tail_at_the_end(dev) -> None:
+    ring = RxRing(dev).setup()
+    dev.write32(R.RDH, 0x12345)  # 16-bit register: 0x2345, beyond a 16-descriptor ring
+    assert dev.read32(R.RDH) == 0x2345
+    dev.write32(R.RDT, 16)  # one past the last descriptor: beyond the ring too
+    before = snapshot(dev)
+    dev.receive(make_frame())
+    assert snapshot(dev) == before and dev.read32(R.RNBC) == 1
+    dev.write32(R.RDH, 0)
+    dev.write32(R.RDT, 5)  # fixed by the driver: the waiting frame goes in
+    assert dev.read32(R.RDH) == 1 and ring.data(0) == make_frame()
+    works_after_reset(dev)
+
+
+# --- register accesses -----------------------------------------------------------------------
+
+def test_register_garbage_never_breaks_the_device(dev) -> None:
+    """Unknown offsets inside BAR0 read 0 and ignore writes, unaligned offsets too; offsets
+    outside BAR0 raise ValueError and change nothing. The device works after a reset."""
+    rng = random.Random(7)
+    known = set(R.REGISTERS)
+    unknown = [off for off in range(0, R.BAR0_SIZE, 4) if off not in known]
+    probes = rng.sample(unknown, 400) + [0x0004, 0x00CC, 0x0104, 0x2824, 0x3824, 0x40F8, 0x5600, 0x1FFFC]
+    before = bytes(dev.regs)
+    for off in probes:
+        assert off not in known
+        dev.write32(off, rng.getrandbits(32))
+        assert dev.read32(off) == 0 and dev.peek32(off) == 0
+    for off in rng.sample(range(R.BAR0_SIZE), 400):
+        if off & 3:
+            dev.write32(off, 0xFFFFFFFF)
+            assert dev.read32(off) == 0
+    for off in (-4, -1, R.BAR0_SIZE, R.BAR0_SIZE + 4, 1 << 40):
+        with pytest.raises(ValueError):
+            dev.write32(off, 0xFFFFFFFF)
+        with pytest.raises(ValueError):
+            dev.read32(off)
+        with pytest.raises(ValueError):
+            dev.peek32(off)
+    assert bytes(dev.regs) == before  # nothing of the register file changed
+    works_after_reset(dev)
 
 
 def test_read_only_dma_region_is_never_written(make_nic) -> None:

@@ -1,7 +1,8 @@
 """Receive address filtering (SDM 3.2.1, 13.4.22 RCTL, 13.5 MTA/RAL/RAH), both engines.
 
-Order: broadcast with BAM; multicast with MPE; unicast with UPE; an exact RAL/RAH match (AV set,
-AS = 00); a multicast whose MTA hash bit (RCTL.MO) is set. Nothing else passes.
+Order (../shared/reference/e1000-subset.md "Receive filtering"): broadcast is accepted only if
+RCTL.BAM (no other filter passes it); multicast with MPE; unicast with UPE; an exact RAL/RAH match
+(AV set, AS = 00); a multicast whose MTA hash bit (RCTL.MO) is set. Nothing else passes.
 """
 from __future__ import annotations
 
@@ -42,10 +43,29 @@ def test_broadcast_needs_bam(dev) -> None:
     assert not accepted(dev, BROADCAST)
 
 
-def test_broadcast_without_bam_still_matches_the_multicast_filters(dev) -> None:
-    """SDM RCTL.BAM: 0 ignores broadcasts "unless it matches through exact or imperfect filters"."""
-    set_rctl(dev, int(R.Rctl.MPE))
+def test_broadcast_without_bam_is_rejected_by_every_other_filter(dev) -> None:
+    """The reference: "Broadcast is accepted only if RCTL.BAM" (nicemu follows it where the SDM's
+    RCTL.BAM text would let MPE or an MTA/exact match pass it, as QEMU does)."""
+    h = (0xFF | 0xFF << 8) >> 4 & 0xFFF  # ff:ff's MTA hash under MO 0
+    dev.write32(R.MTA + 4 * (h >> 5), 1 << (h & 31))
+    dev.write32(R.RAL(5), 0xFFFFFFFF)
+    dev.write32(R.RAH(5), 0xFFFF | int(R.Rah.AV))  # an exact entry for ff:ff:ff:ff:ff:ff
+    dev.read32(R.TPR)
+    for bits in (0, R.Rctl.MPE, R.Rctl.UPE, R.Rctl.MPE | R.Rctl.UPE | R.Rctl.SBP):
+        set_rctl(dev, int(bits))
+        assert not accepted(dev, BROADCAST), bits
+    assert dev.read32(R.TPR) == 4  # the MAC saw them
+    assert [dev.read32(o) for o in (R.GPRC, R.BPRC, R.MPRC, R.RNBC, R.MPC)] == [0, 0, 0, 0, 0]
+    set_rctl(dev, int(R.Rctl.BAM))  # the same frame, BAM alone
     assert accepted(dev, BROADCAST)
+    assert dev.read32(R.BPRC) == 1 and dev.read32(R.GPRC) == 1
+
+
+def test_bam_passes_only_broadcast(dev) -> None:
+    set_rctl(dev, int(R.Rctl.BAM))
+    assert not accepted(dev, MCAST)
+    assert not accepted(dev, bytes.fromhex("ffffffffffFE"))  # all-ones but one bit: a group address
+    assert not accepted(dev, OTHER)
 
 
 def test_mpe_accepts_every_multicast_but_no_unicast(dev) -> None:
