@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--reads", type=int, default=20_000)
     ap.add_argument("--frames", type=int, default=200_000)
     args = ap.parse_args()
+    print(f"{os.cpu_count()} CPUs, load average {_load()} at the start (the figures depend on it)")
     with tempfile.TemporaryDirectory(prefix="nicemu-bench-") as d:
         sock = os.path.join(d, "nic0.sock")
         with emulator("--socket", sock):
@@ -210,6 +211,11 @@ def main() -> None:
                       f"(nicemu up): {rate:,.0f} per second{_lost(lost)}")
     print("(frames: rings of 1024, batches of 128, at most 768 in flight; both drivers run in this "
           "benchmark's process and poll like a PMD, so every figure includes their Python descriptor work)")
+    print(f"load average {_load()} at the end")
+
+
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def _lost(n: int) -> str:

@@ -106,7 +106,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "(directory created 0700, socket 0600) and speaks vfio-user to one driver at "
                     "a time. Either give --socket/--mac (repeat both for several devices) or "
                     "--config FILE [--process NAME] for this process's share of a YAML topology. "
-                    "Stops cleanly on SIGTERM or Ctrl-C (sockets are unlinked).")
+                    "Stops cleanly on SIGTERM or Ctrl-C (sockets are unlinked). SIGUSR1 prints a "
+                    "'nicemu: stats {json}' line with each device's counters that have no register "
+                    "(DMA errors, transport errors, cable and fault statistics); DMA errors are also "
+                    "logged as warnings. See docs/transport.md.")
     ps.add_argument("--socket", action="append", default=[], metavar="PATH",
                     help="socket path of a device (repeat for several devices)")
     ps.add_argument("--mac", action="append", default=[], metavar="MAC",
@@ -141,6 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.pair and len(args.socket) != 2:
             raise CliError("serve: --pair joins exactly two devices (give --socket twice)", 2)
         emu = Emulator()
+        emu.catch_signals()  # before "ready": a SIGTERM or SIGUSR1 right after it must be handled
         try:
             from nicemu.dma import DmaMemory
 
@@ -206,7 +210,8 @@ def _add_up(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "such as shm cable memory and hand them over, and wait. Ctrl-C or SIGTERM stops "
                     "every process (SIGKILL after --stop-timeout) and removes the sockets; if one "
                     "process dies, all are stopped and the exit status is 1. A bad config is "
-                    "reported with every problem and exit status 2.")
+                    "reported with every problem and exit status 2. SIGUSR1 is passed on to every "
+                    "emulator process (each prints its stats line).")
     ps.add_argument("config", metavar="CONFIG", help="the YAML topology file")
     ps.add_argument("--runtime-dir", metavar="DIR",
                     help="directory for the sockets (default: the config's runtime_dir, else "

@@ -8,13 +8,21 @@ idle emulator uses no CPU and a timer fires on time.
 
 SIGTERM and SIGINT stop the loop (through a self-pipe, so the sleeping select wakes), then
 `close()` drops clients (resetting their devices), unlinks every socket and closes cables.
+
+What a driver cannot see through the 82540EM's registers is reported here instead, so the
+register interface stays as the SDM has it: a DMA error (a descriptor or buffer outside the
+DMA_MAP'd memory) is logged as a warning when it happens (at most once a second per device),
+and SIGUSR1 prints one `nicemu: stats {json}` line on stdout with every device's transport,
+data-path and cable counters (`Emulator.stats()`).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import selectors
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -22,9 +30,17 @@ from typing import Any, Callable
 
 from nicemu.vfio_user.server import VfioUserServer
 
-__all__ = ["Emulator", "Port"]
+__all__ = ["Emulator", "Port", "STATS_PREFIX"]
 
 log = logging.getLogger("nicemu.emulator")
+
+STATS_PREFIX = "nicemu: stats "  # then one JSON object (SIGUSR1)
+DMA_ERROR_LOG_INTERVAL = 1_000_000_000  # ns between two DMA-error warnings of one device
+# Data-path counters with no SDM register (nicemu.datapath_ref.RefDatapath documents them)
+ENGINE_COUNTERS = ("dma_errors", "tx_dropped", "rx_dropped", "tx_dext_skipped")
+SERVER_COUNTERS = ("clients_served", "clients_refused", "messages", "error_replies", "posted_errors",
+                   "irqs_signalled")
+CABLE_COUNTERS = ("tx_dropped", "rx_errors", "rx_foreign", "tx_bad_fcs")
 
 
 @dataclass
@@ -66,6 +82,10 @@ class Emulator:
         self.timer_sources: list[Any] = []  # objects with next_deadline()/run_timers()
         self.closeables: list[Any] = []  # cables and other objects to close() at the end
         self._stopping = False  # set by stop(); never reset, so a stop before run() is kept
+        self._report_requested = False  # set by SIGUSR1; the loop prints stats()
+        self.report: Callable[[dict], None] = _print_stats
+        self._dma_seen: dict[str, tuple[int, int | None]] = {}  # device -> (errors logged, when: clock ns)
+        self._dma_log_due: int | None = None  # errors held back by the rate limit: log them then
         self._saved_handlers: dict[int, Any] = {}
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -137,11 +157,13 @@ class Emulator:
     def catch_signals(self) -> None:
         """Make SIGTERM/SIGINT stop this emulator from now on, also while it is still being
         built: `nicemu up` may stop a child before its run() starts, and that child must close
-        its sockets rather than run on. close() puts the old handlers back."""
+        its sockets rather than run on. SIGUSR1 asks for a stats line (and must not kill a
+        child that is still starting). close() puts the old handlers back."""
         if self._saved_handlers or threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._saved_handlers[sig] = signal.signal(sig, self._on_signal)
+        self._saved_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_report_signal)
 
     def run(self) -> None:
         """Serve until stop() or SIGTERM/SIGINT, then close everything."""
@@ -149,6 +171,9 @@ class Emulator:
         try:
             while not self._stopping:
                 self.run_once(self._timeout())
+                if self._report_requested:
+                    self._report_requested = False
+                    self._report()
         finally:
             self.close()
 
@@ -164,6 +189,8 @@ class Emulator:
             except Exception:  # one broken callback must not stop the other devices
                 log.exception("event handler failed")
         self._run_due_timers()
+        if self.servers:
+            self._note_dma_errors()
 
     def stop(self) -> None:
         """Ask run() to return (safe from a signal handler or another thread)."""
@@ -177,6 +204,65 @@ class Emulator:
         log.info("signal %d: stopping", signum)
         self.stop()
 
+    def _on_report_signal(self, _signum: int, _frame: Any) -> None:
+        self._report_requested = True
+        try:
+            os.write(self._wake_w, b"r")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _report(self) -> None:
+        try:
+            self.report(self.stats())
+        except Exception:
+            log.exception("stats report failed")
+
+    def stats(self) -> dict:
+        """Every served device's counters that have no register: the transport's (clients,
+        messages, Error replies, failed posted writes, INTx signals), the data path's
+        (`dma_errors`: accesses outside DMA_MAP'd memory; drops with no SDM statistic), the
+        link, and its cable's (drops, malformed records, fault and capture statistics)."""
+        ports = {id(port.nic): port for port in self.ports}
+        devices: dict[str, dict] = {}
+        for name, server in self.servers.items():
+            nic = server.nic
+            d: dict[str, Any] = {"mac": nic.mac, "client": server.connected,
+                                 "dma_regions": len(getattr(nic.mem, "regions", ()))}
+            for key in SERVER_COUNTERS:
+                d[key] = getattr(server, key)
+            for key in ENGINE_COUNTERS:
+                value = getattr(nic.engine, key, None)
+                if value is not None:
+                    d[key] = int(value)
+            port = ports.get(id(nic))
+            if port is not None:
+                d["link"] = port.link
+                d["cable"] = _cable_stats(port.cable)
+            devices[name] = d
+        return {"pid": os.getpid(), "devices": devices}
+
+    def _note_dma_errors(self) -> None:
+        """Log a device's new DMA errors: the 82540EM has no register for them, and a driver
+        that points a descriptor outside its DMA_MAP'd memory must be told somewhere. At most
+        one line a second per device (a ring full of bad addresses), with the running total;
+        errors held back are logged when that second is over (`_timeout` wakes the loop)."""
+        now: int | None = None  # read the clock only when there is something to log
+        self._dma_log_due = None
+        for name, server in self.servers.items():
+            n = server.nic.dma_errors
+            logged, when = self._dma_seen.get(name, (0, None))
+            if n <= logged:
+                continue
+            if now is None:
+                now = self.clock()
+            if when is not None and now - when < DMA_ERROR_LOG_INTERVAL:
+                due = when + DMA_ERROR_LOG_INTERVAL
+                self._dma_log_due = due if self._dma_log_due is None else min(self._dma_log_due, due)
+                continue
+            self._dma_seen[name] = (n, now)
+            log.warning("%s: %d DMA error(s): a descriptor or buffer address outside the "
+                        "DMA_MAP'd memory (%d in all); the access was not made", name, n - logged, n)
+
     def _on_wake(self, _mask: int) -> None:
         try:
             while os.read(self._wake_r, 512):
@@ -186,7 +272,7 @@ class Emulator:
 
     def _timeout(self) -> float | None:
         """Seconds until the earliest device or timer-source deadline (None: sleep until I/O)."""
-        earliest: int | None = None
+        earliest: int | None = self._dma_log_due
         for obj in self.nics + self.timer_sources:
             d = obj.next_deadline()
             if d is not None and (earliest is None or d < earliest):
@@ -266,3 +352,32 @@ class Emulator:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _print_stats(stats: dict) -> None:
+    """The default report: one line on stdout, `nicemu: stats ` and compact JSON. One write()
+    for the whole line: the processes of a topology share one stdout, and print() may issue
+    the text and its newline as two writes (unbuffered stdout), interleaving their lines."""
+    sys.stdout.write(STATS_PREFIX + json.dumps(stats, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def _cable_stats(end: Any, depth: int = 0) -> dict:
+    """Counters of a cable end and of the ends it wraps (FaultyEnd / CapturedEnd layers)."""
+    out: dict[str, Any] = {"kind": type(end).__name__}
+    for key in CABLE_COUNTERS:
+        value = getattr(end, key, None)
+        if isinstance(value, int):
+            out[key] = value
+    for side in ("tx", "rx"):  # a FaultyEnd's two FaultLines
+        line = getattr(end, side, None)
+        stats = getattr(line, "stats", None)
+        if stats is not None and hasattr(stats, "__dataclass_fields__"):
+            out[f"faults_{side}"] = {k: getattr(stats, k) for k in stats.__dataclass_fields__}
+    writer = getattr(end, "writer", None)  # a CapturedEnd's PcapWriter
+    if isinstance(getattr(writer, "count", None), int):
+        out["captured"] = writer.count
+    inner = getattr(end, "inner", None)
+    if inner is not None and inner is not end and depth < 4:
+        out["inner"] = _cable_stats(inner, depth + 1)
+    return out

@@ -13,7 +13,8 @@ memory of a `shm` cable between two processes). The supervisor
    children in order) and with PR_SET_PDEATHSIG, so the children get SIGTERM and clean up even
    if the supervisor is killed with SIGKILL,
 5. waits, sleeping on a signal wake-up descriptor (SIGCHLD, SIGTERM, SIGINT, SIGHUP); a child
-   that dies takes the topology down with a message naming it and a non-zero exit,
+   that dies takes the topology down with a message naming it and a non-zero exit; SIGUSR1 is
+   passed on to every child (each prints a `nicemu: stats {json}` line),
 6. stops: SIGTERM to every child, SIGKILL to any still alive after `stop_timeout` seconds (or at
    once on a second Ctrl-C), reaps them all, removes socket files left behind and the runtime
    directory if it created it.
@@ -146,6 +147,7 @@ class Supervisor:
         self.created_runtime_dir = False
         self.stop_requested: int | None = None  # the signal that asked us to stop
         self.signals_seen = 0
+        self.ready = False  # every device socket listens (the children handle SIGUSR1)
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._old_handlers: dict[int, Any] = {}
@@ -161,6 +163,7 @@ class Supervisor:
                 self.start()
                 if not self.wait_ready():
                     return 1 if self.stop_requested is None else 0
+                self.ready = True
                 self._say(f"nicemu up: {self.topo.name} is up ({len(self.children)} process"
                           f"{'es' if len(self.children) != 1 else ''}); Ctrl-C or SIGTERM stops it")
                 return self.watch()
@@ -366,6 +369,7 @@ class Supervisor:
         for sig in STOP_SIGNALS:
             self._old_handlers[sig] = signal.signal(sig, self._on_stop_signal)
         self._old_handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_sigchld)
+        self._old_handlers[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, self._on_report_signal)
 
     def _restore_signals(self) -> None:
         for sig, h in self._old_handlers.items():
@@ -381,6 +385,15 @@ class Supervisor:
         self.signals_seen += 1
         if self.stop_requested is None:
             self.stop_requested = signum
+
+    def _on_report_signal(self, _signum: int, _frame: Any) -> None:
+        """SIGUSR1: every emulator process prints its stats line (on our shared stdout). Only
+        once all are up: until its Emulator catches SIGUSR1, the signal would kill a child."""
+        if not self.ready:
+            return
+        for c in self.children:
+            if c.status is None:
+                _signal(c, signal.SIGUSR1)
 
     def _on_sigchld(self, _signum: int, _frame: Any) -> None:
         pass  # the wake-up fd already woke the loop; children are polled there

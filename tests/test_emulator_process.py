@@ -5,6 +5,8 @@ Every process a test starts is killed and reaped by its fixture; /dev/shm is che
 """
 from __future__ import annotations
 
+import errno
+import json
 import os
 import select
 import signal
@@ -22,6 +24,9 @@ from conftest import RxRing, TxRing, enable_bus_master, make_frame, with_fcs
 from driver.bus import BusError
 from driver.vfio_user_client import VfioUserBus
 from nicemu import regs as R
+from nicemu.vfio_user import protocol as p
+from nicemu.vfio_user.protocol import Command
+from test_vfio_user_server import BAD_REQUESTS, Raw
 
 ROOT = Path(__file__).resolve().parents[1]
 MAC_A = "52:54:00:aa:00:01"
@@ -100,11 +105,22 @@ def connect(path: str) -> VfioUserBus:
 
 # --- the command line ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [["--help"], ["show", "--help"], ["serve", "--help"]])
+@pytest.mark.parametrize("args", [["--help"], ["show", "--help"], ["serve", "--help"], ["up", "--help"]])
 def test_help_on_every_command(args):
     out = subprocess.run([sys.executable, "-m", "nicemu", *args], cwd=ROOT, env=ENV, capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 0 and "usage: nicemu" in out.stdout
+
+
+def test_every_subcommand_has_help(capsys):
+    """Whatever SUBCOMMANDS holds (a new command included), `nicemu CMD --help` exits 0."""
+    from nicemu.cli import SUBCOMMANDS, main
+
+    for name, _add, _run in SUBCOMMANDS:
+        with pytest.raises(SystemExit) as ei:
+            main([name, "--help"])
+        assert ei.value.code == 0, name
+        assert f"usage: nicemu {name}" in capsys.readouterr().out
 
 
 def test_show_prints_the_register_file():
@@ -352,3 +368,111 @@ def connect_when_up(path: str, timeout: float = 20.0) -> VfioUserBus:
             if time.monotonic() > end:
                 raise
             time.sleep(0.05)
+
+
+# --- what a driver cannot see in registers: DMA errors, in the log and the SIGUSR1 stats -------
+
+def read_stats(proc: subprocess.Popen) -> dict:
+    """SIGUSR1 -> the emulator prints one `nicemu: stats {json}` line; return the JSON."""
+    proc.send_signal(signal.SIGUSR1)
+    line = _read_line(proc, 20)
+    assert line.startswith("nicemu: stats "), line
+    return json.loads(line[len("nicemu: stats "):])
+
+
+OUTSIDE = 0x4000_0000  # far beyond the 1 MiB the driver DMA_MAPs at bus address 0
+
+
+def test_descriptors_outside_the_mapping_are_counted_dma_errors_across_processes(procs, tmp_path):
+    sa, sb = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    proc = procs.serve("--socket", sa, "--mac", MAC_A, "--socket", sb, "--mac", MAC_B, "--pair")
+    with connect(sa) as a, connect(sb) as b:
+        enable_bus_master(a)
+        enable_bus_master(b)
+        rx = RxRing(b, n=8).setup()
+        b.mem.write(rx.base, R.RX_DESC.pack(OUTSIDE, 0, 0, 0, 0, 0))  # b's first RX buffer: unmapped
+        tx = TxRing(a, n=8).setup()
+        frame = make_frame(dst=bytes.fromhex(MAC_B.replace(":", "")), size=64, fcs=False)[:60]
+        cmd = int(R.TxdCmd.EOP | R.TxdCmd.IFCS | R.TxdCmd.RS)
+        # descriptor 0: a buffer outside the mapping (skipped, never read); 1: a good frame
+        a.mem.write(tx.buf_base + 2048, frame)
+        a.mem.write(tx.base, R.TX_DESC.pack(OUTSIDE, 60, 0, cmd, 0, 0, 0))
+        a.mem.write(tx.base + 16, R.TX_DESC.pack(tx.buf_base + 2048, 60, 0, cmd, 0, 0, 0))
+        a.write32(R.TDT, 2)
+        assert a.read32(R.TDH) == 2  # both descriptors consumed ...
+        assert a.read32(R.GPTC) == 1  # ... one frame sent
+        assert b.read32(R.RDH) == 0 and not rx.desc(0)[3] & R.RxdStatus.DD  # b's unmapped buffer: dropped
+        stats = read_stats(proc)
+        assert stats["pid"] == proc.pid
+        assert stats["devices"]["nic0"]["dma_errors"] == 1 and stats["devices"]["nic0"]["client"]
+        assert stats["devices"]["nic1"]["dma_errors"] == 1 and stats["devices"]["nic1"]["rx_dropped"] == 1
+        assert stats["devices"]["nic0"]["dma_regions"] == 1
+        # the emulator goes on: with the buffer fixed, the next frame lands
+        b.mem.write(rx.base, R.RX_DESC.pack(rx.buf_base, 0, 0, 0, 0, 0))
+        a.mem.write(tx.base + 32, R.TX_DESC.pack(tx.buf_base + 2048, 60, 0, cmd, 0, 0, 0))
+        a.write32(R.TDT, 3)
+        assert a.read32(R.TDH) == 3 and b.read32(R.RDH) == 1
+        assert rx.desc(0)[3] & R.RxdStatus.DD and rx.data(0) == with_fcs(frame)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    proc.errfile.seek(0)
+    log = proc.errfile.read()
+    assert "nic0: 1 DMA error(s)" in log and "nic1: 1 DMA error(s)" in log, log
+    assert "Traceback" not in log
+
+
+# --- broken messages to an emulator in another process: it keeps serving -------------------------
+
+def test_bad_messages_across_processes_get_errors_and_the_emulator_keeps_serving(procs, tmp_path):
+    sock, other = str(tmp_path / "nic0.sock"), str(tmp_path / "nic1.sock")
+    proc = procs.serve("--socket", sock, "--mac", MAC_A, "--socket", other, "--mac", MAC_B)
+    neighbour = connect(other)  # a driver on the other device of the same process
+    neighbour.write32(R.TIPG, 0x77)
+    raw = Raw(sock)
+    status = raw.read32(R.STATUS)
+    # every malformed request of the in-process suite: wrong sizes, unknown commands, bad
+    # regions, offsets out of range ... each an Error reply, and the stream stays in step
+    for name, err, command, payload in BAD_REQUESTS:
+        hdr, body = raw.request(command, payload)
+        assert hdr[3] == p.REPLY_ERROR and hdr[4] == err and body == b"", name
+    # an oversized payload: refused unread (E2BIG) and skipped
+    size = p.MAX_MSG_SIZE + 4096
+    msg_id = raw.send(Command.REGION_WRITE, p.REGION_ACCESS.pack(0, 0, size - 32) + bytes(size - 32))
+    assert raw.recv()[0] == (msg_id, Command.REGION_WRITE, 16, p.REPLY_ERROR, errno.E2BIG)
+    # a posted write out of range: no reply (it is posted), counted
+    raw.send(Command.REGION_WRITE, p.REGION_ACCESS.pack(0x20000, 0, 4) + bytes(4), flags=p.Flags.NO_REPLY)
+    assert raw.read32(R.STATUS) == status
+    # a second client while this one is served: EBUSY, and the first is undisturbed
+    with pytest.raises(BusError, match="busy"):
+        connect(sock)
+    assert raw.read32(R.STATUS) == status
+    stats = read_stats(proc)["devices"]["nic0"]
+    assert stats["error_replies"] == len(BAD_REQUESTS) + 1
+    assert stats["posted_errors"] == 1 and stats["clients_refused"] == 1
+    # a short header (size field below 16): an Error reply, then a clean disconnect
+    raw.sock.sendall(p.HEADER.pack(1, Command.REGION_READ, 8, 0, 0))
+    assert p.HEADER.unpack(raw.recv_exact(16))[3:] == (p.REPLY_ERROR, errno.EINVAL)
+    assert raw.closed_by_peer()
+    raw.close()
+    # clients that disconnect mid-message: inside the header, and inside the payload
+    for partial in (b"\x01\x00\x09", p.HEADER.pack(9, Command.REGION_WRITE, 36, 0, 0) + bytes(7)):
+        with connect(sock) as bus:
+            bus.write32(R.TIPG, 0x1234)
+            assert bus.read32(R.TIPG) == 0x1234
+            bus.sock.sendall(partial)
+        with connect(sock) as bus:  # accepted, and the device was reset for it
+            assert bus.read32(R.TIPG) == 0 and bus.read32(R.STATUS) == status
+    assert proc.poll() is None
+    for _ in range(50):  # the last client's hang-up and our signal race: ask until it is seen
+        stats = read_stats(proc)["devices"]["nic0"]
+        if not stats["client"]:
+            break
+        time.sleep(0.02)
+    assert stats["clients_served"] == 5 and not stats["client"] and stats["dma_regions"] == 0
+    # the other device of the process never noticed
+    assert neighbour.read32(R.TIPG) == 0x77 and neighbour.config_read(0x02, 2) == 0x100E
+    neighbour.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    proc.errfile.seek(0)
+    assert "Traceback" not in proc.errfile.read()

@@ -6,11 +6,12 @@ import random
 import select
 
 import pytest
-from conftest import PEER_MAC, FakeClock, RxRing, TxRing, make_frame
+from conftest import PEER_MAC, FakeClock, RxRing, TxRing, make_frame, with_fcs
 
 from nicemu import regs as R
 from nicemu.cable.pair import PairCable, pipe
 from nicemu.faults import FaultConfig, FaultLine, FaultyEnd
+from nicemu.fcs import check_fcs
 
 MS = 1_000_000
 SEED = 1234
@@ -366,3 +367,86 @@ def test_a_busy_inner_end_does_not_make_a_due_deadline() -> None:
     assert fa.next_deadline() is None
     fa.close()
     b.close()
+
+
+# --- the matrix per direction: each fault on one direction of two real devices ----------------
+
+MATRIX = {
+    "drop": {"drop": 0.4},
+    "corrupt": {"corrupt": 0.4, "corrupt_bits": 3},
+    "duplicate": {"duplicate": 0.4},
+    "reorder": {"reorder": 0.4},
+    "delay": {"delay_ms": 5},
+    "rate": {"rate_bps": 1_000_000},
+}
+N_MATRIX = 24
+
+
+def frames_to(mac: str, n: int, tag: bytes) -> list[bytes]:
+    """n distinct 60-byte frames to `mac` (the device adds the FCS)."""
+    dst = bytes.fromhex(mac.replace(":", ""))
+    return [make_frame(dst=dst, payload=tag + i.to_bytes(2, "big"), size=64, fcs=False)[:60] for i in range(n)]
+
+
+def reference_deliveries(cfg: dict, frames: list[bytes], t0: int) -> list[tuple[int, bytes]]:
+    """(time, frame) a FaultLine of `cfg` delivers for `frames` offered at t0, FCS-bad ones left
+    out (the receiving MAC drops them): what the faulty direction must show, exactly."""
+    line = FaultLine(cfg)
+    for f in frames:
+        assert line.push(with_fcs(f), t0)
+    out, now = [], t0
+    while True:
+        out += [(now, f) for f in line.pop_due(now)]
+        now = line.next_release()
+        if now is None:
+            return [(t, f) for t, f in out if check_fcs(f)]
+
+
+@pytest.mark.parametrize("direction", ["ab", "ba"])
+@pytest.mark.parametrize("kind", list(MATRIX))
+def test_fault_matrix_per_direction(make_nic, clock, kind: str, direction: str) -> None:
+    """One fault, seeded, on one direction: that direction delivers exactly what the seed says
+    at exactly the times it says; the other direction of the same cable is untouched."""
+    cfg = {**MATRIX[kind], "seed": SEED}
+    a, b = make_nic(), make_nic(mac=PEER_MAC)
+    cable = PairCable(a, b, clock=clock, **{f"faults_{direction}": cfg})
+    rings = {id(n): (TxRing(n, n=64).setup(), RxRing(n, n=64).setup()) for n in (a, b)}
+    src, dst = (a, b) if direction == "ab" else (b, a)
+    line = (cable.end_a if direction == "ab" else cable.end_b).tx
+    faulty, clean = frames_to(dst.mac, N_MATRIX, b"F"), frames_to(src.mac, N_MATRIX, b"C")
+    dst.read32(R.CRCERRS)  # clear on read
+    t0 = clock.now
+    rings[id(src)][0].send(faulty)
+    rings[id(dst)][0].send(clean)
+    # the other direction: everything, in order, at once
+    src_rx = rings[id(src)][1]
+    assert [src_rx.data(k) for k in range(N_MATRIX)] == [with_fcs(f) for f in clean]
+    assert not src_rx.desc(N_MATRIX)[3] & R.RxdStatus.DD
+    # the faulty one, driven by its timers like the event loop does
+    rx, got, k = rings[id(dst)][1], [], 0
+    while True:
+        while rx.desc(k)[3] & R.RxdStatus.DD:
+            got.append((clock.now, rx.data(k)))
+            k += 1
+        deadline = cable.next_deadline()
+        if deadline is None:
+            break
+        clock.now = max(clock.now, deadline)
+        cable.run_timers()
+    assert got == reference_deliveries(cfg, faulty, t0)
+    frames_got = [f for _, f in got]
+    stats = line.stats
+    if kind == "drop":
+        assert 0 < stats.dropped == N_MATRIX - len(got)
+    elif kind == "corrupt":
+        assert 0 < stats.corrupted == dst.read32(R.CRCERRS) == N_MATRIX - len(got)
+    elif kind == "duplicate":
+        assert 0 < stats.duplicated == len(got) - N_MATRIX
+    elif kind == "reorder":
+        assert stats.reordered > 0 and sorted(frames_got) == sorted(map(with_fcs, faulty))
+        assert frames_got != [with_fcs(f) for f in faulty]
+    elif kind == "delay":
+        assert {t for t, _ in got} == {t0 + 5 * MS} and frames_got == [with_fcs(f) for f in faulty]
+    elif kind == "rate":  # 64 bytes at 1 Mb/s: 512 us each, back to back
+        assert [t for t, _ in got] == [t0 + (i + 1) * 512_000 for i in range(N_MATRIX)]
+    cable.close()

@@ -15,6 +15,7 @@ from nicemu.cable.pair import PairCable, pipe
 from nicemu.pcap import CapturedEnd, PcapWriter, read_pcap
 
 TSHARK = shutil.which("tshark")
+TCPDUMP = shutil.which("tcpdump")
 
 
 def test_global_and_record_headers(tmp_path) -> None:
@@ -165,3 +166,33 @@ def test_tshark_reads_a_capture_with_faults(make_nic, clock, tmp_path) -> None:
     status = [s for _, s in tshark_fcs(tmp_path / "b.pcap")]
     assert len(status) == 20
     assert status.count("0") == crcerrs > 0
+
+
+def tcpdump_frames(path) -> tuple[str, list[bytes]]:
+    """`tcpdump -r FILE -xx`: its "reading from file" line and each packet's bytes from the hex dump."""
+    r = subprocess.run([TCPDUMP, "-r", str(path), "-nn", "-e", "-xx"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    packets: list[bytes] = []
+    for line in r.stdout.splitlines():
+        if not line.startswith("\t0x"):
+            packets.append(b"")
+            continue
+        packets[-1] += bytes.fromhex("".join(line.split(":", 1)[1].split()))
+    return r.stderr, packets
+
+
+@pytest.mark.skipif(TCPDUMP is None, reason="tcpdump is not installed (apt-get install tcpdump)")
+@pytest.mark.parametrize("fcs_in_header", [True, False])
+def test_tcpdump_reads_a_capture(tmp_path, fcs_in_header: bool) -> None:
+    """libpcap reads the file as Ethernet (the FCS-length bits of the link-type word are an
+    extension it understands) and hands every frame over whole, FCS included."""
+    frames = [make_frame(payload=b"one", size=64), make_frame(payload=b"two", size=1518),
+              make_frame(payload=b"three", size=77)]
+    p = tmp_path / "t.pcap"
+    with PcapWriter(p, fcs_in_header=fcs_in_header) as w:
+        for f in frames:
+            w.write(f)
+    header, packets = tcpdump_frames(p)
+    assert "link-type EN10MB (Ethernet)" in header
+    assert packets == frames

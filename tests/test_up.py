@@ -6,7 +6,9 @@ killed, the supervisor killed with SIGKILL, a child that ignores SIGTERM).
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import stat
 import struct
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 import zlib
 from pathlib import Path
 
@@ -120,6 +123,7 @@ class Up:
 
 @pytest.fixture
 def start_up(tmp_path: Path):
+    shm_before = set(os.listdir("/dev/shm"))
     ups: list[Up] = []
 
     def start(config: Path, *extra: str, rt: Path | None = None) -> Up:
@@ -130,6 +134,7 @@ def start_up(tmp_path: Path):
     yield start
     for u in ups:
         u.kill_everything()
+    assert set(os.listdir("/dev/shm")) - shm_before == set(), "a segment was left in /dev/shm"
 
 
 def write_config(tmp_path: Path, text: str, name: str = "topo.yaml") -> Path:
@@ -208,6 +213,17 @@ def send_and_receive(rt: Path) -> None:
         b1.close()
 
 
+def stats_lines(out: str) -> list[dict]:
+    """The SIGUSR1 stats of the emulator processes: complete `nicemu: stats {json}` lines."""
+    complete = out[: out.rfind("\n") + 1]
+    return [json.loads(line[len("nicemu: stats "):]) for line in complete.splitlines()
+            if line.startswith("nicemu: stats ")]
+
+
+def with_fcs(frame: bytes) -> bytes:
+    return frame + struct.pack("<I", zlib.crc32(frame))
+
+
 def check_socket_modes(rt: Path, names: list[str]) -> None:
     assert stat.S_IMODE(os.stat(rt).st_mode) == 0o700
     for n in names:
@@ -244,6 +260,14 @@ def test_shm_cable_between_two_processes_and_ctrl_c(start_up) -> None:
     up.wait_up(nprocs=2)
     check_socket_modes(up.rt, ["nic0", "nic1"])
     send_and_receive(up.rt)  # crosses from one emulator process to the other over the memfd rings
+    up.signal(signal.SIGUSR1)  # passed on: each emulator process prints its counters
+    wait_for(lambda: len(stats_lines(up.out)) == 2, STOP_TIMEOUT, "two stats lines")
+    stats = stats_lines(up.out)
+    assert sorted(s["pid"] for s in stats) == sorted(up.children)
+    devices = {name: d for s in stats for name, d in s["devices"].items()}
+    assert sorted(devices) == ["nic0", "nic1"]
+    assert all(d["link"] and d["dma_errors"] == 0 and d["cable"]["kind"] == "ShmCableEnd"
+               for d in devices.values()), devices
     up.signal(signal.SIGINT)
     assert up.wait() == 0, up.err
     up.assert_all_gone()
@@ -259,8 +283,9 @@ def test_unix_cable_between_two_processes(start_up) -> None:
     up.assert_all_gone()  # the unix cable's own socket files too
 
 
-def test_a_dying_child_stops_the_topology(start_up) -> None:
-    up = start_up(CONFIGS / "shm.yaml")
+@pytest.mark.parametrize("kind", ["shm", "unix"])
+def test_a_dying_child_stops_the_topology(start_up, kind: str) -> None:
+    up = start_up(CONFIGS / f"{kind}.yaml")
     up.wait_up(nprocs=2)
     victim, other = up.children
     os.kill(victim, signal.SIGKILL)
@@ -272,15 +297,16 @@ def test_a_dying_child_stops_the_topology(start_up) -> None:
     assert "Traceback" not in up.err
 
 
-def test_children_follow_a_killed_supervisor(start_up) -> None:
-    up = start_up(CONFIGS / "shm.yaml")
+@pytest.mark.parametrize("kind", ["shm", "unix"])
+def test_children_follow_a_killed_supervisor(start_up, kind: str) -> None:
+    up = start_up(CONFIGS / f"{kind}.yaml")
     up.wait_up(nprocs=2)
     up.signal(signal.SIGKILL)
     up.proc.wait(timeout=STOP_TIMEOUT)
     for pid in up.children:  # PR_SET_PDEATHSIG: SIGTERM, so they still clean up after themselves
         wait_for(lambda: not alive(pid), STOP_TIMEOUT, f"child {pid} to follow the supervisor")
     try:
-        wait_for(lambda: not any(up.rt.glob("*.sock")), STOP_TIMEOUT, "the children to unlink their sockets")
+        wait_for(lambda: not any(up.rt.rglob("*")), STOP_TIMEOUT, "the children to unlink their sockets")
     except AssertionError:
         raise AssertionError(f"left: {list(up.rt.glob('*'))}\nstderr:\n{up.err}\nstdout:\n{up.out}")
 
@@ -492,6 +518,17 @@ def test_captures_and_faults_work_across_processes(start_up, tmp_path: Path) -> 
     good = frame + struct.pack("<I", zlib.crc32(frame))
     assert [r.data for r in sent] == [good]  # nic0's port sent it intact ...
     assert len(got) == 1 and got[0].data != good and len(got[0].data) == len(good)  # ... nic1 saw bit flips
+    # the files the emulator processes wrote, read by the real tools
+    if shutil.which("tshark"):
+        for name, want in (("nic0", "1"), ("nic1", "0")):  # eth.fcs.status: 1 good, 0 bad
+            r = subprocess.run(["tshark", "-r", str(tmp_path / f"caps/{name}.pcap"), "-o", "eth.check_fcs:TRUE",
+                                "-T", "fields", "-e", "eth.fcs.status"], capture_output=True, text=True,
+                               timeout=120)
+            assert r.returncode == 0 and r.stdout.split() == [want], (name, r.stdout, r.stderr)
+    if shutil.which("tcpdump"):
+        r = subprocess.run(["tcpdump", "-r", str(tmp_path / "caps/nic0.pcap"), "-nn", "-e"], capture_output=True,
+                           text=True, timeout=120)
+        assert r.returncode == 0 and "EN10MB" in r.stderr and f"{MAC0} > {MAC1}" in r.stdout, r.stderr
 
 
 def _have_tap() -> str | None:
@@ -505,40 +542,103 @@ def _have_tap() -> str | None:
     return why
 
 
-@pytest.mark.netns
-@pytest.mark.skipif(_have_tap() is not None, reason=str(_have_tap()))
-def test_tap_cable_in_a_network_namespace(start_up, tmp_path: Path) -> None:
-    ns, tap = f"nicemu-up-{os.getpid()}", f"nmup{os.getpid() % 100000}"
+@pytest.fixture
+def netns():
+    """A network namespace of this test's own, always deleted (and checked gone)."""
+    ns = f"nicemu-test-{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", ns], check=True)
     try:
-        cfg = write_config(tmp_path, f"""
-            devices:
-              nic0: {{mac: "{MAC0}"}}
-            cables:
-              - {{kind: tap, ends: [nic0], name: {tap}, netns: {ns}}}
-        """)
-        up = start_up(cfg)
-        up.wait_up(nprocs=1)
-        subprocess.run(["ip", "-n", ns, "link", "set", tap, "up"], check=True)
-        bus = open_bus(up.rt / "nic0.sock")
-        try:
-            rx_setup(bus)
-            # The kernel side writes a frame into the TAP (a raw socket inside the namespace).
-            frame = frame_for(dst=MAC0, src="02:00:00:00:00:01")
-            code = (f"import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); "
-                    f"s.bind(({tap!r}, 0)); s.send(bytes.fromhex({frame.hex()!r}))")
-            subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code], check=True, timeout=30)
-            got = rx_wait(bus)
-            assert got == frame + struct.pack("<I", zlib.crc32(frame))
-        finally:
-            bus.close()
-        up.signal(signal.SIGTERM)
-        assert up.wait() == 0, up.err
-        up.assert_all_gone()
-        gone = subprocess.run(["ip", "-n", ns, "link", "show", tap], capture_output=True)
-        assert gone.returncode != 0  # the TAP went with its emulator
+        yield ns
     finally:
         subprocess.run(["ip", "netns", "del", ns], check=False)
+        assert ns not in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+
+
+def tap_topology(start_up, tmp_path: Path, ns: str) -> tuple[Up, str]:
+    """`nicemu up` of one device whose port is a TAP created inside `ns` (198.18.0.1/24, up)."""
+    tap = f"nmup{uuid.uuid4().hex[:8]}"
+    cfg = write_config(tmp_path, f"""
+        devices:
+          nic0: {{mac: "{MAC0}"}}
+        cables:
+          - {{kind: tap, ends: [nic0], name: {tap}, netns: {ns}}}
+    """)
+    up = start_up(cfg)
+    up.wait_up(nprocs=1)
+    for cmd in (["addr", "add", "198.18.0.1/24", "dev", tap], ["link", "set", tap, "up"]):
+        subprocess.run(["ip", "-n", ns, *cmd], check=True)
+    return up, tap
+
+
+def tap_exists(ns: str, tap: str) -> bool:
+    return subprocess.run(["ip", "-n", ns, "link", "show", tap], capture_output=True).returncode == 0
+
+
+RAW_RECV = textwrap.dedent("""
+    import socket, sys
+    s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x88B5))
+    s.bind((sys.argv[1], 0))
+    s.settimeout(20)
+    print("ready", flush=True)
+    print(s.recv(65535).hex(), flush=True)
+""")
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(_have_tap() is not None, reason=str(_have_tap()))
+def test_tap_cable_in_a_network_namespace(start_up, tmp_path: Path, netns: str) -> None:
+    up, tap = tap_topology(start_up, tmp_path, netns)
+    bus = open_bus(up.rt / "nic0.sock")
+    try:
+        rx_setup(bus)
+        # The kernel side writes a frame into the TAP (a raw socket inside the namespace) ...
+        frame = frame_for(dst=MAC0, src="02:00:00:00:00:01")
+        code = (f"import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); "
+                f"s.bind(({tap!r}, 0)); s.send(bytes.fromhex({frame.hex()!r}))")
+        subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", code], check=True, timeout=30)
+        got = rx_wait(bus)
+        assert got == frame + struct.pack("<I", zlib.crc32(frame))  # ... out of the RX ring, FCS added
+        # ... and a frame the device transmits is read by a raw socket on the TAP, FCS stripped
+        reader = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, "-c", RAW_RECV, tap],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert reader.stdout.readline().strip() == "ready"
+            sent = frame_for(dst="02:00:00:00:00:01", src=MAC0)
+            tx_send(bus, sent)
+            assert bytes.fromhex(reader.stdout.readline().strip()) == sent, reader.stderr.read()
+        finally:
+            if reader.poll() is None:
+                reader.kill()
+            reader.wait(10)
+            reader.stdout.close()
+            reader.stderr.close()
+    finally:
+        bus.close()
+    up.signal(signal.SIGTERM)
+    assert up.wait() == 0, up.err
+    up.assert_all_gone()
+    assert not tap_exists(netns, tap)  # the TAP went with its emulator
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(_have_tap() is not None, reason=str(_have_tap()))
+@pytest.mark.parametrize("victim", ["child", "supervisor"])
+def test_kill_9_with_a_tap_leaves_no_process_socket_or_tap(start_up, tmp_path: Path, netns: str,
+                                                           victim: str) -> None:
+    up, tap = tap_topology(start_up, tmp_path, netns)
+    assert tap_exists(netns, tap)
+    (child,) = up.children
+    if victim == "child":
+        os.kill(child, signal.SIGKILL)
+        assert up.wait() == 1
+        assert "was killed by SIGKILL" in up.err
+    else:
+        up.signal(signal.SIGKILL)
+        up.proc.wait(timeout=STOP_TIMEOUT)
+    wait_for(lambda: not alive(child), STOP_TIMEOUT, "the emulator process to be gone")
+    wait_for(lambda: not tap_exists(netns, tap), STOP_TIMEOUT, "the TAP to disappear")
+    wait_for(lambda: not any(up.rt.glob("*.sock")), STOP_TIMEOUT, "the sockets to be removed")
+    assert tap not in subprocess.run(["ip", "-br", "link"], capture_output=True, text=True).stdout
 
 
 def test_build_emulator_honours_a_stop_before_run(tmp_path: Path) -> None:
@@ -582,3 +682,131 @@ def test_build_emulator_names_a_missing_capture_directory(tmp_path: Path) -> Non
     assert ei.value.problems[0].path == "cables[0].capture.b"
     assert "does not exist" in ei.value.problems[0].message
     assert not (tmp_path / "rt").exists()  # nothing was created
+
+
+# --- every example config in configs/ really comes up ------------------------------------------
+
+
+def _udp_ports_free(*ports: int) -> bool:
+    import socket
+
+    for port in ports:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
+
+
+@pytest.mark.parametrize("name, nprocs", [("pair", 1), ("shm", 2), ("unix", 2), ("udp", 2), ("faults", 1)])
+def test_example_config_comes_up_and_carries_a_frame(start_up, name: str, nprocs: int) -> None:
+    if name == "udp" and not _udp_ports_free(47601, 47602):
+        pytest.skip("configs/udp.yaml's ports 47601/47602 are in use on this host")
+    up = start_up(CONFIGS / f"{name}.yaml")  # cwd is the test's tmp dir: captures land there
+    up.wait_up(nprocs=nprocs)
+    send_and_receive(up.rt)
+    up.signal(signal.SIGTERM)
+    assert up.wait() == 0, up.err
+    up.assert_all_gone()
+    assert "Traceback" not in up.err
+
+
+@pytest.mark.netns
+@pytest.mark.skipif(_have_tap() is not None, reason=str(_have_tap()))
+def test_example_tap_config_comes_up(start_up) -> None:
+    ns = "nicemu-tap"  # the namespace configs/tap.yaml names
+    if ns in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split():
+        pytest.skip(f"a network namespace {ns} exists already; not touching it")
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        up = start_up(CONFIGS / "tap.yaml")
+        up.wait_up(nprocs=1)
+        assert tap_exists(ns, "nm-tap0")
+        up.signal(signal.SIGTERM)
+        assert up.wait() == 0, up.err
+        up.assert_all_gone()
+        assert not tap_exists(ns, "nm-tap0")
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def tx_send_many(bus, frames: list[bytes]) -> None:
+    """Program the TX ring and send `frames` (at most N - 1) with one TDT write."""
+    assert len(frames) < N
+    bus.write32(R.TDBAL, TX_BASE)
+    bus.write32(R.TDBAH, 0)
+    bus.write32(R.TDLEN, N * 16)
+    bus.write32(R.TDH, 0)
+    bus.write32(R.TDT, 0)
+    bus.write32(R.TCTL, int(R.Tctl.EN | R.Tctl.PSP))
+    cmd = int(R.TxdCmd.EOP | R.TxdCmd.IFCS | R.TxdCmd.RS)
+    for k, frame in enumerate(frames):
+        bus.mem.write(TX_BUF + 2048 * k, frame)
+        bus.mem.write(TX_BASE + 16 * k, R.TX_DESC.pack(TX_BUF + 2048 * k, len(frame), 0, cmd, 0, 0, 0))
+    bus.write32(R.TDT, len(frames))
+    bus.read32(R.STATUS)
+
+
+def rx_collect(bus, count: int, settle: float = 0.3) -> list[bytes]:
+    """The frames in the RX ring once `count` have arrived, and nothing more for `settle` s
+    (a check that no extra frame comes, not a timing assertion)."""
+    def n_done() -> int:
+        k = 0
+        while k < N - 1 and R.RX_DESC.unpack(bus.mem.read(RX_BASE + 16 * k, 16))[3] & int(R.RxdStatus.DD):
+            k += 1
+        return k
+
+    wait_for(lambda: n_done() >= count, 10.0, f"{count} frames in the RX ring")
+    time.sleep(settle)
+    out = []
+    for k in range(n_done()):
+        length = R.RX_DESC.unpack(bus.mem.read(RX_BASE + 16 * k, 16))[1]
+        out.append(bus.mem.read(RX_BUF + 2048 * k, length))
+    return out
+
+
+def test_faults_per_direction_with_seeds_across_processes(start_up, tmp_path: Path) -> None:
+    """Each direction of a shm cable between two emulator processes gets its own seeded fault:
+    nic0 -> nic1 loses exactly the frames the seed says, nic1 -> nic0 duplicates every frame."""
+    import random
+
+    cfg = write_config(tmp_path, f"""
+        devices:
+          nic0: {{mac: "{MAC0}"}}
+          nic1: {{mac: "{MAC1}"}}
+        cables:
+          - kind: shm
+            ends: [nic0, nic1]
+            faults:
+              nic0: {{drop: 0.5, seed: 11}}
+              nic1: {{duplicate: 1.0, seed: 12}}
+    """)
+    up = start_up(cfg)
+    up.wait_up(nprocs=2)
+    b0, b1 = open_bus(up.rt / "nic0.sock"), open_bus(up.rt / "nic1.sock")
+    try:
+        rx_setup(b0)
+        rx_setup(b1)
+        to1 = [frame_for(dst=MAC1, src=MAC0)[:-1] + bytes([k]) for k in range(7)]
+        to0 = [frame_for(dst=MAC0, src=MAC1)[:-1] + bytes([k]) for k in range(3)]
+        rng = random.Random(11)  # one draw per frame, dropped below the probability
+        kept = [f for f in to1 if not rng.random() < 0.5]
+        assert 0 < len(kept) < 7
+        tx_send_many(b0, to1)
+        tx_send_many(b1, to0)
+        assert rx_collect(b1, len(kept)) == [with_fcs(f) for f in kept]
+        assert rx_collect(b0, 6) == [with_fcs(f) for f in to0 for _ in range(2)]
+    finally:
+        b0.close()
+        b1.close()
+    up.signal(signal.SIGUSR1)
+    wait_for(lambda: len(stats_lines(up.out)) == 2, STOP_TIMEOUT, "two stats lines")
+    devices = {name: d for st in stats_lines(up.out) for name, d in st["devices"].items()}
+    assert devices["nic0"]["cable"]["faults_tx"]["dropped"] == 7 - len(kept)
+    assert devices["nic1"]["cable"]["faults_tx"]["duplicated"] == 3
+    up.signal(signal.SIGTERM)
+    assert up.wait() == 0, up.err
+    up.assert_all_gone()

@@ -718,3 +718,78 @@ def test_a_driver_reconnecting_at_once_is_not_refused(served):
     with VfioUserBus(served.path, MEM) as b:
         assert b.read32(R.TIPG) == 0
     assert served.server.clients_refused == 0
+
+
+def test_emulator_stats_and_dma_error_warnings(tmp_path, caplog):
+    """What has no register is reported by the emulator: stats() (the SIGUSR1 line) and a
+    warning, at most one a second per device, when a device counts new DMA errors."""
+    import logging
+
+    from conftest import FakeClock
+
+    clock = FakeClock()
+    nic = Nic(DmaMemory(), mac=MAC, engine="python", clock=clock)
+    emu = Emulator(clock=clock)
+    emu.add_device("nic0", nic, str(tmp_path / "nic0.sock"))
+    cable, far = pipe()
+    emu.add_port(nic, cable)
+    reports: list[dict] = []
+    emu.report = reports.append
+    messages = lambda: [r.getMessage() for r in caplog.records]  # noqa: E731
+    try:
+        with caplog.at_level(logging.WARNING, logger="nicemu.emulator"):
+            emu.run_once(0)
+            assert not caplog.records
+            nic.engine.dma_errors += 2  # as the engine counts an access outside the mapping
+            emu.run_once(0)
+            emu.run_once(0)
+            assert messages() == ["nic0: 2 DMA error(s): a descriptor or buffer address outside the "
+                                  "DMA_MAP'd memory (2 in all); the access was not made"]
+            assert emu._timeout() is None  # nothing held back: the loop may sleep
+            clock.advance(500_000_000)
+            nic.engine.dma_errors += 1
+            emu.run_once(0)  # within the second: held back ...
+            assert len(caplog.records) == 1
+            assert emu._timeout() == pytest.approx(0.5)  # ... and the loop wakes for it
+            clock.advance(500_000_000)
+            emu.run_once(0)
+            assert messages()[1].startswith("nic0: 1 DMA error(s)") and "(3 in all)" in messages()[1]
+            assert emu._timeout() is None
+        stats = emu.stats()
+        d = stats["devices"]["nic0"]
+        assert stats["pid"] == os.getpid()
+        assert d["mac"] == MAC and d["client"] is False and d["dma_errors"] == 3
+        assert d["link"] is True and d["cable"]["kind"] == type(cable).__name__
+        assert {"clients_served", "error_replies", "posted_errors", "irqs_signalled", "rx_dropped"} <= set(d)
+        thread = threading.Thread(target=emu.run, daemon=True)
+        thread.start()
+        emu._on_report_signal(0, None)  # what SIGUSR1 does: the loop wakes and reports
+        wait_for(lambda: reports)
+        emu.stop()
+        thread.join(5)
+        assert reports[0]["devices"]["nic0"]["dma_errors"] == 3
+    finally:
+        emu.close()
+        far.close()
+
+
+def test_fds_sent_with_an_oversized_message_are_closed_not_given_to_the_next(raw, served):
+    before = open_fds()
+    r, w = os.pipe()
+    size = p.MAX_MSG_SIZE + 4096
+    msg = p.HEADER.pack(77, Command.REGION_WRITE, size, 0, 0) + _access(0, 0, size - 32) + bytes(size - 32)
+    sent = socket.send_fds(raw.sock, [msg], [r])  # the fd rides on the first part of it
+    raw.sock.sendall(msg[sent:])
+    assert raw.recv()[0] == (77, Command.REGION_WRITE, 16, p.REPLY_ERROR, errno.E2BIG)
+    assert raw.read32(R.STATUS) & R.Status.FD
+    # closed once skipped (counted: listing /proc/self/fd takes the lowest free fd itself)
+    assert served.server._fds == [] and len(open_fds()) == len(before) + 2
+    mem = DmaMemory(8192)
+    hdr, _ = raw.request(Command.DMA_MAP, p.DMA_MAP.pack(32, 3, 0, 0x40000, 8192), fds=[mem.fd])
+    assert hdr[3] == p.MsgType.REPLY  # its own fd only: the stray one did not make it two
+    raw.request(Command.DMA_UNMAP, p.DMA_UNMAP.pack(24, 0, 0x40000, 8192))
+    assert raw.read32(R.STATUS) & R.Status.FD
+    os.close(r)
+    os.close(w)
+    mem.close()
+    assert open_fds() == before  # the server closed its copy of the stray fd

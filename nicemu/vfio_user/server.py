@@ -254,14 +254,34 @@ class VfioUserServer:
             self._fds.append((tag, fds))
 
     def _fds_for(self, msg: Message) -> list[int]:
-        """The fds that arrived with `msg` (those that came with any earlier byte too: they were
-        not claimed by the message they came with, and are closed by the caller)."""
+        """The fds that arrived with `msg`.
+
+        A chunk that carries fds ends with the sendmsg() they came with (the kernel stops a
+        stream read right after such data), so its tag - its last byte - lies inside the
+        message the fds belong to. Fds tagged before `msg` came with an earlier message that
+        never reached a handler (refused unread as oversized): they are closed here, not handed
+        to this one, which would then see too many."""
         if not self._fds or self._fds[0][0] >= msg.end:
             return []
         out: list[int] = []
         while self._fds and self._fds[0][0] < msg.end:
-            out.extend(self._fds.pop(0)[1])
+            tag, fds = self._fds.pop(0)
+            if tag < msg.start:
+                log.warning("%s: closing %d fd(s) sent with a message that was refused unread",
+                            self.name, len(fds))
+                _close_fds(fds)
+            else:
+                out.extend(fds)
         return out
+
+    def _drop_stale_fds(self) -> None:
+        """Close fds whose bytes are consumed without a handler having claimed them (they came
+        with a message skipped as oversized), so they neither leak nor keep the short path off."""
+        consumed = self.decoder.base + self.decoder.start
+        while self._fds and self._fds[0][0] < consumed:
+            log.warning("%s: closing %d fd(s) sent with a message that was refused unread",
+                        self.name, len(self._fds[0][1]))
+            _close_fds(self._fds.pop(0)[1])
 
     # --- message processing --------------------------------------------------------------
 
@@ -273,6 +293,8 @@ class VfioUserServer:
         through the decoder and a handler per command.
         """
         dec = self.decoder
+        if self._fds and self._fds[0][0] < dec.base + dec.start:
+            self._drop_stale_fds()
         buf = dec.buf
         nic = self.nic
         unpack_hdr = p.HEADER.unpack_from
@@ -325,6 +347,8 @@ class VfioUserServer:
                 self.disconnect("broken message stream")
                 return
             except ProtocolError as e:  # oversized: refused unread, the stream goes on
+                if self._fds:
+                    self._drop_stale_fds()
                 msg_id, cmd, flags = dec.last_oversized
                 if flags & _NO_REPLY:
                     self.posted_errors += 1
