@@ -1,20 +1,23 @@
 """Kernel-bypass PMD figures: receive rate and ping-pong latency across a back-to-back pair.
 
-    python benchmarks/bench_pmd.py [--seconds 5] [--size 60] [--burst 128] [--no-process]
+    python benchmarks/bench_pmd.py [--seconds 5] [--size 60] [--burst 128] [--pin] [--no-process]
 
 1. Receive rate, 64-byte frames (60 + FCS). A generator drives nic0's TX ring from this same
    process (no extra busy-polling process: the machine has 2 cores); the PMD under test polls
    nic1. First in-process (two Nics, InProcessBus, `Nic.connect`), then with both devices in
-   an emulator process (`nicemu serve --pair`, vfio-user) - there the emulator is the second
-   busy process, so the run is repeated with this process yielding the CPU whenever a
-   generator + receive round moved nothing (it matters when other work takes one of the two
-   cores and the emulator must share ours). Printed: frames/s, interrupts, register reads and
-   doorbells per packet of the receiving PMD in steady state (counted by its CountingBus),
-   frames per CPU-second, and the pure-Python core for comparison.
-3. What an idle port costs in CPU, in poll and in adaptive mode.
+   an emulator process (`nicemu serve --pair`, vfio-user), where every doorbell is a message
+   the emulator handles in Python before its Cython data path moves the frames. There the
+   generator sends whole bursts (Pmd.tx_room(): one TDT per burst) within a credit window
+   (frames in flight never exceed the receiver's free descriptors), compared with the
+   generator as it was (whatever fits, whenever a batch frees up); with --pin once more with
+   the emulator and this process on a CPU each; and with this process yielding the CPU when
+   nothing moved. Printed: frames/s, interrupts, register reads and doorbells per packet of
+   the receiving PMD in steady state (counted by its CountingBus), CPU time and voluntary /
+   involuntary context switches of both processes, frames per CPU-second of the busiest one.
 2. Ping-pong round-trip latency through the PMD: nic0 sends one frame, nic1's PMD turns it
    around, nic0's PMD receives it; p50/p99 over many rounds, both set-ups.
-Figures are printed, never asserted. The machine's load average is printed before and after.
+3. What an idle port costs in CPU, in poll and in adaptive mode.
+Figures are printed, never asserted. The machine's load average is printed with them.
 """
 from __future__ import annotations
 
@@ -71,7 +74,12 @@ class InProcessPair:
 
 
 class EmulatorPair:
-    def __init__(self, engine: str = "cython", mem: int = 16 << 20) -> None:
+    """`nicemu serve --pair` in a child process; `pin`: put the emulator on CPU 1 and this
+    process on CPU 0 (as DPDK pins its lcores), so that the scheduler cannot pull the emulator
+    onto our core each time a doorbell wakes it (wake-affine placement), which turns two
+    busy processes on two cores into two processes taking turns on one."""
+
+    def __init__(self, engine: str = "cython", mem: int = 16 << 20, pin: bool = False) -> None:
         from driver.vfio_user_client import VfioUserBus
 
         self.dir = tempfile.mkdtemp(prefix="nicemu-bench-")
@@ -89,6 +97,12 @@ class EmulatorPair:
         self.buses = [VfioUserBus(s, mem) for s in socks]
         self.engine = engine
         self._irq_fd_count = 0
+        self._affinity = os.sched_getaffinity(0)
+        self.pinned = pin and len(self._affinity) >= 2
+        if self.pinned:
+            cpus = sorted(self._affinity)
+            os.sched_setaffinity(self.p.pid, {cpus[1]})
+            os.sched_setaffinity(0, {cpus[0]})
 
     def irqs(self) -> int:
         # the device signals the eventfd; count what is pending without sleeping
@@ -102,6 +116,8 @@ class EmulatorPair:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def close(self) -> None:
+        if getattr(self, "pinned", False):
+            os.sched_setaffinity(0, self._affinity)
         for b in getattr(self, "buses", []):
             b.close()
         if self.p.poll() is None:
@@ -112,57 +128,94 @@ class EmulatorPair:
 
 # --- 1. receive rate -----------------------------------------------------------------------------
 
-def rx_rate(pair, seconds: float, size: int, burst: int, rx_burst: int = 256, yield_idle: bool = False) -> dict:
-    gen = Pmd(pair.buses[0], rx_count=512, tx_count=512, engine=pair.engine)
-    pmd = Pmd(pair.buses[1], rx_count=512, tx_count=512, engine=pair.engine)
+def proc_ctx_switches(pid: int | None = None) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of a process so far (this one by default)."""
+    if pid is None:
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return ru.ru_nvcsw, ru.ru_nivcsw
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if "ctxt_switches" in line:
+                name, value = line.split(":")
+                fields[name] = int(value)
+    return fields["voluntary_ctxt_switches"], fields["nonvoluntary_ctxt_switches"]
+
+
+def rx_rate(pair, seconds: float, size: int, burst: int, rx_burst: int = 256, yield_idle: bool = False,
+            rx_count: int = 512, tx_count: int = 512, rx_free_thresh: int = 32,
+            whole_bursts: bool = True) -> dict:
+    """The generator drives nic0's TX ring, the PMD under test polls nic1 (one process).
+
+    With `whole_bursts` the generator sends only when its ring has room for a whole burst
+    (Pmd.tx_room(): one TDT write per `burst` frames) and only while the frames in flight
+    (sent, not yet received) plus that burst fit the receiver's free descriptors: a credit
+    window, so that a moment in which this process is descheduled while the emulator still
+    transmits what was queued cannot overrun the receiver. Without it, it sends whatever
+    fits, as often as the ring frees a batch (TDT every ~32-40 frames when the device is the
+    bottleneck), which is how this benchmark ran before.
+    """
+    gen = Pmd(pair.buses[0], rx_count=64, tx_count=tx_count, pool_size=tx_count + 2 * burst + 256,
+              engine=pair.engine)
+    pmd = Pmd(pair.buses[1], rx_count=rx_count, tx_count=64, pool_size=rx_count + 2 * rx_burst + 256,
+              engine=pair.engine, rx_free_thresh=rx_free_thresh)
     frame = mac_bytes(MAC1) + mac_bytes(MAC0) + b"\x88\xb5"
     frame += bytes(size - len(frame))
     for i in range(gen.pool.num_bufs):  # every generator buffer holds the frame: sending is a length
         gen.pool.mem.write(gen.pool.buf_addr(i) + gen.pool.headroom, frame)
     idx = array("I", [0]) * burst
     out = array("I", [0]) * rx_burst
-    alloc, tx, free_gen = gen.alloc_bulk, gen.tx_burst_idx, gen.free_bulk
+    alloc, tx, free_gen, room = gen.alloc_bulk, gen.tx_burst_idx, gen.free_bulk, gen.tx_room
     rx, free = pmd.rx_burst_idx, pmd.free_bulk
     sched_yield = os.sched_yield
-    # warm up, then measure steady state only
-    for _ in range(200):
-        k = alloc(idx, burst, size)
-        s = tx(idx, k)
-        free_gen(idx, k - s, s)
-        n = rx(out, rx_burst)
+    window = rx_count - 1 - rx_free_thresh - burst if whole_bursts else 1 << 62
+    need = burst if whole_bursts else 1
+    counts = [0, 0]  # sent, received
+
+    def step() -> tuple[int, int]:
+        s = 0
+        if counts[0] - counts[1] + burst <= window and room() >= need:
+            k = alloc(idx, burst, size)
+            s = tx(idx, k)
+            if s < k:
+                free_gen(idx, k - s, s)
+            counts[0] += s
+        n = got = rx(out, rx_burst)
         free(out, n)
+        while n == rx_burst:  # drain what is there: the receiver keeps up with any burst
+            n = rx(out, rx_burst)
+            free(out, n)
+            got += n
+        counts[1] += got
+        return s, got
+
+    for _ in range(500):  # warm up, then measure steady state only
+        step()
     pmd.stats_update()
     pmd.stats_reset()
     reads0, irqs0 = pmd.bus.reads, pair.irqs()
     x0, g0 = pmd.xstats(), gen.xstats()
-    pc = time.perf_counter
-    t_rx = 0.0
-    got = 0
-    sent = 0
+    sent0, got0 = counts
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
-    emu0 = pair.cpu_seconds() if hasattr(pair, "cpu_seconds") else None
+    emu_pid = pair.p.pid if hasattr(pair, "p") else None
+    ctx0 = proc_ctx_switches(), proc_ctx_switches(emu_pid) if emu_pid else None
+    emu0 = pair.cpu_seconds() if emu_pid else None
+    pc = time.perf_counter
     start = pc()
     end = start + seconds
     now = start
     while now < end:
         for _ in range(64):
-            k = alloc(idx, burst, size)
-            s = tx(idx, k)
-            if s < k:
-                free_gen(idx, k - s, s)
-            sent += s
-            t0 = pc()
-            n = rx(out, rx_burst)
-            free(out, n)
-            t_rx += pc() - t0
-            got += n
+            s, n = step()
             if yield_idle and not n and not s:
                 sched_yield()  # nothing moved: the device (emulator) needs the CPU we share
         now = pc()
     elapsed = now - start
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
-    emu1 = pair.cpu_seconds() if emu0 is not None else None
+    ctx1 = proc_ctx_switches(), proc_ctx_switches(emu_pid) if emu_pid else None
+    emu1 = pair.cpu_seconds() if emu_pid else None
     x1, g1 = pmd.xstats(), gen.xstats()
+    sent, got = counts[0] - sent0, counts[1] - got0
     reads = pmd.bus.reads - reads0
     irqs = pair.irqs() - irqs0
     # off the clock: let in-flight frames land, then read the device's MPC/RNBC
@@ -174,17 +227,32 @@ def rx_rate(pair, seconds: float, size: int, burst: int, rx_burst: int = 256, yi
         empty = 0 if n else empty + 1
     pmd.stats_update()
     st = pmd.stats()
+    # the receive path alone, timed on a full ring after the run: frames the generator queued
+    # while this PMD did not poll (no wire, no emulator in the measurement)
+    t_rx, timed = 0.0, 0
+    for _ in range(20):
+        k = alloc(idx, min(burst, rx_count // 2), size)
+        tx(idx, k)
+        gen.bus.read32(STATUS)
+        t0 = pc()
+        while (n := rx(out, rx_burst)):
+            free(out, n)
+            timed += n
+        t_rx += pc() - t0
     res = {
         "seconds": elapsed, "sent": sent, "received": got, "rate": got / elapsed,
         "imissed": st.imissed, "rx_nombuf": st.rx_nombuf, "ierrors": st.ierrors,
         "interrupts": irqs + x1["interrupts"] - x0["interrupts"], "register_reads": reads,
         "rx_doorbells": x1["rx_doorbells"] - x0["rx_doorbells"],
         "gen_tx_doorbells": g1["tx_doorbells"] - g0["tx_doorbells"],
-        "pmd_rx_ns": t_rx / max(1, got) * 1e9,
+        "pmd_rx_ns": t_rx / max(1, timed) * 1e9,
         "cpu_self": (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime),
+        "ctx_self": tuple(b - a for a, b in zip(ctx0[0], ctx1[0])),
+        "window": window if whole_bursts else None, "rings": (rx_count, tx_count, rx_free_thresh, burst),
     }
-    if emu0 is not None:
+    if emu_pid:
         res["cpu_emulator"] = emu1 - emu0
+        res["ctx_emulator"] = tuple(b - a for a, b in zip(ctx0[1], ctx1[1]))
     gen.close()
     pmd.close()
     return res
@@ -192,16 +260,23 @@ def rx_rate(pair, seconds: float, size: int, burst: int, rx_burst: int = 256, yi
 
 def print_rate(title: str, r: dict) -> None:
     pkts = max(1, r["received"])
+    rx_count, tx_count, thresh, burst = r["rings"]
     print(f"  {title}")
+    how = (f"whole bursts of {burst}, credit window {r['window']}" if r["window"] is not None
+           else f"bursts of {burst}, sending whatever fits")
+    print(f"    rings RX {rx_count} (rx_free_thresh {thresh}) / generator TX {tx_count}; {how}")
     print(f"    {r['rate'] / 1e6:8.3f} Mframes/s received  ({r['received']} of {r['sent']} sent in "
           f"{r['seconds']:.2f}s; after the run: imissed {r['imissed']}, rx_nombuf {r['rx_nombuf']}, ierrors {r['ierrors']})")
     print(f"    interrupts {r['interrupts']}, register reads {r['register_reads']}, "
           f"RDT doorbells {r['rx_doorbells']} = {r['rx_doorbells'] / pkts:.4f} per packet "
           f"(1 per {pkts / max(1, r['rx_doorbells']):.0f}); generator TDT doorbells 1 per "
           f"{r['sent'] / max(1, r['gen_tx_doorbells']):.0f}")
-    line = f"    PMD receive path (rx_burst + free) {r['pmd_rx_ns']:.1f} ns/frame; CPU this process {r['cpu_self']:.2f}s"
+    line = (f"    PMD receive path (rx_burst + free, a full ring) {r['pmd_rx_ns']:.1f} ns/frame; "
+            f"this process: CPU {r['cpu_self']:.2f}s, context switches {r['ctx_self'][0]} voluntary / "
+            f"{r['ctx_self'][1]} involuntary")
     if "cpu_emulator" in r:
-        line += f", emulator {r['cpu_emulator']:.2f}s"
+        line += (f"; emulator: CPU {r['cpu_emulator']:.2f}s, context switches {r['ctx_emulator'][0]} / "
+                 f"{r['ctx_emulator'][1]}")
     print(line)
     # on a shared machine the wall-clock rate depends on who else runs: frames per CPU-second
     # of the busiest process is what one uncontended core per process would sustain
@@ -274,16 +349,20 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--size", type=int, default=60, help="frame bytes without the 4-byte FCS")
-    ap.add_argument("--burst", type=int, default=128, help="generator TX burst")
+    ap.add_argument("--burst", type=int, default=128, help="generator TX burst (in-process)")
+    ap.add_argument("--process-burst", type=int, default=256, help="generator TX burst (emulator process)")
     ap.add_argument("--rounds", type=int, default=20000, help="ping-pong rounds")
     ap.add_argument("--no-process", action="store_true", help="skip the emulator-process runs")
+    ap.add_argument("--pin", action="store_true", help="add a receive-rate run with the emulator and this "
+                    "process pinned to different CPUs")
     args = ap.parse_args()
 
     print(f"bench_pmd: {args.size + 4}-byte frames, generator burst {args.burst}, RX burst 256; {load()}")
     print("receive rate (target >= 5 Mframes/s, no interrupts, no register reads, <= 1 doorbell / 32)")
     pair = InProcessPair()
     try:
-        print_rate("in-process: two Nics + InProcessBus, Cython PMD core", rx_rate(pair, args.seconds, args.size, args.burst))
+        print_rate("in-process: two Nics + InProcessBus, Cython PMD core",
+                   rx_rate(pair, args.seconds, args.size, args.burst))
     finally:
         pair.close()
     pair = InProcessPair(engine="python")
@@ -293,15 +372,26 @@ def main() -> int:
     finally:
         pair.close()
     if not args.no_process:
-        for yield_idle in (False, True):
-            pair = EmulatorPair()
+        runs = [  # (what, options)
+            ("generator as before: sends whatever fits, 512-descriptor rings",
+             dict(burst=128, whole_bursts=False)),
+            ("whole bursts, 1024-descriptor rings, pure busy-poll",
+             dict(burst=args.process_burst, rx_count=1024, tx_count=1024, rx_free_thresh=64)),
+            ("the same, this process yields the CPU (sched_yield) when neither ring moved",
+             dict(burst=args.process_burst, rx_count=1024, tx_count=1024, rx_free_thresh=64, yield_idle=True)),
+        ]
+        if args.pin:
+            runs.insert(2, ("whole bursts, 1024-descriptor rings, pure busy-poll, emulator and this process "
+                            "pinned to a CPU each", dict(burst=args.process_burst, rx_count=1024, tx_count=1024,
+                                                         rx_free_thresh=64, pin=True)))
+        for what, opts in runs:
+            pair = EmulatorPair(pin=opts.pop("pin", False))
             try:
-                how = ("this process yields the CPU (sched_yield) when neither ring moved" if yield_idle
-                       else "pure busy-poll")
-                print_rate(f"emulator process (nicemu serve --pair, vfio-user), Cython PMD core, {how}",
-                           rx_rate(pair, args.seconds, args.size, args.burst, yield_idle=yield_idle))
+                print_rate(f"emulator process (nicemu serve --pair, vfio-user), Cython PMD core: {what}",
+                           rx_rate(pair, args.seconds, args.size, rx_burst=256, **opts))
             finally:
                 pair.close()
+            print(f"    ({load()})")
 
     print(f"ping-pong round trip through the PMD ({args.rounds} rounds, busy-polling both ends)")
     pair = InProcessPair()
@@ -320,6 +410,15 @@ def main() -> int:
                   f"p99 {r['p99']:7.1f} us   mean {r['mean']:7.1f} us")
         finally:
             pair.close()
+        if args.pin:
+            pair = EmulatorPair(pin=True)
+            try:
+                r = ping_pong(pair, max(1000, args.rounds // 4), args.size)
+                print(f"  emulator process, pinned to a CPU each: p50 {r['p50']:7.1f} us   "
+                      f"p99 {r['p99']:7.1f} us   mean {r['mean']:7.1f} us")
+            finally:
+                pair.close()
+    print(f"  ({load()})")
     print("an idle port (no traffic for 1 s)")
     for mode in ("poll", "adaptive"):
         cpu, x = idle_cpu(mode, 1.0)

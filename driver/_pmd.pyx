@@ -286,6 +286,13 @@ cdef class Core:
             cleaned += rs
         return cleaned
 
+    def tx_room(self):
+        """Descriptors a tx_burst could fill now, after reclaiming completed batches: lets a
+        sender wait for room for a whole burst (one doorbell per burst) instead of ringing
+        for every few descriptors the device frees."""
+        self.tx_reclaim()
+        return self._tx_free()
+
     def tx_burst(self, array.array idx not None, int n, int start=0):
         """Queue idx[start:start+n] for transmission; returns how many were queued.
 

@@ -522,9 +522,9 @@ class E1000:
                 # The frame did not fit one buffer: drop it and every piece up to its EOP.
                 self._discarding = True
             if self._discarding:
-                st.rx_length_errors += 1
-                if status & _RXD_EOP:
+                if status & _RXD_EOP:  # the frame's last piece: one error per frame
                     self._discarding = False
+                    st.rx_length_errors += 1
             elif errors & _FRAME_ERR_MASK:
                 st.rx_errors += 1  # only stored at all with RCTL.SBP
             elif length > buf_len:  # a write-back longer than the buffer: never trust it
@@ -633,6 +633,7 @@ class E1000:
         # need count + 2 descriptors: keep the tail from touching the head
         if self.maybe_stop_tx(count + 2):
             st.tx_busy += 1
+            self.flush_tx()  # frames queued with xmit_more before the stop must still go
             return NETDEV_TX_BUSY
 
         # e1000_tx_map + e1000_tx_queue: copy into DMA buffers ("map"), fill descriptors

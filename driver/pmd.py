@@ -271,15 +271,20 @@ class Pmd:
         """Block until a frame arrives (True) or `timeout` passes, without burning the CPU.
 
         The lost-wakeup trap: a frame landing between the last empty poll and arming the
-        interrupt must not be slept through. So: clear a stale RXT0 (write 1 to ICR, no read),
-        unmask RXT0, then look at the ring once more before waiting; a frame that came in the
-        window is seen there, any later one raises RXT0.
+        interrupt must not be slept through. So: clear a stale RXT0 (write 1 to ICR), unmask
+        RXT0, read a register, then look at the ring once more before waiting; a frame that
+        came in the window is seen there, any later one raises RXT0. The read matters: the two
+        writes are posted, and until the device has applied them a frame's RXT0 would still be
+        cleared by the ICR write, after our last look. A read completes only after every
+        earlier posted write (PCIe ordering), so it closes the window. It costs one round trip
+        per sleep, off the fast path.
         """
         self._idle_run = 0
         self.core.rx_flush()  # every buffer to the device before going to sleep
         w = self.bus.write32
         w(regs.ICR, Icr.RXT0)
         w(regs.IMS, Icr.RXT0)
+        self.bus.read32(regs.STATUS)  # flush the posted writes
         woke = self.core.rx_ready()
         if not woke:
             self.sleeps += 1
@@ -338,6 +343,14 @@ class Pmd:
     def tx_reclaim(self) -> int:
         """Free the buffers of completed TX batches now (tx_burst also does it)."""
         return self.core.tx_reclaim()
+
+    def tx_room(self) -> int:
+        """Descriptors tx_burst could fill now (completed batches reclaimed first).
+
+        A generator that waits for room for a whole burst writes TDT once per burst; one
+        that sends whatever fits rings the doorbell for every batch the device frees, and
+        over vfio-user every doorbell is a message the emulator must handle."""
+        return self.core.tx_room()
 
     # --- statistics --------------------------------------------------------------------------
     def stats_update(self) -> dict[str, int]:
@@ -470,7 +483,11 @@ def main(argv: list[str] | None = None) -> int:
                 "voluntary_ctxt_switches": ru.ru_nvcsw, "nonvoluntary_ctxt_switches": ru.ru_nivcsw}
         print(json.dumps(line), flush=True)
 
-    bus = VfioUserBus(args.socket, mem_size=8 << 20)
+    try:
+        bus = VfioUserBus(args.socket, mem_size=8 << 20)
+    except BusError as e:
+        print(json.dumps({"event": "error", "message": str(e)}), flush=True)
+        return 1
     try:
         pmd = Pmd(bus, mode=args.mode, engine=args.engine, sleep_timeout=min(0.5, args.interval))
         print(json.dumps({"event": "up", "mac": pmd.mac, "mode": pmd.mode, "engine": pmd.engine}), flush=True)
@@ -498,7 +515,9 @@ def main(argv: list[str] | None = None) -> int:
                     pmd.free_bulk(pmd._rx_out, n - sent, sent)  # what the ring did not take
             else:
                 pmd.rx_burst_into(handler)
-            if args.role == "gen" and pmd.alloc_bulk(gen_idx, len(gen_idx), len(frame)):
+            # gen: a whole burst at a time (one TDT write per burst), when the ring has room
+            if (args.role == "gen" and pmd.tx_room() >= len(gen_idx)
+                    and pmd.alloc_bulk(gen_idx, len(gen_idx), len(frame))):
                 sent = pmd.tx_burst_idx(gen_idx, len(gen_idx))
                 pmd.free_bulk(gen_idx, len(gen_idx) - sent, sent)
             now = time.monotonic()
@@ -512,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
         pmd.stats_update()
         emit("done", pmd, seconds=round(time.monotonic() - start, 3))
         pmd.close()
+    except BusError as e:  # the emulator went away: say so, as driver.kernel does
+        print(json.dumps({"event": "error", "message": f"device gone: {e}"}), flush=True)
+        return 1
     finally:
         bus.close()
     return 0

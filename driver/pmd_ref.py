@@ -200,6 +200,10 @@ class RefCore:
             cleaned += rs
         return cleaned
 
+    def tx_room(self) -> int:
+        self.tx_reclaim()
+        return self._tx_free()
+
     def tx_burst(self, idx: array, n: int, start: int = 0) -> int:
         self._checked(idx, n, start, True)
         self.tx_reclaim()

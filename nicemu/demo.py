@@ -325,35 +325,6 @@ class _Exchanges:
         self.args = args
         self.sig = sig
         self.next_seq = 0
-        self.sleeps = 0
-        self.wakeups = 0  # sleeps ended by the interrupt
-
-    def sleep(self, timeout: float) -> bool:
-        """Wait for a frame on RXT0 without spinning (ixy's adaptive mode, done safely).
-
-        The trap is the lost wakeup: a frame that lands after the last look at the ring must
-        raise the interrupt. Clearing a stale RXT0 (write 1 to ICR) and unmasking it (IMS) are
-        posted writes: the device may apply them after such a frame landed, clearing its
-        RXT0 unseen. So a read follows them - the reply proves the device has applied both
-        (PCIe: a read flushes posted writes) - and only then the last look at the ring.
-        (driver.pmd's Pmd.sleep lacks that read; see the report of the demo's author.)"""
-        from nicemu import regs
-        from nicemu.regs import Icr
-
-        pmd = self.pmd
-        bus = pmd.bus
-        pmd.core.rx_flush()  # every buffer back to the device before sleeping
-        bus.write32(regs.ICR, int(Icr.RXT0))
-        bus.write32(regs.IMS, int(Icr.RXT0))
-        bus.read32(regs.STATUS)  # flush the two writes above
-        woke = pmd.core.rx_ready()
-        if not woke:
-            self.sleeps += 1
-            woke = bus.wait_irq(timeout)
-            self.wakeups += woke
-        bus.write32(regs.IMC, int(Icr.RXT0))  # back to polling: masked
-        bus.wait_irq(0)  # drop a signal raised while we looked: no spurious wakeup later
-        return woke or pmd.core.rx_ready()
 
     def run(self, total: int, window: int) -> dict:
         """Send `total` frames to args.dst, never more than `window` unanswered, and take the
@@ -372,7 +343,7 @@ class _Exchanges:
         window = max(1, window)
         tx_idx = array("I", [0]) * BURST
         rx_idx = array("I", [0]) * BURST
-        before = {"sleeps": self.sleeps, "interrupts": self.wakeups, "reads": pmd.bus.reads,
+        before = {"sleeps": pmd.sleeps, "interrupts": pmd.interrupts, "reads": pmd.bus.reads,
                   "writes": pmd.bus.writes, "ibytes": core.ibytes}
         seq0 = next_seq = self.next_seq
         expect = seq0  # the next sequence number due back
@@ -435,7 +406,7 @@ class _Exchanges:
             if clock() - start > limit:
                 break
             if not queued:  # nothing came back and nothing more may go: sleep until a frame lands
-                if not self.sleep(IDLE_WAIT) and clock() - last_progress > stall:
+                if not pmd.sleep(IDLE_WAIT) and clock() - last_progress > stall:
                     stalled = True
                     break
         core.tx_reclaim()
@@ -449,7 +420,7 @@ class _Exchanges:
                        for q, f in (("min", 0.0), ("p50", 0.5), ("p99", 0.99), ("max", 1.0))} if rtts else {},
             "bytes_back": core.ibytes - before["ibytes"], "stalled": stalled,
             "out_of_order": out_of_order, "stale": stale,
-            "sleeps": self.sleeps - before["sleeps"], "interrupts": self.wakeups - before["interrupts"],
+            "sleeps": pmd.sleeps - before["sleeps"], "interrupts": pmd.interrupts - before["interrupts"],
             "mmio_reads": pmd.bus.reads - before["reads"], "mmio_writes": pmd.bus.writes - before["writes"],
         }
 

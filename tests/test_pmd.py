@@ -244,6 +244,34 @@ def test_tx_ring_full_returns_what_fit(pair) -> None:
     pmd.close()
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_tx_room_lets_a_sender_ring_once_per_whole_burst(pair, engine) -> None:
+    """tx_room() counts what tx_burst could take after reclaiming done batches, so a generator
+    that waits for room for a whole burst writes TDT once per burst, never for a remnant."""
+    nic_a, nic_b, bus = pair
+    pmd = Pmd(bus, rx_count=64, tx_count=128, pool_size=512, engine=engine)
+    assert pmd.tx_room() == 127
+    reads = pmd.bus.reads
+    hw.disable_tx(pmd.bus)  # nothing completes: the room only shrinks
+    idx = array("I", [0]) * 48
+    for _ in range(2):
+        assert pmd.alloc_bulk(idx, 40, 60) == 40 and pmd.tx_burst_idx(idx, 40) == 40
+    assert pmd.tx_room() == 127 - 80 and pmd.xstats()["tx_doorbells"] == 2
+    hw.enable_tx(pmd.bus)  # the device sends all 80: DD on the RS slots 31 and 63
+    assert pmd.tx_room() == 127 - 16  # two whole batches back; 64..79 wait for slot 95
+    hw.disable_tx(pmd.bus)
+    writes = bus.log.count(("w", R.TDT))
+    sent = 0
+    while pmd.tx_room() >= 48:  # a generator waiting for room for a whole burst of 48
+        assert pmd.alloc_bulk(idx, 48, 60) == 48 and pmd.tx_burst_idx(idx, 48) == 48
+        sent += 48
+    assert sent == 96 and pmd.tx_room() == 15
+    assert bus.log.count(("w", R.TDT)) == writes + 2  # one doorbell per whole burst
+    assert pmd.bus.reads == reads  # tx_room reads descriptors in memory, never a register
+    pmd.close()
+    assert pmd.pool.available == pmd.pool.num_bufs
+
+
 def test_forwarding_sends_the_received_buffers(pair) -> None:
     nic_a, nic_b, bus = pair
     pmd = Pmd(bus, rx_count=64, tx_count=64)
@@ -394,6 +422,60 @@ def test_adaptive_sleep_does_not_miss_a_frame_that_raced_the_arming(pair) -> Non
     assert pmd.xstats()["sleeps"] == 0 and nic_b.peek32(R.IMS) == 0
     assert len(pmd.rx_burst()) == 1
     pmd.close()
+
+
+class PostedWriteBus(RecordingBus):
+    """Writes are posted as over vfio-user: the device applies them later, at the latest when a
+    read or a wait needs the device (a read flushes posted writes). `before_apply` runs first:
+    a frame that lands while the writes are still in flight."""
+
+    def __init__(self, nic: Nic, before_apply) -> None:
+        super().__init__(nic)
+        self.posted: list[tuple[int, int]] = []
+        self.before_apply = before_apply
+
+    def write32(self, off: int, value: int) -> None:
+        self.log.append(("w", off))
+        self.posted.append((off, value))
+
+    def _apply(self) -> None:
+        if self.posted and self.before_apply is not None:
+            self.before_apply()
+            self.before_apply = None
+        for off, value in self.posted:
+            self.inner.write32(off, value)
+        self.posted.clear()
+
+    def read32(self, off: int) -> int:
+        self._apply()
+        return super().read32(off)
+
+    def wait_irq(self, timeout):
+        self._apply()
+        return self.inner.wait_irq(timeout)
+
+
+def test_adaptive_sleep_flushes_its_posted_arming_before_the_last_look() -> None:
+    """The lost wakeup: ICR-clear and IMS-set are posted. A frame that lands before the device
+    applies them has its RXT0 cleared; unless the PMD reads a register (flushing them) before
+    its last look at the ring, it sleeps through that frame."""
+    mems = [DmaMemory(8 << 20), DmaMemory(8 << 20)]
+    nic_a, nic_b = Nic(mems[0], mac=MAC_A), Nic(mems[1], mac=MAC_B)
+    enable_bus_master(nic_a)
+    nic_a.connect(nic_b)
+    tx = peer_tx(nic_a)
+    bus = PostedWriteBus(nic_b, before_apply=None)
+    pmd = Pmd(bus, rx_count=64, tx_count=64, mode="adaptive")
+    bus._apply()  # bring-up done
+    bus.before_apply = lambda: tx.send([frame_to_b(3)])
+    t0 = time.monotonic()
+    assert pmd.sleep(5.0) is True
+    assert time.monotonic() - t0 < 2.5  # seen at the last look, not after the timeout
+    assert [bytes(m) for m in pmd.rx_burst()] == [frame_to_b(3)]
+    pmd.close()
+    bus.inner.close()
+    for m in mems:
+        m.close()
 
 
 def test_adaptive_sleep_times_out_when_idle(pair) -> None:

@@ -170,9 +170,14 @@ def _run(seed: int, steps: int = 400) -> None:
             k = rng.randrange(0, 80)
             for env in envs:
                 env.dev.transmit(k)
-        elif op < 0.96:
+        elif op < 0.94:
             for env in envs:
                 results.append(env.core.tx_reclaim())
+        elif op < 0.96:
+            for env in envs:
+                room = env.core.tx_room()
+                assert room == env.core.tx_count - 1 - env.core.tx_in_flight()
+                results.append(room)
         else:
             for env in envs:
                 results.append(env.core.rx_flush())

@@ -281,7 +281,28 @@ def test_generator_process_feeds_a_polling_pmd(emu) -> None:
         gen.p.send_signal(signal.SIGTERM)
         done = gen.event("done")
         assert done["opackets"] >= got and done["ierrors"] == 0
+        # the generator waits for room for a whole burst of 64: one TDT write per 64 frames
+        assert done["opackets"] == 64 * done["tx_doorbells"] and done["mmio_reads"] > 0
+        assert pmd.stats().ipackets == got and pmd.xstats()["rx_doorbells"] <= got // 32 + 1
         pmd.close()
     finally:
         gen.close()
         bus1.close()
+
+
+def test_pmd_process_reports_a_missing_device_and_a_vanishing_one(emu) -> None:
+    p = PmdProc("--socket", os.path.join(emu.dir, "none.sock"))
+    try:
+        assert "cannot connect" in p.event("error")["message"]
+        assert p.p.wait(10) == 1
+    finally:
+        p.close()
+    sink = PmdProc("--socket", emu.sock1, "--role", "sink", "--mode", "adaptive", "--interval", "0.2")
+    try:
+        sink.event("up")
+        emu.p.send_signal(signal.SIGKILL)  # the emulator dies under a running PMD application
+        emu.p.wait(10)
+        assert "device gone" in sink.event("error")["message"]  # its next statistics read fails
+        assert sink.p.wait(10) == 1
+    finally:
+        sink.close()
