@@ -12,6 +12,7 @@ Every failure of the transport (EOF, a socket error, an Error reply, a timeout) 
 from __future__ import annotations
 
 import errno
+import math
 import os
 import select
 import socket
@@ -31,6 +32,7 @@ _NO_REPLY = int(Flags.NO_REPLY)
 _ERROR = int(Flags.ERROR)
 _REGION_WRITE = int(Command.REGION_WRITE)
 _REGION_READ = int(Command.REGION_READ)
+_FD_SETSIZE = 1024  # select() cannot watch descriptors from here on (glibc's FD_SETSIZE)
 
 
 def _errname(err: int) -> str:
@@ -78,6 +80,11 @@ class VfioUserBus:
             self._poll = select.poll()  # poll, not select(): no FD_SETSIZE limit on fd numbers
             self._poll.register(self._eventfd, select.POLLIN)
             self._poll.register(self.sock, select.POLLIN)
+            # poll() counts in whole milliseconds (CPython rounds a timeout up), so a 100 us
+            # wait would sleep 1 ms; select() takes microseconds. It is used for finite timeouts
+            # when both descriptors fit in an fd_set (as ppoll would be, had Python one).
+            watched = (self._eventfd, self.sock.fileno())
+            self._select_fds = list(watched) if max(watched) < _FD_SETSIZE else None
         except BaseException:
             self.close()
             raise
@@ -164,12 +171,16 @@ class VfioUserBus:
         """Wait for the INTx eventfd; the socket is watched too: EOF means the emulator died."""
         efd = self.irq_fd()
         try:
-            ready = self._poll.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+            if timeout is not None and timeout > 0 and self._select_fds is not None:
+                ready = select.select(self._select_fds, (), (), timeout)[0]  # microseconds
+            else:
+                ready = [fd for fd, _ in self._poll.poll(None if timeout is None else
+                                                         max(0, math.ceil(timeout * 1000)))]
         except OSError as e:
             raise BusError(f"wait for interrupt failed: {e}") from None
         if not ready:
             return False
-        if any(fd == efd for fd, _ in ready):
+        if efd in ready:
             try:
                 os.eventfd_read(efd)
             except BlockingIOError:  # consumed elsewhere meanwhile

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import sys
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from nicemu.vfio_user.server import VfioUserServer
+
+_EPOLL_RESOLUTION_S = 0.001  # epoll_wait's timeout is in milliseconds
 
 __all__ = ["Emulator", "Port", "STATS_PREFIX"]
 
@@ -79,6 +82,7 @@ class Emulator:
         self.servers: dict[str, VfioUserServer] = {}
         self.nics: list[Any] = []
         self.ports: list[Port] = []
+        self.pairs: list[Any] = []  # PairCables between two devices of this process
         self.timer_sources: list[Any] = []  # objects with next_deadline()/run_timers()
         self.closeables: list[Any] = []  # cables and other objects to close() at the end
         self._stopping = False  # set by stop(); never reset, so a stop before run() is kept
@@ -86,6 +90,10 @@ class Emulator:
         self.report: Callable[[dict], None] = _print_stats
         self._dma_seen: dict[str, tuple[int, int | None]] = {}  # device -> (errors logged, when: clock ns)
         self._dma_log_due: int | None = None  # errors held back by the rate limit: log them then
+        self._dma_logged_total = 0  # sum of the counts in _dma_seen: a turn with no new error is one sum
+        self._served_nics: tuple[Any, ...] = ()  # the Nic of each server
+        self._deadline_sources: tuple[Any, ...] = ()  # self.nics then self.timer_sources
+        self._earliest: int | None = None  # their earliest deadline after the last turn's timers
         self._saved_handlers: dict[int, Any] = {}
         self._closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -100,8 +108,10 @@ class Emulator:
         server = VfioUserServer(nic, socket_path, name=name)
         server.register(self.selector)
         self.servers[name] = server
+        self._served_nics += (nic,)
         if nic not in self.nics:
             self.nics.append(nic)
+            self._sources_changed()
         log.info("%s: %s listening on %s", name, nic.mac, server.socket_path)
         return server
 
@@ -109,6 +119,7 @@ class Emulator:
         """A device without a socket (e.g. the far end of an in-process pair): its timers run."""
         if nic not in self.nics:
             self.nics.append(nic)
+            self._sources_changed()
 
     def add_port(self, nic: Any, cable: Any) -> Port:
         """Plug `nic`'s port into a cable end: TX goes to cable.send; arriving frames, link
@@ -125,6 +136,7 @@ class Emulator:
         self.add_nic(nic)
         if hasattr(cable, "next_deadline"):  # an end that holds frames (delay faults)
             self.timer_sources.append(cable if hasattr(cable, "run_timers") else _PortTimer(self, port))
+            self._sources_changed()
         self.closeables.append(cable)
         return port
 
@@ -134,9 +146,11 @@ class Emulator:
         from nicemu.cable.pair import PairCable
 
         pair = PairCable(nic_a, nic_b, **options)
+        self.pairs.append(pair)
         self.add_nic(nic_a)
         self.add_nic(nic_b)
-        self.add_timer_source(pair)
+        if not getattr(pair, "fast", False):  # engine to engine: the cable itself never holds a frame
+            self.add_timer_source(pair)
         self.closeables.append(pair)
         return pair
 
@@ -144,6 +158,7 @@ class Emulator:
         """Anything with next_deadline() -> ns | None and run_timers(); if it has a fileno()
         that is not None, run_timers() also runs when that descriptor is readable."""
         self.timer_sources.append(source)
+        self._sources_changed()
         fd = source.fileno() if hasattr(source, "fileno") else None
         if fd is not None:
             self.selector.register(fd, selectors.EVENT_READ, lambda _m, s=source: self._run_source(s))
@@ -169,17 +184,24 @@ class Emulator:
         """Serve until stop() or SIGTERM/SIGINT, then close everything."""
         self.catch_signals()
         try:
+            timeout = self._timeout()
             while not self._stopping:
-                self.run_once(self._timeout())
+                self.run_once(timeout)
                 if self._report_requested:
                     self._report_requested = False
                     self._report()
+                # The turn's _run_due_timers left the earliest device/source deadline, exact
+                # (nothing has run since); asking every source again would cost as much.
+                timeout = self._timeout_until(self._earliest)
         finally:
             self.close()
 
     def run_once(self, timeout: float | None = 0) -> None:
         """One turn: wait up to `timeout` s for ready descriptors, handle them, fire due timers."""
         try:
+            if timeout is not None and 0 < timeout < _EPOLL_RESOLUTION_S:
+                self._wait_precisely(timeout)
+                timeout = 0
             events = self.selector.select(timeout)
         except InterruptedError:
             events = []
@@ -238,6 +260,12 @@ class Emulator:
             if port is not None:
                 d["link"] = port.link
                 d["cable"] = _cable_stats(port.cable)
+            for pair in self.pairs:
+                if nic is pair.nic_a or nic is pair.nic_b:
+                    d["link"] = nic.link_up
+                    end = pair.end_a if nic is pair.nic_a else pair.end_b
+                    # engine to engine (no capture, no faults): no cable end, nothing to count
+                    d["cable"] = {"kind": "pair"} if end is None else _cable_stats(end)
             devices[name] = d
         return {"pid": os.getpid(), "devices": devices}
 
@@ -246,8 +274,13 @@ class Emulator:
         that points a descriptor outside its DMA_MAP'd memory must be told somewhere. At most
         one line a second per device (a ring full of bad addresses), with the running total;
         errors held back are logged when that second is over (`_timeout` wakes the loop)."""
-        now: int | None = None  # read the clock only when there is something to log
+        total = 0
+        for nic in self._served_nics:
+            total += nic.dma_errors
         self._dma_log_due = None
+        if total == self._dma_logged_total:  # counters only grow: nothing new, nothing held back
+            return
+        now: int | None = None  # read the clock only when there is something to log
         for name, server in self.servers.items():
             n = server.nic.dma_errors
             logged, when = self._dma_seen.get(name, (0, None))
@@ -260,6 +293,7 @@ class Emulator:
                 self._dma_log_due = due if self._dma_log_due is None else min(self._dma_log_due, due)
                 continue
             self._dma_seen[name] = (n, now)
+            self._dma_logged_total += n - logged
             log.warning("%s: %d DMA error(s): a descriptor or buffer address outside the "
                         "DMA_MAP'd memory (%d in all); the access was not made", name, n - logged, n)
 
@@ -270,30 +304,65 @@ class Emulator:
         except (BlockingIOError, OSError):
             pass
 
-    def _timeout(self) -> float | None:
-        """Seconds until the earliest device or timer-source deadline (None: sleep until I/O)."""
-        earliest: int | None = self._dma_log_due
-        for obj in self.nics + self.timer_sources:
+    def _sources_changed(self) -> None:
+        self._deadline_sources = tuple(self.nics) + tuple(self.timer_sources)
+
+    def _earliest_deadline(self) -> int | None:
+        """The earliest next_deadline() of the devices and timer sources, asked now."""
+        earliest: int | None = None
+        for obj in self._deadline_sources:
             d = obj.next_deadline()
             if d is not None and (earliest is None or d < earliest):
                 earliest = d
+        return earliest
+
+    def _wait_precisely(self, timeout: float) -> None:
+        """Wait up to `timeout` (under a millisecond) for any registered descriptor.
+
+        epoll (and so selectors) rounds timeouts up to whole milliseconds: an ITR gap of 50 us
+        or an RDTR of a few microseconds would fire up to 1 ms late, and interrupt moderation
+        would measure the event loop instead of the device. select() waits in microseconds;
+        the caller then collects the ready events with a zero-timeout selector call."""
+        keys = self.selector.get_map().values()
+        if any(k.fd >= 1024 for k in keys):  # beyond select()'s FD_SETSIZE: the coarse wait
+            self.selector.select(timeout)
+            return
+        readers = [k.fd for k in keys if k.events & selectors.EVENT_READ]
+        writers = [k.fd for k in keys if k.events & selectors.EVENT_WRITE]
+        select.select(readers, writers, [], timeout)
+
+    def _timeout(self) -> float | None:
+        """Seconds until the earliest device or timer-source deadline (None: sleep until I/O)."""
+        return self._timeout_until(self._earliest_deadline())
+
+    def _timeout_until(self, earliest: int | None) -> float | None:
+        """Seconds until `earliest` or a held-back DMA error log, whichever comes first."""
+        due = self._dma_log_due
+        if due is not None and (earliest is None or due < earliest):
+            earliest = due
         if earliest is None:
             return None
         return max(0.0, (earliest - self.clock()) / 1e9)
 
     def _run_due_timers(self) -> None:
+        """Fire every device and timer source whose deadline has come (devices first), and
+        leave the earliest deadline still pending in `_earliest` for the next select timeout.
+        One next_deadline() per source in a turn where nothing fires (the common case); when
+        something fired, all are asked again, as a fired timer (a delayed frame delivered) may
+        have armed or moved another source's."""
         now = self.clock()
-        for nic in self.nics:
-            d = nic.next_deadline()
-            if d is not None and d <= now:
-                try:
-                    nic.run_timers()
-                except Exception:
-                    log.exception("%r: run_timers failed", nic)
-        for src in self.timer_sources:
+        earliest: int | None = None
+        fired = False
+        for src in self._deadline_sources:
             d = src.next_deadline()
-            if d is not None and d <= now:
+            if d is None:
+                continue
+            if d <= now:
                 self._run_source(src)
+                fired = True
+            elif earliest is None or d < earliest:
+                earliest = d
+        self._earliest = self._earliest_deadline() if fired else earliest
 
     def _run_source(self, src: Any) -> None:
         try:

@@ -39,7 +39,7 @@ from __future__ import annotations
 import time
 import warnings
 from array import array
-from typing import Callable
+from typing import Callable, Sequence
 
 from nicemu import regs as R
 from nicemu.dma import DmaMemory
@@ -70,6 +70,9 @@ _RCTL_EN = int(R.Rctl.EN)
 _TCTL_EN = int(R.Tctl.EN)
 _EV_RX_DONE = R.EV_RX_DONE
 _EV_TX_IDE = R.EV_TX_IDE
+_RING_LEN_MASK = R.RING_LEN_MASK
+_RING_INDEX_MASK = R.RING_INDEX_MASK
+_DESC_SIZE = R.DESC_SIZE
 _MDIC_KEEP = 0x2FFF0000  # REGADD, PHYADD, OP, INT_EN: what software asked for
 _MDIC_DONE = int(R.Mdic.READY | R.Mdic.ERROR)
 
@@ -143,6 +146,9 @@ class Nic:
         self._tadv_at: int | None = None
         self._itr_at: int | None = None  # when a held-off interrupt may be signalled
         self._last_irq_at: int | None = None  # when the line last rose
+        # The earliest of the five, kept up to date by _timers_changed() at every change: an
+        # event loop asks for it once or twice per turn, so it must cost one attribute read.
+        self._deadline: int | None = None
         self._reset_device()
 
     def __repr__(self) -> str:
@@ -190,6 +196,66 @@ class Nic:
                 handler(self, i, value & _M32)
             return
         raise ValueError(f"BAR0 offset {offset:#x} is outside [0, {R.BAR0_SIZE:#x})")
+
+    def write_tail(self, offset: int, values: Sequence[int]) -> None:
+        """Writes of `values`, in order, to the register at `offset`: what write32(offset, v)
+        for each v does. The vfio-user server hands a burst of posted doorbells that arrived
+        together here, typically TDT or RDT.
+
+        For TDT and RDT the earlier values are skipped, so that one TX walk or one RX drain
+        does the work, when that makes no difference software could see (`_tail_supersedes`):
+        the walk to an earlier tail is a prefix of the walk to the last one, and the one cause
+        bit a shorter walk could raise on its own is already set. Otherwise each value goes
+        through the register's write handler in turn, as write32 would. (Either way the
+        handler is the one write32 uses: one place per register's behavior.)"""
+        if not 0 <= offset < _BAR0_SIZE:
+            raise ValueError(f"BAR0 offset {offset:#x} is outside [0, {R.BAR0_SIZE:#x})")
+        if offset & 3 or not values:
+            return
+        i = offset >> 2
+        handler = _WRITE[i]
+        if len(values) > 1 and i in _TAIL_RULES and self._tail_supersedes(i, values):
+            values = values[-1:]
+        for value in values:
+            if handler is None:
+                self.regs[i] = value & _M32
+            else:
+                handler(self, i, value & _M32)
+
+    def _tail_supersedes(self, i: int, values: Sequence[int]) -> bool:
+        """True if writing values[-1] alone to tail register `i` (TDT or RDT) is the same as
+        writing every value in turn.
+
+        TDT: each write walks the TX ring from TDH to the new tail; RDT: each write drains the
+        RX packet buffer into descriptors from RDH up to the new tail. When every value is a
+        valid index (below the ring's descriptor count, with TDH/RDH valid too) and lies no
+        further from the head than the next one, the walk or drain for an earlier value is a
+        prefix of the one for the last: the same descriptors are read and written back in the
+        same order, the same frames are sent or stored. What a prefix alone can add is one cause
+        bit: TXQE (the ring emptied at the earlier tail) or RXDMT0 (free descriptors counted
+        against the earlier, nearer tail); so both must already be pending in ICR. Delay timers
+        started by the skipped doorbell start at the clock reading of the last one instead, a
+        difference of the time the emulator takes to handle a message. A tail that moves
+        backwards (a driver bug: the device would wrap the whole ring) or an invalid ring always
+        takes the exact path."""
+        len_i, head_i, cause = _TAIL_RULES[i]
+        regs = self.regs
+        if not regs[_ICR] & cause:
+            return False
+        n = (regs[len_i] & _RING_LEN_MASK) // _DESC_SIZE
+        head = regs[head_i] & _RING_INDEX_MASK
+        if head >= n:  # also n == 0: no ring
+            return False
+        prev = 0
+        for value in values:
+            tail = value & _RING_INDEX_MASK
+            if tail >= n:
+                return False
+            ahead = (tail - head) % n  # distance from the head, in ring order
+            if ahead < prev:
+                return False
+            prev = ahead
+        return True
 
     def peek32(self, offset: int) -> int:
         """The register word without any read side effect (for tools and debugging)."""
@@ -279,9 +345,16 @@ class Nic:
 
     def next_deadline(self) -> int | None:
         """Clock ns of the earliest pending timer (delay timers, ITR hold-off), or None."""
-        timers = (self._rdtr_at, self._radv_at, self._tidv_at, self._tadv_at, self._itr_at)
-        due = [t for t in timers if t is not None]
-        return min(due) if due else None
+        return self._deadline
+
+    def _timers_changed(self) -> None:
+        """Recompute the earliest deadline; called wherever a timer is armed, moved or
+        cancelled (a cancel while none runs needs no call: the earliest is None already)."""
+        due = None
+        for t in (self._rdtr_at, self._radv_at, self._tidv_at, self._tadv_at, self._itr_at):
+            if t is not None and (due is None or t < due):
+                due = t
+        self._deadline = due
 
     def run_timers(self) -> None:
         """Fire the timers that are due by the clock."""
@@ -294,6 +367,7 @@ class Nic:
             self._tidv_at = self._tadv_at = None
             causes |= _TXDW
         if causes:
+            self._timers_changed()
             self.regs[_ICR] |= causes
             self._update_irq()
         elif _due(self._itr_at, now):
@@ -314,6 +388,7 @@ class Nic:
         regs[R.RAH(0) >> 2] = rah
         self.engine.reset()
         self._rdtr_at = self._radv_at = self._tidv_at = self._tadv_at = self._itr_at = None
+        self._deadline = None
         self._last_irq_at = None
         if self.irq:
             self._set_line(False)
@@ -346,6 +421,8 @@ class Nic:
         if not rdtr:
             self._rdtr_at = self._radv_at = None
             regs[_ICR] |= _RXT0
+            if self._deadline is not None:
+                self._timers_changed()
             return
         now = self.clock()
         self._rdtr_at = now + rdtr * R.DELAY_UNIT_NS
@@ -353,6 +430,7 @@ class Nic:
             radv = regs[_RADV] & R.DELAY_TIMER
             if radv:
                 self._radv_at = now + radv * R.DELAY_UNIT_NS
+        self._timers_changed()
 
     def _tx_ide(self) -> None:
         """An RS|IDE descriptor was written back (SDM "Transmit Interrupts", "Transmit Interrupt
@@ -362,6 +440,8 @@ class Nic:
         if not tidv:
             self._tidv_at = self._tadv_at = None
             regs[_ICR] |= _TXDW
+            if self._deadline is not None:
+                self._timers_changed()
             return
         now = self.clock()
         self._tidv_at = now + tidv * R.DELAY_UNIT_NS
@@ -369,13 +449,16 @@ class Nic:
             tadv = regs[_TADV] & R.DELAY_TIMER
             if tadv:
                 self._tadv_at = now + tadv * R.DELAY_UNIT_NS
+        self._timers_changed()
 
     def _update_irq(self, resignal: bool = False) -> None:
         """Drive the line from (ICR & IMS), holding a rising edge off for ITR (SDM "Interrupt
         Throttling")."""
         regs = self.regs
         if not regs[_ICR] & regs[_IMS]:
-            self._itr_at = None
+            if self._itr_at is not None:
+                self._itr_at = None
+                self._timers_changed()
             if self.irq:
                 self._set_line(False)
             return
@@ -388,9 +471,13 @@ class Nic:
         if interval and self._last_irq_at is not None:
             allowed = self._last_irq_at + interval * R.ITR_UNIT_NS
             if now < allowed:
-                self._itr_at = allowed  # run_timers() signals it then
+                if self._itr_at != allowed:
+                    self._itr_at = allowed  # run_timers() signals it then
+                    self._timers_changed()
                 return
-        self._itr_at = None
+        if self._itr_at is not None:
+            self._itr_at = None
+            self._timers_changed()
         self._last_irq_at = now
         self._set_line(True)
 
@@ -535,6 +622,7 @@ class Nic:
         self.regs[i] = value & R.DELAY_TIMER
         if value & R.DELAY_FPD and (self._rdtr_at is not None or self._radv_at is not None):
             self._rdtr_at = self._radv_at = None
+            self._timers_changed()
             self.regs[_ICR] |= _RXT0
             self._update_irq()
 
@@ -543,6 +631,7 @@ class Nic:
         self.regs[i] = value & R.DELAY_TIMER
         if value & R.DELAY_FPD and (self._tidv_at is not None or self._tadv_at is not None):
             self._tidv_at = self._tadv_at = None
+            self._timers_changed()
             self.regs[_ICR] |= _TXDW
             self._update_irq()
 
@@ -613,5 +702,11 @@ def _dispatch_tables() -> tuple[list, list]:
 
 
 _READ, _WRITE = _dispatch_tables()
+# Tail registers whose superseded doorbells write_tail() may skip: tail word -> (ring length
+# word, head word, the ICR cause a walk to an earlier tail could raise on its own).
+_TAIL_RULES = {
+    R.TDT >> 2: (R.TDLEN >> 2, R.TDH >> 2, int(R.Icr.TXQE)),
+    R.RDT >> 2: (R.RDLEN >> 2, R.RDH >> 2, int(R.Icr.RXDMT0)),
+}
 _RESET_VALUES = [(off >> 2, reg.reset) for off, reg in R.REGISTERS.items() if reg.reset]
 _ZERO_BAR0 = bytes(R.BAR0_SIZE)

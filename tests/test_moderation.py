@@ -361,3 +361,58 @@ def test_reset_cancels_timers(nic, clock):
 def test_run_timers_with_nothing_pending(nic, clock):
     nic.run_timers()
     assert nic.peek32(R.ICR) == 0
+
+
+# --- next_deadline: cached, and exact after every change ---------------------------------------
+
+
+def _earliest_timer(nic) -> int | None:
+    """The brute-force answer: the earliest of the timers the Nic holds."""
+    timers = [t for t in (nic._rdtr_at, nic._radv_at, nic._tidv_at, nic._tadv_at, nic._itr_at) if t is not None]
+    return min(timers) if timers else None
+
+
+def test_next_deadline_is_exact_after_every_timer_change(nic, clock):
+    """Random register writes, frames both ways, clock steps, timer runs and resets: after each
+    one, next_deadline() (kept up to date, not recomputed per call) is the earliest timer."""
+    import random
+
+    rng = random.Random(4)
+    sent: list[bytes] = []
+    nic.attach(lambda f: sent.append(f) or True)
+    rx = RxRing(nic, n=16).setup(give=15)
+    tx = TxRing(nic, n=16).setup()
+    seen_deadlines = set()
+
+    def reprogram() -> None:
+        nic.config_write(0x04, int(R.PciCommand.MEMORY | R.PciCommand.MASTER), size=2)
+        rx.tail = tx.tail = 0
+        rx.setup(give=15)
+        tx.setup()
+
+    ops = [
+        lambda: nic.write32(R.RDTR, rng.choice([0, 1, 5, 40, R.DELAY_FPD, R.DELAY_FPD | 7])),
+        lambda: nic.write32(R.RADV, rng.choice([0, 3, 80])),
+        lambda: nic.write32(R.TIDV, rng.choice([0, 2, 30, R.DELAY_FPD])),
+        lambda: nic.write32(R.TADV, rng.choice([0, 4, 60])),
+        lambda: nic.write32(R.ITR, rng.choice([0, 10, 400])),
+        lambda: nic.write32(R.IMS, rng.choice([TXDW, RXT0, TXDW | RXT0 | RXDMT0])),
+        lambda: nic.write32(R.IMC, rng.choice([TXDW, RXT0, 0xFFFFFFFF])),
+        lambda: nic.write32(R.ICS, rng.choice([TXDW, RXT0, TXQE])),
+        lambda: nic.write32(R.ICR, rng.choice([TXDW, RXT0, 0xFFFFFFFF])),
+        lambda: nic.read32(R.ICR),
+        lambda: nic.receive(make_frame(size=rng.choice([60, 200])) + b"\0" * 4),  # FCS checked: may be bad
+        lambda: nic.receive(__import__("conftest").with_fcs(make_frame(size=60))),
+        lambda: rx.give(rng.choice([1, 3])) if (rx.tail + 3) % rx.n != nic.peek32(R.RDH) else None,
+        lambda: tx.send([make_frame(size=60)], cmd=rng.choice([EOP_IFCS_RS, EOP_IFCS_RS | IDE]))
+        if (tx.tail + 2) % tx.n != nic.peek32(R.TDH) else None,
+        lambda: clock.advance(rng.choice([1, 500, 20_000, 300_000])),
+        lambda: nic.run_timers(),
+        lambda: (nic.write32(R.CTRL, int(R.Ctrl.RST)), reprogram()),
+    ]
+    weights = [3, 2, 3, 2, 3, 3, 2, 3, 2, 3, 2, 4, 3, 4, 6, 6, 1]
+    for step in range(3000):
+        rng.choices(ops, weights)[0]()
+        assert nic.next_deadline() == _earliest_timer(nic), step
+        seen_deadlines.add(nic.next_deadline() is None)
+    assert seen_deadlines == {True, False}  # the walk both armed timers and saw them all end

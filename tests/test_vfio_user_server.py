@@ -638,6 +638,27 @@ def test_emulator_timeout_follows_the_earliest_deadline():
     emu.close()
 
 
+def test_emulator_waits_for_a_sub_millisecond_deadline_with_microsecond_select(monkeypatch):
+    """epoll rounds timeouts up to whole milliseconds; a 256 us ITR gap must not become 1 ms, so
+    the loop waits with select() (microseconds) when the deadline is under a millisecond."""
+    import select as select_module
+
+    waits: list[float] = []
+    real_select = select_module.select
+
+    def recording_select(r, w, x, timeout):
+        waits.append(timeout)
+        return real_select(r, w, x, timeout)
+
+    monkeypatch.setattr(select_module, "select", recording_select)
+    emu = Emulator()
+    emu.run_once(0.000256)
+    emu.run_once(0.002)  # a long wait: epoll's millisecond resolution is fine
+    emu.run_once(0)
+    assert waits == [0.000256]
+    emu.close()
+
+
 def test_emulator_stop_from_a_signal_handler_wakes_the_loop(tmp_path):
     emu = Emulator()
     emu.add_device("nic0", Nic(DmaMemory(), mac=MAC, engine="python"), str(tmp_path / "s.sock"))
@@ -793,3 +814,308 @@ def test_fds_sent_with_an_oversized_message_are_closed_not_given_to_the_next(raw
     os.close(w)
     mem.close()
     assert open_fds() == before  # the server closed its copy of the stray fd
+
+
+# --- doorbell bursts: Nic.write_tail and the server's runs of posted tail writes ----------------
+
+EOP_IFCS_RS = int(R.TxdCmd.EOP | R.TxdCmd.IFCS | R.TxdCmd.RS)
+EOP_IFCS = int(R.TxdCmd.EOP | R.TxdCmd.IFCS)
+
+
+def _engines() -> list:
+    try:
+        import nicemu._datapath  # noqa: F401
+    except ImportError:
+        return ["python"]
+    return ["python", "cython"]
+
+
+def _queue_tx(nic, first: int, frames: list[bytes], cmds: list[int] | None = None) -> None:
+    """TX descriptors from `first` on, without ringing the doorbell (TxRing's layout)."""
+    for k, frame in enumerate(frames):
+        slot = (first + k) % 16
+        addr = 0x80000 + slot * 2048
+        nic.mem.write(addr, frame)
+        cmd = EOP_IFCS_RS if cmds is None else cmds[k]
+        nic.mem.write(0x800 + 16 * slot, R.TX_DESC.pack(addr, len(frame), 0, cmd, 0, 0, 0))
+
+
+class _Twins:
+    """Identical devices (write_tail, each write in turn, the last write alone) with a TX ring;
+    a sink per device that can refuse."""
+
+    def __init__(self, engine: str) -> None:
+        self.nics, self.sent, self.room = [], [], []
+        for i in range(3):
+            nic = Nic(DmaMemory(MEM), mac=MAC, engine=engine)
+            enable_bus_master(nic)
+            sent: list[bytes] = []
+            room = [1 << 30]
+
+            def sink(frame, sent=sent, room=room):
+                if room[0] <= 0:
+                    return False
+                room[0] -= 1
+                sent.append(bytes(frame))
+                return True
+
+            nic.attach(sink)
+            TxRing(nic).setup()
+            self.nics.append(nic)
+            self.sent.append(sent)
+            self.room.append(room)
+
+    def each(self, fn) -> None:
+        for nic in self.nics:
+            fn(nic)
+
+    def state(self, k: int) -> tuple:
+        nic = self.nics[k]
+        return bytes(nic.regs), nic.mem.read(0, 0x1000), self.sent[k], nic.irq, nic.next_deadline()
+
+    def close(self) -> None:
+        for nic in self.nics:
+            nic.mem.close()
+
+
+@pytest.fixture(params=_engines())
+def twins(request):
+    t = _Twins(request.param)
+    yield t
+    t.close()
+
+
+def _transmits(nic) -> int:
+    return nic.regs[R.GPTC >> 2]
+
+
+@pytest.mark.parametrize("case", ["forward", "txqe_clear", "backwards", "beyond_ring", "partial_packet",
+                                  "back_pressure"])
+def test_write_tail_tdt_is_the_same_as_each_write_in_turn(twins, case):
+    """Nic.write_tail(TDT, values) vs write32(TDT, v) for each v on an identical device: the same
+    register file (statistics, ICR, TDH), descriptors, frames on the cable, line and deadline,
+    whether the values were coalesced into one walk or not."""
+    frames = [make_frame(size=60 + k) for k in range(12)]
+    cmds = None
+    if case in ("partial_packet", "txqe_clear"):  # frame 5 spans descriptors 5 and 6; tail 6 splits it
+        cmds = [EOP_IFCS_RS] * 5 + [0] + [EOP_IFCS_RS] * 6
+    twins.each(lambda nic: _queue_tx(nic, 0, frames, cmds))
+    if case != "txqe_clear":  # a first walk empties the ring: TXQE pending, as in steady state
+        twins.each(lambda nic: nic.write32(R.TDT, 1))
+        assert all(nic.peek32(R.ICR) & R.Icr.TXQE for nic in twins.nics)
+    values = {"forward": [2, 5, 5, 9], "txqe_clear": [3, 6], "backwards": [6, 3],
+              "beyond_ring": [4, 99], "partial_packet": [5, 6], "back_pressure": [4, 10]}[case]
+    if case == "back_pressure":
+        for room in twins.room:
+            room[0] = 5  # the cable takes 5 more frames, then refuses: the walk stops short
+    coalesced = case in ("forward", "partial_packet", "back_pressure")
+    assert twins.nics[0]._tail_supersedes(R.TDT >> 2, values) == coalesced  # the path taken
+    twins.nics[0].write_tail(R.TDT, values)
+    for v in values:
+        twins.nics[1].write32(R.TDT, v)
+    twins.nics[2].write32(R.TDT, values[-1])
+    assert twins.state(0) == twins.state(1)
+    # Where write_tail must not coalesce, the last write alone would indeed differ: TXQE (the
+    # ring emptied at tail 3, not at 6, where a packet is split), the wrap, the invalid tail.
+    assert (twins.state(2) == twins.state(1)) == (case not in ("txqe_clear", "backwards", "beyond_ring"))
+    if case == "forward":
+        assert len(twins.sent[0]) == 9 and twins.nics[0].peek32(R.TDH) == 9
+    if case == "backwards":  # a tail moved backwards: the device wrapped the whole ring, both ways
+        assert twins.nics[0].peek32(R.TDH) == 3 and len(twins.sent[0]) > 6
+
+
+def test_write_tail_skips_only_what_cannot_be_seen(stub_nic):
+    """The rule itself, on a stand-in engine that counts walks: one walk for a forward run with
+    TXQE (RDT: RXDMT0) already pending; every value walked otherwise."""
+    nic = stub_nic
+    nic.write32(R.TDLEN, 16 * 16)
+    nic.write32(R.RDLEN, 16 * 16)
+    calls = nic.engine.calls
+
+    def walks(offset: int, values: list[int], icr: int, head: int = 0) -> int:
+        nic.regs[R.ICR >> 2] = icr
+        nic.regs[(R.TDH if offset == R.TDT else R.RDH) >> 2] = head
+        calls.clear()
+        nic.write_tail(offset, values)
+        return calls.count("transmit" if offset == R.TDT else "drain_rx")
+
+    TXQE, RXDMT0 = int(R.Icr.TXQE), int(R.Icr.RXDMT0)
+    assert walks(R.TDT, [2, 4, 8], TXQE) == 1
+    assert nic.peek32(R.TDT) == 8
+    assert walks(R.TDT, [2, 4, 8], 0) == 3  # the walk to 2 or 4 could raise TXQE on its own
+    assert walks(R.TDT, [8, 4], TXQE) == 2  # backwards: the device would wrap the ring
+    assert walks(R.TDT, [14, 2], TXQE, head=12) == 1  # forward across the end of the ring
+    assert walks(R.TDT, [3, 16], TXQE) == 2  # 16 is not an index of a 16-descriptor ring
+    assert walks(R.TDT, [0x10003, 5], TXQE) == 1  # the register keeps 16 bits: 3, then 5
+    assert walks(R.TDT, [7], TXQE) == 1
+    assert walks(R.RDT, [3, 9, 15], RXDMT0) == 1
+    assert walks(R.RDT, [3, 9, 15], TXQE) == 3  # RXDMT0 could be raised against a nearer tail
+    assert walks(R.RDT, [9, 3], RXDMT0, head=2) == 2
+    nic.regs[R.RDLEN >> 2] = 0
+    assert walks(R.RDT, [3, 9], RXDMT0) == 2  # no ring
+    calls.clear()
+    nic.write_tail(R.TIPG, [1, 2, 3])  # any other register: each write, as write32
+    assert nic.peek32(R.TIPG) == 3 and calls == []
+    with pytest.raises(ValueError):
+        nic.write_tail(R.BAR0_SIZE, [1])
+
+
+@pytest.mark.parametrize("rxdmt0", [False, True])
+def test_write_tail_rdt_drains_waiting_frames_as_each_write_would(twins, rxdmt0):
+    """Frames held in the RX packet buffer (no free descriptor), then a burst of RDT writes:
+    the same frames in the same descriptors, the same ICR (RXDMT0 counted as each write would),
+    whether coalesced (RXDMT0 pending) or not."""
+    frames = [with_fcs(make_frame(size=60 + k)) for k in range(6)]
+    for nic in twins.nics:
+        RxRing(nic).setup(give=0)
+        for f in frames:
+            nic.receive(f)
+        assert nic.peek32(R.RDH) == 0
+        nic.regs[R.ICR >> 2] = int(R.Icr.RXDMT0) if rxdmt0 else 0
+    values = [2, 4, 15]
+    assert twins.nics[0]._tail_supersedes(R.RDT >> 2, values) == rxdmt0  # the path taken
+    twins.nics[0].write_tail(R.RDT, values)
+    for v in values:
+        twins.nics[1].write32(R.RDT, v)
+    twins.nics[2].write32(R.RDT, values[-1])
+    assert twins.state(0) == twins.state(1)
+    # RDT 2 leaves 0 free descriptors (RXDMT0); RDT 15 alone would leave 9 of 16 (none)
+    assert (twins.state(2) == twins.state(1)) == rxdmt0
+    assert twins.nics[0].peek32(R.RDH) == 6
+    assert twins.nics[0].mem.read(0x10000, 60) == frames[0][:60]
+
+
+def _posted(offset: int, value: int, msg_id: int = 1) -> bytes:
+    return struct.pack("=HHIIIQIII", msg_id, Command.REGION_WRITE, 36, p.Flags.NO_REPLY, 0, offset, 0, 4, value)
+
+
+def _spy_write_tail(monkeypatch, nic) -> list[tuple[int, list[int]]]:
+    runs: list[tuple[int, list[int]]] = []
+    real = nic.write_tail
+
+    def spy(offset, values):
+        runs.append((offset, list(values)))
+        real(offset, values)
+
+    monkeypatch.setattr(nic, "write_tail", spy)
+    return runs
+
+
+def _tx_burst_state(bus, served, burst: bytes | None, runs: list | None = None) -> tuple:
+    """Program a TX ring, queue 6 frames, send frame 0 (TXQE pending: the ring emptied), then
+    TDT 2, 4, 6 each flushed on its own (`burst` None) or `burst` in one piece; flush and
+    return the register file, the descriptors and the frames that went out."""
+    bus.reset()
+    enable_bus_master(bus)
+    TxRing(bus).setup()
+    _queue_tx(bus, 0, [make_frame(size=60 + k) for k in range(6)])
+    bus.write32(R.TDT, 1)
+    bus.read32(R.STATUS)
+    if runs is not None:
+        runs.clear()
+    if burst is None:
+        for v in (2, 4, 6):
+            bus.write32(R.TDT, v)
+            bus.read32(R.STATUS)  # one at a time: never two in one buffer
+    else:
+        bus.sock.sendall(burst)
+    bus.read32(R.STATUS)  # handled in order: every write of the burst is done
+    wait_for(lambda: len(served.far.inbox) >= served.nic.peek32(R.TDH))
+    frames = served.far.recv_frames()
+    return bytes(served.nic.regs), bus.mem.read(0x800, 16 * 16), frames
+
+
+def test_posted_tail_writes_in_one_buffer_are_coalesced_with_the_same_result(bus, served, monkeypatch):
+    """TDT 2, 4, 6 arriving together reach the device as one run (one walk: only the last tail
+    matters, TXQE is pending); the device state and the frames on the cable are those of the
+    same writes each flushed on its own."""
+    runs = _spy_write_tail(monkeypatch, served.nic)
+    separate = _tx_burst_state(bus, served, None, runs)
+    assert all(len(values) == 1 for _, values in runs)
+    together = _tx_burst_state(bus, served, b"".join(_posted(R.TDT, v, v) for v in (2, 4, 6)), runs)
+    assert runs == [(R.TDT, [2, 4, 6])]
+    assert served.nic.peek32(R.ICR) & R.Icr.TXQE
+    assert together == separate
+    assert len(together[2]) == 6  # frame 0 before the burst, 1 to 5 in it
+
+
+def test_a_write_between_two_doorbells_ends_the_run(bus, served, monkeypatch):
+    """TDT 2, TCTL off, TDT 4 in one buffer: not coalesced (TDT 4 alone would send nothing,
+    as TCTL.EN is clear when it comes): only frame 1 goes out, TDH stops at 2."""
+    runs = _spy_write_tail(monkeypatch, served.nic)
+    before = served.server.messages
+    _, _, frames = _tx_burst_state(bus, served, _posted(R.TDT, 2) + _posted(R.TCTL, 0, 2) + _posted(R.TDT, 4, 3),
+                                   runs)
+    assert len(frames) == 2  # frame 0 before the burst, frame 1 in it
+    assert served.nic.peek32(R.TDH) == 2 and served.nic.peek32(R.TDT) == 4
+    assert runs == [(R.TDT, [2])]  # TDT 4 was the last message in the buffer: plain write32
+    assert served.server.messages - before >= 4 and served.server.posted_errors == 0
+
+
+def test_wait_irq_sub_millisecond_timeout_is_not_rounded_to_a_millisecond(bus, monkeypatch):
+    """poll() counts whole milliseconds; a 200 us wait uses select() with the timeout as given."""
+    import driver.vfio_user_client as client
+
+    seen = []
+    real = client.select.select
+
+    def spy(r, w, x, timeout):
+        seen.append(timeout)
+        return real(r, w, x, timeout)
+
+    monkeypatch.setattr(client.select, "select", spy)
+    assert not bus.wait_irq(0.0002)
+    assert seen == [0.0002]
+    bus.write32(R.IMS, R.Icr.TXDW)
+    bus.write32(R.ICS, R.Icr.TXDW)
+    assert bus.wait_irq(2.0)
+    assert not bus.wait_irq(0)  # a zero timeout only looks (poll)
+    assert seen == [0.0002, 2.0]
+    bus.read32(R.ICR)
+
+
+def test_emulator_turn_leaves_the_exact_earliest_deadline(tmp_path):
+    """The loop asks each source for its deadline once a turn; when a timer fired, it asks
+    again, as firing may arm another source's timer (here: a released frame starts RDTR)."""
+    now = [1_000_000_000]
+    clock = lambda: now[0]  # noqa: E731
+    nic = Nic(DmaMemory(MEM), mac=MAC, engine="python", clock=clock)
+    enable_bus_master(nic)
+    RxRing(nic).setup()
+    nic.write32(R.RDTR, 10)  # RXT0 10.24 us after a frame
+
+    class Delayed:  # a timer source holding one frame until t = +1 ms
+        due = now[0] + 1_000_000
+
+        def next_deadline(self):
+            return self.due
+
+        def run_timers(self):
+            self.due = None
+            nic.receive(with_fcs(make_frame(size=60)))
+
+    emu = Emulator(clock=clock)
+    emu.add_nic(nic)
+    emu.add_timer_source(Delayed())
+    emu.run_once(0)
+    assert emu._earliest == now[0] + 1_000_000
+    now[0] += 1_000_000
+    emu.run_once(0)
+    assert nic.peek32(R.RDH) == 1
+    assert emu._earliest == now[0] + 10 * 1024 == nic.next_deadline()
+    assert emu._timeout() == pytest.approx(10.24e-6)
+    emu.close()
+    nic.mem.close()
+
+
+def test_only_a_pair_that_can_hold_frames_is_a_timer_source():
+    """A plain pair goes engine to engine and never holds a frame: the loop does not ask it
+    for a deadline every turn. A pair with faults (delays) does, and its deadline is honoured."""
+    nics = [Nic(DmaMemory(MEM), mac=MAC, engine="python") for _ in range(4)]
+    with Emulator() as emu:
+        fast = emu.add_pair(nics[0], nics[1])
+        slow = emu.add_pair(nics[2], nics[3], faults_ab={"delay_ms": 0.1})
+        assert fast not in emu.timer_sources and slow in emu.timer_sources
+        assert emu._deadline_sources == (*nics, slow)
+    for nic in nics:
+        nic.mem.close()
