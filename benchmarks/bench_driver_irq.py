@@ -244,6 +244,29 @@ def run_pingpong(mode: str, pings: int, itr: str = "0") -> dict:
     }
 
 
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages, as uptime prints them."""
+    return "{:.2f} {:.2f} {:.2f} (1, 5, 15 min)".format(*os.getloadavg())
+
+
+FLOOD_LEGEND = """\
+  rx pps     frames/s the receiving driver took, first to last frame
+  missed     frames the receiving device dropped for want of RX descriptors (MPC)
+  irq/pkt    interrupts the receiving driver took per frame received
+  pkt/poll   frames per NAPI poll of the receiver (budget 64; "-" in interrupt mode: no polls)
+  RDT/pkt    RX tail doorbells (RDT writes) of the receiver per frame
+  TDT/pkt    TX tail doorbells (TDT writes) of the generator per frame sent
+  txirq/pkt  interrupts the generating driver took per frame sent (TXDW: its TX cleaning)
+  stops      times the generator's TX queue was stopped because the ring was full (netif_stop_queue)
+  ctx rx/gen/emu  context switches (voluntary + involuntary) during the run: of the
+             receiving driver / the generating driver / the emulator process"""
+
+PING_LEGEND = """\
+  cl         this process, the client driving device A; echo: the driver process on device B
+  irq/ping   interrupts per round trip taken by the client / by the echo driver
+  ctx/ping   context switches per round trip of the client / the echo driver / the emulator"""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frames", type=int, default=20000, help="flood: frames to send")
@@ -251,35 +274,43 @@ def main() -> int:
     ap.add_argument("--paced-frames", type=int, default=2000)
     ap.add_argument("--pings", type=int, default=2000)
     args = ap.parse_args()
+    if min(args.frames, args.paced_frames, args.pings) < 1 or args.rate <= 0:
+        ap.error("--frames, --paced-frames and --pings must be at least 1, --rate positive")
 
-    print(f"machine: {os.cpu_count()} CPUs, load average at start {os.getloadavg()}")
+    print(f"machine: {os.cpu_count()} CPUs, load average at start {load_average()}")
     print("64-byte frames, one emulator process (pair cable), one driver process per device\n")
 
     cases = [("interrupt", "0"), ("napi", "0"), ("napi", "conservative")]
     flood = [run_flood(m, args.frames, itr=i) for m, i in cases]
     paced = [run_flood(m, args.paced_frames, args.rate, itr=i) for m, i in cases]
     print(f"{'traffic':<16}{'mode':<11}{'itr':<14}{'rx pps':>9}{'missed':>8}{'irq/pkt':>9}{'pkt/poll':>9}"
-          f"{'RDT/pkt':>9}{'TDT/pkt':>9}{'txirq/pkt':>10}{'stops':>7}{'ctx rx/gen/emu':>20}")
+          f"{'RDT/pkt':>9}{'TDT/pkt':>9}{'txirq/pkt':>10}{'stops':>7}{'ctx rx/gen/emu':>22}")
     for r in flood + paced:
         label = f"flood {r['frames']}" if not r["rate"] else f"paced {r['rate']:.0f}/s"
         print(f"{label:<16}{r['mode']:<11}{r['itr']:<14}{r['rx_rate_pps']:>9.0f}{r['missed']:>8}{r['rx_irq_per_pkt']:>9.3f}"
-              f"{r['pkts_per_poll']:>9.1f}{r['rx_doorbells_per_pkt']:>9.3f}{r['tx_doorbells_per_pkt']:>9.3f}"
+              f"{(format(r['pkts_per_poll'], '.1f') if r['rx_polls'] else '-'):>9}"
+              f"{r['rx_doorbells_per_pkt']:>9.3f}{r['tx_doorbells_per_pkt']:>9.3f}"
               f"{r['tx_irq_per_pkt']:>10.3f}{r['queue_stops']:>7}"
-              f"{r['ctx_rx']:>8}/{r['ctx_gen']}/{r['ctx_emu']}")
+              f"{str(r['ctx_rx']) + '/' + str(r['ctx_gen']) + '/' + str(r['ctx_emu']):>22}")
+    print()
+    print(FLOOD_LEGEND)
 
     irq_paced = paced[0]["rx_irq_per_pkt"]
     napi_flood = max(r["rx_irq_per_pkt"] for r in flood if r["mode"] == "napi")
     print(f"\ntargets: interrupt mode, paced: about 1 interrupt per packet (measured {irq_paced:.3f}); "
-          f"NAPI under load: at most 0.05 (measured {napi_flood:.3f}); load average {os.getloadavg()}")
+          f"NAPI under load: at most 0.05 (measured {napi_flood:.3f}); load average {load_average()}")
     print()
     pp = [run_pingpong(m, args.pings, i) for m, i in cases]
     print(f"{'ping-pong':<12}{'mode':<11}{'itr':<14}{'p50 us':>9}{'p99 us':>9}{'min us':>9}{'lost':>6}"
           f"{'irq/ping cl/echo':>18}{'ctx/ping cl/echo/emu':>24}")
     for r in pp:
+        irq = f"{r['client_irq_per_ping']:.2f}/{r['echo_irq_per_ping']:.2f}"
+        ctx = f"{r['ctx_client_per_ping']:.1f}/{r['ctx_echo_per_ping']:.1f}/{r['ctx_emu_per_ping']:.1f}"
         print(f"{r['pings']:<12}{r['mode']:<11}{r['itr']:<14}{r['p50_us']:>9.1f}{r['p99_us']:>9.1f}{r['min_us']:>9.1f}{r['lost']:>6}"
-              f"{r['client_irq_per_ping']:>9.2f}/{r['echo_irq_per_ping']:<8.2f}"
-              f"{r['ctx_client_per_ping']:>10.1f}/{r['ctx_echo_per_ping']:.1f}/{r['ctx_emu_per_ping']:.1f}")
-    print(f"\nload average at end {os.getloadavg()}")
+              f"{irq:>18}{ctx:>24}")
+    print()
+    print(PING_LEGEND)
+    print(f"\nload average at end {load_average()}")
     return 0
 
 

@@ -1,6 +1,6 @@
 """Kernel-bypass PMD figures: receive rate and ping-pong latency across a back-to-back pair.
 
-    python benchmarks/bench_pmd.py [--seconds 5] [--size 60] [--burst 128] [--pin] [--no-process]
+    python benchmarks/bench_pmd.py [--seconds 5] [--size 64] [--burst 128] [--pin] [--no-process]
 
 1. Receive rate, 64-byte frames (60 + FCS). A generator drives nic0's TX ring from this same
    process (no extra busy-polling process: the machine has 2 cores); the PMD under test polls
@@ -258,6 +258,26 @@ def rx_rate(pair, seconds: float, size: int, burst: int, rx_burst: int = 256, yi
     return res
 
 
+RATE_TARGET = 5e6  # frames/s: the PMD's receive path, in-process (docs/pmd.md)
+
+
+def print_verdict(rows: list[tuple[str, dict]]) -> None:
+    """The targets once, each with the rows it applies to and whether it was met. The rate
+    target is the issue's: >= 5 Mframes/s of 64-byte frames into the PMD from a generator
+    across a back-to-back pair; it applies to the Cython rows (the pure-Python reference row is
+    there for comparison)."""
+    print(f"  target >= {RATE_TARGET / 1e6:g} Mframes/s (Cython PMD core):")
+    for title, r in rows:
+        if "pure-Python" in title:
+            continue
+        rate = r["rate"]
+        print(f"    {rate / 1e6:6.3f}  {'met' if rate >= RATE_TARGET else 'NOT met'}  {title}")
+    bad = [title for title, r in rows
+           if r["interrupts"] or r["register_reads"] or r["rx_doorbells"] * 32 > max(1, r["received"])]
+    print("  no interrupts, no register reads, <= 1 RDT doorbell per 32 frames (every row): "
+          + ("met in every row" if not bad else "NOT met in: " + "; ".join(bad)))
+
+
 def print_rate(title: str, r: dict) -> None:
     pkts = max(1, r["received"])
     rx_count, tx_count, thresh, burst = r["rings"]
@@ -282,7 +302,10 @@ def print_rate(title: str, r: dict) -> None:
     # of the busiest process is what one uncontended core per process would sustain
     busiest = max(r["cpu_self"], r.get("cpu_emulator", 0.0))
     if busiest > 0:
-        print(f"    {r['received'] / busiest / 1e6:8.3f} Mframes per CPU-second of the busiest process")
+        line = f"    {r['received'] / busiest / 1e6:8.3f} Mframes per CPU-second of the busiest process"
+        if "cpu_emulator" in r:  # what the emulator spends per frame moved: its own cost, whatever the rate
+            line += f"; emulator CPU {r['cpu_emulator'] / pkts * 1e9:.0f} ns per frame"
+        print(line)
 
 
 # --- 2. ping-pong latency ------------------------------------------------------------------------
@@ -348,7 +371,8 @@ def idle_cpu(mode: str, seconds: float) -> tuple[float, dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--size", type=int, default=60, help="frame bytes without the 4-byte FCS")
+    ap.add_argument("--size", type=int, default=64,
+                    help="frame bytes on the wire, FCS included (64..1518, default 64)")
     ap.add_argument("--burst", type=int, default=128, help="generator TX burst (in-process)")
     ap.add_argument("--process-burst", type=int, default=256, help="generator TX burst (emulator process)")
     ap.add_argument("--rounds", type=int, default=20000, help="ping-pong rounds")
@@ -356,19 +380,28 @@ def main() -> int:
     ap.add_argument("--pin", action="store_true", help="add a receive-rate run with the emulator and this "
                     "process pinned to different CPUs")
     args = ap.parse_args()
+    if not 64 <= args.size <= 1518:
+        ap.error("--size must be 64..1518 bytes on the wire, FCS included")
+    wire_size = args.size
+    args.size -= 4  # what the PMD's buffers hold: the device appends the FCS
 
-    print(f"bench_pmd: {args.size + 4}-byte frames, generator burst {args.burst}, RX burst 256; {load()}")
-    print("receive rate (target >= 5 Mframes/s, no interrupts, no register reads, <= 1 doorbell / 32)")
+    print(f"bench_pmd: {wire_size}-byte frames, generator burst {args.burst}, RX burst 256; {load()}")
+    print("receive rate (the targets and whether they were met follow the last row)")
+    rows: list[tuple[str, dict]] = []
     pair = InProcessPair()
     try:
-        print_rate("in-process: two Nics + InProcessBus, Cython PMD core",
-                   rx_rate(pair, args.seconds, args.size, args.burst))
+        title = "in-process: two Nics + InProcessBus, Cython PMD core"
+        in_process = rx_rate(pair, args.seconds, args.size, args.burst)
+        print_rate(title, in_process)
+        rows.append((title, in_process))
     finally:
         pair.close()
     pair = InProcessPair(engine="python")
     try:
-        print_rate("in-process, pure-Python reference core (driver/pmd_ref.py), for comparison",
-                   rx_rate(pair, min(2.0, args.seconds), args.size, args.burst))
+        title = "in-process, pure-Python reference core (driver/pmd_ref.py), for comparison"
+        r = rx_rate(pair, min(2.0, args.seconds), args.size, args.burst)
+        print_rate(title, r)
+        rows.append((title, r))
     finally:
         pair.close()
     if not args.no_process:
@@ -387,11 +420,13 @@ def main() -> int:
         for what, opts in runs:
             pair = EmulatorPair(pin=opts.pop("pin", False))
             try:
-                print_rate(f"emulator process (nicemu serve --pair, vfio-user), Cython PMD core: {what}",
-                           rx_rate(pair, args.seconds, args.size, rx_burst=256, **opts))
+                r = rx_rate(pair, args.seconds, args.size, rx_burst=256, **opts)
+                print_rate(f"emulator process (nicemu serve --pair, vfio-user), Cython PMD core: {what}", r)
+                rows.append((f"emulator process: {what}", r))
             finally:
                 pair.close()
             print(f"    ({load()})")
+    print_verdict(rows)
 
     print(f"ping-pong round trip through the PMD ({args.rounds} rounds, busy-polling both ends)")
     pair = InProcessPair()

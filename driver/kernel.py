@@ -9,9 +9,11 @@ Above the driver sits a small application in place of the network stack (a later
 plugs the modeled stack in at the same callbacks):
   --app count   count received frames (default)
   --app echo    send every frame back to its sender (source and destination MAC swapped)
-  --app gen     transmit --count frames of --size bytes to --dst as fast as the TX queue
-                takes them (stop/wake flow control) or at --rate frames/s, then keep
-                counting what arrives
+  --app gen     transmit --count frames (0: without end) of --size bytes to --dst as fast
+                as the TX queue takes them (stop/wake flow control) or at --rate frames/s,
+                then keep counting what arrives
+--size is the Ethernet convention, as in `nicemu demo` and `python -m driver.pmd`: bytes on
+the wire including the 4-byte FCS the device appends (64 = 60 bytes of header and payload).
 Frames refused by a stopped queue wait in a small qdisc-like backlog (--txqueuelen).
 
 Output: one JSON object per line on stdout:
@@ -186,11 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m driver.kernel", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--socket", required=True, help="the device's vfio-user socket")
-    ap.add_argument("--mode", choices=("interrupt", "napi"), default="napi")
-    ap.add_argument("--app", choices=("count", "echo", "gen"), default="count")
-    ap.add_argument("--dst", type=_mac_bytes, default=b"\xff" * 6, help="gen: destination MAC")
-    ap.add_argument("--size", type=int, default=64, help="gen: frame size including FCS (64..1518)")
-    ap.add_argument("--count", type=int, default=0, help="gen: frames to send")
+    ap.add_argument("--mode", choices=("interrupt", "napi"), default="napi",
+                    help="interrupt: top half + bottom half per interrupt; napi: poll with "
+                         "interrupts masked while polls fill --budget (default)")
+    ap.add_argument("--app", choices=("count", "echo", "gen"), default="count",
+                    help="what sits above the driver (default count)")
+    ap.add_argument("--dst", type=_mac_bytes, default=b"\xff" * 6,
+                    help="gen: destination MAC (default broadcast)")
+    ap.add_argument("--size", type=int, default=64, metavar="BYTES",
+                    help="gen: frame size on the wire including the 4-byte FCS, 64..1518 "
+                         "(default 64: 60 bytes of header and payload + FCS)")
+    ap.add_argument("--count", type=int, default=0, metavar="N",
+                    help="gen: frames to send, then keep counting what arrives (default 0: without end)")
     ap.add_argument("--rate", type=float, default=0.0, help="gen: frames per second (0: as fast as possible)")
     ap.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (0: run until signalled)")
     ap.add_argument("--rx-ring", type=int, default=256)
@@ -212,8 +221,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not 64 <= args.size <= 1518:
-        print(json.dumps({"event": "error", "message": f"--size {args.size} outside 64..1518"}), flush=True)
+        print(json.dumps({"event": "error", "message": f"--size {args.size} outside 64..1518 "
+                                                       f"(bytes on the wire, FCS included)"}), flush=True)
         return 2
+    if args.count < 0:
+        print(json.dumps({"event": "error", "message": f"--count {args.count} is negative"}), flush=True)
+        return 2
+    count = args.count or (1 << 62 if args.app == "gen" else 0)  # 0: without end
     from driver.vfio_user_client import VfioUserBus
 
     stop = False
@@ -249,7 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     drv = E1000(bus, cfg, on_carrier=lambda up: emit({"event": "carrier", "up": up}))
     app = DriverApp(drv, args.app, txqueuelen=args.txqueuelen, rx_delay=args.rx_delay,
-                    dst=args.dst, size=args.size, count=args.count, rate=args.rate)
+                    dst=args.dst, size=args.size, count=count, rate=args.rate)
     rc = 0
     try:
         mac = drv.open()

@@ -434,32 +434,61 @@ def _swap_macs(burst: Burst) -> None:
         d[0:6], d[6:12] = bytes(d[6:12]), bytes(d[0:6])
 
 
+FCS_LEN = 4  # the device appends it (TX descriptors carry IFCS) and strips it on RX (SECRC)
+MIN_FRAME, MAX_FRAME = 64, 1518  # Ethernet frame sizes on the wire, FCS included
+
+
 def main(argv: list[str] | None = None) -> int:
     """`python -m driver.pmd --socket PATH`: a bypass application on one device.
 
     Roles: `sink` counts and drops what arrives; `echo` sends every frame back with the
     addresses swapped (zero copy: the received buffer is transmitted); `gen` also sends
-    `--size`-byte frames to `--dst` as fast as the ring takes them. Reports JSON lines on
-    stdout: "up", "stats" every --interval seconds (and on SIGUSR1), "done" on SIGTERM/SIGINT.
+    `--size`-byte frames to `--dst` as fast as the ring takes them (`--count` of them, or
+    without end). Reports JSON lines on stdout: "up", "stats" every --interval seconds (and on
+    SIGUSR1), "sent" once gen has handed its --count frames to the device, "done" on
+    SIGTERM/SIGINT or after --seconds, "error" (exit 1; 2 for bad options).
+
+    A generator never sleeps while it has frames to send: it waits for TX room by polling its
+    ring in memory, whatever --mode says (an RX interrupt it might sleep on may never come).
+    In adaptive mode it sleeps on RX only once its --count frames are out.
     """
     import argparse
     import json
     import resource
     import signal
+    import textwrap
     import time
 
     from driver.vfio_user_client import VfioUserBus
 
-    ap = argparse.ArgumentParser(prog="python -m driver.pmd", description=main.__doc__.splitlines()[0])
+    doc = main.__doc__.split("\n\n")
+    ap = argparse.ArgumentParser(prog="python -m driver.pmd", description=doc[0],
+                                 epilog="\n\n".join(textwrap.dedent(p) for p in doc[1:]),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--socket", required=True, help="the device's vfio-user socket")
-    ap.add_argument("--mode", choices=MODES, default="adaptive")
-    ap.add_argument("--role", choices=("sink", "echo", "gen"), default="sink")
-    ap.add_argument("--dst", default="ff:ff:ff:ff:ff:ff", help="gen: destination MAC")
-    ap.add_argument("--size", type=int, default=60, help="gen: frame size without FCS")
-    ap.add_argument("--interval", type=float, default=1.0)
-    ap.add_argument("--seconds", type=float, default=None, help="stop after this long")
-    ap.add_argument("--engine", choices=ENGINES, default="auto")
+    ap.add_argument("--mode", choices=MODES, default="adaptive",
+                    help="poll: busy-poll the RX ring always; adaptive: sleep on the RX interrupt "
+                         "after 1000 empty polls (default; gen: only once its --count is sent)")
+    ap.add_argument("--role", choices=("sink", "echo", "gen"), default="sink",
+                    help="sink: count and drop (default); echo: send every frame back; gen: send frames")
+    ap.add_argument("--dst", default="ff:ff:ff:ff:ff:ff", help="gen: destination MAC (default broadcast)")
+    ap.add_argument("--size", type=int, default=MIN_FRAME, metavar="BYTES",
+                    help=f"gen: frame size on the wire including the 4-byte FCS, {MIN_FRAME}..{MAX_FRAME} "
+                         f"(default {MIN_FRAME}: 60 bytes of header and payload + FCS)")
+    ap.add_argument("--count", type=int, default=0, metavar="N",
+                    help="gen: frames to send, then keep receiving (default 0: send until stopped)")
+    ap.add_argument("--interval", type=float, default=1.0, metavar="S",
+                    help="seconds between 'stats' lines (default 1)")
+    ap.add_argument("--seconds", type=float, default=None, metavar="S", help="stop after this long")
+    ap.add_argument("--engine", choices=ENGINES, default="auto",
+                    help="the ring code: cython, python (the reference) or auto (cython if built)")
     args = ap.parse_args(argv)
+    if not MIN_FRAME <= args.size <= MAX_FRAME or args.count < 0 or args.interval <= 0:
+        problem = (f"--size {args.size} outside {MIN_FRAME}..{MAX_FRAME} (bytes on the wire, FCS included)"
+                   if not MIN_FRAME <= args.size <= MAX_FRAME else
+                   f"--count {args.count} is negative" if args.count < 0 else "--interval must be positive")
+        print(json.dumps({"event": "error", "message": problem}), flush=True)
+        return 2
 
     stop = False
     report = False
@@ -492,9 +521,11 @@ def main(argv: list[str] | None = None) -> int:
         pmd = Pmd(bus, mode=args.mode, engine=args.engine, sleep_timeout=min(0.5, args.interval))
         print(json.dumps({"event": "up", "mac": pmd.mac, "mode": pmd.mode, "engine": pmd.engine}), flush=True)
         echo = args.role == "echo"
+        gen = args.role == "gen"
+        gen_left = (args.count or -1) if gen else 0  # -1: without end
         gen_idx = array("I", [0]) * pmd.burst
         frame = bytes.fromhex(args.dst.replace(":", "")) + bytes.fromhex(pmd.mac.replace(":", "")) + b"\x88\xb5"
-        frame += bytes(max(0, args.size - len(frame)))
+        frame += bytes(max(0, args.size - FCS_LEN - len(frame)))  # the device appends the FCS
         pool = pmd.pool
 
         def restore_template(burst: Burst) -> None:
@@ -506,6 +537,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.role == "gen":
             for i in range(pool.num_bufs):  # every buffer holds the frame: sending is just a length
                 pool.mem.write(pool.buf_addr(i) + pool.headroom, frame)
+        if gen_left:
+            pmd.mode = "poll"  # never sleep on RX while there is something to send
         start = last = time.monotonic()
         while not stop:
             if echo:
@@ -515,11 +548,18 @@ def main(argv: list[str] | None = None) -> int:
                     pmd.free_bulk(pmd._rx_out, n - sent, sent)  # what the ring did not take
             else:
                 pmd.rx_burst_into(handler)
-            # gen: a whole burst at a time (one TDT write per burst), when the ring has room
-            if (args.role == "gen" and pmd.tx_room() >= len(gen_idx)
-                    and pmd.alloc_bulk(gen_idx, len(gen_idx), len(frame))):
-                sent = pmd.tx_burst_idx(gen_idx, len(gen_idx))
-                pmd.free_bulk(gen_idx, len(gen_idx) - sent, sent)
+            if gen_left:
+                # a whole burst at a time (one TDT write per burst) when the ring has room for
+                # it (tx_room reads descriptors in memory: waiting for room is polling, no sleep)
+                want = len(gen_idx) if gen_left < 0 else min(len(gen_idx), gen_left)
+                if pmd.tx_room() >= want and pmd.alloc_bulk(gen_idx, want, len(frame)):
+                    sent = pmd.tx_burst_idx(gen_idx, want)
+                    pmd.free_bulk(gen_idx, want - sent, sent)
+                    if gen_left > 0:
+                        gen_left -= sent
+                if gen_left == 0:  # all --count frames are on the ring, TDT written: the device sends them
+                    emit("sent", pmd, seconds=round(time.monotonic() - start, 6))
+                    pmd.mode = args.mode  # nothing more to send: adaptive may sleep now
             now = time.monotonic()
             if report or now - last >= args.interval:
                 report = False

@@ -23,6 +23,9 @@ Measurement: each child prints JSON lines on stdout. Just before a phase starts 
 its last frame is back, the controller takes a snapshot of the driver's counters (interrupts,
 RDT/TDT doorbells, register reads through a counting bus) and of every process's context
 switches and CPU time (/proc/PID/status, /proc/PID/stat); the tables show the differences.
+CPU time comes in clock ticks, so a phase shorter than CPU_MIN_TICKS of them gets no CPU figure
+("n/a") and the closing lesson compares nothing it could not measure; every sentence of the
+lesson is worded from this run's figures (lesson_sentences).
 A window below the RX ring size can never overrun it, so every phase must move exactly its
 frames each way; anything else is reported and the exit status is 1.
 
@@ -30,8 +33,10 @@ Cleanup: every child runs in its own process group (a terminal's Ctrl-C reaches 
 controller, which then stops them in order) with PR_SET_PDEATHSIG, so they go even if the
 controller is killed with SIGKILL. On exit, Ctrl-C or SIGTERM: the drivers get SIGTERM (SIGKILL
 after a grace period, or at once on a second Ctrl-C), then the supervisor stops the emulator,
-which unlinks its sockets, and the run's directory is removed. DMA memory and cable rings are
-memfds: nothing is ever created in /dev/shm.
+which unlinks its sockets, and the run's directory is removed, and with it the per-user parent
+/tmp/nicemu-UID if this run created it and nothing else is in it (rmdir: a directory another
+run uses is never touched). DMA memory and cable rings are memfds: nothing is ever created in
+/dev/shm.
 
 Child roles (started by the controller; runnable by hand for experiments):
     python -m nicemu.demo responder --socket PATH --mode irq|napi|pmd
@@ -59,7 +64,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
 __all__ = ["main", "add_arguments", "run", "child_main", "proc_sample", "format_tables",
-           "Measurement", "MODES"]
+           "lesson_sentences", "Measurement", "MODES"]
 
 MODES = ("irq", "napi", "pmd")
 MAC0 = "52:54:00:12:34:56"  # nic0: the generator's device
@@ -78,6 +83,10 @@ STALL_SECONDS = 5.0  # the generator gives up when no frame came back for this l
 MAX_SECONDS = 60.0  # and ends an exchange after this long whatever happens
 UP_TIMEOUT = 30.0  # s for a child to connect and bring its device up (a loaded machine)
 CHILD_STOP_TIMEOUT = 3.0  # s a child gets after SIGTERM before SIGKILL
+# CPU time comes from /proc in clock ticks (10 ms at the usual 100 Hz), read at both ends of a
+# phase: a share of the phase's wall time is good to +-10% only over 20 ticks or more. Shorter
+# phases get no CPU figure and no conclusion drawn from one.
+CPU_MIN_TICKS = 20
 
 # What each mode is, for the narration (driver.e1000's and driver.pmd's docstrings say more).
 MODE_STORIES = {
@@ -95,8 +104,10 @@ MODE_STORIES = {
         "The same driver in NAPI mode. The top half masks the device's interrupts (IMC) and "
         "schedules a poll; a poll cleans TX and takes at most 64 frames (the budget). While "
         "polls fill their budget the driver keeps polling with interrupts off; when one comes "
-        "up short it re-enables them (IMS) and sleeps. Under load a whole burst costs one "
-        "interrupt; one packet at a time it costs what interrupt mode costs, and a bit more."
+        "up short it re-enables them (IMS) and sleeps. Under load a whole burst can cost one "
+        "interrupt; one packet at a time every poll comes up short, so each packet takes an "
+        "interrupt as in interrupt mode, plus the IMC and IMS writes around its poll: the "
+        "ping-pong figures show what that adds up to."
     ),
     "pmd": (
         "The kernel-bypass poll-mode driver (driver.pmd), as DPDK and ixy do it. The "
@@ -435,7 +446,8 @@ def _child_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generator", help="the traffic generator (a PMD that sleeps when it waits)")
     g.add_argument("--socket", required=True)
     g.add_argument("--dst", required=True, help="the responder's MAC")
-    g.add_argument("--size", type=int, default=DEFAULT_SIZE, help="frame size with FCS")
+    g.add_argument("--size", type=int, default=DEFAULT_SIZE,
+                   help="frame size on the wire including the 4-byte FCS")
     g.add_argument("--stall-seconds", type=float, default=STALL_SECONDS)
     g.add_argument("--max-seconds", type=float, default=MAX_SECONDS)
     return ap
@@ -661,16 +673,22 @@ def _stdout_to_devnull() -> Iterator[None]:
         os.close(null)
 
 
-def _run_directory() -> Path:
-    """A private directory for this run's config and sockets: /tmp/nicemu-UID/_demo-PID (no
-    topology's runtime directory starts with "_").
+PARENT_MARK = "made-parent"  # in a run's directory: that run created /tmp/nicemu-UID
 
-    The controller removes it when it ends; one left by a demo that was killed with SIGKILL
-    (its children are gone too: PR_SET_PDEATHSIG) is removed by the next demo."""
+
+def _run_directory() -> tuple[Path, bool]:
+    """A private directory for this run's config and sockets: /tmp/nicemu-UID/_demo-PID (no
+    topology's runtime directory starts with "_"), and whether this run is to remove the
+    per-user parent /tmp/nicemu-UID at the end if it is empty then: it created the parent, or
+    it swept away the directory of a dead demo that had (marked by a PARENT_MARK file).
+
+    The controller removes its directory when it ends; one left by a demo that was killed with
+    SIGKILL (its children are gone too: PR_SET_PDEATHSIG) is removed by the next demo."""
     from nicemu.supervisor import _listening_paths
     from nicemu.topology import default_runtime_dir, ensure_private_dir
 
     mine = default_runtime_dir(f"_demo-{os.getpid()}")
+    created_parent = not mine.parent.exists()
     parent = ensure_private_dir(mine.parent)
     listening = _listening_paths() or set()
     for old in parent.glob("_demo-*"):
@@ -679,8 +697,29 @@ def _run_directory() -> Path:
             continue  # that demo is still running
         if any(str(sock) in listening for sock in old.glob("*.sock")):
             continue  # something still serves there: not ours to remove
+        if (old / PARENT_MARK).exists():
+            created_parent = True  # it would have removed the parent: we do it in its place
         shutil.rmtree(old, ignore_errors=True)
-    return ensure_private_dir(mine)
+    for attempt in range(5):
+        try:
+            ensure_private_dir(mine)
+            break
+        except FileNotFoundError:  # another run removed the (empty) parent just now: again
+            if attempt == 4:
+                raise
+            created_parent = True
+    if created_parent:
+        (mine / PARENT_MARK).touch()
+    return mine, created_parent
+
+
+def _remove_parent_if_empty(run_dir: Path) -> None:
+    """Remove the per-user parent of `run_dir` if it is empty. rmdir removes only an empty
+    directory, atomically: a parent that another run (a demo, `nicemu up`) has put anything
+    in is left alone. A run that made the parent and is about to make its own directory in
+    it may lose the parent in between; _run_directory retries for that case."""
+    with contextlib.suppress(OSError):  # not empty, or already gone: either way, not ours
+        os.rmdir(run_dir.parent)
 
 
 TOPOLOGY = """\
@@ -706,6 +745,7 @@ class Demo:
         self.results: list[Measurement] = []
         self.sup: Any = None
         self.run_dir: Path | None = None
+        self.created_parent = False  # /tmp/nicemu-UID did not exist before this run
         self.children: list[_Child] = []
         self.generator: _Child | None = None
         self.stop_signal: int | None = None
@@ -798,7 +838,7 @@ class Demo:
         from nicemu.supervisor import SupervisorError
 
         try:
-            self.run_dir = _run_directory()
+            self.run_dir, self.created_parent = _run_directory()
             config = self.run_dir / "demo.yaml"
             config.write_text(TOPOLOGY.format(mac0=MAC0, mac1=MAC1, cable=self.opts.cable))
         except OSError as e:
@@ -964,14 +1004,18 @@ class Demo:
                 raise DemoError(c.why_dead())
 
     def _narrate(self, m: Measurement) -> None:
-        cpu = _share(m.cpu.get("driver", 0.0), m.wall)
+        if cpu_measurable(m):
+            cpu = f"was on a CPU {_share(m.cpu.get('driver', 0.0), m.wall)} of the time"
+        else:
+            cpu = (f"its CPU time is not measured: {_ms(m.wall)} is too short for CPU time counted "
+                   f"in {_ms(1 / _clock_ticks())} ticks")
         if m.phase == "stream":
             self.say(f"stream: {m.received} frames out and back in {m.seconds:.2f} s with up to "
                      f"{m.window} in flight: {m.rate:,.0f} frames/s. Per packet, nic1's driver took "
                      f"{m.per_packet(m.interrupts):.4f} interrupts ({_plural(m.interrupts, 'interrupt')} "
                      f"in all), rang {m.per_packet(m.doorbells):.3f} doorbells and read "
                      f"{m.per_packet(m.mmio_reads):.4f} registers; it was switched out "
-                     f"{_plural(m.ctx['driver'], 'time')} and was on a CPU {cpu} of the time.", m.mode)
+                     f"{_plural(m.ctx['driver'], 'time')} and {cpu}.", m.mode)
         else:
             extra = ""
             if m.interrupts > 1.05 * m.echoed:
@@ -982,8 +1026,7 @@ class Demo:
                      f"99th percentile. Per packet, nic1's driver took {m.per_packet(m.interrupts):.2f} "
                      f"interrupts{extra}, rang {m.per_packet(m.doorbells):.2f} doorbells (nothing to "
                      f"batch) and read {m.per_packet(m.mmio_reads):.2f} registers; it was switched out "
-                     f"{m.per_packet(m.ctx['driver']):.1f} times per packet and was on a CPU {cpu} of "
-                     f"the time.", m.mode)
+                     f"{m.per_packet(m.ctx['driver']):.1f} times per packet and {cpu}.", m.mode)
         if m.problems:
             self.say(f"INCOMPLETE: {'; '.join(m.problems)}.", m.mode)
 
@@ -996,36 +1039,17 @@ class Demo:
             irq/pkt, doorbells/pkt, reads/pkt: per frame nic1's driver received: interrupts it took,
               RDT+TDT register writes, register reads (each read is a round trip to the emulator)
             context switches: voluntary + involuntary (/proc/PID/status) during the phase, of nic1's
-              driver, the generator and the emulator; driver cpu: its CPU time / the phase's wall time""")
-              .rstrip(), file=self.out, flush=True)
+              driver, the generator and the emulator; driver cpu: its CPU time / the phase's wall time
+              ("n/a": the phase took under {min_cpu}, too short for CPU time counted in {tick} ticks)""")
+              .rstrip().format(min_cpu=_ms(CPU_MIN_TICKS / _clock_ticks()), tick=_ms(1 / _clock_ticks())),
+              file=self.out, flush=True)
         self._lesson()
 
     def _lesson(self) -> None:
-        """One paragraph that reads the tables aloud."""
-        by = {(r.mode, r.phase): r for r in self.results}
-        parts = []
-        irq, napi, pmd = (by.get((mode, "stream")) for mode in MODES)
-        if pmd and irq and irq.rate:
-            parts.append(f"The PMD moved {pmd.rate / irq.rate:.1f} times as many frames per second as "
-                         f"the interrupt-driven driver, with {_plural(pmd.interrupts, 'interrupt')} and "
-                         f"{_plural(pmd.mmio_reads, 'register read')}.")
-        if napi and irq:
-            parts.append(f"Under load NAPI took {_plural(napi.interrupts, 'interrupt')} for "
-                         f"{napi.echoed} frames against {irq.interrupts} in interrupt mode: it keeps "
-                         f"interrupts masked while its polls fill their budget.")
-        ping_irq, ping_pmd = by.get(("irq", "ping-pong")), by.get(("pmd", "ping-pong"))
-        if ping_irq and ping_irq.echoed:
-            parts.append(f"One frame at a time, every packet cost the interrupt-driven driver "
-                         f"{ping_irq.per_packet(ping_irq.interrupts):.2f} interrupts, "
-                         f"{ping_irq.per_packet(ping_irq.mmio_reads):.2f} register reads and "
-                         f"{ping_irq.per_packet(ping_irq.ctx['driver']):.1f} context switches"
-                         + (f", and the round trip took {ping_irq.rtt_us.get('p50', 0):,.0f} us against "
-                            f"{ping_pmd.rtt_us.get('p50', 0):,.0f} us through the PMD."
-                            if ping_pmd and ping_pmd.rtt_us else "."))
-        if ping_pmd and ping_irq and ping_pmd.wall and ping_irq.wall:
-            parts.append(f"The price of polling: waiting for those frames, the PMD kept a CPU busy "
-                         f"{_share(ping_pmd.cpu.get('driver', 0.0), ping_pmd.wall)} of the time, the "
-                         f"interrupt-driven driver {_share(ping_irq.cpu.get('driver', 0.0), ping_irq.wall)}.")
+        """One paragraph that reads the tables aloud: every sentence follows from the figures
+        measured in this run, and a figure that could not be measured (a phase too short for
+        CPU time, an incomplete phase) is said to be missing instead of compared."""
+        parts = lesson_sentences(self.results)
         if parts:
             self.say("")
             self.say(" ".join(parts), "lesson")
@@ -1047,9 +1071,102 @@ class Demo:
                 print(f"nicemu demo: stopping the emulator: {e}", file=sys.stderr)
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
+            if self.created_parent:
+                _remove_parent_if_empty(self.run_dir)
         self.say("")
         self.say("Stopped every driver, the generator and the emulator; sockets and the run's "
                  "directory removed.", "done")
+
+
+def _clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+def cpu_measurable(m: "Measurement") -> bool:
+    """Whether the phase lasted long enough for CPU time counted in clock ticks to mean
+    anything (CPU_MIN_TICKS ticks: +-10%)."""
+    return m.wall >= CPU_MIN_TICKS / _clock_ticks()
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def _compare(a: float, b: float, more: str = "more", fewer: str = "fewer") -> str:
+    """How a compares with b, in words that follow from the numbers: the difference in percent
+    ("4% more"), or the ratio from about twice as many."""
+    if b == 0:
+        return "as many" if a == 0 else more
+    r = a / b
+    if round(abs(r - 1) * 100) == 0:
+        return "as many"
+    if r > 1:
+        return f"{r:.1f} times as many" if r >= 1.95 else f"{(r - 1) * 100:.0f}% {more}"
+    return f"{(1 - r) * 100:.0f}% {fewer}"
+
+
+def lesson_sentences(results: Sequence["Measurement"]) -> list[str]:
+    """The lesson of a run, sentence by sentence, from its measurements."""
+    by = {(r.mode, r.phase): r for r in results if r.complete}
+    parts: list[str] = []
+    irq, napi, pmd = (by.get((mode, "stream")) for mode in MODES)
+    if pmd and irq and irq.rate:
+        r = pmd.rate / irq.rate
+        how = (f"{r:.1f} times as many frames per second as" if r >= 1.05 else
+               f"about as many frames per second as" if r >= 0.95 else
+               f"fewer frames per second ({r:.2f} times as many) than")
+        parts.append(f"In the stream the PMD moved {how} the interrupt-driven driver "
+                     f"({pmd.rate:,.0f} against {irq.rate:,.0f}), with "
+                     f"{_plural(pmd.interrupts, 'interrupt')} and {_plural(pmd.mmio_reads, 'register read')}.")
+    if napi and irq:
+        a, b = napi.per_packet(napi.interrupts), irq.per_packet(irq.interrupts)
+        sentence = (f"Under load NAPI took {_plural(napi.interrupts, 'interrupt')} for {napi.echoed:,} "
+                    f"frames ({a:.3f} per packet) against {irq.interrupts:,} for {irq.echoed:,} "
+                    f"({b:.3f}) in interrupt mode: {_compare(a, b)} per packet")
+        if a < 0.95 * b:
+            sentence += ", as it keeps interrupts masked while its polls fill their budget."
+        elif a <= 1.05 * b:
+            sentence += ": its polls seldom filled their budget, so it re-enabled interrupts about as often."
+        else:
+            sentence += "."
+        parts.append(sentence)
+    ping_irq, ping_napi, ping_pmd = (by.get((mode, "ping-pong")) for mode in MODES)
+    if ping_irq and ping_irq.echoed:
+        sentence = (f"One frame at a time, every packet cost the interrupt-driven driver "
+                    f"{ping_irq.per_packet(ping_irq.interrupts):.2f} interrupts, "
+                    f"{ping_irq.per_packet(ping_irq.mmio_reads):.2f} register reads and "
+                    f"{ping_irq.per_packet(ping_irq.ctx.get('driver', 0)):.1f} context switches")
+        if ping_pmd and ping_pmd.rtt_us:
+            a, b = ping_irq.rtt_us.get("p50", 0), ping_pmd.rtt_us.get("p50", 0)
+            sentence += (f"; its median round trip was {a:,.0f} us against {b:,.0f} us through the PMD "
+                         f"(medians of {ping_irq.echoed:,} and {ping_pmd.echoed:,} round trips).")
+        else:
+            sentence += "."
+        parts.append(sentence)
+    if ping_napi and ping_irq and ping_napi.echoed and ping_irq.echoed:
+        a, b = ping_napi.per_packet(ping_napi.interrupts), ping_irq.per_packet(ping_irq.interrupts)
+        c, d = ping_napi.per_packet(ping_napi.mmio_reads), ping_irq.per_packet(ping_irq.mmio_reads)
+        e, f = ping_napi.per_packet(ping_napi.doorbells), ping_irq.per_packet(ping_irq.doorbells)
+        parts.append(f"NAPI one frame at a time: {a:.2f} interrupts, {c:.2f} register reads and {e:.2f} "
+                     f"doorbells per packet against {b:.2f}, {d:.2f} and {f:.2f} in interrupt mode "
+                     f"({_compare(a, b)} interrupts, {_compare(c, d)} reads).")
+    if ping_pmd and ping_irq:
+        short = [m for m in (ping_pmd, ping_irq) if not cpu_measurable(m)]
+        if short:
+            parts.append(f"What polling costs in CPU is not measured here: the ping-pong phases took "
+                         f"{_ms(ping_irq.wall)} (interrupt mode) and {_ms(ping_pmd.wall)} (PMD), too short for CPU "
+                         f"time counted in {_ms(1 / _clock_ticks())} ticks (each needs "
+                         f"{_ms(CPU_MIN_TICKS / _clock_ticks())}; run more --pings).")
+        else:
+            p = min(1.0, ping_pmd.cpu.get("driver", 0.0) / ping_pmd.wall)
+            q = min(1.0, ping_irq.cpu.get("driver", 0.0) / ping_irq.wall)
+            shares = (f"the PMD was on a CPU {p:.0%} of the time, the interrupt-driven driver {q:.0%}")
+            if p > q + 0.1:
+                parts.append(f"The price of polling: waiting for those frames one at a time, {shares}.")
+            else:
+                parts.append(f"Waiting for those frames one at a time, {shares}: no price of polling "
+                             f"shows in this run.")
+    return parts
 
 
 def _plural(n: int, word: str) -> str:
@@ -1105,7 +1222,7 @@ def format_tables(results: Sequence[Measurement], size: int = DEFAULT_SIZE) -> s
             row += [f"{m.per_packet(m.interrupts):.3f}", f"{m.per_packet(m.doorbells):.3f}",
                     f"{m.per_packet(m.mmio_reads):.3f}", f"{m.ctx.get('driver', 0):,}",
                     f"{m.ctx.get('generator', 0):,}", f"{m.ctx.get('emulator', 0):,}",
-                    _share(m.cpu.get("driver", 0.0), m.wall)]
+                    _share(m.cpu.get("driver", 0.0), m.wall) if cpu_measurable(m) else "n/a"]
             rows.append(row)
         out += _table(head, rows, (first + 3, first + 5, " context switches "))
     return "\n".join(out)
@@ -1141,7 +1258,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help=f"frames of the ping-pong in each mode, one at a time (default {DEFAULT_PINGS}; "
                          f"0 skips it)")
     ap.add_argument("--size", type=int, default=DEFAULT_SIZE, metavar="BYTES",
-                    help=f"frame size on the wire, FCS included, 64..1518 (default {DEFAULT_SIZE})")
+                    help=f"frame size on the wire including the 4-byte FCS, 64..1518 (default "
+                         f"{DEFAULT_SIZE}: 60 bytes of header and payload + FCS)")
     ap.add_argument("--modes", type=_modes, default=list(MODES), metavar="LIST",
                     help="which modes to run, in this order: irq,napi,pmd (default all three)")
     ap.add_argument("--window", type=_count, default=DEFAULT_WINDOW, metavar="N",

@@ -14,6 +14,7 @@ import json
 import os
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,8 @@ class _Reader:
 
 def test_demo_exchanges_every_frame_in_every_mode_and_leaves_nothing() -> None:
     shm_before = _dev_shm()
+    parent = Path(f"/tmp/nicemu-{os.getuid()}")
+    parent_before = parent.exists()
     p = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--frames", str(FRAMES),
                         "--pings", str(PINGS), "--json"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
@@ -193,6 +196,103 @@ def test_demo_exchanges_every_frame_in_every_mode_and_leaves_nothing() -> None:
     irq_ping = next(m for m in figures if m["mode"] == "irq" and m["phase"] == "ping-pong")
     assert irq_ping["interrupts"] >= PINGS
     _assert_nothing_left(run_dir, _pids(out), shm_before)
+    assert Path(run_dir).parent == parent
+    if not parent_before:  # the demo made /tmp/nicemu-UID: gone, unless another run uses it now
+        assert not parent.exists() or os.listdir(parent), "an empty /tmp/nicemu-UID was left"
+
+
+def test_short_phases_get_no_cpu_figure_and_no_conclusion(tmp_path: Path) -> None:
+    """20 pings take a few ms: CPU time in 10 ms ticks says nothing about them, so the table
+    prints n/a and the lesson says the CPU cost was not measured instead of "0% vs 100%"."""
+    p = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--frames", "0", "--pings", "20",
+                        "--modes", "irq,pmd"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 0, f"{p.stdout}\n{p.stderr}"
+    rows = _table_rows(p.stdout, "ping-pong:")
+    assert rows["irq"][-1] == rows["pmd"][-1] == "n/a"
+    lesson = " ".join(p.stdout.split("[lesson]")[1].split("[done]")[0].split())
+    assert "not measured here" in lesson and "run more --pings" in lesson
+    assert "price of polling" not in lesson.lower() and "%" not in lesson
+
+
+# --- the lesson, sentence by sentence from the figures -------------------------------------------
+
+def _m(mode: str, phase: str, n: int, wall: float, cpu: float, **kw) -> demo.Measurement:
+    return demo.Measurement(mode, phase, n, 1 if phase == "ping-pong" else 64, sent=n, echoed=n,
+                            received=n, wall=wall, cpu={"driver": cpu},
+                            ctx={"driver": n, "generator": n, "emulator": n}, **kw)
+
+
+def test_lesson_follows_from_the_figures() -> None:
+    tick = 1 / os.sysconf("SC_CLK_TCK")
+    long_wall = demo.CPU_MIN_TICKS * tick * 2
+    runs = [
+        _m("irq", "stream", 1000, 1.0, 0.5, rate=10000.0, interrupts=500, mmio_reads=500),
+        _m("napi", "stream", 1000, 1.0, 0.5, rate=12000.0, interrupts=100, mmio_reads=100),
+        _m("pmd", "stream", 1000, 1.0, 1.0, rate=50000.0),
+        _m("irq", "ping-pong", 100, long_wall, 0.1 * long_wall, interrupts=135, mmio_reads=135,
+           doorbells=200, rtt_us={"p50": 300.0}),
+        _m("napi", "ping-pong", 100, long_wall, 0.1 * long_wall, interrupts=141, mmio_reads=141,
+           doorbells=200, rtt_us={"p50": 310.0}),
+        _m("pmd", "ping-pong", 100, long_wall, long_wall, doorbells=100, rtt_us={"p50": 200.0}),
+    ]
+    text = " ".join(demo.lesson_sentences(runs))
+    assert "the PMD moved 5.0 times as many frames per second as the interrupt-driven driver" in text
+    assert "(0.100 per packet) against 500 for 1,000 (0.500) in interrupt mode: 80% fewer per packet" in text
+    # 1.41 vs 1.35 interrupts per packet: worded from the numbers, not "a bit more" by rule
+    assert "1.41 interrupts, 1.41 register reads and 2.00 doorbells per packet against 1.35" in text
+    assert "(4% more interrupts, 4% more reads)" in text
+    assert "The price of polling" in text and "PMD was on a CPU 100%" in text
+    assert "interrupt-driven driver 10%" in text
+
+    # the same run with the roles reversed: no sentence may still claim the PMD won
+    runs[2].rate = 9000.0
+    runs[1].interrupts = 520
+    runs[5].cpu = {"driver": 0.1 * long_wall}
+    text = " ".join(demo.lesson_sentences(runs))
+    assert "fewer frames per second (0.90 times as many) than the interrupt-driven driver" in text
+    assert "4% more per packet: its polls seldom filled their budget" in text
+    assert "keeps interrupts masked" not in text
+    assert "no price of polling shows in this run" in text
+
+    # a phase too short for clock ticks: no CPU comparison, and it says why
+    runs[3].wall = runs[5].wall = tick
+    text = " ".join(demo.lesson_sentences(runs))
+    assert "not measured here" in text and "%" not in text.split("What polling costs")[1]
+
+    # an incomplete phase is no ground for a conclusion
+    runs[2].problems = ["990 of 1000 came back"]
+    assert "frames per second as" not in " ".join(demo.lesson_sentences(runs))
+
+
+def test_run_directory_removes_the_parent_it_made_only_when_empty(tmp_path: Path, monkeypatch) -> None:
+    from nicemu import topology
+
+    parent = tmp_path / "nicemu-uid"
+    monkeypatch.setattr(topology, "default_runtime_dir", lambda name: parent / name)
+    run_dir, created = demo._run_directory()
+    assert created and run_dir.parent == parent and run_dir.is_dir()
+    other = parent / "lab"  # another run (nicemu up, a second demo) puts its directory there
+    other.mkdir()
+    shutil.rmtree(run_dir)
+    demo._remove_parent_if_empty(run_dir)
+    assert other.is_dir()  # not empty: left alone
+    run_dir2, created2 = demo._run_directory()
+    assert not created2  # it existed: never ours to remove
+    assert not (run_dir2 / demo.PARENT_MARK).exists()
+    other.rmdir()
+    shutil.rmtree(run_dir2)
+    demo._remove_parent_if_empty(run_dir2)
+    assert not parent.exists()
+
+    # a demo killed with SIGKILL made the parent: the next demo sweeps its directory away and
+    # removes the parent in its place
+    dead = parent / "_demo-999999999"  # no such pid
+    parent.mkdir()
+    dead.mkdir()
+    (dead / demo.PARENT_MARK).touch()
+    run_dir3, created3 = demo._run_directory()
+    assert created3 and not dead.exists() and (run_dir3 / demo.PARENT_MARK).exists()
 
 
 def test_quiet_prints_only_the_tables(tmp_path: Path) -> None:
@@ -281,11 +381,15 @@ def test_kill_9_of_the_controller_takes_the_children_down() -> None:
     assert not [f for f in os.listdir(run_dir) if f.endswith(".sock")]
     assert _dev_shm() - shm_before == set()
     # the next demo sweeps the dead run's directory away
+    made_parent = (Path(run_dir) / demo.PARENT_MARK).exists()
     q = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--quiet", "--modes", "irq",
                         "--frames", "100", "--pings", "0"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert q.returncode == 0, q.stderr
     assert not Path(run_dir).exists()
+    parent = Path(run_dir).parent
+    if made_parent:  # the dead demo made /tmp/nicemu-UID: the next one removes it in its place
+        assert not parent.exists() or os.listdir(parent), "an empty /tmp/nicemu-UID was left"
 
 
 # --- options and pieces, in this process ------------------------------------------------------
@@ -339,6 +443,7 @@ def test_tables_have_a_row_per_mode_and_mark_incomplete_ones() -> None:
     assert lines[1].strip().strip("-").strip() == "context switches"
     assert lines[4].split() == ["irq", "1000", "2,000", "0.250", "0.125", "0.250", "600", "20", "900", "50%"]
     assert lines[5].split()[:4] == ["pmd", "!", "990", "9,900"]
+    assert lines[5].split()[-1] == "n/a"  # 0.1 s: too short for CPU time in clock ticks
     assert "ping-pong: 10 frames of 64 bytes each way, one at a time" in lines
     assert lines[-1].split()[:7] == ["napi", "10", "120", "300", "1.700", "2.000", "1.700"]
     assert not ok.problems and ok.complete and not short.complete

@@ -349,3 +349,23 @@ def test_driver_process_rejects_bad_settings(lab):
     assert "multiple of 8" in err["message"] and p.p.wait(timeout=10) == 2
     p = lab.start([sys.executable, "-m", "driver.kernel", "--socket", str(lab.dir / "none.sock")], "nosock")
     assert "cannot connect" in p.event("error")["message"] and p.p.wait(timeout=10) == 1
+
+
+def test_gen_size_counts_the_fcs_and_count_0_sends_without_end(lab):
+    """--size is bytes on the wire with the FCS, as in driver.pmd and nicemu demo: 128 puts
+    124-byte frames in the receiver's buffers (the device strips the FCS). --count 0: no end."""
+    a, b = lab.emulator_pair()
+    sink = lab.driver(b, name="sink")
+    gen = lab.driver(a, "--app", "gen", "--count", "100", "--size", "128", "--dst", MAC1, name="gen")
+    st = sink.wait_stats(lambda s: s["rx_frames"] >= 100)
+    assert st["rx_frames"] == 100 and st["rx_app_bytes"] == 100 * 124
+    gen.stop()
+    endless = lab.driver(a, "--app", "gen", "--dst", MAC1, "--tx-ring", "64", name="endless")
+    st = endless.wait_stats(lambda s: s["gen_sent"] >= 1000)  # 15 rings' worth: no --count end
+    assert st["gen_sent"] >= 1000
+    endless.stop()
+    for bad, message in (("60", "--size 60 outside 64..1518 (bytes on the wire, FCS included)"),
+                         ("1519", "--size 1519 outside 64..1518")):
+        p = lab.start([sys.executable, "-m", "driver.kernel", "--socket", b, "--app", "gen",
+                       "--size", bad], "bad")
+        assert message in p.event("error")["message"] and p.p.wait(timeout=10) == 2

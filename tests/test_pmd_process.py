@@ -263,7 +263,7 @@ def test_emulator_death_is_a_clear_bus_error(emu) -> None:
 
 def test_generator_process_feeds_a_polling_pmd(emu) -> None:
     gen = PmdProc("--socket", emu.sock0, "--role", "gen", "--mode", "poll", "--dst", MAC1,
-                  "--size", "60", "--interval", "0.2")
+                  "--size", "64", "--interval", "0.2")  # on the wire with the FCS: 60 bytes arrive
     bus1 = VfioUserBus(emu.sock1, 8 << 20)
     try:
         pmd = Pmd(bus1, rx_count=512, tx_count=64)
@@ -288,6 +288,55 @@ def test_generator_process_feeds_a_polling_pmd(emu) -> None:
     finally:
         gen.close()
         bus1.close()
+
+
+@pytest.mark.parametrize("mode", [None, "poll"])
+def test_generator_sends_its_count_without_sleeping_in_any_mode(emu, mode: str | None) -> None:
+    """The default (adaptive) mode must not put a generator to sleep on an RX interrupt that
+    never comes: it sends exactly --count frames with no sleep and no interrupt, then only
+    receives (adaptive: sleeping when idle)."""
+    count = 1000  # fits the 1024-descriptor RX ring: none can be missed, however late we poll;
+    # not a multiple of the 64-frame burst, so the last burst is a short one
+    bus1 = VfioUserBus(emu.sock1, 8 << 20)
+    pmd = Pmd(bus1, rx_count=1024, tx_count=64)  # receiving before the first frame leaves
+    gen = PmdProc("--socket", emu.sock0, "--role", "gen", "--dst", MAC1, "--size", "128",
+                  "--count", str(count), "--interval", "0.2", *(["--mode", mode] if mode else []))
+    try:
+        assert gen.event("up")["mode"] == (mode or "adaptive")
+        sent = gen.event("sent")
+        # every frame queued without sleeping on RX or taking an interrupt
+        assert (sent["opackets"], sent["sleeps"], sent["interrupts"]) == (count, 0, 0), sent
+        got, sizes = 0, set()
+        end = time.monotonic() + 20
+        while got < count and time.monotonic() < end:
+            for m in pmd.rx_burst(64):
+                sizes.add(len(m))
+                m.free()
+                got += 1
+        assert got == count and sizes == {124}  # 128 on the wire: 124 + the FCS the device strips
+        # and no more: after its count the generator only receives
+        later = gen.event("stats", pred=lambda d: d["sleeps"] > 0) if mode is None else gen.event("stats")
+        assert later["opackets"] == count
+        assert pmd.rx_burst(64) == [] and pmd.stats().ipackets == count
+        assert pmd.stats_update().get("MPC", 0) == 0
+        gen.p.send_signal(signal.SIGTERM)
+        assert gen.event("done")["opackets"] == count
+        assert gen.p.wait(10) == 0
+        pmd.close()
+    finally:
+        gen.close()
+        bus1.close()
+
+
+@pytest.mark.parametrize("size", ["60", "1519"])
+def test_generator_size_is_bytes_on_the_wire(emu, size: str) -> None:
+    p = PmdProc("--socket", emu.sock0, "--role", "gen", "--size", size)
+    try:
+        msg = p.event("error")["message"]
+        assert f"--size {size} outside 64..1518" in msg and "FCS included" in msg
+        assert p.p.wait(10) == 2
+    finally:
+        p.close()
 
 
 def test_pmd_process_reports_a_missing_device_and_a_vanishing_one(emu) -> None:
