@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -53,9 +54,10 @@ def cmd_show(args: argparse.Namespace) -> int:
     from nicemu import regs as R
     from nicemu.dma import DmaMemory
 
+    mac = _port_mac(args.mac, "show: --mac")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "Cython not built" is shown below instead
-        nic = _make_nic(DmaMemory(1 << 16), args.mac, args.engine)
+        nic = _make_nic(DmaMemory(1 << 16), mac, args.engine)
     out = sys.stdout
     vendor = nic.config_read(0x00, 2)
     device = nic.config_read(0x02, 2)
@@ -68,7 +70,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         nic.write32(R.EERD, addr << 8 | int(R.Eerd.START))
         words.append(nic.read32(R.EERD) >> 16)
     mac = ":".join(f"{w >> s & 0xFF:02x}" for w in words for s in (0, 8))
-    engine = type(nic.engine).__name__
+    engine = _engine_name(nic.engine)
     print(f"82540EM  PCI {vendor:04x}:{device:04x}  class {klass:06x}  BAR0 {bar_size // 1024} KiB  "
           f"engine {engine}", file=out)
     print(f"MAC (EEPROM via EERD) {mac}", file=out)
@@ -83,6 +85,13 @@ def cmd_show(args: argparse.Namespace) -> int:
     if not args.all:
         print("\n(zero MTA, RAL/RAH and statistics registers hidden; --all shows them)", file=out)
     return 0
+
+
+def _engine_name(engine: object) -> str:
+    """The engine as --engine and a topology's `engine:` name it: cython or python."""
+    from nicemu.datapath_ref import RefDatapath
+
+    return "python" if isinstance(engine, RefDatapath) else "cython"
 
 
 def _bits(off: int, value: int) -> str:
@@ -103,7 +112,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ps = sub.add_parser(
         "serve", help="run an emulator process serving devices over vfio-user",
         description="Run one emulator process. Each device listens on an AF_UNIX socket "
-                    "(directory created 0700, socket 0600) and speaks vfio-user to one driver at "
+                    "(socket 0600; a missing directory is created 0700 if its parent exists, and removed "
+                    "at the end) and speaks vfio-user to one driver at "
                     "a time. Either give --socket/--mac (repeat both for several devices) or "
                     "--config FILE [--process NAME] for this process's share of a YAML topology. "
                     "Stops cleanly on SIGTERM or Ctrl-C (sockets are unlinked). SIGUSR1 prints a "
@@ -130,6 +140,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def cmd_serve(args: argparse.Namespace) -> int:
     from nicemu.emulator import Emulator
 
+    ready_fd = _take_ready_fd()
     if args.config:
         if args.socket or args.mac or args.pair:
             raise CliError("serve: --config cannot be combined with --socket/--mac/--pair", 2)
@@ -143,14 +154,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"serve: {len(args.mac)} --mac for {len(args.socket)} --socket", 2)
         if args.pair and len(args.socket) != 2:
             raise CliError("serve: --pair joins exactly two devices (give --socket twice)", 2)
-        emu = Emulator()
+        paths = _socket_paths(args.socket)
+        macs = _device_macs(args.mac, len(paths))
+        dirs = _socket_dirs(paths)
+        try:
+            emu = Emulator()
+        except BaseException:
+            dirs.close()
+            raise
+        emu.add_closeable(dirs)  # first, so closed last: after the sockets are unlinked
         emu.catch_signals()  # before "ready": a SIGTERM or SIGUSR1 right after it must be handled
         try:
             from nicemu.dma import DmaMemory
 
             nics = []
-            for i, path in enumerate(args.socket):
-                mac = args.mac[i] if i < len(args.mac) else _nth_mac(i)
+            for i, (path, mac) in enumerate(zip(paths, macs)):
                 nic = _make_nic(DmaMemory(), mac, args.engine)
                 emu.add_device(f"nic{i}", nic, path)
                 nics.append(nic)
@@ -166,8 +184,100 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, server in emu.servers.items():
         print(f"nicemu: {name} {server.nic.mac} on {server.socket_path}", flush=True)
     print("nicemu: ready", flush=True)
+    _notify_ready(ready_fd)
     emu.run()
     return 0
+
+
+def _take_ready_fd() -> int | None:
+    """The readiness pipe `nicemu up` handed us (NICEMU_READY_FD), kept from our own children."""
+    from nicemu.topology import ENV_READY_FD
+
+    raw = os.environ.pop(ENV_READY_FD, None)
+    if raw is None:
+        return None
+    try:
+        fd = int(raw)
+        os.set_inheritable(fd, False)
+    except (ValueError, OSError):
+        logging.getLogger("nicemu.cli").warning("ignoring %s=%r: not an open descriptor", ENV_READY_FD, raw)
+        return None
+    return fd
+
+
+def _notify_ready(fd: int | None) -> None:
+    """Tell `nicemu up` that every device listens and every cable is open (after the "ready"
+    line, so its "is up" line comes after ours)."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, b"ready\n")
+    except OSError:
+        pass  # the supervisor is gone; PR_SET_PDEATHSIG stops us
+    finally:
+        os.close(fd)
+
+
+def _socket_paths(given: list[str]) -> list[str]:
+    """--socket values as absolute paths, checked before anything is created: each given once
+    and short enough for sun_path (the limits a topology's sockets are checked against)."""
+    from nicemu.topology import socket_path_problem
+
+    paths: list[str] = []
+    for raw in given:
+        path = os.path.abspath(raw)
+        if path in paths:
+            raise CliError(f"serve: --socket {raw} is given twice (each device needs its own socket)", 2)
+        why = socket_path_problem(path)
+        if why:
+            raise CliError(f"serve: --socket {why}", 2)
+        paths.append(path)
+    return paths
+
+
+def _device_macs(given: list[str], count: int) -> list[str]:
+    """Each device's MAC: --mac in order, then the default counting up; checked as a topology
+    checks `mac:` (nicemu.topology.parse_mac: unicast, not zero) and unique."""
+    macs: list[str] = []
+    for i in range(count):
+        mac = _port_mac(given[i], "serve: --mac") if i < len(given) else _nth_mac(i)
+        if mac in macs:
+            other = macs.index(mac)
+            raise CliError(f"serve: devices nic{other} and nic{i} would both have MAC {mac}; each port "
+                           "needs its own (give a --mac per --socket)", 2)
+        macs.append(mac)
+    return macs
+
+
+def _port_mac(value: str, what: str) -> str:
+    from nicemu.topology import parse_mac
+
+    mac, why = parse_mac(value)
+    if why:
+        raise CliError(f"{what}: {why}", 2)
+    assert mac is not None
+    return mac
+
+
+def _socket_dirs(paths: list[str]):
+    """Create the sockets' directories (0700) whose parent exists; a missing parent is an
+    error naming it, with nothing created. The result removes what it made when closed."""
+    from nicemu.topology import CreatedDirs, MissingParentError, os_error_text
+
+    dirs = CreatedDirs()
+    path = ""
+    try:
+        for path in paths:
+            dirs.socket_dir(os.path.dirname(path))
+    except MissingParentError as e:
+        dirs.close()
+        raise CliError(f"serve: --socket {path}: the directory {e.parent} does not exist; nicemu creates "
+                       f"only the socket's own directory, {e.directory} (create {e.parent} first, or "
+                       "choose another path)", 2) from None
+    except OSError as e:
+        dirs.close()
+        raise CliError(f"serve: socket directory: {os_error_text(e)}", 1) from None
+    return dirs
 
 
 def _drop_frame(frame: bytes) -> bool:
@@ -176,14 +286,15 @@ def _drop_frame(frame: bytes) -> bool:
 
 def _emulator_from_config(config: str, process: str | None):
     try:
-        from nicemu.topology import build_emulator
+        from nicemu.topology import build_emulator, os_error_text
     except ImportError as e:
         raise CliError(f"serve --config: topology support is not available ({e})") from None
     try:
         return build_emulator(config, process)
     except (OSError, ValueError) as e:  # TopologyError is a ValueError with every problem listed
         render = getattr(e, "render", None)
-        raise CliError(render() if callable(render) else f"serve --config {config}: {e}", 2) from None
+        why = os_error_text(e) if isinstance(e, OSError) else str(e)
+        raise CliError(render() if callable(render) else f"serve --config {config}: {why}", 2) from None
 
 
 def _nth_mac(i: int) -> str:
@@ -219,7 +330,8 @@ def _add_up(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ps.add_argument("--stop-timeout", type=float, default=5.0, metavar="SECONDS",
                     help="how long processes get to stop after SIGTERM before SIGKILL (default 5)")
     ps.add_argument("--ready-timeout", type=float, default=30.0, metavar="SECONDS",
-                    help="how long to wait for every device socket to appear (default 30)")
+                    help="how long to wait for every emulator process to be ready: its devices "
+                         "listening, its cables open (default 30)")
     ps.add_argument("--check", action="store_true",
                     help="only validate the config and print the plan (processes, devices, cables)")
     ps.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
@@ -300,7 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.close()
         return 0
     except OSError as e:  # e.g. the socket path is in use or not writable
-        print(f"nicemu: {e}", file=sys.stderr)
+        from nicemu.topology import os_error_text
+
+        print(f"nicemu: {os_error_text(e)}", file=sys.stderr)
         return 1
 
 

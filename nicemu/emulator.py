@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from nicemu.cable import cable_kind, layer_name
 from nicemu.vfio_user.server import VfioUserServer
 
 _EPOLL_RESOLUTION_S = 0.001  # epoll_wait's timeout is in milliseconds
@@ -433,7 +434,10 @@ def _print_stats(stats: dict) -> None:
 
 def _cable_stats(end: Any, depth: int = 0) -> dict:
     """Counters of a cable end and of the ends it wraps (FaultyEnd / CapturedEnd layers)."""
-    out: dict[str, Any] = {"kind": type(end).__name__}
+    out: dict[str, Any] = {"kind": cable_kind(end)}
+    layer = layer_name(end)
+    if layer:
+        out["layer"] = layer
     for key in CABLE_COUNTERS:
         value = getattr(end, key, None)
         if isinstance(value, int):

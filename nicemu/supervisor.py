@@ -16,13 +16,17 @@ memory of a `shm` cable between two processes). The supervisor
    that dies takes the topology down with a message naming it and a non-zero exit; SIGUSR1 is
    passed on to every child (each prints a `nicemu: stats {json}` line),
 6. stops: SIGTERM to every child, SIGKILL to any still alive after `stop_timeout` seconds (or at
-   once on a second Ctrl-C), reaps them all, removes socket files left behind and the runtime
-   directory if it created it.
+   once on a second Ctrl-C), reaps them all, removes socket files left behind and the
+   directories it created (the runtime directory, and /tmp/nicemu-$UID if no other run uses it).
+
+"Up" means every child said it is ready: each gets the write end of a pipe (ENV_READY_FD) and
+writes to it after it printed `nicemu: ready`, i.e. once all its devices listen and all its
+cables are open. A socket that exists is not enough: a child binds its device sockets before it
+opens its cables.
 """
 from __future__ import annotations
 
 import ctypes
-import errno
 import json
 import os
 import select
@@ -61,6 +65,8 @@ class Child:
     popen: subprocess.Popen
     pass_fds: tuple[int, ...] = ()
     status: int | None = None  # Popen.returncode once reaped
+    ready_fd: int | None = None  # read end of its readiness pipe, until it said "ready"
+    ready: bool = False
 
     @property
     def pid(self) -> int:
@@ -145,9 +151,10 @@ class Supervisor:
         self.err = err or sys.stderr
         self.children: list[Child] = []
         self.created_runtime_dir = False
+        self.dirs: T.CreatedDirs | None = None  # what _prepare_runtime_dir created
         self.stop_requested: int | None = None  # the signal that asked us to stop
         self.signals_seen = 0
-        self.ready = False  # every device socket listens (the children handle SIGUSR1)
+        self.ready = False  # every child said it is ready (so it handles SIGUSR1)
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self._old_handlers: dict[int, Any] = {}
@@ -205,12 +212,21 @@ class Supervisor:
                        "--process", pname]
                 if self.log_level:
                     cmd += ["--log-level", self.log_level]
+                ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+                env[T.ENV_READY_FD] = str(ready_w)
                 try:
-                    popen = subprocess.Popen(cmd, env=env, pass_fds=fds, stdin=subprocess.DEVNULL,
-                                             preexec_fn=preexec, process_group=0)
-                except OSError as e:
-                    raise SupervisorError(f"cannot start process {pname!r}: {e}") from None
-                self.children.append(Child(pname, devices, popen, fds))
+                    popen = subprocess.Popen(cmd, env=env, pass_fds=(*fds, ready_w),
+                                             stdin=subprocess.DEVNULL, preexec_fn=preexec,
+                                             process_group=0)
+                except BaseException as e:
+                    os.close(ready_r)
+                    if isinstance(e, OSError):
+                        raise SupervisorError(f"cannot start process {pname!r}: "
+                                              f"{T.os_error_text(e)}") from None
+                    raise
+                finally:
+                    os.close(ready_w)  # the child's copy is the only one: EOF when it dies
+                self.children.append(Child(pname, devices, popen, fds, ready_fd=ready_r))
                 # The child owns its ends now; our copies would keep its peer's link up after
                 # the child died.
                 for end in mine.values():
@@ -220,29 +236,38 @@ class Supervisor:
                 end.release()  # idempotent; also covers ends never handed out
 
     def wait_ready(self) -> bool:
-        """Wait until every device socket exists. False: a child died, a stop was asked, or
-        the sockets did not appear in time (the reason is printed)."""
+        """Wait until every child said it is ready (its devices listen, its cables are open).
+        False: a child died, a stop was asked, or a child was not ready in time (the reason
+        is printed)."""
         deadline = time.monotonic() + self.ready_timeout
-        pending = {d.socket: name for name, d in self.topo.devices.items()}
-        while pending:
+        while True:
+            pending = [c for c in self.children if not c.ready]
+            if not pending:
+                return True
             if self.stop_requested is not None:
                 return False
             dead = self._dead_child()
             if dead is not None:
                 self._complain(f"nicemu up: {dead.death()} while starting; stopping the others")
                 return False
-            listening = _listening_paths()
-            for path in list(pending):
-                if (str(path) in listening) if listening is not None else _is_socket(path):
-                    del pending[path]
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                self._complain(f"nicemu up: no socket for {', '.join(sorted(pending.values()))} after "
-                               f"{self.ready_timeout:g} s; stopping")
+            now = time.monotonic()
+            if now > deadline:
+                names = ", ".join(f"{c.name!r} (devices {', '.join(c.devices)})" for c in pending)
+                self._complain(f"nicemu up: process{'es' if len(pending) > 1 else ''} {names} not "
+                               f"ready after {self.ready_timeout:g} s; stopping")
                 return False
-            self._sleep(_POLL)
-        return True
+            fds = [c.ready_fd for c in pending if c.ready_fd is not None]
+            wake = [self._wake_r] if self._wake_r is not None else []
+            # A child that closed its pipe without a word is dying: poll until it is reaped.
+            timeout = min(deadline - now, _POLL if len(fds) < len(pending) or not wake else 1.0)
+            readable, _, _ = select.select(fds + wake, [], [], max(0.0, timeout))
+            for c in pending:
+                if c.ready_fd is not None and c.ready_fd in readable:
+                    c.ready = _read_ready(c.ready_fd)
+                    os.close(c.ready_fd)
+                    c.ready_fd = None
+            if self._wake_r is not None and self._wake_r in readable:
+                self._drain_wake()
 
     def watch(self) -> int:
         """Sleep until a stop signal (0) or a child's death (1)."""
@@ -285,13 +310,13 @@ class Supervisor:
     # --- steps ------------------------------------------------------------------------------
 
     def _prepare_runtime_dir(self) -> None:
-        rdir = self.topo.runtime_dir
-        existed = rdir.exists()
+        """The runtime directory and the socket directories (the children find them made);
+        a missing parent is a TopologyError (exit 2), raised before anything is created."""
         try:
-            T.ensure_private_dir(rdir)
+            self.dirs = T.prepare_dirs(self.topo)
         except OSError as e:
-            raise SupervisorError(f"runtime directory: {e}") from None
-        self.created_runtime_dir = not existed
+            raise SupervisorError(f"runtime directory: {T.os_error_text(e)}") from None
+        self.created_runtime_dir = self.topo.runtime_dir in self.dirs.paths
 
     def _refuse_live_sockets(self) -> None:
         """Two copies of a topology would fight over its sockets: say so before starting."""
@@ -319,7 +344,8 @@ class Supervisor:
             for _dev, end in shared.values():
                 end.release()
             if isinstance(e, (OSError, ValueError)):
-                raise SupervisorError(f"cannot create the shared memory of a shm cable: {e}") from None
+                why = T.os_error_text(e) if isinstance(e, OSError) else str(e)
+                raise SupervisorError(f"cannot create the shared memory of a shm cable: {why}") from None
             raise
         return shared
 
@@ -338,15 +364,14 @@ class Supervisor:
             except FileNotFoundError:
                 pass
             except OSError as e:
-                self._complain(f"nicemu up: cannot remove {p}: {e}")
-        if self.created_runtime_dir:
-            try:
-                os.rmdir(self.topo.runtime_dir)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                if e.errno != errno.ENOTEMPTY:
-                    self._complain(f"nicemu up: cannot remove {self.topo.runtime_dir}: {e}")
+                self._complain(f"nicemu up: cannot remove {p}: {T.os_error_text(e)}")
+        if self.dirs is not None:
+            self.dirs.close()  # only what we created, only if empty
+            self.dirs = None
+        for c in self.children:
+            if c.ready_fd is not None:
+                os.close(c.ready_fd)
+                c.ready_fd = None
 
     def _dead_child(self) -> Child | None:
         for c in self.children:
@@ -404,6 +429,10 @@ class Supervisor:
             time.sleep(timeout if timeout is not None else 0.5)
             return
         select.select([self._wake_r], [], [], timeout)
+        self._drain_wake()
+
+    def _drain_wake(self) -> None:
+        assert self._wake_r is not None
         try:
             while self._wake_r.recv(512):
                 pass
@@ -424,6 +453,14 @@ def _signal(c: Child, sig: int) -> None:
         c.popen.send_signal(sig)
     except ProcessLookupError:
         pass
+
+
+def _read_ready(fd: int) -> bool:
+    """A readable readiness pipe: True if the child wrote to it, False on EOF (it died)."""
+    try:
+        return os.read(fd, 64) != b""
+    except OSError:
+        return False
 
 
 def _is_socket(p: Path) -> bool:

@@ -39,9 +39,16 @@ __all__ = [
     "Problem",
     "Topology",
     "TopologyError",
+    "CreatedDirs",
+    "MissingParentError",
     "build_emulator",
+    "check_dirs",
     "default_runtime_dir",
     "ensure_private_dir",
+    "os_error_text",
+    "prepare_dirs",
+    "runtime_base",
+    "socket_path_problem",
     "load",
     "parse",
 ]
@@ -66,6 +73,9 @@ IFNAMSIZ_MAX = 15  # Linux interface names: 16 bytes including the NUL
 ENV_CABLE_ENDS = "NICEMU_CABLE_ENDS"
 # Where `nicemu up --runtime-dir` tells each child the runtime directory it chose.
 ENV_RUNTIME_DIR = "NICEMU_RUNTIME_DIR"
+# The write end of a pipe `nicemu up` gives each child: the child writes one line to it once
+# every device and cable of its share is set up ("nicemu: ready"), then closes it.
+ENV_READY_FD = "NICEMU_READY_FD"
 
 RESERVED_NAMES = frozenset({"peer"})  # `peer` names the outside end in per-cable maps
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
@@ -329,14 +339,24 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+EXCERPT_CHARS = 40  # how much of a long value an error message quotes
+
+
 def _describe(v: Any) -> str:
+    """A value for an error message; a long one (say, a whole file that is not YAML mapping)
+    is shortened to an excerpt of its first line, so the message stays one readable line."""
     if isinstance(v, bool):
         return f"the boolean {v!r}"
     if isinstance(v, (dict, list)):
         return f"a {'mapping' if isinstance(v, dict) else 'list'}"
     if v is None:
         return "empty"
-    return repr(v)
+    text = repr(v)
+    if len(text) <= EXCERPT_CHARS + 2:
+        return text
+    if isinstance(v, str):
+        return f"a text of {len(v)} characters starting {v.split(chr(10), 1)[0][:EXCERPT_CHARS]!r}..."
+    return text[:EXCERPT_CHARS] + "..."
 
 
 def parse_size(v: Any) -> int | None:
@@ -387,6 +407,13 @@ def parse_mac(v: Any) -> tuple[str | None, str | None]:
     return ":".join(f"{b:02x}" for b in octets), None
 
 
+def socket_path_problem(path: str | os.PathLike) -> str | None:
+    """Why `path` (absolute) cannot be a unix socket, or None: sun_path holds 107 bytes."""
+    if len(os.fsencode(os.fspath(path))) > SUN_PATH_MAX:
+        return f"{os.fspath(path)} is longer than {SUN_PATH_MAX} bytes, the limit of a unix socket path"
+    return None
+
+
 def parse_host_port(v: Any) -> tuple[tuple[str, int] | None, str | None]:
     """("host", port) for an allowed address, or why not. Only loopback and 198.18.0.0/15."""
     if not isinstance(v, str):
@@ -411,9 +438,14 @@ def parse_host_port(v: Any) -> tuple[tuple[str, int] | None, str | None]:
     return (str(addr), port), None
 
 
+def runtime_base() -> Path:
+    """The per-user directory the default runtime directories live in: /tmp/nicemu-$UID."""
+    return Path(f"/tmp/nicemu-{os.getuid()}")
+
+
 def default_runtime_dir(name: str) -> Path:
     """Where sockets go unless the config says otherwise: private to this user and topology."""
-    return Path(f"/tmp/nicemu-{os.getuid()}") / name
+    return runtime_base() / name
 
 
 class _Checker:
@@ -954,16 +986,18 @@ def _check_unique_paths(c: _Checker, devices: dict[str, dict], cables: list[Cabl
         if "socket" not in d:
             continue
         claim(d["socket"], f"devices.{name}.socket")
-        if len(os.fsencode(str(d["socket"]))) > SUN_PATH_MAX:
-            c.err(f"devices.{name}.socket", f"{d['socket']} is longer than {SUN_PATH_MAX} bytes, the "
-                                            "limit of a unix socket path; use a shorter runtime_dir")
+        why = socket_path_problem(d["socket"])
+        if why:
+            c.err(f"devices.{name}.socket", f"{why}; use a shorter runtime_dir")
     for cab in cables:
         for dev, p in cab.unix_paths.items():
             claim(p, f"cables[{cab.index}] (unix socket of {dev})")
-            if len(os.fsencode(str(p))) > SUN_PATH_MAX:
-                c.err(f"cables[{cab.index}]", f"the socket path {p} is longer than {SUN_PATH_MAX} bytes")
-        if cab.unix_peer is not None and len(os.fsencode(str(cab.unix_peer))) > SUN_PATH_MAX:
-            c.err(f"cables[{cab.index}].peer", f"{cab.unix_peer} is longer than {SUN_PATH_MAX} bytes")
+            why = socket_path_problem(p)
+            if why:
+                c.err(f"cables[{cab.index}]", f"the socket path {why}")
+        why = socket_path_problem(cab.unix_peer) if cab.unix_peer is not None else None
+        if why:
+            c.err(f"cables[{cab.index}].peer", why)
         for dev, p in cab.capture.items():
             claim(p, f"cables[{cab.index}].capture.{dev}")
 
@@ -971,18 +1005,52 @@ def _check_unique_paths(c: _Checker, devices: dict[str, dict], cables: list[Cabl
 # --- run-time helpers -----------------------------------------------------------------
 
 
-def ensure_private_dir(path: Path) -> Path:
-    """Create `path` (and a missing parent) with mode 0700, or check an existing one is ours.
+class MissingParentError(FileNotFoundError):
+    """A directory nicemu was asked to create whose parent does not exist.
 
-    Sockets in a directory another user can write to could be replaced under us; a directory
-    that is not ours, or a symlink, is refused rather than used.
+    nicemu creates one level only (the socket's or the runtime directory itself): creating a
+    whole missing tree would turn a typo into directories nobody removes."""
+
+    def __init__(self, directory: Path, parent: Path) -> None:
+        super().__init__(f"the directory {parent} does not exist; nicemu creates only {directory} "
+                         f"itself (create {parent} first, or choose another path)")
+        self.directory, self.parent = directory, parent
+
+
+def os_error_text(e: OSError) -> str:
+    """An OSError for the user: its message (and file names), without Python's "[Errno N]"."""
+    if not e.strerror:
+        return str(e.args[0]) if len(e.args) == 1 else str(e)
+    names = [os.fspath(n) for n in (e.filename, e.filename2) if n is not None]
+    return f"{' -> '.join(map(str, names))}: {e.strerror}" if names else e.strerror
+
+
+def ensure_private_dir(path: Path, *, parents: bool = True, created: list[Path] | None = None) -> Path:
+    """Create `path` with mode 0700, or check an existing one is ours.
+
+    parents=True also creates missing parents (0700); parents=False refuses a missing parent
+    (MissingParentError). Every directory created is appended to `created`, outermost first,
+    so its owner can remove exactly those. Sockets in a directory another user can write to
+    could be replaced under us; a directory that is not ours, or a symlink, is refused rather
+    than used.
     """
     path = Path(path)
-    for p in reversed([path, *path.parents][: _missing_depth(path)]):
+    for _attempt in range(10):  # another run may remove an empty parent between our mkdirs
+        missing = [path, *path.parents][: _missing_depth(path)]
+        if len(missing) > 1 and not parents:
+            raise MissingParentError(path, missing[-1])
         try:
-            os.mkdir(p, 0o700)
-        except FileExistsError:
-            pass
+            for p in reversed(missing):
+                try:
+                    os.mkdir(p, 0o700)
+                except FileExistsError:
+                    continue
+                os.chmod(p, 0o700)  # mkdir's mode is filtered by the umask
+                if created is not None:
+                    created.append(p)
+            break
+        except FileNotFoundError:
+            continue
     st = os.lstat(path)
     parent = os.stat(path.parent)
     if parent.st_uid not in (os.getuid(), 0):
@@ -1003,6 +1071,104 @@ def _missing_depth(path: Path) -> int:
             break
         n += 1
     return n
+
+
+class CreatedDirs:
+    """The directories one run (`nicemu serve`, a `serve --config` process, `nicemu up`)
+    created for its sockets; close() removes them again, deepest first, each only if empty.
+
+    The rule, the same for all three commands: a socket's directory is created (0700) if its
+    parent exists; a missing parent is an error that names it (MissingParentError), so nothing
+    is created then. The one exception is the default runtime directory
+    /tmp/nicemu-$UID/<name>: the per-user /tmp/nicemu-$UID is created too when missing, and
+    removed at the end if empty (no other run uses it)."""
+
+    def __init__(self) -> None:
+        self.paths: list[Path] = []
+        self._base: Path | None = None  # the per-user base, to remove if empty at the end
+
+    def runtime_dir(self, path: Path) -> Path:
+        """Create (or check) a topology's runtime directory; see the class docstring."""
+        default = Path(path).parent == runtime_base()
+        before = len(self.paths)
+        ensure_private_dir(path, parents=default, created=self.paths)
+        if default and len(self.paths) > before:
+            self._base = runtime_base()
+        return Path(path)
+
+    def socket_dir(self, directory: Path) -> None:
+        """A socket's own directory: created 0700 if missing (its parent must exist)."""
+        directory = Path(directory)
+        if not directory.is_dir():
+            ensure_private_dir(directory, parents=False, created=self.paths)
+
+    def close(self) -> None:
+        for p in [*reversed(self.paths), *([self._base] if self._base is not None else [])]:
+            try:
+                os.rmdir(p)
+            except OSError:
+                pass  # not empty (another run, or files a user put there) or already gone
+        self.paths, self._base = [], None
+
+
+def check_dirs(topo: Topology, devices: Iterable[str] | None = None) -> list[Problem]:
+    """What CreatedDirs would refuse for `devices` (default: all): directories whose parent is
+    missing. Checked before anything is created, so a refused start leaves nothing behind."""
+    names = list(topo.devices) if devices is None else list(devices)
+    rdir = topo.runtime_dir
+    problems: list[Problem] = []
+    if (_needs_runtime_dir(topo) and rdir.parent != runtime_base() and not rdir.is_dir()
+            and not rdir.parent.is_dir()):
+        problems.append(Problem("runtime_dir", str(MissingParentError(rdir, _first_missing(rdir)))))
+    for key, path in _socket_files(topo, names):
+        d = path.parent
+        if d == rdir or d.parent == rdir:
+            continue  # the runtime directory (checked above) or one level below it
+        if not d.is_dir() and not d.parent.is_dir():
+            problems.append(Problem(key, str(MissingParentError(d, _first_missing(d)))))
+    return problems
+
+
+def _needs_runtime_dir(topo: Topology) -> bool:
+    """Some socket of the topology lives under its runtime directory (the default)."""
+    return any(_under(p, topo.runtime_dir) for p in topo.socket_paths())
+
+
+def _first_missing(path: Path) -> Path:
+    """The outermost missing directory of `path`'s parents."""
+    missing = [p for p in path.parents if not p.exists()]
+    return missing[-1] if missing else path
+
+
+def _socket_files(topo: Topology, names: list[str]) -> list[tuple[str, Path]]:
+    """(key path, socket file) of `names`' device sockets and unix cable ends."""
+    out = [(f"devices.{n}.socket", topo.devices[n].socket) for n in names]
+    for c in topo.cables:
+        out += [(f"cables[{c.index}].path", p) for dev, p in c.unix_paths.items() if dev in names]
+    return out
+
+
+def prepare_dirs(topo: Topology, devices: Iterable[str] | None = None) -> CreatedDirs:
+    """Create the runtime directory and the socket directories of `devices` (default: all);
+    raises TopologyError (nothing created) for a missing parent. The caller close()s the
+    result when its sockets are gone."""
+    names = list(topo.devices) if devices is None else list(devices)
+    problems = check_dirs(topo, names)
+    if problems:
+        raise TopologyError(problems, str(topo.source or topo.name))
+    dirs = CreatedDirs()
+    try:
+        if _needs_runtime_dir(topo):
+            dirs.runtime_dir(topo.runtime_dir)
+        for _key, path in _socket_files(topo, names):
+            dirs.socket_dir(path.parent)
+    except MissingParentError as e:  # the tree changed since check_dirs
+        dirs.close()
+        raise TopologyError([Problem("", str(e))], str(topo.source or topo.name)) from None
+    except BaseException:
+        dirs.close()
+        raise
+    return dirs
 
 
 def end_key(cable: CableSpec, device: str) -> str:
@@ -1060,9 +1226,14 @@ def build_emulator(config_path: str | os.PathLike, process: str | None = None, *
                for c in topo.cables for dev, p in c.capture.items() if dev in names and not p.parent.is_dir()]
     if missing:
         raise TopologyError(missing, str(topo.source or topo.name))
-    if any(_under(p, topo.runtime_dir) for p in topo.socket_paths()):
-        ensure_private_dir(topo.runtime_dir)
-    emu = Emulator()
+    dirs = prepare_dirs(topo, names)
+    try:
+        emu = Emulator()
+    except BaseException:
+        dirs.close()
+        raise
+    # First closeable, so closed last: after the servers and cables have unlinked their sockets.
+    emu.add_closeable(dirs)
     emu.catch_signals()  # a SIGTERM while building must still stop it cleanly
     try:
         nics: dict[str, Any] = {}

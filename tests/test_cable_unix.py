@@ -49,6 +49,13 @@ def test_directory_and_socket_permissions(sockdir) -> None:
     assert stat.S_IMODE((sockdir / "a.sock").stat().st_mode) == 0o600
     a.close()
     assert not (sockdir / "a.sock").exists()
+    assert not sockdir.exists()  # the cable made it, and removes it when it is empty
+
+
+def test_only_the_sockets_own_directory_is_created(tmp_path) -> None:
+    with pytest.raises(CableError, match="does not exist"):
+        UnixCableEnd(tmp_path / "x" / "run" / "a.sock", tmp_path / "x" / "run" / "b.sock")
+    assert not (tmp_path / "x").exists()
 
 
 def test_an_open_directory_is_refused(tmp_path) -> None:
@@ -194,7 +201,7 @@ def test_two_processes_with_devices_exchange_frames(sockdir) -> None:
     a.recv_frames()
     assert not a.link_up  # the child said bye
     a.close()
-    assert os.listdir(sockdir) == []
+    assert not sockdir.exists()  # both sockets gone, and the directory the cable made
 
 
 PULSING_PEER = textwrap.dedent(

@@ -135,7 +135,7 @@ def test_show_prints_the_register_file():
 
 @pytest.mark.parametrize("args, message", [
     (["serve"], "give --socket PATH"),
-    (["serve", "--socket", "/tmp/x.sock", "--mac", "zz:00"], "bad device settings"),
+    (["serve", "--socket", "/tmp/x.sock", "--mac", "zz:00"], "serve: --mac: 'zz:00' is not a MAC address"),
     (["serve", "--socket", "/tmp/x.sock", "--pair"], "--pair joins exactly two devices"),
     (["serve", "--process", "a"], "--process needs --config"),
 ])

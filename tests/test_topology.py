@@ -536,3 +536,70 @@ def test_whole_cable_problems_point_at_the_cable() -> None:
     p = one_problem("devices: {a: {}}\ncables:\n  - kind: udp\n    ends: [a]\n    remote: '127.0.0.1:5'\n",
                     "cables[0].local", "missing")
     assert p.line == 3
+
+
+def test_created_dirs_make_one_level_and_remove_only_what_they_made(tmp_path: Path) -> None:
+    dirs = T.CreatedDirs()
+    with pytest.raises(T.MissingParentError) as e:
+        dirs.socket_dir(tmp_path / "a" / "b")
+    assert (e.value.directory, e.value.parent) == (tmp_path / "a" / "b", tmp_path / "a")
+    assert list(tmp_path.iterdir()) == []
+    dirs.socket_dir(tmp_path / "a")
+    dirs.socket_dir(tmp_path / "a")  # once is enough
+    dirs.socket_dir(tmp_path)  # exists: not ours to remove
+    assert dirs.paths == [tmp_path / "a"] and stat.S_IMODE(os.stat(tmp_path / "a").st_mode) == 0o700
+    (tmp_path / "keep").mkdir()
+    dirs.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
+
+
+def test_created_dirs_leave_a_directory_still_in_use(tmp_path: Path) -> None:
+    dirs = T.CreatedDirs()
+    dirs.runtime_dir(tmp_path / "rt")
+    (tmp_path / "rt" / "someone-else.sock").write_text("")
+    dirs.close()
+    assert (tmp_path / "rt" / "someone-else.sock").exists()
+
+
+def test_check_dirs_names_every_missing_parent(tmp_path: Path) -> None:
+    topo = parse(f"""
+        devices:
+          nic0: {{socket: {tmp_path}/gone/sub/nic0.sock}}
+          nic1: {{}}
+          nic2: {{socket: {tmp_path}/new/nic2.sock}}
+        """, runtime_dir=tmp_path / "no" / "rt")
+    assert [str(p) for p in T.check_dirs(topo)] == [
+        f"runtime_dir: the directory {tmp_path}/no does not exist; nicemu creates only {tmp_path}/no/rt "
+        f"itself (create {tmp_path}/no first, or choose another path)",
+        f"devices.nic0.socket: the directory {tmp_path}/gone does not exist; nicemu creates only "
+        f"{tmp_path}/gone/sub itself (create {tmp_path}/gone first, or choose another path)",
+    ]
+    assert [str(p.path) for p in T.check_dirs(topo, ["nic2"])] == ["runtime_dir"]
+    with pytest.raises(TopologyError):
+        T.prepare_dirs(topo)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was made
+
+
+def test_the_default_runtime_dir_is_made_with_its_base(tmp_path: Path, monkeypatch) -> None:
+    base = tmp_path / "nicemu-uid"
+    monkeypatch.setattr(T, "runtime_base", lambda: base)
+    topo = parse("devices:\n  nic0: {}\n", runtime_dir=base / "lab")
+    dirs = T.prepare_dirs(topo)
+    assert dirs.paths == [base, base / "lab"]
+    dirs.close()
+    assert list(tmp_path.iterdir()) == []
+    base.mkdir()  # made by another run: removed by the last one to leave it empty
+    dirs = T.prepare_dirs(topo)
+    (base / "other").mkdir()
+    dirs.close()
+    assert [p.name for p in base.iterdir()] == ["other"]
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("short", "'short'"),
+    ("a" * 200, "a text of 200 characters starting '" + "a" * 40 + "'..."),
+    ("line one\nline two" + "z" * 100, "a text of 117 characters starting 'line one'..."),
+    (list(range(3)), "a list"),
+])
+def test_values_in_messages_are_shortened(value, expected: str) -> None:
+    assert T._describe(value) == expected

@@ -247,6 +247,11 @@ def test_pair_up_serves_both_devices_and_sigterm_stops_everything(start_up, tmp_
     finally:
         bus.close()
     send_and_receive(rt)
+    up.signal(signal.SIGUSR1)  # the pair's devices report their link and cable too
+    wait_for(lambda: len(stats_lines(up.out)) == 1, STOP_TIMEOUT, "one stats line")
+    devices = stats_lines(up.out)[0]["devices"]
+    assert sorted(devices) == ["nic0", "nic1"]
+    assert all(d["link"] is True and d["cable"]["kind"] == "pair" for d in devices.values()), devices
     up.signal(signal.SIGTERM)
     assert up.wait() == 0, up.err
     up.assert_all_gone()
@@ -266,7 +271,7 @@ def test_shm_cable_between_two_processes_and_ctrl_c(start_up) -> None:
     assert sorted(s["pid"] for s in stats) == sorted(up.children)
     devices = {name: d for s in stats for name, d in s["devices"].items()}
     assert sorted(devices) == ["nic0", "nic1"]
-    assert all(d["link"] and d["dma_errors"] == 0 and d["cable"]["kind"] == "ShmCableEnd"
+    assert all(d["link"] and d["dma_errors"] == 0 and d["cable"]["kind"] == "shm"
                for d in devices.values()), devices
     up.signal(signal.SIGINT)
     assert up.wait() == 0, up.err
@@ -414,7 +419,7 @@ def test_build_emulator_whole_topology_in_one_process(tmp_path: Path, monkeypatc
         assert (a.mac, b.mac) == (MAC0, MAC1)
     finally:
         emu.close()
-    assert not list(rt.iterdir())
+    assert not rt.exists()  # it made the runtime directory, so it removed it
     from nicemu.pcap import read_pcap
 
     for n in ("nic0", "nic1"):  # the captures were opened (relative to the current directory)
@@ -651,7 +656,7 @@ def test_build_emulator_honours_a_stop_before_run(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "rt").iterdir()) == ["nic0.sock", "nic1.sock"]
     os.kill(os.getpid(), signal.SIGTERM)  # caught by the early handler: remembered, not fatal
     emu.run()  # returns at once and closes
-    assert list((tmp_path / "rt").iterdir()) == []
+    assert not (tmp_path / "rt").exists()  # sockets unlinked, the directory it made removed
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handler is back
 
 
@@ -810,3 +815,85 @@ def test_faults_per_direction_with_seeds_across_processes(start_up, tmp_path: Pa
     up.signal(signal.SIGTERM)
     assert up.wait() == 0, up.err
     up.assert_all_gone()
+
+
+# --- "up" means every child is ready; messages and directories ----------------------------------
+
+
+@pytest.mark.parametrize("name, nprocs", [("unix", 2), ("shm", 2)])
+def test_up_is_printed_after_every_child_is_ready(start_up, name: str, nprocs: int) -> None:
+    up = start_up(CONFIGS / f"{name}.yaml")
+    up.wait_up(nprocs=nprocs)
+    lines = up.out.splitlines()
+    is_up = next(i for i, line in enumerate(lines) if " is up (" in line)
+    ready = [i for i, line in enumerate(lines) if line == "nicemu: ready"]
+    assert len(ready) == nprocs, up.out
+    assert max(ready) < is_up, up.out  # each child's "ready" line came before "is up"
+    up.signal(signal.SIGTERM)
+    assert up.wait() == 0, up.err
+    up.assert_all_gone()
+
+
+def test_wait_ready_needs_the_childs_word_not_only_its_sockets(tmp_path: Path) -> None:
+    """A child binds its device sockets before it opens its cables: only its readiness pipe
+    says it is done. A pipe closed without a word is a child that is dying."""
+    import io
+
+    from nicemu import topology as T
+    from nicemu.supervisor import Child, Supervisor
+
+    class FakePopen:
+        def __init__(self, pid: int) -> None:
+            self.pid, self.returncode = pid, None
+
+        def poll(self):
+            return self.returncode
+
+    topo = T.load(write_config(tmp_path, "devices:\n  nic0: {}\n  nic1: {}\n"), runtime_dir=tmp_path / "rt")
+    err = io.StringIO()
+    sup = Supervisor(topo, ready_timeout=0.3, out=io.StringIO(), err=err)
+    r0, w0 = os.pipe()
+    r1, w1 = os.pipe()
+    c0, c1 = Child("nic0", ("nic0",), FakePopen(10)), Child("nic1", ("nic1",), FakePopen(11))
+    c0.ready_fd, c1.ready_fd = r0, r1
+    sup.children = [c0, c1]
+    try:
+        os.write(w0, b"ready\n")
+        assert not sup.wait_ready()
+        assert c0.ready and not c1.ready
+        assert err.getvalue() == "nicemu up: process 'nic1' (devices nic1) not ready after 0.3 s; stopping\n"
+        os.close(w1)  # nic1 dies before it is ready
+        w1 = None
+        c1.popen.returncode = 3
+        sup.ready_timeout = 10
+        assert not sup.wait_ready()
+        assert "process 'nic1' (pid 11, devices nic1) exited with status 3 while starting" in err.getvalue()
+    finally:
+        for fd in (w0, w1, c0.ready_fd, c1.ready_fd):
+            if fd is not None:
+                os.close(fd)
+
+
+def test_up_quotes_only_an_excerpt_of_a_file_that_is_not_a_topology(tmp_path: Path) -> None:
+    for cfg in (Path("/etc/passwd"), write_config(tmp_path, "x" * 5000 + "\n" + "y" * 100, "long.yaml")):
+        out = subprocess.run([sys.executable, "-m", "nicemu", "up", str(cfg)], cwd=tmp_path, text=True,
+                             capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
+        assert out.returncode == 2
+        first, problem = out.stderr.splitlines()
+        assert first == f"nicemu: {cfg}: 1 problem:"
+        assert problem.startswith("  (top level): the top level must be a mapping with `devices:` and "
+                                  "`cables:`, got a text of ")
+        assert problem.endswith("'...") and len(problem) < 200, problem
+
+
+def test_up_runtime_dir_option_needs_an_existing_parent(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, "devices:\n  nic0: {}\n")
+    rdir = tmp_path / "no" / "rt"
+    out = subprocess.run([sys.executable, "-m", "nicemu", "up", str(cfg), "--runtime-dir", str(rdir)],
+                         cwd=tmp_path, text=True, capture_output=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr == (f"nicemu: {cfg}: 1 problem:\n  runtime_dir: the directory {rdir.parent} does not "
+                          f"exist; nicemu creates only {rdir} itself (create {rdir.parent} first, or choose "
+                          "another path)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["topo.yaml"]

@@ -28,9 +28,34 @@ from typing import Any, Callable, Mapping
 
 from nicemu.cable.base import CableEnd, CableError, plug, service
 
-__all__ = ["CableEnd", "CableError", "KINDS", "make_cable", "plug", "service", "wrap_end"]
+__all__ = ["CableEnd", "CableError", "KINDS", "cable_kind", "layer_name", "make_cable", "plug", "service",
+           "wrap_end"]
 
 KINDS = ("pipe", "shm", "unix", "udp", "tap")
+
+
+def layer_name(end: Any) -> str | None:
+    """"faults" or "capture" for a wrapper layer (named as its YAML key), None for a cable end."""
+    from nicemu.faults import FaultyEnd
+    from nicemu.pcap import CapturedEnd
+
+    if isinstance(end, FaultyEnd):
+        return "faults"
+    if isinstance(end, CapturedEnd):
+        return "capture"
+    return None
+
+
+def cable_kind(end: Any) -> str:
+    """The YAML kind (pair, shm, unix, udp, tap) of the cable an end belongs to, looking through
+    fault and capture layers; an end of unknown type is named by its class."""
+    for _ in range(8):
+        inner = getattr(end, "inner", None)
+        if inner is None or inner is end:
+            break
+        end = inner
+    kind = getattr(end, "kind", None)
+    return kind if isinstance(kind, str) else type(end).__name__
 
 
 def make_cable(kind: str, **options: Any) -> Any:

@@ -32,6 +32,8 @@ class PipeEnd:
     """One end of an in-process pipe pair. Bounded: send() refuses while the peer's inbox
     holds `limit` frames, and the peer rings our eventfd when it drains a full inbox."""
 
+    kind = "pair"  # in nicemu, an end of the in-process pipe a `pair` cable uses
+
     def __init__(self, limit: int = 256) -> None:
         if limit < 1:
             raise ValueError(f"pipe limit must be >= 1, got {limit}")
@@ -96,6 +98,8 @@ def pipe(limit: int = 256) -> tuple[PipeEnd, PipeEnd]:
 
 class PairCable:
     """Two Nics in one process, back to back. See the module docstring for the options."""
+
+    kind = "pair"
 
     def __init__(
         self,

@@ -303,6 +303,8 @@ class ShmCableEnd:
     engine: "auto" (the C rings when built, else the Python reference), "cython" or "python".
     """
 
+    kind = "shm"  # the YAML cable kind (stats, logs)
+
     def __init__(
         self, side: str, memfd: int, doorbell_in: int, doorbell_out: int, hangup: int, *, engine: str = "auto"
     ) -> None:

@@ -51,6 +51,8 @@ def tap_available() -> str | None:
 class TapCableEnd:
     """One TAP interface as a cable end (a CableEnd)."""
 
+    kind = "tap"  # the YAML cable kind (stats, logs)
+
     RECV_BATCH = 256
 
     def __init__(self, name: str = "nicemu%d", netns: str | None = None) -> None:

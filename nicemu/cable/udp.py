@@ -54,6 +54,8 @@ def parse_address(text: str | tuple[str, int], what: str = "address") -> tuple[i
 class UdpCableEnd(DatagramEnd):
     """One end of a UDP cable (a CableEnd)."""
 
+    kind = "udp"  # the YAML cable kind (stats, logs)
+
     def __init__(self, local: str | tuple[str, int] = "127.0.0.1:0", remote: str | tuple[str, int] | None = None) -> None:
         family, laddr = parse_address(local, "local")
         sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)

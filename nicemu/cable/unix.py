@@ -42,11 +42,16 @@ BYE = b"\x00"
 _NO_PEER = (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTCONN)
 
 
-def _prepare_dir(d: Path) -> None:
+def _prepare_dir(d: Path) -> bool:
+    """Make sure the socket's directory exists and is private; True when this created it.
+    Only that one level is created: parents made here would be left behind."""
     if not d.exists():
-        d.mkdir(mode=0o700, parents=True)
+        if not d.parent.is_dir():
+            raise CableError(errno.ENOENT, f"unix cable: the directory {d.parent} does not exist "
+                                           f"(only the socket's own directory is created)")
+        d.mkdir(mode=0o700)
         os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
-        return
+        return True
     st = d.stat()
     if not stat.S_ISDIR(st.st_mode):
         raise CableError(errno.ENOTDIR, f"unix cable: {d} is not a directory")
@@ -56,6 +61,7 @@ def _prepare_dir(d: Path) -> None:
             f"unix cable: directory {d} is accessible to group/other (mode {st.st_mode & 0o777:o}); "
             "use a 0700 directory so no other user can inject frames",
         )
+    return False
 
 
 def _bind(sock: socket.socket, path: Path) -> None:
@@ -79,6 +85,8 @@ class UnixCableEnd(DatagramEnd):
     """One end of a unix-datagram cable (a CableEnd). Its socket is connected to the peer, so
     a full peer queue is waited out on EPOLLOUT, and its timer sends the link pulses."""
 
+    kind = "unix"  # the YAML cable kind (stats, logs)
+
     def __init__(
         self, path: str | os.PathLike[str], peer: str | os.PathLike[str], pulse_ms: float = 250
     ) -> None:
@@ -89,7 +97,7 @@ class UnixCableEnd(DatagramEnd):
         if isinstance(pulse_ms, bool) or not isinstance(pulse_ms, (int, float)) or not 1 <= pulse_ms <= 60_000:
             raise ValueError(f"unix cable pulse_ms must be a number of milliseconds from 1 to 60000, got {pulse_ms!r}")
         self.pulse_ns = int(pulse_ms * 1_000_000)
-        _prepare_dir(self.path.parent)
+        self._made_dir = _prepare_dir(self.path.parent)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK)
         try:
             _bind(sock, self.path)
@@ -202,4 +210,9 @@ class UnixCableEnd(DatagramEnd):
             self.path.unlink()
         except FileNotFoundError:
             pass
+        if self._made_dir:
+            try:
+                self.path.parent.rmdir()  # only when empty: the peer's socket may live there
+            except OSError:
+                pass
         super().close()

@@ -60,6 +60,9 @@ _ACCESS_FIXED = p.HEADER_SIZE + p.REGION_ACCESS.size
 _READ32_REPLY = struct.Struct("=HHIIIQIII")  # the whole reply to a 32-bit read
 
 
+_SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+
 def listen_unix(path: str) -> tuple[socket.socket, str | None]:
     """Bind and listen on `path`: its directory created 0700 if missing, the socket 0600.
 
@@ -68,10 +71,17 @@ def listen_unix(path: str) -> tuple[socket.socket, str | None]:
     directory it created (None if it existed), to remove when done.
     """
     path = os.path.abspath(path)
+    if len(os.fsencode(path)) > _SUN_PATH_MAX:
+        raise OSError(errno.ENAMETOOLONG,
+                      f"{path} is longer than {_SUN_PATH_MAX} bytes, the limit of a unix socket path")
     directory = os.path.dirname(path)
     created = None
     if not os.path.isdir(directory):
-        os.makedirs(directory, mode=0o700)
+        # Only the socket's own directory: creating its parents would leave them behind.
+        if not os.path.isdir(os.path.dirname(directory)):
+            raise FileNotFoundError(errno.ENOENT, f"the directory {os.path.dirname(directory)} does "
+                                    f"not exist (only the socket's own directory is created)")
+        os.mkdir(directory, mode=0o700)
         os.chmod(directory, 0o700)  # mode is filtered by the umask; make it exact
         created = directory
     if os.path.lexists(path):
@@ -92,7 +102,7 @@ def listen_unix(path: str) -> tuple[socket.socket, str | None]:
         sock.bind(path)
     except OSError as e:
         sock.close()
-        raise OSError(e.errno, f"cannot bind {path}: {e.strerror}") from None
+        raise OSError(e.errno, f"cannot bind {path}: {e.strerror or e}") from None
     finally:
         os.umask(old)
     os.chmod(path, 0o600)
