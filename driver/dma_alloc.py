@@ -7,8 +7,8 @@ dma_alloc_coherent() does for a real driver: it only does bookkeeping; it never 
 bytes, so the caller clears what it needs cleared.
 
 It is first-fit over a sorted free list with coalescing on free: simple, and fast enough for
-set-up time (rings, buffer pools). Per-packet allocation should come from a pool carved out
-once (the kernel driver keeps its RX buffers in the ring; the PMD has its mempool).
+set-up time (rings, buffer pools). Per-packet allocation comes from a pool carved out once:
+`DmaBufferPool` below for the kernel driver, driver.mempool for the PMD.
 
     alloc = DmaAllocator(mem)               # manage all of mem's first region
     ring = alloc.alloc(256 * 16, align=128) # a bus address
@@ -20,7 +20,7 @@ import bisect
 
 from nicemu.dma import DmaMemory
 
-__all__ = ["DmaAllocator", "DmaAllocError"]
+__all__ = ["DmaAllocator", "DmaAllocError", "DmaBufferPool"]
 
 
 class DmaAllocError(MemoryError):
@@ -147,6 +147,3 @@ class DmaBufferPool:
         """Return the whole pool's memory to the allocator."""
         self.allocator.free(self.base)
         self._free = []
-
-
-__all__ += ["DmaBufferPool"]

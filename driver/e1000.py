@@ -679,18 +679,13 @@ class E1000:
     def maybe_stop_tx(self, size: int) -> bool:
         """e1000_maybe_stop_tx: stop the queue if fewer than `size` descriptors are free.
         Returns True if the queue is (now) stopped. Linux re-checks after stopping because
-        another CPU may have cleaned meanwhile; here cleaning runs in this same loop, so the
-        re-check only guards a callback that cleaned re-entrantly."""
-        ring = self.tx_ring
-        if ring.unused() >= size:
+        another CPU may have cleaned meanwhile; here cleaning runs in this same loop, so there
+        is nothing to re-check: clean_tx_irq wakes the queue."""
+        if self.tx_ring.unused() >= size:
             return False
         self.queue_stopped = True
         self.stats.tx_queue_stops += 1
-        if ring.unused() < size:
-            return True
-        self.queue_stopped = False  # a reprieve
-        self.stats.restart_queue += 1
-        return False
+        return True
 
     def clean_tx_irq(self) -> bool:
         """e1000_clean_tx_irq: free every sent frame whose EOP descriptor has DD (only then:
@@ -726,12 +721,19 @@ class E1000:
             self._irq_tx_packets += 1
             self._irq_tx_bytes += nbytes
         ring.next_to_clean = i
-        if count and self.queue_stopped and self.carrier and ring.unused() >= self.tx_wake_threshold:
+        if count:
+            self._maybe_wake_queue()
+        return count < n
+
+    def _maybe_wake_queue(self) -> None:
+        """netif_wake_queue: a stopped queue wakes once the carrier is up and at least
+        tx_wake_threshold descriptors are free."""
+        if (self.queue_stopped and self.carrier and self.tx_ring is not None
+                and self.tx_ring.unused() >= self.tx_wake_threshold):
             self.queue_stopped = False
-            st.restart_queue += 1
+            self.stats.restart_queue += 1
             if self.on_tx_wake is not None:
                 self.on_tx_wake()
-        return count < n
 
     def tx_pending(self) -> int:
         """Descriptors queued and not yet cleaned."""
@@ -745,11 +747,8 @@ class E1000:
             return
         self.carrier = up
         self.stats.link_changes += 1
-        if up and self.queue_stopped and self.tx_ring is not None and self.tx_ring.unused() >= self.tx_wake_threshold:
-            self.queue_stopped = False
-            self.stats.restart_queue += 1
-            if self.on_tx_wake is not None:
-                self.on_tx_wake()
+        if up:
+            self._maybe_wake_queue()
         if self.on_carrier is not None:
             self.on_carrier(up)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 
-from driver.bus import Bus, BusError
+from driver.bus import Bus
 from nicemu import regs
 from nicemu.regs import Ctrl, Eerd, Icr, PciCommand, Rah, Rctl, Rxcsum, Status, Tctl
 
@@ -26,7 +26,7 @@ __all__ = [
     "IMS_ENABLE_MASK", "HwError", "probe", "reset", "read_eeprom", "read_mac",
     "set_receive_address", "clear_filters", "setup_rx_ring", "setup_tx_ring", "enable_rx",
     "disable_rx", "enable_tx", "disable_tx", "set_moderation", "itr_for_rate", "irq_enable",
-    "irq_disable", "link_up", "read_stats", "format_mac",
+    "irq_disable", "link_up", "read_stats", "format_mac", "RX_BUFFER_SIZES", "TIPG_DEFAULT",
 ]
 
 # The causes Linux's e1000 enables (E1000_IMS_ENABLE_MASK).
@@ -307,5 +307,3 @@ def read_stats(bus: Bus) -> dict[str, int]:
         out[name] = lo | bus.read32(high) << 32
     return out
 
-
-__all__ += ["BusError", "RX_BUFFER_SIZES", "TIPG_DEFAULT"]

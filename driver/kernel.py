@@ -31,7 +31,6 @@ import collections
 import json
 import os
 import resource
-import select
 import signal
 import struct
 import sys
@@ -46,7 +45,6 @@ from nicemu.regs import IMS
 __all__ = ["main", "DriverApp", "context_switches"]
 
 GEN_ETHERTYPE = 0x88B5  # IEEE 802 local experimental EtherType
-FINE_WAIT = 0.002  # waits shorter than this need better than poll()'s 1 ms
 
 
 def context_switches() -> dict[str, int]:
@@ -275,14 +273,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.duration and now - start >= args.duration:
                 break
             app.after_turn()
-            timeout = 0.0 if drv.napi_scheduled else app.idle_timeout(0.2)
-            if 0.0 < timeout < FINE_WAIT:
-                # The bus waits with poll(), in whole milliseconds: a paced generator's
-                # sub-millisecond gap would round up to 1 ms and its frames leave in pairs.
-                # Wait on the interrupt eventfd with select()'s microseconds instead.
-                select.select([bus.irq_fd()], [], [], timeout)
-                timeout = 0.0
-            drv.process(timeout)
+            # a paced generator's sub-millisecond gap is waited precisely: VfioUserBus.wait_irq
+            # uses select() for finite timeouts, not poll()'s whole milliseconds
+            drv.process(0.0 if drv.napi_scheduled else app.idle_timeout(0.2))
             if dump or (next_stats is not None and now >= next_stats):
                 dump = False
                 if next_stats is not None:

@@ -534,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
                 pool.mem.write(pool.buf_addr(i) + pool.headroom, frame)
 
         handler = {"sink": lambda burst: None, "gen": restore_template, "echo": _swap_macs}[args.role]
-        if args.role == "gen":
+        if gen:
             for i in range(pool.num_bufs):  # every buffer holds the frame: sending is just a length
                 pool.mem.write(pool.buf_addr(i) + pool.headroom, frame)
         if gen_left:

@@ -59,11 +59,8 @@ class RxRing(DescRing):
         """Give descriptor i a buffer; status 0 so that a stale DD is never seen."""
         RX_DESC.pack_into(self.desc, i * DESC_SIZE, addr, 0, 0, 0, 0, 0)
 
-    def status(self, i: int) -> int:
-        """The status byte alone: read it (for DD) before any other field."""
-        return self.desc[i * DESC_SIZE + RXD_STATUS]
-
     def done(self, i: int) -> bool:
+        """DD, from the status byte alone: read it before any other field."""
         return bool(self.desc[i * DESC_SIZE + RXD_STATUS] & _RXD_DD)
 
     def writeback(self, i: int) -> tuple[int, int, int, int, int]:

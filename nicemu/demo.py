@@ -154,11 +154,14 @@ class _ChildSignals:
         self.report = True
 
 
-def run_responder(args: argparse.Namespace) -> int:
-    """The driver under test: bring nic1 up in `args.mode` and echo every frame back.
+def _run_child(args: argparse.Namespace) -> int:
+    """One child of `nicemu demo`: connect to its device, run its role there, and turn a
+    device that cannot be reached or goes away into an "error" line and exit status 1.
 
-    Reports "up" after bring-up, "counters" on SIGUSR1 and once more at exit (SIGTERM/SIGINT).
-    Counter values are totals since bring-up; the controller subtracts two snapshots."""
+    The responder (the driver under test: _respond_kernel or _respond_pmd) brings nic1 up in
+    `args.mode` and echoes every frame back. It reports "up" after bring-up, "counters" on
+    SIGUSR1 and once more at exit (SIGTERM/SIGINT); counter values are totals since bring-up,
+    and the controller subtracts two snapshots. The generator: _generate."""
     from driver.bus import BusError
     from driver.vfio_user_client import VfioUserBus
 
@@ -169,6 +172,8 @@ def run_responder(args: argparse.Namespace) -> int:
         _emit({"event": "error", "message": str(e)})
         return 1
     try:
+        if args.role == "generator":
+            return _generate(raw, args, sig)
         if args.mode == "pmd":
             return _respond_pmd(raw, sig)
         return _respond_kernel(raw, args.mode, sig)
@@ -269,43 +274,29 @@ def _respond_pmd(raw: Any, sig: _ChildSignals) -> int:
     return 0
 
 
-def run_generator(args: argparse.Namespace) -> int:
+def _generate(raw: Any, args: argparse.Namespace, sig: _ChildSignals) -> int:
     """Drive nic0 with the PMD; for each line "go FRAMES WINDOW" on stdin, exchange FRAMES
     frames with the echoing peer (at most WINDOW in flight) and report "done"."""
-    from driver.bus import BusError
     from driver.pmd import Pmd
-    from driver.vfio_user_client import VfioUserBus
 
-    sig = _ChildSignals()
+    pmd = Pmd(raw, RING_SIZE, RING_SIZE, mode="poll", burst=BURST)
     try:
-        raw = VfioUserBus(args.socket, mem_size=8 << 20)
-    except BusError as e:
-        _emit({"event": "error", "message": str(e)})
-        return 1
-    try:
-        pmd = Pmd(raw, RING_SIZE, RING_SIZE, mode="poll", burst=BURST)
-        try:
-            end = time.monotonic() + 10
-            while not pmd.link_up():  # the cable's far end comes up with its emulator
-                if time.monotonic() > end or sig.stop:
-                    _emit({"event": "error", "message": "nic0: no link after 10 s"})
-                    return 1
-                time.sleep(0.05)
-            _emit({"event": "up", "pid": os.getpid(), "mac": pmd.mac, "engine": pmd.engine})
-            exchanges = _Exchanges(pmd, args, sig)
-            for command in _commands(sig):
-                words = command.split()
-                if len(words) == 3 and words[0] == "go" and words[1].isdigit() and words[2].isdigit():
-                    _emit({"event": "done", **exchanges.run(int(words[1]), int(words[2]))})
-                elif words:
-                    _emit({"event": "error", "message": f"unknown command {command!r}"})
-        finally:
-            pmd.close()
-    except BusError as e:
-        _emit({"event": "error", "message": f"device gone: {e}"})
-        return 1
+        end = time.monotonic() + 10
+        while not pmd.link_up():  # the cable's far end comes up with its emulator
+            if time.monotonic() > end or sig.stop:
+                _emit({"event": "error", "message": "nic0: no link after 10 s"})
+                return 1
+            time.sleep(0.05)
+        _emit({"event": "up", "pid": os.getpid(), "mac": pmd.mac, "engine": pmd.engine})
+        exchanges = _Exchanges(pmd, args, sig)
+        for command in _commands(sig):
+            words = command.split()
+            if len(words) == 3 and words[0] == "go" and words[1].isdigit() and words[2].isdigit():
+                _emit({"event": "done", **exchanges.run(int(words[1]), int(words[2]))})
+            elif words:
+                _emit({"event": "error", "message": f"unknown command {command!r}"})
     finally:
-        raw.close()
+        pmd.close()
     return 0
 
 
@@ -454,10 +445,7 @@ def _child_parser() -> argparse.ArgumentParser:
 
 
 def child_main(argv: Sequence[str] | None = None) -> int:
-    args = _child_parser().parse_args(argv)
-    if args.role == "responder":
-        return run_responder(args)
-    return run_generator(args)
+    return _run_child(_child_parser().parse_args(argv))
 
 
 # =====================================================================================
@@ -1113,7 +1101,7 @@ def lesson_sentences(results: Sequence["Measurement"]) -> list[str]:
     if pmd and irq and irq.rate:
         r = pmd.rate / irq.rate
         how = (f"{r:.1f} times as many frames per second as" if r >= 1.05 else
-               f"about as many frames per second as" if r >= 0.95 else
+               "about as many frames per second as" if r >= 0.95 else
                f"fewer frames per second ({r:.2f} times as many) than")
         parts.append(f"In the stream the PMD moved {how} the interrupt-driven driver "
                      f"({pmd.rate:,.0f} against {irq.rate:,.0f}), with "

@@ -18,6 +18,7 @@ from driver import hw
 from driver.dma_alloc import DmaAllocError, DmaAllocator, DmaBufferPool
 from driver.e1000 import NETDEV_TX_BUSY, NETDEV_TX_OK, E1000, E1000Config, Mode
 from driver.inprocess_bus import InProcessBus
+from driver.pmd import CountingBus
 from driver.rings import RxRing, TxRing, desc_unused
 from driver.skbuff import CHECKSUM_NONE, CHECKSUM_UNNECESSARY, SkBuff
 from nicemu import DmaMemory
@@ -271,43 +272,30 @@ def test_open_programs_device_like_linux(pair):
     assert a.drv.stats.rx_doorbells == 1
 
 
-class RecordingBus:
+class RecordingBus(CountingBus):
     """A Bus that logs every access in order: ("cr"|"cw"|"r"|"w", offset, value)."""
 
     def __init__(self, inner: InProcessBus) -> None:
-        self.inner = inner
-        self.mem = inner.mem
+        super().__init__(inner)
         self.log: list[tuple[str, int, int]] = []
 
     def read32(self, offset: int) -> int:
-        value = self.inner.read32(offset)
+        value = super().read32(offset)
         self.log.append(("r", offset, value))
         return value
 
     def write32(self, offset: int, value: int) -> None:
         self.log.append(("w", offset, value))
-        self.inner.write32(offset, value)
+        super().write32(offset, value)
 
     def config_read(self, offset: int, size: int = 4) -> int:
-        value = self.inner.config_read(offset, size)
+        value = super().config_read(offset, size)
         self.log.append(("cr", offset, value))
         return value
 
     def config_write(self, offset: int, value: int, size: int = 4) -> None:
         self.log.append(("cw", offset, value))
-        self.inner.config_write(offset, value, size)
-
-    def irq_fd(self) -> int:
-        return self.inner.irq_fd()
-
-    def wait_irq(self, timeout: float | None) -> bool:
-        return self.inner.wait_irq(timeout)
-
-    def reset(self) -> None:
-        self.inner.reset()
-
-    def close(self) -> None:
-        self.inner.close()
+        super().config_write(offset, value, size)
 
     def first(self, kind: str, offset: int, pred=lambda v: True, after: int = -1) -> int:
         """Index of the first matching access after index `after`."""

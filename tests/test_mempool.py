@@ -5,15 +5,8 @@ import pytest
 
 from driver.dma_alloc import DmaAllocator
 from driver.mempool import BUF_SIZE, HEADROOM, Mbuf, Mempool, MempoolError
-from nicemu.dma import DmaError, DmaMemory
+from nicemu.dma import DmaError
 from nicemu.regs import RxdErrors, RxdStatus
-
-
-@pytest.fixture
-def mem():
-    m = DmaMemory(1 << 20)
-    yield m
-    m.close()
 
 
 @pytest.fixture

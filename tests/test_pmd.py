@@ -17,7 +17,7 @@ from conftest import RxRing, TxRing, enable_bus_master, make_frame, with_fcs
 from driver import hw
 from driver.inprocess_bus import InProcessBus
 from driver.mempool import HEADROOM
-from driver.pmd import Pmd, PmdStats
+from driver.pmd import CountingBus, Pmd, PmdStats
 from nicemu import DmaMemory
 from nicemu import regs as R
 from nicemu.nic import Nic
@@ -30,24 +30,20 @@ A = bytes.fromhex("52540000000a")
 ENGINES = ["cython", "python"]
 
 
-class RecordingBus:
+class RecordingBus(CountingBus):
     """InProcessBus plus a log of every register access, to check what the fast path does."""
 
     def __init__(self, nic: Nic) -> None:
-        self.inner = InProcessBus(nic)
-        self.mem = self.inner.mem
+        super().__init__(InProcessBus(nic))
         self.log: list[tuple[str, int]] = []
 
     def read32(self, off: int) -> int:
         self.log.append(("r", off))
-        return self.inner.read32(off)
+        return super().read32(off)
 
     def write32(self, off: int, value: int) -> None:
         self.log.append(("w", off))
-        self.inner.write32(off, value)
-
-    def __getattr__(self, name: str):
-        return getattr(self.inner, name)
+        super().write32(off, value)
 
 
 @pytest.fixture
