@@ -33,6 +33,12 @@ def _add_engine(ps: argparse.ArgumentParser) -> None:
                     help="data-path engine (default: auto = Cython if built)")
 
 
+def _add_log_level(ps: argparse.ArgumentParser, whose: str) -> None:
+    """The --log-level option (main() configures logging from it)."""
+    ps.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
+                    help=f"log level {whose} (default warning)")
+
+
 # --- show ----------------------------------------------------------------------------------
 
 def _add_show(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -69,11 +75,11 @@ def cmd_show(args: argparse.Namespace) -> int:
     for addr in range(3):  # the MAC through EERD, as a driver reads it
         nic.write32(R.EERD, addr << 8 | int(R.Eerd.START))
         words.append(nic.read32(R.EERD) >> 16)
-    mac = ":".join(f"{w >> s & 0xFF:02x}" for w in words for s in (0, 8))
+    eerd_mac = ":".join(f"{w >> s & 0xFF:02x}" for w in words for s in (0, 8))
     engine = _engine_name(nic.engine)
     print(f"82540EM  PCI {vendor:04x}:{device:04x}  class {klass:06x}  BAR0 {bar_size // 1024} KiB  "
           f"engine {engine}", file=out)
-    print(f"MAC (EEPROM via EERD) {mac}", file=out)
+    print(f"MAC (EEPROM via EERD) {eerd_mac}", file=out)
     print(file=out)
     print(f"{'offset':>8}  {'register':<10}  {'value':>10}  bits", file=out)
     for off, reg in R.REGISTERS.items():
@@ -132,8 +138,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_engine(ps)
     ps.add_argument("--config", metavar="FILE", help="YAML topology (see docs/topology.md)")
     ps.add_argument("--process", metavar="NAME", help="with --config: which process of the topology to run")
-    ps.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
-                    help="log level on stderr (default warning)")
+    _add_log_level(ps, "on stderr")
     return ps
 
 
@@ -165,6 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         emu.add_closeable(dirs)  # first, so closed last: after the sockets are unlinked
         emu.catch_signals()  # before "ready": a SIGTERM or SIGUSR1 right after it must be handled
         try:
+            from nicemu.cable.base import unplugged
             from nicemu.dma import DmaMemory
 
             nics = []
@@ -176,7 +182,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 emu.add_pair(nics[0], nics[1])
             else:
                 for nic in nics:
-                    nic.attach(_drop_frame)  # no cable: frames leave the port and are gone
+                    nic.attach(unplugged)  # no cable: frames leave the port and are gone
                     nic.set_link(args.link == "up")
         except BaseException:
             emu.close()
@@ -280,10 +286,6 @@ def _socket_dirs(paths: list[str]):
     return dirs
 
 
-def _drop_frame(frame: bytes) -> bool:
-    return True
-
-
 def _emulator_from_config(config: str, process: str | None):
     try:
         from nicemu.topology import build_emulator, os_error_text
@@ -334,8 +336,7 @@ def _add_up(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                          "listening, its cables open (default 30)")
     ps.add_argument("--check", action="store_true",
                     help="only validate the config and print the plan (processes, devices, cables)")
-    ps.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
-                    help="log level of the supervisor and the emulator processes (default warning)")
+    _add_log_level(ps, "of the supervisor and the emulator processes")
     return ps
 
 

@@ -23,8 +23,9 @@ from nicemu.fcs import FCS_RESIDUE
 from nicemu.regs import (
     BPRC, BPTC, CRCERRS, DESC_SIZE, EV_RX_DONE, EV_TX_IDE, GORCL, GOTCL, GPRC, GPTC, MPC, MPRC,
     MPTC, MTA, PBA, PRC64, PTC64, RA, RA_ENTRIES, RAH_AS, RCTL, RDBAH, RDBAL, RDH, RDLEN, RDT,
-    RNBC, ROC, RUC, RXCSUM, TCTL, TDBAH, TDBAL, TDH, TDLEN, TDT, TORL, TOTL, TPR, TPT, Icr, Rah,
-    Rctl, RxdErrors, RxdStatus, Rxcsum, Tctl, TxdCmd, TxdSta, rx_buffer_size,
+    RING_BASE_MASK, RING_INDEX_MASK, RING_LEN_MASK, RNBC, ROC, RUC, RXCSUM, TCTL, TDBAH, TDBAL,
+    TDH, TDLEN, TDT, TORL, TOTL, TPR, TPT, Icr, Rah, Rctl, RxdErrors, RxdStatus, Rxcsum, Tctl,
+    TxdCmd, TxdSta, rx_buffer_size,
 )
 
 __all__ = ["RefDatapath", "pb_record_size", "ones_sum", "rx_checksum_offload", "MAX_FRAME", "PB_MAX"]
@@ -32,9 +33,6 @@ __all__ = ["RefDatapath", "pb_record_size", "ones_sum", "rx_checksum_offload", "
 MAX_FRAME = 16384  # the largest frame either direction handles (FCS included), SDM 3.3 / LPE
 PB_MAX = 64 * 1024  # the 82540EM's packet buffer memory: neither PBA part can be larger
 PB_LINE = 16  # the packet buffer is kept in 16-byte lines, plus one status line per frame
-RING_LEN_MASK = 0x000FFF80  # RDLEN/TDLEN bits 19:7 (a misprogrammed length is rounded down)
-RING_BASE_MASK = 0xFFFFFFF0  # RDBAL/TDBAL bits 3:0 are ignored
-INDEX_MASK = 0xFFFF
 U32 = 0xFFFFFFFF
 U64 = (1 << 64) - 1
 
@@ -235,8 +233,8 @@ class RefDatapath:
         """(base, descriptors, head, tail); descriptors == 0 when there is no usable ring:
         a zero length, or head/tail beyond it (misprogramming: treated as no work)."""
         n = (self.regs[dlen >> 2] & RING_LEN_MASK) // DESC_SIZE
-        head = self.regs[dh >> 2] & INDEX_MASK
-        tail = self.regs[dt >> 2] & INDEX_MASK
+        head = self.regs[dh >> 2] & RING_INDEX_MASK
+        tail = self.regs[dt >> 2] & RING_INDEX_MASK
         if head >= n or tail >= n:
             n = 0
         base = (self.regs[bah >> 2] << 32) | (self.regs[bal >> 2] & RING_BASE_MASK)

@@ -1,6 +1,6 @@
 """82540EM register offsets, bit definitions and descriptor layouts, named as the SDM names them.
 
-Everything here is a fact from ../shared/reference/e1000-subset.md (Intel 8254x SDM); the
+Everything here is a fact from docs/reference/e1000-subset.md (Intel 8254x SDM); the
 device (nicemu.nic, the datapaths) and the driver (driver/) both import it, so the two sides
 can never disagree about a bit.
 """

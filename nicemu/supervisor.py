@@ -150,7 +150,6 @@ class Supervisor:
         self.out = out or sys.stdout
         self.err = err or sys.stderr
         self.children: list[Child] = []
-        self.created_runtime_dir = False
         self.dirs: T.CreatedDirs | None = None  # what _prepare_runtime_dir created
         self.stop_requested: int | None = None  # the signal that asked us to stop
         self.signals_seen = 0
@@ -316,7 +315,6 @@ class Supervisor:
             self.dirs = T.prepare_dirs(self.topo)
         except OSError as e:
             raise SupervisorError(f"runtime directory: {T.os_error_text(e)}") from None
-        self.created_runtime_dir = self.topo.runtime_dir in self.dirs.paths
 
     def _refuse_live_sockets(self) -> None:
         """Two copies of a topology would fight over its sockets: say so before starting."""

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 import yaml
 
+from nicemu.cable.base import unplugged
 from nicemu.faults import PROBABILITY_KEYS, FaultConfig
 
 if TYPE_CHECKING:  # imported lazily at run time: validation must work without the device built
@@ -1261,7 +1262,7 @@ def build_emulator(config_path: str | os.PathLike, process: str | None = None, *
                 emu.add_port(nics[dev], _wrap_end(cable, dev, end))
         for name in names:
             if topo.cable_of(name) is None:  # no cable plugged in: link down, frames go nowhere
-                nics[name].attach(_unplugged)
+                nics[name].attach(unplugged)
                 nics[name].set_link(False)
     except BaseException:
         emu.close()
@@ -1271,10 +1272,6 @@ def build_emulator(config_path: str | os.PathLike, process: str | None = None, *
 
 def _under(path: Path, directory: Path) -> bool:
     return directory == path.parent or directory in path.parents
-
-
-def _unplugged(frame: bytes) -> bool:
-    return True
 
 
 def _fault_kwargs(spec: FaultSpec | None) -> dict[str, Any] | None:

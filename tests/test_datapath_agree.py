@@ -383,7 +383,7 @@ def test_mixed_engines_linked(kinds) -> None:
 # --- the receive filter: both engines against the reference's rules, exhaustively ----------------
 
 def _filter_oracle(dst: bytes, rctl: int, exact: set[bytes], mta: set[int]) -> bool:
-    """../shared/reference/e1000-subset.md "Receive filtering", written out independently."""
+    """docs/reference/e1000-subset.md "Receive filtering", written out independently."""
     if dst == b"\xff" * 6:
         return bool(rctl & R.Rctl.BAM)  # accepted only if BAM
     if dst[0] & 1:

@@ -1,6 +1,6 @@
 """Receive address filtering (SDM 3.2.1, 13.4.22 RCTL, 13.5 MTA/RAL/RAH), both engines.
 
-Order (../shared/reference/e1000-subset.md "Receive filtering"): broadcast is accepted only if
+Order (docs/reference/e1000-subset.md "Receive filtering"): broadcast is accepted only if
 RCTL.BAM (no other filter passes it); multicast with MPE; unicast with UPE; an exact RAL/RAH match
 (AV set, AS = 00); a multicast whose MTA hash bit (RCTL.MO) is set. Nothing else passes.
 """

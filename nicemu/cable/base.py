@@ -34,6 +34,7 @@ __all__ = [
     "eventfd_clear",
     "plug",
     "service",
+    "unplugged",
 ]
 
 Sink = Callable[[bytes], bool]
@@ -199,6 +200,11 @@ def eventfd_clear(fd: int) -> None:
 # --- plugging a Nic into a cable without an event loop ---------------------------------------
 
 
+def unplugged(frame: bytes) -> bool:
+    """The Sink of a port with no cable: every frame is taken and lost."""
+    return True
+
+
 def plug(nic, end: CableEnd) -> None:
     """Connect a Nic's port to a cable end: its transmissions go to end.send, and STATUS.LU
     follows end.link_up. Frames arriving are delivered by `service` (or the emulator loop)."""
@@ -233,9 +239,9 @@ class DatagramEnd:
     (send -> False) and arms a retry timer (50 us, doubling to 1 ms while still full), since an
     unconnected datagram socket cannot report when there is room again, so the end looks
     again. A subclass changes what differs through hooks: `_sendto`, `_wait_writable` and
-    `_send_failed` when sending, `_from_peer` and `_accept` when receiving (the unix cable
-    connects its socket, waits for EPOLLOUT, and reads its link pulses in its own
-    recv_frames). Link changes ring the private eventfd, so the loop wakes and reads link_up.
+    `_send_failed` when sending, `_from_peer` when receiving (the unix cable connects its
+    socket, waits for EPOLLOUT, and reads its link pulses in its own recv_frames). Link
+    changes ring the private eventfd, so the loop wakes and reads link_up.
     """
 
     RETRY_MIN_NS = 50_000
@@ -332,18 +338,12 @@ class DatagramEnd:
             if not self._from_peer(addr):
                 self.rx_foreign += 1
                 continue
-            frame = self._accept(data)
-            if frame is not None:
-                frames.append(frame)
+            frames.append(data)
         self.rx_frames += len(frames)
         return frames
 
     def _from_peer(self, addr) -> bool:
         return addr == self.peer
-
-    def _accept(self, data: bytes) -> bytes | None:
-        """Hook: a datagram from the peer -> a frame (None: a control message)."""
-        return data
 
     def close(self) -> None:
         if self._closed:

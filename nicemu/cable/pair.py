@@ -23,7 +23,7 @@ import collections
 import os
 from typing import Any, Callable, Mapping
 
-from nicemu.cable.base import CableEnd, Poller, eventfd_clear
+from nicemu.cable.base import CableEnd, Poller, eventfd_clear, unplugged
 
 __all__ = ["PairCable", "PipeEnd", "pipe"]
 
@@ -166,11 +166,12 @@ class PairCable:
         return None if self._poller is None else self._poller.fileno()
 
     def next_deadline(self) -> int | None:
-        ts = [
-            nd()
-            for e in (self.end_a, self.end_b)
-            if e is not None and (nd := getattr(e, "next_deadline", None)) is not None and nd() is not None
-        ]
+        ts = []
+        for e in (self.end_a, self.end_b):
+            nd = getattr(e, "next_deadline", None)  # None on the fast path (no ends)
+            t = nd() if nd is not None else None
+            if t is not None:
+                ts.append(t)
         return min(ts) if ts else None
 
     def run_timers(self) -> None:
@@ -197,11 +198,7 @@ class PairCable:
         if self._poller is not None:
             self._poller.close()
             self._poller = None
-        self.nic_a.attach(_unplugged)
-        self.nic_b.attach(_unplugged)
+        self.nic_a.attach(unplugged)
+        self.nic_b.attach(unplugged)
         self.nic_a.set_link(False)
         self.nic_b.set_link(False)
-
-
-def _unplugged(frame: bytes) -> bool:
-    return True  # taken and lost: nothing is plugged in

@@ -25,9 +25,9 @@ import fcntl
 import os
 import struct
 import subprocess
-import zlib
 
 from nicemu.cable.base import CableError, Poller, Timer
+from nicemu.fcs import FCS_LEN, append_fcs, check_fcs
 
 __all__ = ["TapCableEnd", "tap_available"]
 
@@ -36,7 +36,6 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFNAMSIZ = 16
 ETH_ZLEN = 60  # minimum frame without FCS
-_LE32 = struct.Struct("<I")
 
 
 def tap_available() -> str | None:
@@ -115,16 +114,14 @@ class TapCableEnd:
             return True
         if self._blocked:
             return False
-        n = len(frame)
-        if n < 14 + 4:
+        if len(frame) < 14 + FCS_LEN:
             self.tx_dropped += 1
             return True
-        body = memoryview(frame)[: n - 4]
-        if _LE32.unpack_from(frame, n - 4)[0] != zlib.crc32(body):
+        if not check_fcs(frame):
             self.tx_bad_fcs += 1
             return True
         try:
-            os.write(self.fd, body)
+            os.write(self.fd, memoryview(frame)[:-FCS_LEN])
         except BlockingIOError:
             self._blocked = True
             self._timer.arm_in(50_000)
@@ -159,7 +156,7 @@ class TapCableEnd:
                 break
             if len(data) < ETH_ZLEN:
                 data += bytes(ETH_ZLEN - len(data))
-            out.append(data + _LE32.pack(zlib.crc32(data)))
+            out.append(append_fcs(data))
         self.rx_frames += len(out)
         return out
 

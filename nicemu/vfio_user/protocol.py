@@ -1,4 +1,4 @@
-"""The vfio-user message codec (the subset in shared/reference/vfio-user-subset.md), sans-IO.
+"""The vfio-user message codec (the subset in docs/reference/vfio-user-subset.md), sans-IO.
 
 Nothing here touches a socket. `Decoder` takes bytes (or lets a caller `recv_into` its buffer
 directly, so that a burst of posted writes arrives in one syscall) and hands out complete

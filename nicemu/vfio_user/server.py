@@ -28,7 +28,8 @@ import struct
 from typing import Any, Callable
 
 from nicemu.dma import DmaError
-from nicemu.regs import RDT, TDT
+from nicemu.pci import COMMAND as PCI_COMMAND, CONFIG_SIZE
+from nicemu.regs import BAR0_SIZE, ICR, IMS, RDT, TDT
 from nicemu.vfio_user import protocol as p
 from nicemu.vfio_user.protocol import Command, Flags, FramingError, Message, ProtocolError
 
@@ -36,11 +37,6 @@ __all__ = ["VfioUserServer", "listen_unix"]
 
 log = logging.getLogger("nicemu.vfio_user")
 
-BAR0_SIZE = 0x20000
-CONFIG_SIZE = 256
-ICR = 0x00C0
-IMS = 0x00D0
-PCI_COMMAND = 0x04
 MAX_DMA_REGIONS = 64
 OUTPUT_HIGH_WATER = 4 << 20  # stop reading requests while this much reply data waits to be sent
 _ANC_SIZE = socket.CMSG_SPACE(p.MAX_MSG_FDS * 4)
@@ -182,9 +178,8 @@ class VfioUserServer:
         except OSError as e:  # e.g. EMFILE: keep serving the current client
             log.error("%s: accept failed: %s", self.name, e)
             return
-        if self.conn is not None and self._client_gone():
-            pass  # the old client hung up (e.g. was killed) and we had not noticed yet
-        if self.conn is not None:
+        # _client_gone(): the old client may have hung up (e.g. been killed) unnoticed so far
+        if self.conn is not None and not self._client_gone():
             self.clients_refused += 1
             log.warning("%s: refused a second client (device busy)", self.name)
             try:
