@@ -1,0 +1,49 @@
+"""Why a packet was dropped: Linux's enum skb_drop_reason (include/net/dropreason-core.h).
+
+Every kfree_skb in kstack names one of these, so `nicemu stats` can say where packets went.
+Names are Linux's where Linux has one; ours are marked. Add a reason here, never a string at
+the drop site.
+"""
+from __future__ import annotations
+
+import enum
+
+__all__ = ["SkbDropReason"]
+
+
+class SkbDropReason(enum.Enum):
+    NOT_SPECIFIED = enum.auto()
+    NO_SOCKET = enum.auto()  # no socket bound to the destination port
+    PKT_TOO_SMALL = enum.auto()  # shorter than its headers
+    PKT_TOO_BIG = enum.auto()  # larger than the MTU with DF set
+    SOCKET_RCVBUFF = enum.auto()  # the socket's receive queue is full (SO_RCVBUF)
+    SOCKET_CLOSE = enum.auto()  # the socket closed with packets queued
+    UDP_CSUM = enum.auto()
+    TCP_CSUM = enum.auto()
+    ICMP_CSUM = enum.auto()
+    IP_CSUM = enum.auto()
+    IP_INHDR = enum.auto()  # bad version, IHL or total length
+    IP_INADDRERRORS = enum.auto()  # a destination address we do not take (martian, not ours)
+    IP_NOPROTO = enum.auto()  # no handler for the IP protocol
+    IP_OUTNOROUTES = enum.auto()  # no route to the destination
+    IP_INNOROUTES = enum.auto()  # forwarding: no route
+    IP_TTL_EXCEEDED = enum.auto()  # ours: TTL reached zero while forwarding
+    IP_FRAG_REASM_TIMEOUT = enum.auto()  # ours (Linux counts IpReasmFails)
+    IP_FRAG_TOO_FAR = enum.auto()  # fragment beyond 64 KiB
+    IP_FRAG_OVERLAP = enum.auto()  # ours: an overlap that disagrees with data held
+    IP_FRAG_MEM = enum.auto()  # ours: the reassembly memory limit (ipfrag_high_thresh)
+    IP_FORWARDING_DISABLED = enum.auto()  # ours: not for us and forwarding is off
+    OTHERHOST = enum.auto()  # a frame to another MAC (promiscuous)
+    MAC_HDR = enum.auto()  # ours: shorter than the Ethernet header
+    UNHANDLED_PROTO = enum.auto()  # no packet_type for the EtherType
+    ARP_INVALID = enum.auto()  # ours: a malformed or foreign ARP packet
+    NEIGH_FAILED = enum.auto()  # address resolution failed
+    NEIGH_QUEUEFULL = enum.auto()  # too many packets waiting for resolution
+    NEIGH_DEAD = enum.auto()  # the neighbour entry was removed
+    QDISC_DROP = enum.auto()  # the qdisc was full (txqueuelen)
+    DEV_READY = enum.auto()  # the device is down or has no carrier
+    TX_ERROR = enum.auto()  # ours: the driver could not send (dropped and counted there)
+    ICMP_RATELIMIT = enum.auto()  # ours: an ICMP error suppressed by the rate limit
+    IP_RPFILTER = enum.auto()
+    DUP_FRAG = enum.auto()
+    FRAG_INCOMPLETE = enum.auto()  # ours: a reassembly queue evicted incomplete
