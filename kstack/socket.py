@@ -1,0 +1,374 @@
+"""Sockets for applications, shaped like Python's socket module, served by a kstack kernel.
+
+    from kstack import socket as ksocket
+    ksocket.connect_kernel("/run/nicemu/host-a.sock")    # or NICEMU_KERNEL in the environment
+    s = ksocket.socket(ksocket.AF_INET, ksocket.SOCK_DGRAM)
+    s.bind(("198.18.0.1", 5000)); s.settimeout(1.0)
+    data, addr = s.recvfrom(2048)
+
+Every method that Linux implements as a system call (socket, bind, connect, sendto, recvfrom,
+setsockopt, getsockopt, getsockname, getpeername, shutdown, close, select/poll) is one call
+over the process's KernelChannel; settimeout/setblocking/fileno stay in the process (Python
+keeps the timeout in the socket object too). Blocking and timeouts happen in the kernel: a
+recv with a timeout is parked there until data or the deadline. Errors are OSError with
+Linux's errno (BlockingIOError for EAGAIN, TimeoutError "timed out" as socket.timeout).
+
+fileno() is the kernel's descriptor number in this process's table: it works with this
+module's select() and poll(), not with the operating system's.
+
+costs() reports this process's own costs: CPU ns (/proc/self/schedstat), context switches
+(/proc/self/status), calls made, bytes copied in and out.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket as _py
+import struct
+import threading
+from collections import Counter
+from typing import Any, Iterable
+
+from kstack.sock import (AF_INET, IP_TOS, IP_TTL, IPPROTO_ICMP, IPPROTO_IP, IPPROTO_UDP,
+                         MSG_DONTWAIT, MSG_PEEK, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT,
+                         SHUT_RD, SHUT_RDWR, SHUT_WR, SO_BROADCAST, SO_ERROR, SO_RCVBUF,
+                         SO_REUSEADDR, SO_SNDBUF, SOCK_DGRAM, SOCK_RAW, SOL_SOCKET)
+from kstack.syscall.channel import POLLFD, Op
+from kstack.syscall.client import KernelChannel
+
+__all__ = ["socket", "select", "poll", "connect_kernel", "kernel", "costs", "timeout", "error",
+           "getdefaulttimeout", "setdefaulttimeout", "AF_INET", "SOCK_DGRAM", "SOCK_RAW",
+           "IPPROTO_ICMP", "IPPROTO_UDP", "IPPROTO_IP", "SOL_SOCKET", "SO_RCVBUF", "SO_SNDBUF",
+           "SO_REUSEADDR", "SO_ERROR", "SO_BROADCAST", "IP_TOS", "IP_TTL", "MSG_DONTWAIT",
+           "MSG_PEEK", "SHUT_RD", "SHUT_WR", "SHUT_RDWR", "POLLIN", "POLLOUT", "POLLERR",
+           "POLLHUP", "POLLNVAL", "POLLPRI"]
+
+timeout = TimeoutError  # socket.timeout is TimeoutError since Python 3.10
+error = OSError
+gaierror = _py.gaierror
+POLLPRI = 0x002
+ENV = "NICEMU_KERNEL"
+
+_channel: KernelChannel | None = None
+_channel_lock = threading.Lock()
+_default_timeout: float | None = None
+_copies: Counter[str] = Counter()  # bytes this process handed to and got from the kernel
+
+
+def connect_kernel(path: str | None = None) -> KernelChannel:
+    """Connect this process to the kernel at `path` (default: $NICEMU_KERNEL)."""
+    global _channel
+    path = path or os.environ.get(ENV)
+    if not path:
+        raise OSError(errno.ENOENT, f"no kernel to talk to: call connect_kernel(path) or set {ENV}")
+    with _channel_lock:
+        if _channel is not None:
+            _channel.close() if _channel.pid == os.getpid() else _channel.abandon()
+        _channel = KernelChannel(path)
+        return _channel
+
+
+def kernel() -> KernelChannel:
+    """This process's channel (connecting on first use; a forked child connects anew)."""
+    ch = _channel
+    if ch is None or ch.closed or ch.pid != os.getpid():
+        return connect_kernel(os.environ.get(ENV) or (ch.path if ch is not None else None))
+    return ch
+
+
+def _after_fork_in_child() -> None:
+    """A forked child must not keep its parent's channel open: the kernel would not see the
+    parent exit while the child lives. Its own calls connect anew."""
+    global _channel
+    if _channel is not None:
+        _channel.abandon()
+        _channel = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def getdefaulttimeout() -> float | None:
+    return _default_timeout
+
+
+def setdefaulttimeout(t: float | None) -> None:
+    global _default_timeout
+    _default_timeout = _check_timeout(t)
+
+
+def _check_timeout(t: float | None) -> float | None:
+    if t is None:
+        return None
+    t = float(t)
+    if t < 0:
+        raise ValueError("Timeout value out of range")
+    return t
+
+
+def _error(err: int) -> OSError:
+    if err == errno.ETIMEDOUT:
+        return TimeoutError("timed out")
+    return OSError(err, os.strerror(err))  # OSError picks BlockingIOError etc. by errno
+
+
+def _addr(addr: Any) -> tuple[str, int]:
+    if not isinstance(addr, tuple) or len(addr) != 2:
+        raise TypeError("AF_INET address must be a pair (host, port)")
+    host, port = addr
+    if not isinstance(port, int):
+        raise TypeError(f"'{type(port).__name__}' object cannot be interpreted as an integer")
+    if not 0 <= port <= 0xFFFF:
+        raise OverflowError("port must be 0-65535.")
+    if host in ("", None):
+        host = "0.0.0.0"
+    elif host == "<broadcast>":
+        host = "255.255.255.255"
+    try:
+        return _py.inet_ntoa(_py.inet_aton(host)), port
+    except (OSError, TypeError):
+        raise _py.gaierror(_py.EAI_NONAME, "Name or service not known") from None
+
+
+def _timeout_ns(t: float | None) -> int:
+    return -1 if t is None else int(t * 1e9)
+
+
+class socket:
+    """An AF_INET socket in the kstack kernel (SOCK_DGRAM, or SOCK_RAW with IPPROTO_ICMP)."""
+
+    def __init__(self, family: int = AF_INET, type: int = SOCK_DGRAM, proto: int = 0,
+                 *, channel: KernelChannel | None = None) -> None:
+        self._ch = channel or kernel()
+        self.family = family
+        self.type = type
+        self.proto = proto
+        self._timeout = _default_timeout
+        self._fd = self._call(Op.SOCKET, -1, family, type, proto).result
+
+    def _call(self, op: int, fd: int, a0: int = 0, a1: int = 0, a2: int = 0, payload: Any = b"",
+              addr: tuple[str, int] | None = None):
+        c = self._ch.call(op, fd, a0, a1, a2, payload, addr)
+        if c.result < 0:
+            raise _error(-c.result)
+        return c
+
+    def _live(self) -> int:
+        if self._fd < 0:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return self._fd
+
+    def _tmo(self, flags: int) -> int:
+        return 0 if flags & MSG_DONTWAIT else _timeout_ns(self._timeout)
+
+    # --- the calls -------------------------------------------------------------------------
+
+    def bind(self, address: tuple[str, int]) -> None:
+        self._call(Op.BIND, self._live(), addr=_addr(address))
+
+    def connect(self, address: tuple[str, int]) -> None:
+        self._call(Op.CONNECT, self._live(), addr=_addr(address))
+
+    def connect_ex(self, address: tuple[str, int]) -> int:
+        try:
+            self.connect(address)
+        except OSError as e:
+            return e.errno or errno.EIO
+        return 0
+
+    def sendto(self, data: bytes, flags_or_addr: Any, address: Any = None) -> int:
+        flags, addr = (0, flags_or_addr) if address is None else (flags_or_addr, address)
+        return self._send(data, flags, _addr(addr))
+
+    def send(self, data: bytes, flags: int = 0) -> int:
+        return self._send(data, flags, None)
+
+    def sendall(self, data: bytes, flags: int = 0) -> None:
+        self._send(data, flags, None)
+
+    def _send(self, data: Any, flags: int, addr: tuple[str, int] | None) -> int:
+        view = memoryview(data).cast("B")
+        if len(view) > self._ch.layout.max_payload:
+            raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
+        n = self._call(Op.SENDTO, self._live(), flags, 0, self._tmo(flags), view, addr).result
+        _copies["bytes_sent"] += len(view)
+        return n
+
+    def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, tuple[str, int] | None]:
+        if bufsize < 0:
+            raise ValueError("negative buffersize in recvfrom")
+        c = self._call(Op.RECVFROM, self._live(), bufsize, flags, self._tmo(flags))
+        _copies["bytes_received"] += len(c.payload)
+        return c.payload, c.addr
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        return self.recvfrom(bufsize, flags)[0]
+
+    def recvfrom_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> tuple[int, tuple[str, int] | None]:
+        view = memoryview(buffer).cast("B")
+        if nbytes < 0:
+            raise ValueError("negative buffersize in recvfrom_into")
+        if nbytes > len(view):
+            raise ValueError("nbytes is greater than the length of the buffer")
+        data, addr = self.recvfrom(nbytes or len(view), flags)
+        view[:len(data)] = data
+        return len(data), addr
+
+    def recv_into(self, buffer: Any, nbytes: int = 0, flags: int = 0) -> int:
+        return self.recvfrom_into(buffer, nbytes, flags)[0]
+
+    def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
+        if isinstance(value, (bytes, bytearray)):
+            value = int.from_bytes(bytes(value)[:4], "little")
+        self._call(Op.SETSOCKOPT, self._live(), level, option, int(value))
+
+    def getsockopt(self, level: int, option: int, buflen: int = 0) -> int | bytes:
+        v = self._call(Op.GETSOCKOPT, self._live(), level, option).result
+        return struct.pack("i", v)[:buflen] if buflen else v
+
+    def getsockname(self) -> tuple[str, int]:
+        return self._call(Op.GETSOCKNAME, self._live()).addr
+
+    def getpeername(self) -> tuple[str, int]:
+        return self._call(Op.GETPEERNAME, self._live()).addr
+
+    def shutdown(self, how: int) -> None:
+        self._call(Op.SHUTDOWN, self._live(), how)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0 and not self._ch.closed and not self._ch.dead:
+            self._call(Op.CLOSE, fd)
+
+    def detach(self) -> int:
+        fd, self._fd = self._fd, -1
+        return fd
+
+    # --- in the process --------------------------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def settimeout(self, value: float | None) -> None:
+        self._timeout = _check_timeout(value)
+
+    def gettimeout(self) -> float | None:
+        return self._timeout
+
+    def setblocking(self, flag: bool) -> None:
+        self._timeout = None if flag else 0.0
+
+    def getblocking(self) -> bool:
+        return self._timeout != 0.0
+
+    def __enter__(self) -> "socket":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<kstack.socket fd={self._fd}, family={self.family}, type={self.type}, proto={self.proto}>"
+
+
+# --- readiness ----------------------------------------------------------------------------
+
+def _fileno(obj: Any) -> int:
+    fd = obj if isinstance(obj, int) else obj.fileno()
+    if not isinstance(fd, int) or fd < 0:
+        raise ValueError(f"file descriptor cannot be a negative integer ({fd})")
+    return fd
+
+
+def _poll_call(entries: list[tuple[int, int]], timeout_ns: int,
+               channel: KernelChannel | None = None) -> list[tuple[int, int]]:
+    """One POLL call: [(fd, revents)] of the entries with something to report."""
+    ch = channel or kernel()
+    payload = b"".join(POLLFD.pack(fd, ev, 0) for fd, ev in entries)
+    c = ch.call(Op.POLL, -1, 0, 0, timeout_ns, payload)
+    if c.result < 0:
+        raise _error(-c.result)
+    out = []
+    for i in range(0, min(len(c.payload), len(payload)), POLLFD.size):
+        fd, _ev, rev = POLLFD.unpack_from(c.payload, i)
+        if rev:
+            out.append((fd, rev))
+    return out
+
+
+def select(rlist: Iterable, wlist: Iterable, xlist: Iterable, timeout: float | None = None,
+           ) -> tuple[list, list, list]:
+    """select.select over kstack sockets: one call, waiting in the kernel."""
+    rlist, wlist, xlist = list(rlist), list(wlist), list(xlist)
+    if timeout is not None and timeout < 0:
+        raise ValueError("timeout must be non-negative")
+    events: dict[int, int] = {}
+    for objs, ev in ((rlist, POLLIN), (wlist, POLLOUT), (xlist, POLLPRI)):
+        for o in objs:
+            fd = _fileno(o)
+            events[fd] = events.get(fd, 0) | ev
+    if not events:
+        return [], [], []
+    ready = dict(_poll_call(sorted(events.items()), _timeout_ns(timeout)))
+    if any(r & POLLNVAL for r in ready.values()):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+    r = [o for o in rlist if ready.get(_fileno(o), 0) & (POLLIN | POLLERR | POLLHUP)]
+    w = [o for o in wlist if ready.get(_fileno(o), 0) & (POLLOUT | POLLERR)]
+    x = [o for o in xlist if ready.get(_fileno(o), 0) & POLLPRI]
+    return r, w, x
+
+
+class poll:
+    """select.poll over kstack sockets; poll(timeout) takes milliseconds as select.poll does."""
+
+    def __init__(self) -> None:
+        self._fds: dict[int, int] = {}
+
+    def register(self, fd: Any, eventmask: int = POLLIN | POLLPRI | POLLOUT) -> None:
+        self._fds[_fileno(fd)] = eventmask & 0xFFFF
+
+    def modify(self, fd: Any, eventmask: int) -> None:
+        n = _fileno(fd)
+        if n not in self._fds:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT))
+        self._fds[n] = eventmask & 0xFFFF
+
+    def unregister(self, fd: Any) -> None:
+        del self._fds[_fileno(fd)]
+
+    def poll(self, timeout: float | None = None) -> list[tuple[int, int]]:
+        if not self._fds:
+            return []
+        t = -1 if timeout is None or timeout < 0 else int(timeout * 1e6)
+        return _poll_call(sorted(self._fds.items()), t)
+
+
+# --- costs --------------------------------------------------------------------------------
+
+def _proc_costs(pid: str = "self") -> dict[str, int]:
+    out = {"cpu_ns": 0, "voluntary_ctxt_switches": 0, "nonvoluntary_ctxt_switches": 0}
+    try:
+        with open(f"/proc/{pid}/schedstat") as f:
+            out["cpu_ns"] = int(f.read().split()[0])  # ns on CPU, not 10 ms ticks
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"):
+                    out[k] = int(v)
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def costs() -> dict[str, Any]:
+    """This process's costs so far: CPU, context switches, kernel calls, bytes copied."""
+    out: dict[str, Any] = _proc_costs()
+    out["context_switches"] = out["voluntary_ctxt_switches"] + out["nonvoluntary_ctxt_switches"]
+    ch = _channel
+    st = ch.stats() if ch is not None and ch.pid == os.getpid() else {
+        "syscalls": {}, "syscalls_total": 0, "wakeups_sent": 0, "wakeups_suppressed": 0, "sleeps": 0}
+    out.update(syscalls=st["syscalls_total"], syscalls_by_op=st["syscalls"],
+               wakeups_sent=st["wakeups_sent"], wakeups_suppressed=st["wakeups_suppressed"],
+               sleeps=st["sleeps"], bytes_copied_in=_copies["bytes_sent"],
+               bytes_copied_out=_copies["bytes_received"])
+    return out

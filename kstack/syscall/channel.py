@@ -1,0 +1,190 @@
+"""The channel's setup handshake and its wire vocabulary (ops, argument layout), both ends.
+
+1. The application connects to the kernel's AF_UNIX SOCK_SEQPACKET socket and sends HELLO
+   (magic, version, its pid).
+2. The kernel answers ACCEPT (the layout: ring sizes and limits) with three descriptors by
+   SCM_RIGHTS: a memfd sealed with F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL (a mapping no
+   one can shrink under the other, never a file in /dev/shm), the submission eventfd (the
+   application writes it to wake the kernel) and the completion eventfd (the other way).
+   Or it answers with a non-zero status (an errno: EAGAIN when it has as many applications
+   as it takes) and closes.
+3. The unix socket then stays open and silent: its EOF is how each side learns that the
+   other died, even by kill -9 (the kernel then closes the application's sockets, unmaps and
+   closes its eventfds; the memfd goes away with the last mapping).
+
+Call records (see ring.py for the record header). The argument words per op:
+
+    SOCKET      a0 family, a1 type, a2 protocol                    -> result: the fd
+    CLOSE       fd                                                  -> 0
+    BIND        fd, addr                                            -> 0
+    CONNECT     fd, addr                                            -> 0
+    SENDTO      fd, a0 flags, a2 timeout, payload, addr (optional)  -> bytes sent
+    RECVFROM    fd, a0 bufsize, a1 flags, a2 timeout                -> bytes, payload, addr
+    SETSOCKOPT  fd, a0 level, a1 option, a2 value                   -> 0
+    GETSOCKOPT  fd, a0 level, a1 option                             -> the value
+    GETSOCKNAME fd / GETPEERNAME fd                                 -> 0, addr
+    POLL        a2 timeout, payload: POLLFD entries (fd, events)    -> ready count, payload:
+                                                                       the entries with revents
+    SHUTDOWN    fd, a0 how                                          -> 0
+
+A timeout is in nanoseconds: -1 waits forever, 0 never waits (EAGAIN at once). A result < 0
+is -errno; -ETIMEDOUT from a call with a timeout is Python's socket.timeout.
+"""
+from __future__ import annotations
+
+import array
+import enum
+import errno
+import fcntl
+import mmap
+import os
+import socket
+import struct
+from dataclasses import dataclass
+
+from kstack.syscall.ring import HEADER_BYTES, LAYOUT, MAGIC, VERSION, record_bytes
+
+__all__ = ["Op", "Layout", "HELLO", "REPLY", "POLLFD", "create_shared", "send_accept",
+           "send_refuse", "recv_hello", "connect", "SEALS"]
+
+
+class Op(enum.IntEnum):
+    SOCKET = 1
+    CLOSE = 2
+    BIND = 3
+    CONNECT = 4
+    SENDTO = 5
+    RECVFROM = 6
+    SETSOCKOPT = 7
+    GETSOCKOPT = 8
+    GETSOCKNAME = 9
+    GETPEERNAME = 10
+    POLL = 11
+    SHUTDOWN = 12
+
+
+HELLO = struct.Struct("<QII")  # magic, version, pid
+REPLY = struct.Struct("<QIiIIIII")  # magic, version, status, sq, cq, max_payload, inflight, fds
+POLLFD = struct.Struct("<ihH")  # fd, events, revents
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+MAX_POLL_FDS = 1024
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one channel's mapping holds and the limits the kernel enforces on it."""
+
+    sq_bytes: int = 1 << 18
+    cq_bytes: int = 1 << 18
+    max_payload: int = 65536
+    max_inflight: int = 64
+    max_fds: int = 1024
+
+    @property
+    def size(self) -> int:
+        return HEADER_BYTES + self.sq_bytes + self.cq_bytes
+
+    @property
+    def sq_offset(self) -> int:
+        return HEADER_BYTES
+
+    @property
+    def cq_offset(self) -> int:
+        return HEADER_BYTES + self.sq_bytes
+
+    def check(self) -> None:
+        for n in (self.sq_bytes, self.cq_bytes):
+            if n & (n - 1) or n < 2 * record_bytes(self.max_payload) or n > 1 << 30:
+                raise ValueError(f"ring of {n} bytes: a power of two holding two largest records")
+        if not 0 < self.max_inflight <= 4096 or not 0 < self.max_fds <= 1 << 20:
+            raise ValueError("limits out of range")
+
+
+def create_shared(layout: Layout) -> tuple[int, mmap.mmap]:
+    """The kernel's side: a sealed memfd with the layout written and both rings empty."""
+    fd = os.memfd_create("kstack-syscall", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, layout.size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+        mm = mmap.mmap(fd, layout.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    except BaseException:
+        os.close(fd)
+        raise
+    LAYOUT.pack_into(mm, 0, MAGIC, VERSION, layout.sq_bytes, layout.cq_bytes, layout.max_payload,
+                     layout.max_inflight, layout.max_fds)
+    return fd, mm
+
+
+def recv_hello(conn: socket.socket) -> int:
+    """The application's pid from its HELLO; ValueError when it is not one."""
+    msg = conn.recv(64)
+    if len(msg) != HELLO.size:
+        raise ValueError(f"hello of {len(msg)} bytes")
+    magic, version, pid = HELLO.unpack(msg)
+    if magic != MAGIC or version != VERSION:
+        raise ValueError("hello with a foreign magic or version")
+    return pid
+
+
+def send_accept(conn: socket.socket, layout: Layout, memfd: int, sq_efd: int, cq_efd: int) -> None:
+    msg = REPLY.pack(MAGIC, VERSION, 0, layout.sq_bytes, layout.cq_bytes, layout.max_payload,
+                     layout.max_inflight, layout.max_fds)
+    conn.sendmsg([msg], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [memfd, sq_efd, cq_efd]))])
+
+
+def send_refuse(conn: socket.socket, err: int) -> None:
+    try:
+        conn.send(REPLY.pack(MAGIC, VERSION, err, 0, 0, 0, 0, 0))
+    except OSError:
+        pass
+
+
+@dataclass
+class Accepted:
+    """The application's end after the handshake: the socket, the mapping, the eventfds."""
+
+    conn: socket.socket
+    layout: Layout
+    mm: mmap.mmap
+    sq_efd: int
+    cq_efd: int
+
+
+def connect(path: str, timeout: float = 5.0) -> Accepted:
+    """The application's side of the handshake. OSError (with the kernel's errno) on refusal."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    fds: list[int] = []
+    try:
+        conn.settimeout(timeout)
+        conn.connect(path)
+        conn.send(HELLO.pack(MAGIC, VERSION, os.getpid()))
+        msg, anc, _flags, _ = conn.recvmsg(64, socket.CMSG_SPACE(3 * 4))
+        for level, kind, data in anc:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                a = array.array("i")
+                a.frombytes(data[:len(data) - len(data) % 4])
+                fds.extend(a)
+        if len(msg) != REPLY.size:
+            raise OSError(errno.ECONNREFUSED, f"kernel at {path} closed the channel")
+        magic, version, status, sq, cq, max_payload, inflight, max_fds = REPLY.unpack(msg)
+        if magic != MAGIC or version != VERSION:
+            raise OSError(errno.EPROTO, "kernel speaks another channel version")
+        if status:
+            raise OSError(status, f"kernel refused the channel: {os.strerror(status)}")
+        if len(fds) != 3:
+            raise OSError(errno.EPROTO, "kernel sent no descriptors")
+        layout = Layout(sq, cq, max_payload, inflight, max_fds)
+        layout.check()
+        memfd, sq_efd, cq_efd = fds
+        if fcntl.fcntl(memfd, fcntl.F_GET_SEALS) & SEALS != SEALS or os.fstat(memfd).st_size != layout.size:
+            raise OSError(errno.EPROTO, "channel memory is not sealed at its size")
+        mm = mmap.mmap(memfd, layout.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.close(memfd)  # the mapping keeps the memory
+        fds = []
+        conn.settimeout(None)
+        return Accepted(conn, layout, mm, sq_efd, cq_efd)
+    except BaseException:
+        conn.close()
+        for fd in fds:
+            os.close(fd)
+        raise

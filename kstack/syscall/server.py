@@ -1,0 +1,605 @@
+"""The kernel's end of the syscall channels: one SyscallServer per kernel process.
+
+It owns a listening AF_UNIX socket and, per application, the unix socket (liveness), the
+shared rings and two eventfds. The kernel's event loop polls fds() for reading, calls
+handle_ready(fd) for each that is readable, sleeps no longer than next_deadline() and calls
+run_timers(now) after. fds() changes as applications come and go: the loop asks again after
+each round (or sets on_fds_changed; fds_generation counts the changes).
+
+A call is dispatched to the Sock's method (all non-blocking). A call that raises
+BlockingIOError and may block is parked: it is retried when the Sock calls its wake-up (after
+the current handler, never inside the protocol's own call chain) or completed with ETIMEDOUT
+when its timeout passes. A POLL call is parked on all its fds at once.
+
+The shared memory is the application's to scribble on: every index and record is checked
+(ring.py), a lie is RingCorrupt, counted, and the application is disconnected; its sockets are
+closed as if it had exited. Limits: applications per kernel (EAGAIN to the next), sockets per
+application (EMFILE), calls in flight per application (the kernel stops reading the ring),
+payload size (a record over it is corruption), records per wake-up (fairness between apps).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import struct
+from collections import Counter, deque
+from typing import Any, Callable
+
+from kstack.sock import MSG_DONTWAIT, POLLERR, POLLHUP, POLLNVAL
+from kstack.syscall.channel import (MAX_POLL_FDS, POLLFD, Layout, Op, create_shared,
+                                    recv_hello, send_accept, send_refuse)
+from kstack.syscall.ring import Record, Ring, RingCorrupt, ip_to_int
+from kstack.timer import Timer, TimerQueue
+
+__all__ = ["SyscallServer"]
+
+FIRST_FD = 3  # 0, 1, 2 are the application's stdio in its own numbering
+_CONN, _SQ, _LISTEN, _WAKE = range(4)
+_OP_NAMES = {int(op): op.name.lower() for op in Op}
+_PEERCRED = struct.Struct("3i")
+
+
+class _Parked:
+    """A call waiting for a Sock's wake-up or its timeout."""
+
+    __slots__ = ("app", "rec", "fds", "timer")
+
+    def __init__(self, app: "_App", rec: Record, fds: list[int]) -> None:
+        self.app = app
+        self.rec = rec
+        self.fds = fds
+        self.timer: Timer | None = None
+
+
+class _App:
+    """One connected application: its channel and its sockets."""
+
+    def __init__(self, conn: socket.socket, pid: int) -> None:
+        self.conn = conn
+        self.pid = pid
+        self.ready = False
+        self.dead = False
+        self.sq: Ring | None = None
+        self.cq: Ring | None = None
+        self.mm: Any = None
+        self.sq_efd = -1
+        self.cq_efd = -1
+        self.socks: dict[int, Any] = {}
+        self.wakeups: dict[int, Callable[[Any], None]] = {}
+        self.free_fds: list[int] = []
+        self.next_fd = FIRST_FD
+        self.inflight = 0  # accepted calls not yet completed (parked or in the backlog)
+        self.backlog: deque[tuple] = deque()  # completions waiting for room in the CQ
+        self.parked: dict[int, list[_Parked]] = {}
+        self.hello_timer: Timer | None = None
+        self.syscalls = 0
+
+
+class SyscallServer:
+    """Serves applications' socket calls against `stack` (a NetStack: socket(), clock())."""
+
+    def __init__(self, stack: Any, path: str, *, max_apps: int = 64, max_fds_per_app: int = 1024,
+                 max_inflight: int = 64, max_payload: int = 65536, ring_bytes: int = 1 << 18,
+                 budget: int = 256, handshake_timeout_ns: int = 2_000_000_000) -> None:
+        self.stack = stack
+        self.path = path
+        self.layout = Layout(ring_bytes, ring_bytes, max_payload, max_inflight, max_fds_per_app)
+        self.layout.check()
+        self.max_apps = max_apps
+        self.budget = budget
+        self.handshake_timeout_ns = handshake_timeout_ns
+        self.clock: Callable[[], int] = stack.clock
+        self.timers = TimerQueue()
+        self.counters: Counter[str] = Counter()  # wakeups, copies, limits, disconnects
+        self.syscalls: Counter[str] = Counter()  # by op
+        self.on_fds_changed: Callable[[], None] | None = None
+        self.fds_generation = 0
+        self._apps: list[_App] = []
+        self._by_fd: dict[int, tuple[int, _App | None]] = {}
+        self._woken: dict[_App, set[int]] = {}
+        self._wake_signaled = False
+        if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
+            os.unlink(path)  # a dead kernel's socket
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        self._listener.setblocking(False)
+        self._listener.bind(path)
+        self._listener.listen(64)
+        self.wake_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._by_fd[self._listener.fileno()] = (_LISTEN, None)
+        self._by_fd[self.wake_efd] = (_WAKE, None)
+
+    # --- the event loop's interface --------------------------------------------------------
+
+    def fds(self) -> list[int]:
+        """Every fd to poll for reading: the listener, the wake-up eventfd, and per application
+        its unix socket and its submission eventfd."""
+        return list(self._by_fd)
+
+    def handle_ready(self, fd: int) -> None:
+        kind, app = self._by_fd.get(fd, (None, None))
+        if kind == _SQ and app is not None:
+            _eventfd_clear(fd)
+            self._service(app)
+        elif kind == _CONN and app is not None:
+            self._conn_ready(app)
+        elif kind == _LISTEN:
+            self._accept()
+        elif kind == _WAKE:
+            _eventfd_clear(fd)
+            self._wake_signaled = False
+        self._run_woken()
+
+    def next_deadline(self) -> int | None:
+        """When run_timers must next run (ns of stack.clock), or None."""
+        return self.timers.next_deadline()
+
+    def run_timers(self, now: int | None = None) -> None:
+        self.timers.run(self.clock() if now is None else now)
+        self._run_woken()
+
+    def close(self) -> None:
+        for app in list(self._apps):
+            self._teardown(app, "kernel_close")
+        if self._listener.fileno() >= 0:
+            self._by_fd.pop(self._listener.fileno(), None)
+            self._listener.close()
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+        if self.wake_efd >= 0:
+            self._by_fd.pop(self.wake_efd, None)
+            os.close(self.wake_efd)
+            self.wake_efd = -1
+
+    def stats(self) -> dict[str, Any]:
+        parked = sum(len({id(p) for ps in a.parked.values() for p in ps}) for a in self._apps)
+        return {
+            "apps": len(self._apps),
+            "syscalls": dict(self.syscalls),
+            "syscalls_total": sum(self.syscalls.values()),
+            "bytes_copied_in": self.counters["bytes_copied_in"],
+            "bytes_copied_out": self.counters["bytes_copied_out"],
+            "wakeups_sent": self.counters["wakeups_sent"],
+            "wakeups_suppressed": self.counters["wakeups_suppressed"],
+            "parked": parked,
+            "counters": dict(self.counters),
+            "per_app": [{"pid": a.pid, "sockets": len(a.socks), "inflight": a.inflight,
+                         "syscalls": a.syscalls} for a in self._apps],
+        }
+
+    # --- connections -----------------------------------------------------------------------
+
+    def _changed(self) -> None:
+        self.fds_generation += 1
+        if self.on_fds_changed is not None:
+            self.on_fds_changed()
+
+    def _accept(self) -> None:
+        for _ in range(16):
+            try:
+                conn, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.counters["accept_errors"] += 1
+                return
+            conn.setblocking(False)
+            if len(self._apps) >= self.max_apps:
+                self.counters["refused_max_apps"] += 1
+                send_refuse(conn, errno.EAGAIN)
+                conn.close()
+                continue
+            try:
+                pid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
+            except OSError:
+                pid = 0
+            app = _App(conn, pid)
+            self._apps.append(app)
+            self._by_fd[conn.fileno()] = (_CONN, app)
+            app.hello_timer = self.timers.timer(lambda now, a=app: self._hello_timeout(a), "hello")
+            app.hello_timer.mod(self.clock() + self.handshake_timeout_ns)
+            self._changed()
+
+    def _hello_timeout(self, app: _App) -> None:
+        if not app.ready and not app.dead:
+            self._teardown(app, "hello_timeout")
+
+    def _conn_ready(self, app: _App) -> None:
+        if not app.ready:
+            self._handshake(app)
+            return
+        try:
+            data = app.conn.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        # nothing is ever sent on the socket after the handshake: EOF is an exit, data a lie
+        self._teardown(app, "exit" if not data else "protocol")
+
+    def _handshake(self, app: _App) -> None:
+        try:
+            recv_hello(app.conn)
+        except (BlockingIOError, InterruptedError):
+            return
+        except (OSError, ValueError):
+            self._teardown(app, "bad_hello")
+            return
+        lay = self.layout
+        memfd = -1
+        try:
+            memfd, app.mm = create_shared(lay)
+            app.sq = Ring(app.mm, 0, lay.sq_bytes, lay.sq_offset, lay.max_payload, producer=False)
+            app.cq = Ring(app.mm, 1, lay.cq_bytes, lay.cq_offset, lay.max_payload, producer=True)
+            app.sq_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            app.cq_efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+            app.sq.arm()  # the kernel sleeps until the application rings
+            send_accept(app.conn, lay, memfd, app.sq_efd, app.cq_efd)
+        except OSError:
+            self.counters["handshake_errors"] += 1
+            self._teardown(app, "handshake")
+            return
+        finally:
+            if memfd >= 0:
+                os.close(memfd)
+        app.ready = True
+        if app.hello_timer is not None:
+            app.hello_timer.delete()
+        self._by_fd[app.sq_efd] = (_SQ, app)
+        self.counters["apps_connected"] += 1
+        self._changed()
+
+    def _teardown(self, app: _App, reason: str) -> None:
+        """The application is gone (or must go): close its sockets, unmap, close its fds."""
+        if app.dead:
+            return
+        app.dead = True
+        self.counters[f"disconnect_{reason}"] += 1
+        for ps in app.parked.values():
+            for p in ps:
+                if p.timer is not None:
+                    p.timer.delete()
+        app.parked.clear()
+        app.backlog.clear()
+        for fd, sock in list(app.socks.items()):
+            self._release_sock(app, fd, sock)
+        if app.hello_timer is not None:
+            app.hello_timer.delete()
+        self._woken.pop(app, None)
+        self._by_fd.pop(app.conn.fileno(), None)
+        app.conn.close()
+        for efd in (app.sq_efd, app.cq_efd):
+            if efd >= 0:
+                self._by_fd.pop(efd, None)
+                os.close(efd)
+        app.sq_efd = app.cq_efd = -1
+        for ring in (app.sq, app.cq):
+            if ring is not None:
+                ring.close()
+        if app.mm is not None:
+            app.mm.close()
+        self._apps.remove(app)
+        self._changed()
+
+    def _release_sock(self, app: _App, fd: int, sock: Any) -> None:
+        app.socks.pop(fd, None)
+        fn = app.wakeups.pop(fd, None)
+        if fn is not None:
+            sock.remove_wakeup(fn)
+        app.free_fds.append(fd)
+        try:
+            sock.close()
+        except Exception:  # a protocol's bug must not keep the application's other sockets
+            self.counters["sock_close_errors"] += 1
+
+    # --- the rings -------------------------------------------------------------------------
+
+    def _service(self, app: _App) -> None:
+        """Read submissions (within the budget and the in-flight limit), post completions."""
+        if app.dead or not app.ready:
+            return
+        sq, lim = app.sq, self.layout.max_inflight
+        budget = self.budget
+        try:
+            while True:
+                self._flush_backlog(app)
+                while budget and app.inflight < lim and not app.backlog:
+                    rec = sq.pop()
+                    if rec is None:
+                        break
+                    budget -= 1
+                    self.counters["bytes_copied_in"] += len(rec.payload)
+                    self._submit(app, rec)
+                if sq.release():  # the application waits for room in the SQ
+                    self._ring(app)
+                self._publish(app)
+                if app.dead:
+                    return
+                if not budget:  # come back after the other applications had their turn
+                    self.counters["budget_yields"] += 1
+                    os.eventfd_write(app.sq_efd, 1)
+                    return
+                if app.inflight >= lim or app.backlog:
+                    self.counters["inflight_full" if app.inflight >= lim else "cq_full"] += 1
+                    return  # resumed by a completion or by the application freeing CQ room
+                if not sq.arm():
+                    return
+                sq.disarm()
+        except RingCorrupt:
+            self.counters["corrupt"] += 1
+            self._teardown(app, "corrupt")
+
+    def _publish(self, app: _App) -> None:
+        cq = app.cq
+        if cq.tail == cq.published:
+            return
+        if cq.publish():
+            self._ring(app)
+            self.counters["wakeups_sent"] += 1
+        else:
+            self.counters["wakeups_suppressed"] += 1
+
+    def _ring(self, app: _App) -> None:
+        try:
+            os.eventfd_write(app.cq_efd, 1)
+        except OSError:
+            self.counters["eventfd_errors"] += 1
+
+    def _flush_backlog(self, app: _App) -> None:
+        cq = app.cq
+        while app.backlog:
+            c = app.backlog[0]
+            if not cq.room(len(c[5])) and not cq.want_space(len(c[5])):
+                return
+            app.backlog.popleft()
+            cq.push(c[0], c[1], c[2], c[3], 0, 0, c[5], c[4])
+
+    def _complete(self, app: _App, rec: Record, result: int, payload: bytes = b"",
+                  addr: tuple[str, int] | None = None) -> None:
+        """copy_to_user and post the completion (or keep it while the CQ is full)."""
+        app.inflight -= 1
+        try:
+            a = (ip_to_int(addr[0]), int(addr[1]) & 0xFFFF) if addr is not None else None
+        except (ValueError, TypeError, IndexError):  # a protocol answered a malformed address
+            self.counters["sock_errors"] += 1
+            a, result, payload = None, -errno.EIO, b""
+        c = (rec.op, rec.call_id, rec.fd, result, a, payload)
+        self.counters["bytes_copied_out"] += len(payload)
+        if app.backlog or not app.cq.push(c[0], c[1], c[2], c[3], 0, 0, payload, a):
+            app.backlog.append(c)
+            if len(app.backlog) == 1 and app.cq.want_space(len(payload)):
+                self._flush_backlog(app)
+
+    # --- calls -----------------------------------------------------------------------------
+
+    def _submit(self, app: _App, rec: Record) -> None:
+        app.inflight += 1
+        app.syscalls += 1
+        self.syscalls[_OP_NAMES.get(rec.op, "unknown")] += 1
+        try:
+            result, payload, addr = self._call(app, rec)
+        except BlockingIOError:
+            if self._timeout(rec) == 0:
+                self._complete(app, rec, -errno.EAGAIN)
+            else:
+                self._park(app, rec)
+            return
+        except OSError as e:
+            self._complete(app, rec, -(e.errno or errno.EIO))
+            return
+        except (ValueError, TypeError, OverflowError, struct.error):
+            self._complete(app, rec, -errno.EINVAL)
+            return
+        except Exception:  # a protocol bug answers EIO; the kernel goes on
+            self.counters["sock_errors"] += 1
+            self._complete(app, rec, -errno.EIO)
+            return
+        self._complete(app, rec, result, payload, addr)
+
+    @staticmethod
+    def _timeout(rec: Record) -> int:
+        if rec.op == Op.SENDTO and rec.a0 & MSG_DONTWAIT or rec.op == Op.RECVFROM and rec.a1 & MSG_DONTWAIT:
+            return 0
+        if rec.op in (Op.SENDTO, Op.RECVFROM, Op.POLL):
+            return rec.a2
+        return 0
+
+    def _sock(self, app: _App, fd: int) -> Any:
+        sock = app.socks.get(fd)
+        if sock is None:
+            raise OSError(errno.EBADF, "bad file descriptor")
+        return sock
+
+    def _call(self, app: _App, rec: Record) -> tuple[int, bytes, tuple[str, int] | None]:
+        """Run one call against the Sock, non-blocking: (result, payload, address)."""
+        op = rec.op
+        if op == Op.RECVFROM:
+            if rec.a0 < 0:
+                raise OSError(errno.EINVAL, "negative buffer size")
+            n = min(rec.a0, self.layout.max_payload)
+            data, addr = self._sock(app, rec.fd).recvmsg(n, rec.a1 & ~MSG_DONTWAIT)
+            data = bytes(data[:n])
+            return len(data), data, addr
+        if op == Op.SENDTO:
+            return self._sock(app, rec.fd).sendmsg(rec.payload, rec.addr, rec.a0 & ~MSG_DONTWAIT), b"", None
+        if op == Op.POLL:
+            return self._poll(app, rec)
+        if op == Op.SOCKET:
+            return self._socket(app, rec), b"", None
+        if op == Op.CLOSE:
+            self._close(app, rec.fd)
+            return 0, b"", None
+        if op == Op.BIND:
+            self._sock(app, rec.fd).bind(_need_addr(rec))
+        elif op == Op.CONNECT:
+            self._sock(app, rec.fd).connect(_need_addr(rec))
+        elif op == Op.SETSOCKOPT:
+            self._sock(app, rec.fd).setsockopt(rec.a0, rec.a1, rec.a2)
+        elif op == Op.GETSOCKOPT:
+            return int(self._sock(app, rec.fd).getsockopt(rec.a0, rec.a1)), b"", None
+        elif op == Op.GETSOCKNAME:
+            return 0, b"", self._sock(app, rec.fd).getsockname()
+        elif op == Op.GETPEERNAME:
+            return 0, b"", self._sock(app, rec.fd).getpeername()
+        elif op == Op.SHUTDOWN:
+            self._sock(app, rec.fd).shutdown(rec.a0)
+        else:
+            raise OSError(errno.ENOSYS, "unknown call")
+        return 0, b"", None
+
+    def _socket(self, app: _App, rec: Record) -> int:
+        if len(app.socks) >= self.layout.max_fds:
+            self.counters["emfile"] += 1
+            raise OSError(errno.EMFILE, "too many open files")
+        sock = self.stack.socket(rec.a0, rec.a1, rec.a2)
+        if app.free_fds:
+            app.free_fds.sort()
+            fd = app.free_fds.pop(0)  # the lowest free number, as Linux gives
+        else:
+            fd = app.next_fd
+            app.next_fd += 1
+        app.socks[fd] = sock
+        fn = app.wakeups[fd] = lambda s, a=app, f=fd: self._sock_woken(a, f)
+        sock.add_wakeup(fn)
+        return fd
+
+    def _close(self, app: _App, fd: int) -> None:
+        sock = self._sock(app, fd)
+        for p in list(app.parked.get(fd, ())):
+            if p.rec.op != Op.POLL:  # a poll sees POLLNVAL on its next look
+                self._unpark(p)
+                self._complete(app, p.rec, -errno.EBADF)
+        self._release_sock(app, fd, sock)
+        self._sock_woken(app, fd)  # polls that included fd look again
+
+    def _poll(self, app: _App, rec: Record) -> tuple[int, bytes, None]:
+        payload = rec.payload
+        n, rem = divmod(len(payload), POLLFD.size)
+        if rem or n > MAX_POLL_FDS:
+            raise OSError(errno.EINVAL, "bad poll array")
+        out = bytearray(payload)
+        ready = 0
+        for i in range(n):
+            fd, events, _ = POLLFD.unpack_from(payload, i * POLLFD.size)
+            if fd < 0:
+                revents = 0
+            else:
+                sock = app.socks.get(fd)
+                revents = POLLNVAL if sock is None else sock.poll() & (events | POLLERR | POLLHUP)
+            POLLFD.pack_into(out, i * POLLFD.size, fd, events, revents & 0xFFFF)
+            ready += revents != 0
+        if not ready:
+            raise BlockingIOError(errno.EAGAIN, "nothing ready")
+        return ready, bytes(out), None
+
+    # --- parked calls ----------------------------------------------------------------------
+
+    def _park(self, app: _App, rec: Record) -> None:
+        if rec.op == Op.POLL:
+            fds = sorted({POLLFD.unpack_from(rec.payload, i)[0]
+                          for i in range(0, len(rec.payload), POLLFD.size)} & app.socks.keys())
+        else:
+            fds = [rec.fd]
+        p = _Parked(app, rec, fds)
+        for fd in fds:
+            app.parked.setdefault(fd, []).append(p)
+        timeout = self._timeout(rec)
+        if timeout > 0:
+            p.timer = self.timers.timer(lambda now, p=p: self._expire(p), "syscall")
+            p.timer.mod(self.clock() + timeout)
+        self.counters["parked"] += 1
+
+    def _unpark(self, p: _Parked) -> None:
+        for fd in p.fds:
+            ps = p.app.parked.get(fd)
+            if ps is not None and p in ps:
+                ps.remove(p)
+                if not ps:
+                    del p.app.parked[fd]
+        if p.timer is not None:
+            p.timer.delete()
+
+    def _expire(self, p: _Parked) -> None:
+        app = p.app
+        if app.dead:
+            return
+        self._unpark(p)
+        self.counters["timeouts"] += 1
+        try:
+            if p.rec.op == Op.POLL:
+                self._complete(app, p.rec, 0, p.rec.payload)  # nothing ready: revents as sent
+            else:
+                self._complete(app, p.rec, -errno.ETIMEDOUT)
+        except RingCorrupt:
+            self.counters["corrupt"] += 1
+            self._teardown(app, "corrupt")
+            return
+        self._service(app)
+
+    def _sock_woken(self, app: _App, fd: int) -> None:
+        """A Sock's wake-up: note it; parked calls are retried after the current handler."""
+        if app.dead or fd not in app.parked:
+            return
+        self._woken.setdefault(app, set()).add(fd)
+        if not self._wake_signaled and self.wake_efd >= 0:
+            self._wake_signaled = True
+            os.eventfd_write(self.wake_efd, 1)
+
+    def _run_woken(self) -> None:
+        for _ in range(16):  # wakes caused by these retries come round again, a bounded number
+            if not self._woken:
+                return
+            woken, self._woken = self._woken, {}
+            for app, fds in woken.items():
+                if app.dead:
+                    continue
+                seen: set[int] = set()
+                try:
+                    for fd in sorted(fds):
+                        for p in list(app.parked.get(fd, ())):
+                            if id(p) not in seen:
+                                seen.add(id(p))
+                                self._retry(p)
+                except RingCorrupt:
+                    self.counters["corrupt"] += 1
+                    self._teardown(app, "corrupt")
+                    continue
+                self._service(app)
+        if self._woken and not self._wake_signaled:
+            self._wake_signaled = True
+            os.eventfd_write(self.wake_efd, 1)
+
+    def _retry(self, p: _Parked) -> None:
+        app = p.app
+        try:
+            result, payload, addr = self._call(app, p.rec)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._unpark(p)
+            self._complete(app, p.rec, -(e.errno or errno.EIO))
+            return
+        except Exception:
+            self._unpark(p)
+            self.counters["sock_errors"] += 1
+            self._complete(app, p.rec, -errno.EIO)
+            return
+        self._unpark(p)
+        self._complete(app, p.rec, result, payload, addr)
+
+
+def _need_addr(rec: Record) -> tuple[str, int]:
+    if rec.addr is None:
+        raise OSError(errno.EINVAL, "no address")
+    return rec.addr
+
+
+def _eventfd_clear(fd: int) -> None:
+    try:
+        os.eventfd_read(fd)
+    except (BlockingIOError, OSError):
+        pass
+
