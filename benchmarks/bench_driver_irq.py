@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from driver.e1000 import E1000, E1000Config  # noqa: E402
-from driver.skbuff import SkBuff  # noqa: E402
+from kstack.skbuff import default_pool  # noqa: E402
 
 MAC0 = "52:54:00:12:34:56"
 MAC1 = "52:54:00:12:34:57"
@@ -201,7 +201,7 @@ def run_pingpong(mode: str, pings: int, itr: str = "0") -> dict:
         got: list[int] = []
         bus = VfioUserBus(s.a)
         drv = E1000(bus, E1000Config(mode=mode, itr=itr, rdtr=0),
-                    receive=lambda skb: got.append(struct.unpack_from("!I", skb.data, 14)[0]))
+                    receive=lambda skb: (got.append(struct.unpack_from("!I", skb.view(), 14)[0]), skb.consume()))
         drv.open()
         end = time.monotonic() + 10
         while not drv.carrier and time.monotonic() < end:
@@ -213,7 +213,7 @@ def run_pingpong(mode: str, pings: int, itr: str = "0") -> dict:
         for seq in range(pings):
             frame = hdr + struct.pack("!I", seq) + bytes(42)
             t0 = time.perf_counter_ns()
-            drv.xmit(SkBuff(frame))
+            drv.xmit(default_pool().from_bytes(frame))
             deadline = time.monotonic() + 1.0
             while seq not in got:
                 if time.monotonic() > deadline:

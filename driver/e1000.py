@@ -19,13 +19,18 @@ Where the Linux functions went:
     e1000_watchdog                E1000.watchdog      statistics (carrier: E1000.process)
     e1000_update_stats            E1000.update_stats  clear-on-read registers accumulated
 
-The kernel's contexts become one event loop (`E1000.process`, driven by driver.kernel or a
-test): wait on the interrupt eventfd, run the top half, then the bottom half (interrupt
-mode) or the NAPI poll, which keeps running without interrupts while it has a full budget.
+E1000 is a `kstack.netdevice.NetDevice` (net_device_ops): the stack binds to that
+interface, never to this class. The kernel's contexts are the event loop's: it waits on
+`irq_fd()`, calls `handle_irq()` (the top half), then `run_softirq(budget)` while
+`softirq_pending()` (the bottom half in interrupt mode, the NAPI poll, which stays scheduled
+without interrupts while it has a full budget), and `run_timers(now)` for the watchdog.
+`E1000.process(timeout)` is one turn of that loop for a caller that owns no loop (tests, the
+demo, `driver.kernel`).
 
-Received frames are copied out of the DMA buffer into an SkBuff (Linux's copybreak, for every
-frame: a Python bytes object is the sk_buff), and the buffer goes straight back to the RX
-buffer pool, from which the refill takes buffers for the descriptors it gives back.
+Received frames are copied out of the DMA buffer into an sk_buff from the stack's pool
+(netdev_alloc_skb: Linux's copybreak, for every frame), and the buffer goes straight back to
+the RX buffer pool, from which the refill takes buffers for the descriptors it gives back.
+Sent sk_buffs are copied into DMA buffers and freed (consumed) once the device wrote DD.
 """
 from __future__ import annotations
 
@@ -38,17 +43,19 @@ from driver import hw
 from driver.bus import Bus
 from driver.dma_alloc import DmaAllocator, DmaBufferPool
 from driver.rings import RxRing, TxRing
-from driver.skbuff import CHECKSUM_NONE, CHECKSUM_UNNECESSARY, ETH_HLEN, SkBuff
+from kstack.dropreason import SkbDropReason
+from kstack.netdevice import NETDEV_TX_BUSY, NETDEV_TX_OK, NetDevice, NetDeviceHooks, NetdevFeatures
+from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, SkBuff
 from nicemu import regs
 from nicemu.regs import DESC_SIZE, RXD_STATUS, Icr, RxdErrors, RxdStatus, TxdCmd
+from wire.checksum import internet_checksum
+from wire.ethernet import ETH_FCS_LEN, ETH_HLEN
+from wire.mac import ZERO, parse_mac
 
 __all__ = [
     "E1000", "E1000Config", "DriverStats", "Mode", "NETDEV_TX_OK", "NETDEV_TX_BUSY", "update_itr",
     "poll_bucket_labels",
 ]
-
-NETDEV_TX_OK = 0x00  # the driver took the skb (sent, or dropped and counted)
-NETDEV_TX_BUSY = 0x10  # queue stopped: the caller keeps the skb and retries after a wake
 
 E1000_RX_BUFFER_WRITE = 16  # return RX buffers to the device in groups of this many
 TX_WAKE_THRESHOLD = 32  # wake a stopped queue when this many descriptors are free
@@ -65,9 +72,10 @@ _RXD_ERR_IPE = int(RxdErrors.IPE)
 _TXD_EOP_RS = int(TxdCmd.EOP | TxdCmd.RS)
 _TXD_IFCS = int(TxdCmd.IFCS)
 _TXD_IDE = int(TxdCmd.IDE)
+_TXD_IC = int(TxdCmd.IC)
 _ICR_LINK = int(Icr.LSC | Icr.RXSEQ)
 _ICR_RXO = int(Icr.RXO)
-_FCS_LEN = regs.FCS_LEN
+_FCS_LEN = ETH_FCS_LEN
 _RDT = regs.RDT
 _TDT = regs.TDT
 _ICR = regs.ICR
@@ -145,7 +153,8 @@ class E1000Config:
     rx_write_batch: int = E1000_RX_BUFFER_WRITE
     tx_wake_threshold: int = TX_WAKE_THRESHOLD
     strip_fcs: bool = False  # RCTL.SECRC; off as in Linux's e1000 (the driver trims the FCS)
-    rx_csum: bool = True  # RXCSUM IPOFL | TUOFL
+    rx_csum: bool = True  # RXCSUM IPOFL | TUOFL (NETIF_F_RXCSUM)
+    tx_csum: bool = True  # TX checksum insertion, legacy descriptor IC/CSO/CSS (NETIF_F_IP_CSUM)
     promisc: bool = False
     long_packets: bool = False  # RCTL.LPE: frames up to 16 KB
     watchdog_interval: float = 2.0  # seconds between statistics updates (e1000_watchdog)
@@ -194,6 +203,10 @@ class DriverStats:
     rx_length_errors: int = 0  # frames that spanned several buffers (dropped)
     rx_dropped: int = 0  # no receive callback
     tx_dropped: int = 0  # bad length, or no carrier (the qdisc would drop them)
+    rx_copied_bytes: int = 0  # DMA buffer -> sk_buff (copybreak)
+    tx_copied_bytes: int = 0  # sk_buff -> DMA buffer
+    tx_csum_offload: int = 0  # frames sent with IC (the device inserts the checksum)
+    tx_csum_help: int = 0  # CHECKSUM_PARTIAL done in software (skb_checksum_help)
     rx_csum_offload_good: int = 0
     rx_csum_offload_errors: int = 0
     alloc_rx_buff_failed: int = 0
@@ -228,13 +241,15 @@ def poll_bucket_labels(budget: int) -> list[str]:
     return labels
 
 
-class E1000:
-    """One 82540EM driven like Linux drives it.
+class E1000(NetDevice):
+    """One 82540EM driven like Linux drives it, as a `NetDevice` the stack registers.
 
-    Callbacks (the layer above; the modeled stack plugs in here):
-    - receive(skb): each received frame (netif_receive_skb / napi_gro_receive);
+    The layer above is whoever sets `hooks` (NetStack.register_netdev does). Without a stack,
+    three callbacks stand in for it (tests, driver.kernel's small applications):
+    - receive(skb): each received frame (netif_receive_skb); the receiver frees the skb;
     - on_carrier(up): link state changes (netif_carrier_on/off);
     - on_tx_wake(): the TX queue was woken after a stop (netif_wake_queue).
+    Times (`clock`, next_timer, run_timers) are seconds of time.monotonic by default.
     """
 
     def __init__(
@@ -247,19 +262,22 @@ class E1000:
         on_tx_wake: Callable[[], None] | None = None,
         allocator: DmaAllocator | None = None,
         clock: Callable[[], float] = time.monotonic,
+        name: str = "eth0",
     ) -> None:
-        self.bus = bus
         self.config = config or E1000Config()
-        self.receive = receive
-        self.on_carrier = on_carrier
-        self.on_tx_wake = on_tx_wake
+        cfg = self.config
+        super().__init__(name, mtu=cfg.max_frame - ETH_HLEN)
+        self.bus = bus
         self.allocator = allocator
         self.clock = clock
+        self.features = ((NetdevFeatures.IP_CSUM if cfg.tx_csum else 0)
+                         | (NetdevFeatures.RXCSUM if cfg.rx_csum else 0))
+        if receive is not None or on_carrier is not None or on_tx_wake is not None:
+            self.set_callbacks(receive=receive, on_carrier=on_carrier, on_tx_wake=on_tx_wake)
         self.stats = DriverStats()
         self.hw_stats: dict[str, int] = {name: 0 for name in (*regs.STATS_32, *regs.STATS_64)}
         self.mac: str | None = None
-        self.carrier = False
-        self.queue_stopped = False
+        self._dev_addr = ZERO
         self.is_open = False
         self.napi_scheduled = False
         self.bh_scheduled = False
@@ -280,10 +298,90 @@ class E1000:
         self._mem = bus.mem
         # descriptors one frame may need (our sk_buffs are linear: one per tx_buffer_len)
         # plus 2 so the tail never touches the head: the MAX_SKB_FRAGS + 7 of Linux
-        cfg = self.config
         self.tx_desc_needed = -(-cfg.max_frame // cfg.tx_buffer_len) + 2
         self.tx_wake_threshold = min(max(cfg.tx_wake_threshold, self.tx_desc_needed), cfg.tx_ring_size - 1)
         self._txd_cmd = _TXD_IFCS | _TXD_EOP_RS | (_TXD_IDE if cfg.tidv else 0)
+
+    def set_callbacks(self, *, receive: Callable[[SkBuff], None] | None = None,
+                      on_carrier: Callable[[bool], None] | None = None,
+                      on_tx_wake: Callable[[], None] | None = None) -> None:
+        """Stand-ins for a stack: plain callbacks as the hooks register_netdev would set.
+        Without `receive`, frames are dropped and counted (rx_dropped)."""
+
+        def rx(dev: NetDevice, skb: SkBuff) -> None:
+            if receive is None:
+                self.stats.rx_dropped += 1
+                skb.drop(SkbDropReason.UNHANDLED_PROTO)
+            else:
+                receive(skb)
+
+        self.hooks = NetDeviceHooks(
+            receive=rx,
+            carrier_changed=(lambda dev, up: on_carrier(up)) if on_carrier else (lambda dev, up: None),
+            queue_woken=(lambda dev: on_tx_wake()) if on_tx_wake else (lambda dev: None),
+        )
+
+    # --- net_device_ops ----------------------------------------------------------------------
+
+    @property
+    def dev_addr(self) -> bytes:
+        return self._dev_addr
+
+    def ndo_open(self) -> None:
+        self.open()
+
+    def ndo_stop(self) -> None:
+        self.close()
+
+    def ndo_start_xmit(self, skb: SkBuff, xmit_more: bool = False) -> int:
+        return self.xmit(skb, xmit_more)
+
+    def ndo_flush_xmit(self) -> None:
+        self.flush_tx()
+
+    def ndo_get_stats64(self) -> dict[str, int]:
+        """rtnl_link_stats64 from the driver's counters and the device's (as last read)."""
+        st, h = self.stats, self.hw_stats
+        return {
+            "rx_packets": st.rx_packets, "tx_packets": st.tx_packets, "rx_bytes": st.rx_bytes,
+            "tx_bytes": st.tx_bytes, "rx_errors": st.rx_errors + st.rx_length_errors + h["CRCERRS"],
+            "tx_errors": 0, "rx_dropped": st.rx_dropped, "tx_dropped": st.tx_dropped,
+            "rx_length_errors": st.rx_length_errors + h["ROC"] + h["RUC"], "rx_crc_errors": h["CRCERRS"],
+            "rx_missed_errors": h["MPC"], "multicast": h["MPRC"],
+        }
+
+    # --- the event loop's hooks: interrupt, softirq, timers -----------------------------------
+
+    def irq_fd(self) -> int | None:
+        return self.bus.irq_fd()
+
+    def handle_irq(self) -> None:
+        """irq_fd() is readable: consume the eventfd and run the top half. The bus's
+        zero-timeout wait also notices a vanished emulator (BusError)."""
+        if self.bus.wait_irq(0):
+            self.intr()
+
+    def softirq_pending(self) -> bool:
+        return self.napi_scheduled or self.bh_scheduled or self._link_check_pending
+
+    def run_softirq(self, budget: int) -> int:
+        """The link check a cause asked for, then the bottom half (interrupt mode: no budget)
+        or one NAPI poll of at most min(budget, the NAPI weight) frames. Returns frames taken."""
+        if self._link_check_pending:
+            self._link_check_pending = False
+            self._set_carrier(hw.link_up(self.bus))
+        if self.bh_scheduled:
+            return self.bottom_half()
+        if self.napi_scheduled:
+            return self.poll(min(budget, self.config.budget))
+        return 0
+
+    def next_timer(self) -> float | None:
+        return self._next_watchdog if self.is_open else None
+
+    def run_timers(self, now: float) -> None:
+        if now >= self._next_watchdog:
+            self.watchdog()
 
     # --- bring-up and tear-down ---------------------------------------------------------------
 
@@ -303,6 +401,7 @@ class E1000:
         cfg = self.config
         bus = self.bus
         self.mac = hw.probe(bus)
+        self._dev_addr = parse_mac(self.mac)
 
         # rings and buffers in DMA memory (e1000_setup_all_{tx,rx}_resources)
         alloc = self.allocator
@@ -333,7 +432,7 @@ class E1000:
 
         # e1000_up: interrupts on, queue awake, carrier as the PHY reports it
         self.is_open = True
-        self.queue_stopped = False
+        self.queue_stopped = False  # netif_start_queue
         self.napi_scheduled = self.bh_scheduled = False
         hw.irq_enable(bus)
         self._set_carrier(hw.link_up(bus))
@@ -358,6 +457,11 @@ class E1000:
             self._free_resources()
 
     def _free_resources(self) -> None:
+        if self.tx_ring is not None:  # e1000_clean_tx_ring: frames never sent are dropped
+            for k, skb in enumerate(self.tx_ring.skb):
+                if skb is not None:
+                    self.tx_ring.skb[k] = None
+                    skb.drop(SkbDropReason.DEV_READY)
         for ring in (self.rx_ring, self.tx_ring):
             if ring is not None:
                 ring.release()
@@ -477,19 +581,10 @@ class E1000:
         otherwise wait up to `timeout` for the interrupt, run the top half and then the
         bottom half or the first poll. Returns the frames received.
         """
-        work = 0
-        if not self.napi_scheduled:
-            if self.bus.wait_irq(timeout):
-                self.intr()
-        if self._link_check_pending:
-            self._link_check_pending = False
-            self._set_carrier(hw.link_up(self.bus))
-        if self.bh_scheduled:
-            work += self.bottom_half()
-        elif self.napi_scheduled:
-            work += self.poll()
-        if self.clock() >= self._next_watchdog:
-            self.watchdog()
+        if not self.napi_scheduled and self.bus.wait_irq(timeout):
+            self.intr()
+        work = self.run_softirq(self.config.budget) if self.softirq_pending() else 0
+        self.run_timers(self.clock())
         return work
 
     # --- receive -------------------------------------------------------------------------------
@@ -505,7 +600,6 @@ class E1000:
         st = self.stats
         trim = 0 if cfg.strip_fcs else _FCS_LEN
         batch = cfg.rx_write_batch
-        receive = self.receive
         pool = self.rx_pool
         buf_len = cfg.rx_buffer_len
         i = ring.next_to_clean
@@ -534,16 +628,21 @@ class E1000:
                 if length < ETH_HLEN:
                     st.rx_errors += 1
                 else:
-                    data = mem.read(ring.buffer_addr[i], length)
                     st.rx_packets += 1
                     st.rx_bytes += length
                     self._irq_rx_packets += 1
                     self._irq_rx_bytes += length
-                    skb = SkBuff.from_frame(data, self._rx_checksum(status, errors))
-                    if receive is not None:
-                        receive(skb)
+                    ip_summed = self._rx_checksum(status, errors)
+                    if self.hooks is None:
+                        st.rx_dropped += 1  # nobody above: no sk_buff to allocate
                     else:
-                        st.rx_dropped += 1
+                        # netdev_alloc_skb_ip_align + the copybreak copy out of the DMA buffer
+                        skb = self.netdev_alloc_skb(length)
+                        skb.put_data(mem.view(ring.buffer_addr[i], length))
+                        st.rx_copied_bytes += length
+                        skb.protocol = skb.buf[skb.data + 12] << 8 | skb.buf[skb.data + 13]
+                        skb.ip_summed = ip_summed
+                        self.netif_receive_skb(skb)
             # the data is copied out: the buffer goes back to the pool, and the refill takes
             # one from there (a fixed pool smaller than the ring still cycles through it)
             pool.put(ring.buffer_addr[i])
@@ -566,7 +665,7 @@ class E1000:
 
     def _rx_checksum(self, status: int, errors: int) -> int:
         """e1000_rx_checksum: trust the device only when it checked (no IXSM) and liked it."""
-        if status & _RXD_IXSM:
+        if status & _RXD_IXSM or not self.features & NetdevFeatures.RXCSUM:
             return CHECKSUM_NONE
         if errors & (_RXD_ERR_TCPE | _RXD_ERR_IPE):
             self.stats.rx_csum_offload_errors += 1  # let the stack verify it again
@@ -622,10 +721,14 @@ class E1000:
         if self.queue_stopped:
             st.tx_busy += 1
             return NETDEV_TX_BUSY
-        data = skb.data
-        length = len(data)
-        if not self.carrier or not self.is_open or not ETH_HLEN <= length <= self.config.max_frame:
-            st.tx_dropped += 1  # no carrier: the noop qdisc drops; bad length: never sent
+        length = skb.len
+        if not self.carrier or not self.is_open:
+            st.tx_dropped += 1  # no carrier: the noop qdisc drops
+            skb.drop(SkbDropReason.DEV_READY)
+            return NETDEV_TX_OK
+        if not ETH_HLEN <= length <= self.config.max_frame:
+            st.tx_dropped += 1  # a bad length is never sent
+            skb.drop(SkbDropReason.TX_ERROR)
             return NETDEV_TX_OK
         ring = self.tx_ring
         per_desc = self.config.tx_buffer_len
@@ -636,7 +739,22 @@ class E1000:
             self.flush_tx()  # frames queued with xmit_more before the stop must still go
             return NETDEV_TX_BUSY
 
+        # CHECKSUM_PARTIAL: the device inserts the L4 checksum (legacy IC: sum from CSS to
+        # the end, stored at CSO), or we do it here when it cannot (skb_checksum_help)
+        cso = css = ic = 0
+        if skb.ip_summed == CHECKSUM_PARTIAL:
+            css = skb.csum_start - skb.data
+            cso = css + skb.csum_offset
+            if self.features & NetdevFeatures.IP_CSUM and 0 <= css < cso <= 0xFF and cso + 2 <= length:
+                ic = _TXD_IC
+                st.tx_csum_offload += 1
+            else:
+                _checksum_help(skb)
+                st.tx_csum_help += 1
+                cso = css = 0
+
         # e1000_tx_map + e1000_tx_queue: copy into DMA buffers ("map"), fill descriptors
+        data = skb.view()
         first = i = ring.next_to_use
         n = ring.count
         mem = self._mem
@@ -647,11 +765,12 @@ class E1000:
             mem.write(addr, chunk)
             ring.buffer_addr[i] = addr
             last = i
-            cmd = self._txd_cmd if off + per_desc >= length else _TXD_IFCS
-            ring.post(i, addr, len(chunk), cmd)
+            cmd = (self._txd_cmd if off + per_desc >= length else _TXD_IFCS) | ic
+            ring.post(i, addr, len(chunk), cmd, cso, css)
             i += 1
             if i == n:
                 i = 0
+        st.tx_copied_bytes += length
         ring.next_to_watch[first] = last
         ring.skb[first] = skb
         ring.next_to_use = i
@@ -683,7 +802,7 @@ class E1000:
         is nothing to re-check: clean_tx_irq wakes the queue."""
         if self.tx_ring.unused() >= size:
             return False
-        self.queue_stopped = True
+        self.netif_stop_queue()
         self.stats.tx_queue_stops += 1
         return True
 
@@ -715,7 +834,10 @@ class E1000:
                 count += 1
                 if cleaned:
                     break
-            nbytes = len(skb.data) if skb is not None else 0
+            nbytes = 0
+            if skb is not None:
+                nbytes = skb.len
+                skb.consume()  # sent: dev_consume_skb_any
             st.tx_packets += 1
             st.tx_bytes += nbytes
             self._irq_tx_packets += 1
@@ -730,10 +852,8 @@ class E1000:
         tx_wake_threshold descriptors are free."""
         if (self.queue_stopped and self.carrier and self.tx_ring is not None
                 and self.tx_ring.unused() >= self.tx_wake_threshold):
-            self.queue_stopped = False
             self.stats.restart_queue += 1
-            if self.on_tx_wake is not None:
-                self.on_tx_wake()
+            self.netif_wake_queue()
 
     def tx_pending(self) -> int:
         """Descriptors queued and not yet cleaned."""
@@ -745,12 +865,12 @@ class E1000:
     def _set_carrier(self, up: bool) -> None:
         if up == self.carrier:
             return
-        self.carrier = up
         self.stats.link_changes += 1
         if up:
+            self.netif_carrier_on()
             self._maybe_wake_queue()
-        if self.on_carrier is not None:
-            self.on_carrier(up)
+        else:
+            self.netif_carrier_off()
 
     def watchdog(self) -> None:
         """e1000_watchdog: the periodic work. Statistics before they could saturate."""
@@ -777,6 +897,18 @@ class E1000:
         )
         out.update(h)
         return out
+
+
+def _checksum_help(skb: SkBuff) -> None:
+    """skb_checksum_help: finish a CHECKSUM_PARTIAL packet in software. The field holds the
+    pseudo-header sum; the one's complement of the sum from csum_start to the end goes there."""
+    skb.cow()
+    start = skb.csum_start
+    at = start + skb.csum_offset
+    buf = skb.buf
+    value = internet_checksum(memoryview(buf)[start:skb.tail])
+    buf[at:at + 2] = value.to_bytes(2, "big")
+    skb.ip_summed = CHECKSUM_NONE
 
 
 def _bucket(work: int, budget: int) -> int:

@@ -5,8 +5,8 @@ driver.e1000.E1000 and runs the event loop a kernel would: wait on the interrupt
 run the top half, then the bottom half (--mode interrupt) or the NAPI poll (--mode napi),
 which keeps polling without interrupts while traffic fills its budget.
 
-Above the driver sits a small application in place of the network stack (a later issue
-plugs the modeled stack in at the same callbacks):
+Above the driver sits a small application in place of the network stack (`python -m
+kstack.kernel` runs the modeled stack over the same driver instead):
   --app count   count received frames (default)
   --app echo    send every frame back to its sender (source and destination MAC swapped)
   --app gen     transmit --count frames (0: without end) of --size bytes to --dst as fast
@@ -14,7 +14,11 @@ plugs the modeled stack in at the same callbacks):
                 then keep counting what arrives
 --size is the Ethernet convention, as in `nicemu demo` and `python -m driver.pmd`: bytes on
 the wire including the 4-byte FCS the device appends (64 = 60 bytes of header and payload).
-Frames refused by a stopped queue wait in a small qdisc-like backlog (--txqueuelen).
+Frames for a stopped queue wait in a kstack qdisc (--qdisc pfifo_fast or pfifo, up to
+--txqueuelen frames each band, then dropped and counted), which the driver's queue wake runs
+again, as Linux's qdisc does. The generator hands frames to the driver directly while its
+queue runs (as an AF_PACKET socket with PACKET_QDISC_BYPASS does); one the driver refuses
+goes into the qdisc.
 
 Output: one JSON object per line on stdout:
   {"event": "up", "mac": ..., "pid": ..., "mode": ...}     after bring-up
@@ -27,7 +31,6 @@ SIGTERM / SIGINT: bring the interface down cleanly and exit 0.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import resource
@@ -35,16 +38,20 @@ import signal
 import struct
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from driver.bus import BusError
-from driver.e1000 import NETDEV_TX_BUSY, E1000, E1000Config, poll_bucket_labels
-from driver.skbuff import SkBuff
+from driver.e1000 import E1000, E1000Config, poll_bucket_labels
+from kstack.netdevice import NETDEV_TX_BUSY
+from kstack.qdisc import QDISCS, make_qdisc
+from kstack.skbuff import SkBuff, default_pool
 from nicemu.regs import IMS
+from wire.ethernet import ETH_FCS_LEN, EtherType
+from wire.mac import BROADCAST, parse_mac
 
 __all__ = ["main", "DriverApp", "context_switches"]
 
-GEN_ETHERTYPE = 0x88B5  # IEEE 802 local experimental EtherType
+GEN_ETHERTYPE = int(EtherType.LOCAL_EXP1)  # IEEE 802 local experimental EtherType
 
 
 def context_switches() -> dict[str, int]:
@@ -57,29 +64,27 @@ def context_switches() -> dict[str, int]:
 
 
 def _mac_bytes(mac: str) -> bytes:
-    parts = mac.split(":")
-    if len(parts) != 6:
-        raise argparse.ArgumentTypeError(f"bad MAC {mac!r}")
     try:
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"bad MAC {mac!r}") from None
+        return parse_mac(mac)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 class DriverApp:
-    """The consumer above the driver: counts, echoes or generates frames, with a backlog for
-    frames the stopped TX queue refused (what the qdisc does in Linux)."""
+    """The consumer above the driver: counts, echoes or generates frames. Frames the driver's
+    stopped TX queue cannot take wait in a kstack qdisc, which the queue's wake runs again."""
 
     def __init__(self, drv: E1000, app: str, *, txqueuelen: int = 1000, rx_delay: float = 0.0,
-                 dst: bytes = b"\xff" * 6, size: int = 64, count: int = 0, rate: float = 0.0) -> None:
+                 dst: bytes = BROADCAST, size: int = 64, count: int = 0, rate: float = 0.0,
+                 qdisc: str = "pfifo_fast", on_carrier: Callable[[bool], None] | None = None) -> None:
         self.drv = drv
         self.app = app
         self.rx_delay = rx_delay
         self.rx_frames = 0
         self.rx_bytes = 0
-        self.backlog: collections.deque[SkBuff] = collections.deque()
-        self.txqueuelen = txqueuelen
-        self.qdisc_drops = 0
+        drv.tx_queue_len = txqueuelen
+        self.qdisc = make_qdisc(qdisc, drv)
+        self.pool = default_pool()
         self.gen_left = count
         self.gen_sent = 0
         self.dst = dst
@@ -88,8 +93,11 @@ class DriverApp:
         self._next_due: float | None = None  # paced generator: when the next frame is due
         self.first_rx: float | None = None
         self.last_rx: float | None = None
-        drv.receive = self.receive
-        drv.on_tx_wake = self.drain_backlog
+        drv.set_callbacks(receive=self.receive, on_carrier=on_carrier, on_tx_wake=self.drain_backlog)
+
+    @property
+    def qdisc_drops(self) -> int:
+        return self.qdisc.drops
 
     def receive(self, skb: SkBuff) -> None:
         now = time.monotonic()
@@ -99,36 +107,36 @@ class DriverApp:
         self.rx_frames += 1
         self.rx_bytes += skb.len
         if self.app == "echo":
-            d = skb.data
-            self.enqueue(SkBuff(d[6:12] + d[0:6] + d[12:], skb.protocol))
+            # the same sk_buff goes back out, addresses swapped in place
+            v = skb.view(0, 12)
+            dst = bytes(v[0:6])
+            v[0:6] = v[6:12]
+            v[6:12] = dst
+            self.enqueue(skb)
+        else:
+            skb.consume()
         if self.rx_delay:
             time.sleep(self.rx_delay)  # a slow consumer: the ring and then the FIFO fill up
 
     def enqueue(self, skb: SkBuff) -> None:
-        if self.backlog or self.drv.queue_stopped:
-            if len(self.backlog) >= self.txqueuelen:
-                self.qdisc_drops += 1
-            else:
-                self.backlog.append(skb)
-            return
-        if self.drv.xmit(skb, xmit_more=True) == NETDEV_TX_BUSY:
-            self.backlog.append(skb)
+        """dev_queue_xmit without a stack: into the qdisc (which may drop). The loop's next
+        after_turn runs it, so a poll's worth of echoes costs one doorbell per qdisc run."""
+        self.qdisc.enqueue(skb)
 
     def drain_backlog(self) -> None:
-        drv = self.drv
-        while self.backlog and not drv.queue_stopped:
-            if drv.xmit(self.backlog[0], xmit_more=True) == NETDEV_TX_BUSY:
-                break
-            self.backlog.popleft()
+        """qdisc_run until the queue is empty or the driver's queue stops (each run is at most
+        DEV_TX_WEIGHT frames and one doorbell); also the netif_wake_queue callback."""
+        q = self.qdisc
+        while q.pending() and q.run():
+            pass
 
     def generate(self) -> None:
         """Queue generator frames while the TX queue takes them (one doorbell per batch)."""
         drv = self.drv
         if not self.gen_left or drv.queue_stopped or not drv.carrier:
             return
-        src = bytes.fromhex(drv.mac.replace(":", ""))
-        header = self.dst + src + struct.pack("!H", GEN_ETHERTYPE)
-        pad = bytes(max(0, self.size - 4 - len(header) - 8))  # size counts the FCS
+        header = self.dst + drv.dev_addr + struct.pack("!H", GEN_ETHERTYPE)
+        pad = bytes(max(0, self.size - ETH_FCS_LEN - len(header) - 8))  # size counts the FCS
         limit = self.gen_left
         if self.rate:
             # paced: one frame per slot and per loop turn; a late process catches up one
@@ -141,13 +149,16 @@ class DriverApp:
                 return
             self._next_due += gap
             limit = 1
+        pool = self.pool
         while limit > 0 and not drv.queue_stopped:
             limit -= 1
-            frame = header + struct.pack("!Q", self.gen_sent) + pad
-            if drv.xmit(SkBuff(frame, GEN_ETHERTYPE), xmit_more=True) == NETDEV_TX_BUSY:
-                break
+            skb = pool.from_bytes(header + struct.pack("!Q", self.gen_sent) + pad)
+            skb.protocol = GEN_ETHERTYPE
             self.gen_sent += 1
             self.gen_left -= 1
+            if drv.ndo_start_xmit(skb, xmit_more=True) == NETDEV_TX_BUSY:
+                self.qdisc.enqueue(skb)  # the driver refused it: it waits for the wake
+                break
 
     def after_turn(self) -> None:
         self.drain_backlog()
@@ -159,6 +170,8 @@ class DriverApp:
         """How long the loop may wait for an interrupt: 0 while the generator has frames and
         queue room (sooner if its rate makes the next frame due earlier)."""
         drv = self.drv
+        if self.qdisc.pending():
+            return 0.0
         if self.app != "gen" or not self.gen_left or drv.queue_stopped or not drv.carrier:
             return longest
         if not self.rate or self._next_due is None:
@@ -171,7 +184,8 @@ class DriverApp:
         out = {
             "event": "stats", "mac": drv.mac, "mode": drv.config.mode.value, "app": self.app,
             "rx_frames": self.rx_frames, "rx_app_bytes": self.rx_bytes, "gen_sent": self.gen_sent,
-            "backlog": len(self.backlog), "qdisc_drops": self.qdisc_drops, "carrier": drv.carrier,
+            "backlog": self.qdisc.qlen, "qdisc_drops": self.qdisc_drops, "carrier": drv.carrier,
+            "qdisc": self.qdisc.stats(), "skb": self.pool.stats(),
             "queue_stopped": drv.queue_stopped, "napi_scheduled": drv.napi_scheduled,
             "ims": drv.bus.read32(IMS) if drv.is_open else 0,
             "rx_seconds": (self.last_rx - self.first_rx) if self.first_rx is not None else 0.0,
@@ -210,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tidv", type=int, default=8)
     ap.add_argument("--tadv", type=int, default=32)
     ap.add_argument("--rx-delay", type=float, default=0.0, help="seconds the consumer spends per frame")
-    ap.add_argument("--txqueuelen", type=int, default=1000)
+    ap.add_argument("--txqueuelen", type=int, default=1000,
+                    help="frames the qdisc holds for a stopped TX queue (per band)")
+    ap.add_argument("--qdisc", choices=sorted(QDISCS), default="pfifo_fast")
     ap.add_argument("--stats-interval", type=float, default=0.0, help="print stats every S seconds (0: only on SIGUSR1/exit)")
     ap.add_argument("--mem", type=int, default=4 << 20, help="bytes of DMA memory")
     return ap
@@ -259,9 +275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BusError as e:
         emit({"event": "error", "message": str(e)})
         return 1
-    drv = E1000(bus, cfg, on_carrier=lambda up: emit({"event": "carrier", "up": up}))
+    drv = E1000(bus, cfg)
     app = DriverApp(drv, args.app, txqueuelen=args.txqueuelen, rx_delay=args.rx_delay,
-                    dst=args.dst, size=args.size, count=count, rate=args.rate)
+                    dst=args.dst, size=args.size, count=count, rate=args.rate, qdisc=args.qdisc,
+                    on_carrier=lambda up: emit({"event": "carrier", "up": up}))
     rc = 0
     try:
         mac = drv.open()

@@ -83,9 +83,10 @@ class TxRing(DescRing):
         self.next_to_watch: list[int | None] = [None] * count
         self.skb: list[object | None] = [None] * count
 
-    def post(self, i: int, addr: int, length: int, cmd: int) -> None:
-        """Fill descriptor i (STA cleared: DD comes back only when the device is done)."""
-        TX_DESC.pack_into(self.desc, i * DESC_SIZE, addr, length, 0, cmd, 0, 0, 0)
+    def post(self, i: int, addr: int, length: int, cmd: int, cso: int = 0, css: int = 0) -> None:
+        """Fill descriptor i (STA cleared: DD comes back only when the device is done).
+        With IC in cmd, the device sums from byte CSS to the end and stores it at CSO."""
+        TX_DESC.pack_into(self.desc, i * DESC_SIZE, addr, length, cso, cmd, 0, css, 0)
 
     def done(self, i: int) -> bool:
         return bool(self.desc[i * DESC_SIZE + TXD_STA] & _TXD_DD)

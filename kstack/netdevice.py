@@ -131,6 +131,15 @@ class NetDevice(abc.ABC):
 
     # --- driver -> stack ----------------------------------------------------------------------
 
+    def netdev_alloc_skb(self, length: int) -> "SkBuff":
+        """netdev_alloc_skb_ip_align: an sk_buff for a received frame of `length` bytes from
+        the stack's pool (the process's pool before registration), with NET_SKB_PAD +
+        NET_IP_ALIGN bytes of headroom so the IP header after Ethernet is 4-byte aligned."""
+        from kstack.skbuff import NET_IP_ALIGN, NET_SKB_PAD, default_pool
+
+        pool = self.stack.pool if self.stack is not None else default_pool()
+        return pool.alloc(length, NET_SKB_PAD + NET_IP_ALIGN)
+
     def netif_receive_skb(self, skb: "SkBuff") -> None:
         skb.dev = self
         if self.hooks is not None:

@@ -16,14 +16,16 @@ import pytest
 
 from driver import hw
 from driver.dma_alloc import DmaAllocError, DmaAllocator, DmaBufferPool
-from driver.e1000 import NETDEV_TX_BUSY, NETDEV_TX_OK, E1000, E1000Config, Mode
+from driver.e1000 import E1000, E1000Config, Mode
 from driver.inprocess_bus import InProcessBus
 from driver.pmd import CountingBus
 from driver.rings import RxRing, TxRing, desc_unused
-from driver.skbuff import CHECKSUM_NONE, CHECKSUM_UNNECESSARY, SkBuff
+from kstack.netdevice import NETDEV_TX_BUSY, NETDEV_TX_OK
+from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_UNNECESSARY, SkBuff, default_pool
 from nicemu import DmaMemory
 from nicemu import regs as R
 from nicemu.nic import Nic
+from wire.mac import parse_mac
 
 MAC_A = "52:54:00:00:aa:01"
 MAC_B = "52:54:00:00:bb:02"
@@ -31,7 +33,12 @@ MEM = 4 << 20
 
 
 def mac_bytes(mac: str) -> bytes:
-    return bytes.fromhex(mac.replace(":", ""))
+    return parse_mac(mac)
+
+
+def skb_of(data: bytes) -> SkBuff:
+    """An sk_buff holding a frame to send (from the process's pool, as a stack's would be)."""
+    return default_pool().from_bytes(data)
 
 
 def frame(dst: str, src: str, seq: int = 0, size: int = 60, ethertype: int = 0x88B5) -> bytes:
@@ -356,7 +363,7 @@ def test_close_returns_all_memory_and_reopens(pair):
     assert al.allocations == 0 and al.free_bytes == MEM
     assert a.nic.peek32(R.RCTL) == 0 and a.nic.peek32(R.IMS) == 0 and a.carrier == [True, False]
     a.drv.open()
-    assert a.drv.xmit(SkBuff(frame(MAC_B, MAC_A))) == NETDEV_TX_OK
+    assert a.drv.xmit(skb_of(frame(MAC_B, MAC_A))) == NETDEV_TX_OK
     b.run()
     assert len(b.got) == 1
 
@@ -367,12 +374,12 @@ def test_close_returns_all_memory_and_reopens(pair):
 def test_frames_both_ways(pair, mode):
     a, b = pair(E1000Config(mode=mode), E1000Config(mode=mode))
     for seq in range(50):
-        assert a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq, size=60 + seq))) == NETDEV_TX_OK
-        assert b.drv.xmit(SkBuff(frame(MAC_A, MAC_B, 1000 + seq, size=100))) == NETDEV_TX_OK
+        assert a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq, size=60 + seq))) == NETDEV_TX_OK
+        assert b.drv.xmit(skb_of(frame(MAC_A, MAC_B, 1000 + seq, size=100))) == NETDEV_TX_OK
     a.run()
     b.run()
-    assert [s.data for s in b.got] == [frame(MAC_B, MAC_A, seq, size=60 + seq) for seq in range(50)]
-    assert [s.data for s in a.got] == [frame(MAC_A, MAC_B, 1000 + seq, size=100) for seq in range(50)]
+    assert [s.tobytes() for s in b.got] == [frame(MAC_B, MAC_A, seq, size=60 + seq) for seq in range(50)]
+    assert [s.tobytes() for s in a.got] == [frame(MAC_A, MAC_B, 1000 + seq, size=100) for seq in range(50)]
     assert all(s.protocol == 0x88B5 for s in a.got + b.got)
     for side in (a, b):
         st = side.drv.ethtool_stats()
@@ -384,16 +391,16 @@ def test_frames_both_ways(pair, mode):
 def test_short_frame_is_padded_and_fcs_trimmed(pair):
     a, b = pair()
     short = frame(MAC_B, MAC_A, 7, size=20)[:20]
-    a.drv.xmit(SkBuff(short))
+    a.drv.xmit(skb_of(short))
     b.run()
     # the device pads to 60 bytes + FCS (TCTL.PSP); the driver trims the FCS
-    assert len(b.got) == 1 and b.got[0].data == short + bytes(40)
+    assert len(b.got) == 1 and b.got[0].tobytes() == short + bytes(40)
 
 
 def test_interrupt_mode_takes_one_interrupt_per_frame(pair):
     a, b = pair(E1000Config(mode="interrupt"), E1000Config(mode="interrupt", rdtr=0))
     for seq in range(20):
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)))
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)))
         b.run(turns=2)
     assert len(b.got) == 20
     st = b.drv.stats
@@ -407,7 +414,7 @@ def test_interrupt_mode_bottom_half_takes_every_frame_and_refills_in_groups(pair
     IMS never touched."""
     a, b = pair(cfg_b=E1000Config(mode="interrupt", rx_ring_size=256))
     for seq in range(200):
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)), xmit_more=seq != 199)
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)), xmit_more=seq != 199)
     doorbells, writes = b.drv.stats.rx_doorbells, b.bus.writes
     assert b.drv.process(0) == 200
     st = b.drv.stats
@@ -415,7 +422,7 @@ def test_interrupt_mode_bottom_half_takes_every_frame_and_refills_in_groups(pair
     assert st.rx_doorbells - doorbells == 13  # ceil(200 / 16)
     assert b.bus.writes - writes == 13  # the RDT writes and nothing else: no IMC, no IMS
     assert b.nic.peek32(R.IMS) == hw.IMS_ENABLE_MASK and b.drv.rx_ring.unused() == 0
-    assert [struct.unpack("!I", s.data[14:18])[0] for s in b.got] == list(range(200))
+    assert [struct.unpack("!I", s.tobytes()[14:18])[0] for s in b.got] == list(range(200))
     assert all(isinstance(s, SkBuff) and s.len == 60 for s in b.got)
 
 
@@ -424,7 +431,7 @@ def test_interrupt_mode_bottom_half_takes_every_frame_and_refills_in_groups(pair
 def test_napi_stays_polling_under_load_and_reenables_when_idle(pair):
     a, b = pair(cfg_b=E1000Config(mode="napi", budget=64))
     for seq in range(200):
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)), xmit_more=seq != 199)
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)), xmit_more=seq != 199)
     assert b.nic.irq
     # the interrupt: top half masks everything and schedules the poll
     assert b.drv.process(0) == 64
@@ -438,7 +445,7 @@ def test_napi_stays_polling_under_load_and_reenables_when_idle(pair):
     st = b.drv.ethtool_stats()
     assert st["interrupts"] == 1 and st["polls"] == 4 and st["napi_completes"] == 1
     assert st["poll_histogram"][-1] == 3 and st["packets_per_poll"] == 50.0
-    assert [s.data[14:18] for s in b.got] == [struct.pack("!I", i) for i in range(200)]
+    assert [s.tobytes()[14:18] for s in b.got] == [struct.pack("!I", i) for i in range(200)]
     # idle: nothing happens without an interrupt
     assert b.run(turns=3) == 0 and b.drv.stats.interrupts == 1
 
@@ -448,7 +455,7 @@ def test_napi_poll_cleans_tx_without_a_budget(pair):
     sent frames (budget 64) and, with nothing received, completes at once."""
     a, b = pair(E1000Config(mode="napi", budget=64, tidv=0))
     for seq in range(200):
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)), xmit_more=seq != 199)
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)), xmit_more=seq != 199)
     assert a.drv.tx_pending() == 200
     assert a.drv.process(0) == 0  # TXDW -> top half -> one poll
     st = a.drv.stats
@@ -459,10 +466,10 @@ def test_napi_poll_cleans_tx_without_a_budget(pair):
 
 def test_napi_reenable_sees_frames_that_arrived_while_masked(pair):
     a, b = pair()
-    a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, 1)))
+    a.drv.xmit(skb_of(frame(MAC_B, MAC_A, 1)))
     assert b.drv.bus.wait_irq(0) and b.drv.intr()
     assert b.nic.peek32(R.IMS) == 0
-    a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, 2)))  # arrives while masked: ICR.RXT0 pending
+    a.drv.xmit(skb_of(frame(MAC_B, MAC_A, 2)))  # arrives while masked: ICR.RXT0 pending
     assert not b.drv.bus.wait_irq(0)
     assert b.drv.poll() == 2  # both frames taken; under budget: IMS written again
     # ICR still holds RXT0 from the second frame: the IMS write raises the line again
@@ -474,7 +481,7 @@ def test_napi_reenable_sees_frames_that_arrived_while_masked(pair):
 def test_rx_buffers_return_in_groups_of_16(pair):
     a, b = pair(cfg_b=E1000Config(rx_ring_size=256, budget=64))
     for seq in range(64):
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)), xmit_more=True)
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)), xmit_more=True)
     a.drv.flush_tx()
     before = b.drv.stats.rx_doorbells
     writes_before = b.bus.writes
@@ -490,7 +497,7 @@ def test_rx_buffers_return_in_groups_of_16(pair):
 def test_tx_doorbell_once_per_batch(pair):
     a, b = pair()
     for seq in range(10):
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)), xmit_more=True)
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)), xmit_more=True)
     assert a.drv.stats.tx_doorbells == 0 and b.run() == 0
     a.drv.flush_tx()
     assert a.drv.stats.tx_doorbells == 1
@@ -503,18 +510,18 @@ def test_tx_doorbell_once_per_batch(pair):
 def test_tx_queue_stops_when_ring_fills_and_wakes_on_completion(pair):
     a, b = pair(E1000Config(tx_ring_size=64, tx_wake_threshold=32, tidv=0))
     sent = 0
-    while a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, sent))) == NETDEV_TX_OK:
+    while a.drv.xmit(skb_of(frame(MAC_B, MAC_A, sent))) == NETDEV_TX_OK:
         sent += 1
         assert sent < 100
     # 63 usable descriptors; the queue stops when fewer than 1 + 2 remain after a frame
     assert sent == 63 - a.drv.tx_desc_needed + 1
     assert a.drv.queue_stopped and a.drv.stats.tx_queue_stops == 1 and a.drv.stats.tx_busy == 1
-    assert a.drv.xmit(SkBuff(frame(MAC_B, MAC_A))) == NETDEV_TX_BUSY
+    assert a.drv.xmit(skb_of(frame(MAC_B, MAC_A))) == NETDEV_TX_BUSY
     # the device has sent them all; only the cleanup (interrupt -> TX clean) frees the slots
     a.run(turns=2)
     assert not a.drv.queue_stopped and a.wakes == 1 and a.drv.stats.restart_queue == 1
     assert a.drv.stats.tx_packets == sent
-    assert a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, 999))) == NETDEV_TX_OK
+    assert a.drv.xmit(skb_of(frame(MAC_B, MAC_A, 999))) == NETDEV_TX_OK
     b.run()
     assert len(b.got) == sent + 1
 
@@ -526,7 +533,7 @@ def test_a_busy_xmit_still_rings_for_frames_held_by_xmit_more(pair):
     a, b = pair(E1000Config(tx_ring_size=64, tidv=0))
     a.drv.tx_desc_needed = 0  # disable the after-queuing stop: only the pre-check is left
     queued = 0
-    while a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, queued)), xmit_more=True) == NETDEV_TX_OK:
+    while a.drv.xmit(skb_of(frame(MAC_B, MAC_A, queued)), xmit_more=True) == NETDEV_TX_OK:
         queued += 1
     assert queued == 63 - 2 and a.drv.queue_stopped and a.drv.stats.tx_busy == 1
     assert a.drv.stats.tx_doorbells == 1 and a.nic.peek32(R.TDT) == queued  # rung at the stop
@@ -551,7 +558,7 @@ def test_tx_buffers_freed_only_after_dd():
         drv.open()
         # 1514-byte frames: the 16 KB TX packet buffer holds ~10, the rest wait in the ring
         queued = 0
-        while drv.xmit(SkBuff(frame("ff:ff:ff:ff:ff:ff", MAC_A, queued, size=1514))) == NETDEV_TX_OK:
+        while drv.xmit(skb_of(frame("ff:ff:ff:ff:ff:ff", MAC_A, queued, size=1514))) == NETDEV_TX_OK:
             queued += 1
         assert drv.queue_stopped
         side.run(turns=3)
@@ -574,19 +581,19 @@ def test_jumbo_frame_spans_tx_descriptors(pair):
     a, b = pair(cfg, E1000Config(long_packets=True, rx_buffer_len=16384, rx_ring_size=32))
     big = frame(MAC_B, MAC_A, 1, size=9000)
     writes = a.drv.stats.tx_doorbells
-    assert a.drv.xmit(SkBuff(big)) == NETDEV_TX_OK
+    assert a.drv.xmit(skb_of(big)) == NETDEV_TX_OK
     assert a.drv.tx_ring.next_to_use == 5  # ceil(9000 / 2048) descriptors, one doorbell
     assert a.drv.stats.tx_doorbells == writes + 1
     b.run()
-    assert [s.data for s in b.got] == [big]
+    assert [s.tobytes() for s in b.got] == [big]
     a.run()
     assert a.drv.tx_pending() == 0 and a.drv.stats.tx_packets == 1
 
 
 def test_bad_tx_lengths_are_dropped_and_counted(pair):
     a, b = pair()
-    assert a.drv.xmit(SkBuff(b"\x01" * 10)) == NETDEV_TX_OK
-    assert a.drv.xmit(SkBuff(bytes(1519))) == NETDEV_TX_OK
+    assert a.drv.xmit(skb_of(b"\x01" * 10)) == NETDEV_TX_OK
+    assert a.drv.xmit(skb_of(bytes(1519))) == NETDEV_TX_OK
     assert a.drv.stats.tx_dropped == 2 and a.drv.tx_ring.next_to_use == 0
 
 
@@ -594,10 +601,10 @@ def test_bad_tx_lengths_are_dropped_and_counted(pair):
 
 def test_frame_spanning_rx_buffers_is_dropped(pair):
     a, b = pair(E1000Config(long_packets=True), E1000Config(rx_buffer_len=256, long_packets=True))
-    a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, 1, size=1000)))  # needs 4 buffers of 256
-    a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, 2, size=100)))
+    a.drv.xmit(skb_of(frame(MAC_B, MAC_A, 1, size=1000)))  # needs 4 buffers of 256
+    a.drv.xmit(skb_of(frame(MAC_B, MAC_A, 2, size=100)))
     b.run()
-    assert [s.data for s in b.got] == [frame(MAC_B, MAC_A, 2, size=100)]
+    assert [s.tobytes() for s in b.got] == [frame(MAC_B, MAC_A, 2, size=100)]
     # one error for the frame (not one per piece); its 4 descriptors count as RX work
     assert b.drv.stats.rx_length_errors == 1 and b.drv.stats.rx_packets == 1
     assert b.drv.rx_ring.unused() == 0  # every piece's buffer went back to the device
@@ -608,7 +615,7 @@ def test_rx_alloc_failure_is_counted_and_frames_still_flow(pair):
     assert b.drv.stats.alloc_rx_buff_failed == 1
     assert b.nic.peek32(R.RDT) == 40
     for seq in range(100):
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)))
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)))
         if seq % 20 == 19:
             b.run(turns=3)
     b.run()
@@ -619,7 +626,7 @@ def test_rx_overrun_counted_when_consumer_is_slow(pair):
     a, b = pair(E1000Config(tidv=0), E1000Config(rx_ring_size=64))
     n = 1200  # 63 buffers + a 48 KB packet buffer (~700 small frames): the rest is missed
     for seq in range(n):
-        assert a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)), xmit_more=seq % 32 != 31 and seq != n - 1) == NETDEV_TX_OK
+        assert a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)), xmit_more=seq % 32 != 31 and seq != n - 1) == NETDEV_TX_OK
         if seq % 32 == 31:
             a.drv.process(0)  # the sender keeps up; the receiver does nothing
     assert a.drv.ethtool_stats()["GPTC"] == n
@@ -629,7 +636,7 @@ def test_rx_overrun_counted_when_consumer_is_slow(pair):
     missed = st["MPC"]
     b.run(turns=50)
     assert b.drv.stats.rx_overrun_interrupts >= 1  # ICR.RXO was pending at the first interrupt
-    got = [struct.unpack("!I", s.data[14:18])[0] for s in b.got]
+    got = [struct.unpack("!I", s.tobytes()[14:18])[0] for s in b.got]
     assert len(got) == n - missed and got == sorted(got)
 
 
@@ -650,8 +657,8 @@ def test_rx_checksum_offload_verdict(pair):
     udp = udp[:6] + struct.pack("!H", ~s & 0xFFFF) + udp[8:]
     good = mac_bytes(MAC_B) + mac_bytes(MAC_A) + b"\x08\x00" + bytes(ip) + udp
     bad = good[:-1] + bytes([good[-1] ^ 0xFF])
-    a.drv.xmit(SkBuff(good + bytes(60 - len(good)) if len(good) < 60 else good))
-    a.drv.xmit(SkBuff(bad + bytes(60 - len(bad)) if len(bad) < 60 else bad))
+    a.drv.xmit(skb_of(good + bytes(60 - len(good)) if len(good) < 60 else good))
+    a.drv.xmit(skb_of(bad + bytes(60 - len(bad)) if len(bad) < 60 else bad))
     b.run()
     assert [s.ip_summed for s in b.got] == [CHECKSUM_UNNECESSARY, CHECKSUM_NONE]
     assert b.got[0].protocol == 0x0800
@@ -666,13 +673,13 @@ def test_lsc_reports_carrier_down_and_up(pair):
     b.run(turns=3)
     assert b.carrier == [True, False] and not b.drv.carrier
     # no carrier: frames are dropped above the ring, as the noop qdisc does
-    assert b.drv.xmit(SkBuff(frame(MAC_A, MAC_B))) == NETDEV_TX_OK
+    assert b.drv.xmit(skb_of(frame(MAC_A, MAC_B))) == NETDEV_TX_OK
     assert b.drv.stats.tx_dropped == 1 and b.drv.tx_ring.next_to_use == 0
     b.nic.set_link(True)
     b.run(turns=3)
     assert b.carrier == [True, False, True] and b.drv.carrier
     assert b.drv.stats.link_changes == 3
-    b.drv.xmit(SkBuff(frame(MAC_A, MAC_B, 5)))
+    b.drv.xmit(skb_of(frame(MAC_A, MAC_B, 5)))
     a.run()
     assert len(a.got) == 1
 
@@ -681,7 +688,7 @@ def test_lsc_reports_carrier_down_and_up(pair):
 
 def test_rdtr_delays_the_interrupt_and_wait_irq_fires_the_timer(pair):
     a, b = pair(cfg_b=E1000Config(mode="interrupt", rdtr=20_000, radv=0))  # ~20 ms packet timer
-    a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, 1)))
+    a.drv.xmit(skb_of(frame(MAC_B, MAC_A, 1)))
     assert not b.bus.wait_irq(0)  # the frame is in the ring, RXT0 waits for the timer
     assert b.nic.next_deadline() is not None
     assert b.bus.wait_irq(5.0)
@@ -690,9 +697,9 @@ def test_rdtr_delays_the_interrupt_and_wait_irq_fires_the_timer(pair):
 
 def test_itr_limits_interrupt_rate(pair):
     a, b = pair(cfg_b=E1000Config(mode="interrupt", itr=50))  # at most one per 20 ms
-    a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, 1)))
+    a.drv.xmit(skb_of(frame(MAC_B, MAC_A, 1)))
     assert b.drv.process(0) == 1
-    a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, 2)))
+    a.drv.xmit(skb_of(frame(MAC_B, MAC_A, 2)))
     assert b.drv.process(0) == 0  # held off by ITR
     assert b.drv.process(5.0) == 1  # the hold-off ends: the interrupt comes
     assert b.drv.stats.interrupts == 2
@@ -707,12 +714,12 @@ def test_set_moderation_rejects_out_of_range(one):
 def test_stats_accumulate_across_clear_on_read(pair):
     a, b = pair()
     for seq in range(10):
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)))
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)))
     b.run()
     b.drv.update_stats()
     assert b.nic.peek32(R.GPRC) == 0  # read and so cleared
     for seq in range(5):
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)))
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)))
     b.run()
     st = b.drv.ethtool_stats()
     assert st["GPRC"] == 15 and st["TPR"] == 15 and st["GORC"] == 15 * 64
@@ -761,7 +768,7 @@ def test_set_coalesce_at_run_time(pair):
     a.drv.set_coalesce(itr=4000, rdtr=16, radv=64, tidv=0, tadv=0)
     n = a.nic
     assert (n.peek32(R.ITR), n.peek32(R.RDTR), n.peek32(R.RADV), n.peek32(R.TIDV)) == (hw.itr_for_rate(4000), 16, 64, 0)
-    a.drv.xmit(SkBuff(frame(MAC_B, MAC_A)))
+    a.drv.xmit(skb_of(frame(MAC_B, MAC_A)))
     _, _, _, cmd, _, _, _ = R.TX_DESC.unpack_from(a.drv.tx_ring.desc, 0)
     assert cmd == int(R.TxdCmd.EOP | R.TxdCmd.IFCS | R.TxdCmd.RS)  # no IDE without TIDV
 
@@ -776,7 +783,7 @@ def test_watchdog_updates_statistics_periodically():
     try:
         a.drv.open()
         b.drv.open()
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A)))
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A)))
         b.run(turns=2)
         assert b.drv.hw_stats["GPRC"] == 0 and nb.peek32(R.GPRC) == 1  # not read yet
         now[0] += 2.5
@@ -790,7 +797,7 @@ def test_watchdog_updates_statistics_periodically():
 def test_interrupt_mode_bottom_half_cleans_tx_too(pair):
     a, b = pair(E1000Config(mode="interrupt", tidv=0))
     for seq in range(5):
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)))
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)))
     assert a.drv.tx_pending() == 5
     assert a.drv.process(0) == 0  # TXDW: the bottom half frees the sent frames
     assert a.drv.tx_pending() == 0 and a.drv.stats.tx_packets == 5 and a.drv.stats.bottom_halves == 1
@@ -818,12 +825,12 @@ def test_conservative_itr_falls_to_bulk_and_climbs_back_in_steps(pair):
     itr = lambda: b.nic.peek32(R.ITR)  # noqa: E731
     assert b.drv.itr == 20000 and itr() == hw.itr_for_rate(20000)
     for seq in range(64):
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq, size=1514)), xmit_more=seq != 63)
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq, size=1514)), xmit_more=seq != 63)
     b.run_until(lambda: len(b.got) == 64 and not b.drv.napi_scheduled)
     assert b.drv.itr == 4000 and itr() == hw.itr_for_rate(4000)
     seen = []
     for seq in range(4):  # light traffic again: up by a quarter of the target each time
-        a.drv.xmit(SkBuff(frame(MAC_B, MAC_A, seq)))
+        a.drv.xmit(skb_of(frame(MAC_B, MAC_A, seq)))
         b.run_until(lambda: len(b.got) == 65 + seq and not b.drv.napi_scheduled)
         seen.append(b.drv.itr)
     assert seen == [9000, 14000, 19000, 20000]  # conservative: never 70000
@@ -856,3 +863,147 @@ def test_writeback_longer_than_the_buffer_is_an_error_not_a_read(one):
         assert drv.rx_ring.unused() == 0  # the descriptor got its buffer back
     finally:
         drv.close()
+
+
+# --- the seam with kstack: NetDevice, sk_buffs, qdisc, checksum offload ----------------------------
+
+def _udp_frame(dst: str, src: str, payload: bytes) -> tuple[bytearray, int]:
+    """An Ethernet + IPv4 + UDP frame whose UDP checksum field holds the pseudo-header sum
+    (what the stack leaves for CHECKSUM_PARTIAL); returns it and the UDP header's offset."""
+    from wire.checksum import fold, internet_checksum, pseudo_header_sum
+    src_ip, dst_ip = bytes([198, 18, 0, 1]), bytes([198, 18, 0, 2])
+    ulen = 8 + len(payload)
+    ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + ulen, 7, 0, 64, 17, 0, src_ip, dst_ip))
+    struct.pack_into("!H", ip, 10, internet_checksum(ip))
+    udp = struct.pack("!HHHH", 1000, 2000, ulen, fold(pseudo_header_sum(src_ip, dst_ip, 17, ulen))) + payload
+    return bytearray(mac_bytes(dst) + mac_bytes(src) + b"\x08\x00" + bytes(ip) + udp), 14 + 20
+
+
+@pytest.mark.parametrize("tx_csum", [True, False])
+def test_checksum_partial_is_offloaded_or_done_in_software(pair, tx_csum):
+    """CHECKSUM_PARTIAL: with NETIF_F_IP_CSUM the legacy descriptor's IC/CSO/CSS make the
+    device insert the UDP checksum; without, the driver computes it (skb_checksum_help).
+    Either way the receiver's device finds it good (RXCSUM: CHECKSUM_UNNECESSARY)."""
+    from kstack.netdevice import NetdevFeatures
+    from kstack.skbuff import CHECKSUM_PARTIAL
+    from wire.checksum import pseudo_header_sum, checksum_ok
+    a, b = pair(E1000Config(tx_csum=tx_csum))
+    assert bool(a.drv.features & NetdevFeatures.IP_CSUM) == tx_csum
+    assert b.drv.features & NetdevFeatures.RXCSUM
+    data, udp_off = _udp_frame(MAC_B, MAC_A, b"checksum offload test payload")
+    skb = skb_of(bytes(data))
+    skb.ip_summed = CHECKSUM_PARTIAL
+    skb.csum_start = skb.data + udp_off
+    skb.csum_offset = 6
+    assert a.drv.xmit(skb) == NETDEV_TX_OK
+    b.run()
+    assert len(b.got) == 1 and b.got[0].ip_summed == CHECKSUM_UNNECESSARY
+    got = b.got[0].tobytes()
+    seg = got[udp_off:]
+    assert checksum_ok(seg, pseudo_header_sum(got[26:30], got[30:34], 17, len(seg)))
+    st = a.drv.stats
+    assert (st.tx_csum_offload, st.tx_csum_help) == ((1, 0) if tx_csum else (0, 1))
+
+
+def test_rx_skb_has_headroom_and_tx_skb_is_freed_after_dd(pair):
+    """netdev_alloc_skb: NET_SKB_PAD + NET_IP_ALIGN of headroom, the copy counted; a sent
+    sk_buff goes back to the pool only once its descriptor has DD (consumed, not dropped)."""
+    from kstack.skbuff import NET_IP_ALIGN, NET_SKB_PAD, SkbPool
+    a, b = pair()
+    pool = SkbPool()
+    skbs = [pool.from_bytes(frame(MAC_B, MAC_A, seq)) for seq in range(5)]
+    for s in skbs:
+        assert a.drv.xmit(s, xmit_more=True) == NETDEV_TX_OK
+    assert pool.live == 5  # held by the ring until DD
+    a.drv.flush_tx()
+    a.run_until(lambda: pool.live == 0)
+    assert pool.frees == 5 and not pool.drops
+    b.run_until(lambda: len(b.got) == 5)
+    assert all(s.headroom() == NET_SKB_PAD + NET_IP_ALIGN for s in b.got)
+    assert b.drv.stats.rx_copied_bytes == 5 * 60 and a.drv.stats.tx_copied_bytes == 5 * 60
+
+
+def test_no_carrier_drops_and_frees_with_a_reason(pair):
+    from kstack.skbuff import SkbPool
+    a, b = pair()
+    pool = SkbPool()
+    assert a.drv.xmit(pool.from_bytes(bytes(10))) == NETDEV_TX_OK  # shorter than a header
+    assert pool.drops["TX_ERROR"] == 1 and pool.live == 0
+    a.drv._set_carrier(False)  # as the watchdog does when STATUS.LU drops
+    assert a.drv.xmit(pool.from_bytes(frame(MAC_B, MAC_A))) == NETDEV_TX_OK
+    assert a.drv.stats.tx_dropped == 2 and pool.drops["DEV_READY"] == 1 and pool.live == 0
+
+
+def _stack_side(nic: Nic, cfg: E1000Config):
+    from kstack.stack import NetStack
+    stack = NetStack()
+    bus = InProcessBus(nic)
+    drv = E1000(bus, cfg, name="eth0")
+    stack.register_netdev(drv, qdisc="pfifo")
+    got: list[bytes] = []
+
+    def handler(skb) -> None:
+        got.append(skb.tobytes())
+        skb.consume()
+
+    stack.dev_add_pack(0x88B5, handler)
+    stack.dev_open(drv)
+    return stack, drv, bus, got
+
+
+def _loop_turn(drv: E1000, timeout: float = 0.0) -> None:
+    """What kstack.kernel's loop does for one device: the top half when the eventfd is
+    readable, the softirq work, pending qdisc work, the watchdog. (An emulator process runs
+    its device's timers itself; in-process the test runs them.)"""
+    import select
+    drv.bus.nic.run_timers()
+    if not drv.softirq_pending() and select.select([drv.irq_fd()], [], [], timeout)[0]:
+        drv.handle_irq()
+    if drv.softirq_pending():
+        drv.run_softirq(64)
+    if drv.qdisc.pending():
+        drv.qdisc.run()
+    drv.run_timers(time.monotonic())
+
+
+def test_stack_over_the_driver_queues_stops_and_wakes():
+    """Two stacks over two E1000s back to back: dev_queue_xmit -> qdisc -> ndo_start_xmit;
+    a 64-descriptor ring stops the queue, the qdisc holds the rest (no drops), TX completion
+    wakes the queue and the qdisc dequeues again; every frame arrives, in order, through the
+    driver's event-loop hooks (irq_fd, handle_irq, run_softirq)."""
+    na, nb = make_nic(MAC_A), make_nic(MAC_B)
+    na.connect(nb)
+    cfg = dict(rx_ring_size=256, tx_ring_size=64)
+    sa, da, ba, _ = _stack_side(na, E1000Config(mode="interrupt", **cfg))
+    sb, db, bb, got = _stack_side(nb, E1000Config(mode="napi", **cfg))
+    try:
+        assert da.carrier and db.carrier and da.dev_addr == mac_bytes(MAC_A)
+        n = 200
+        for seq in range(n):
+            skb = sa.pool.from_bytes(frame(MAC_B, MAC_A, seq))
+            skb.dev = da
+            sa.dev_queue_xmit(skb)
+        q = da.qdisc.stats()
+        assert da.queue_stopped and q["qlen"] > 0 and q["drops"] == 0
+        end = time.monotonic() + 10
+        while len(got) < n:
+            assert time.monotonic() < end, f"{len(got)} of {n} arrived"
+            _loop_turn(da, 0.0)
+            _loop_turn(db, 0.01)
+        assert [struct.unpack("!I", f[:4])[0] for f in got] == list(range(n))  # Ethernet pulled
+        q = da.qdisc.stats()
+        assert q["packets"] == n and q["qlen"] == 0 and q["drops"] == 0
+        assert da.counters["tx_queue_stops"] >= 1 and da.counters["tx_queue_wakes"] >= 1
+        assert da.stats.restart_queue == da.counters["tx_queue_wakes"]
+        end = time.monotonic() + 5
+        while sa.pool.live:
+            assert time.monotonic() < end
+            _loop_turn(da, 0.01)
+        assert sa.pool.frees == n and not sa.pool.drops
+        assert sb.counters()["devices"]["eth0"]["stats"]["rx_packets"] == n
+    finally:
+        for stack, drv, bus in ((sa, da, ba), (sb, db, bb)):
+            stack.dev_close(drv)
+            bus.close()
+        na.mem.close()
+        nb.mem.close()

@@ -24,7 +24,7 @@ import pytest
 
 from driver import hw
 from driver.e1000 import E1000, E1000Config
-from driver.skbuff import SkBuff
+from kstack.skbuff import SkBuff, default_pool
 from nicemu import regs as R
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,11 +196,11 @@ def test_bringup_against_emulator_process(lab):
         peer = E1000(bus_b, E1000Config(rx_ring_size=64, tx_ring_size=64), receive=got.append)
         assert peer.open() == MAC1
         frame = bytes.fromhex(MAC1.replace(":", "")) + mac + b"\x88\xb5" + bytes(46)
-        assert drv.xmit(SkBuff(frame)) == 0
+        assert drv.xmit(default_pool().from_bytes(frame)) == 0
         end = time.monotonic() + 10
         while not got and time.monotonic() < end:
             peer.process(0.1)
-        assert [s.data for s in got] == [frame] and peer.stats.interrupts >= 1
+        assert [s.tobytes() for s in got] == [frame] and peer.stats.interrupts >= 1
         peer.close()
         drv.close()
         assert drv.allocator.allocations == 0 and peer.allocator.allocations == 0
