@@ -21,6 +21,7 @@ import time
 from driver.bus import Bus
 from nicemu import regs
 from nicemu.regs import Ctrl, Eerd, Icr, PciCommand, Rah, Rctl, Rxcsum, Status, Tctl
+from wire.mac import format_mac  # re-exported: hw.format_mac
 
 __all__ = [
     "IMS_ENABLE_MASK", "HwError", "probe", "reset", "read_eeprom", "read_mac",
@@ -65,10 +66,6 @@ EERD_TIMEOUT = 0.5  # seconds for EERD.DONE
 
 class HwError(RuntimeError):
     """The device did not behave as the SDM says (reset stuck, EEPROM bad, ...)."""
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
 
 
 def _wait_for(bus: Bus, offset: int, mask: int, want: int, timeout: float, what: str) -> int:

@@ -30,6 +30,8 @@ from driver.mempool import DATA_ROOM, Mbuf, Mempool
 from driver.pmd_ref import RefCore
 from nicemu import regs
 from nicemu.regs import Icr
+from wire.ethernet import ETH_FCS_LEN, EtherType
+from wire.mac import parse_mac
 
 __all__ = ["Pmd", "PmdStats", "Burst", "CountingBus", "MODES", "ENGINES"]
 
@@ -434,7 +436,7 @@ def _swap_macs(burst: Burst) -> None:
         d[0:6], d[6:12] = bytes(d[6:12]), bytes(d[0:6])
 
 
-FCS_LEN = 4  # the device appends it (TX descriptors carry IFCS) and strips it on RX (SECRC)
+FCS_LEN = ETH_FCS_LEN  # the device appends it (TX descriptors carry IFCS) and strips it on RX (SECRC)
 MIN_FRAME, MAX_FRAME = 64, 1518  # Ethernet frame sizes on the wire, FCS included
 
 
@@ -489,6 +491,11 @@ def main(argv: list[str] | None = None) -> int:
                    f"--count {args.count} is negative" if args.count < 0 else "--interval must be positive")
         print(json.dumps({"event": "error", "message": problem}), flush=True)
         return 2
+    try:
+        dst = parse_mac(args.dst)
+    except ValueError as e:
+        print(json.dumps({"event": "error", "message": f"--dst: {e}"}), flush=True)
+        return 2
 
     stop = False
     report = False
@@ -524,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
         gen = args.role == "gen"
         gen_left = (args.count or -1) if gen else 0  # -1: without end
         gen_idx = array("I", [0]) * pmd.burst
-        frame = bytes.fromhex(args.dst.replace(":", "")) + bytes.fromhex(pmd.mac.replace(":", "")) + b"\x88\xb5"
+        frame = dst + parse_mac(pmd.mac) + int(EtherType.LOCAL_EXP1).to_bytes(2, "big")
         frame += bytes(max(0, args.size - FCS_LEN - len(frame)))  # the device appends the FCS
         pool = pmd.pool
 

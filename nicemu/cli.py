@@ -12,6 +12,8 @@ import os
 import sys
 from typing import Callable, Sequence
 
+from wire.mac import format_mac, nth_mac
+
 __all__ = ["main", "build_parser", "SUBCOMMANDS"]
 
 DEFAULT_MAC = "52:54:00:12:34:56"
@@ -75,7 +77,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     for addr in range(3):  # the MAC through EERD, as a driver reads it
         nic.write32(R.EERD, addr << 8 | int(R.Eerd.START))
         words.append(nic.read32(R.EERD) >> 16)
-    eerd_mac = ":".join(f"{w >> s & 0xFF:02x}" for w in words for s in (0, 8))
+    eerd_mac = format_mac(b"".join(w.to_bytes(2, "little") for w in words))  # low byte first
     engine = _engine_name(nic.engine)
     print(f"82540EM  PCI {vendor:04x}:{device:04x}  class {klass:06x}  BAR0 {bar_size // 1024} KiB  "
           f"engine {engine}", file=out)
@@ -300,8 +302,7 @@ def _emulator_from_config(config: str, process: str | None):
 
 
 def _nth_mac(i: int) -> str:
-    base = int(DEFAULT_MAC.replace(":", ""), 16) + i
-    return ":".join(f"{base >> s & 0xFF:02x}" for s in range(40, -1, -8))
+    return nth_mac(DEFAULT_MAC, i)
 
 
 def _make_nic(mem, mac: str, engine: str):

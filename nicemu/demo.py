@@ -63,6 +63,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence, TextIO
 
+from wire.ethernet import ETH_FCS_LEN, EtherType
+from wire.mac import parse_mac
+
 __all__ = ["main", "add_arguments", "run", "child_main", "proc_sample", "format_tables",
            "lesson_sentences", "Measurement", "MODES"]
 
@@ -75,8 +78,8 @@ DEFAULT_PINGS = 2000
 DEFAULT_SIZE = 64  # bytes on the wire, FCS included (the classic "64-byte frames")
 DEFAULT_WINDOW = 512  # frames in flight in the stream
 MAX_WINDOW = RING_SIZE - 32  # below the RX ring: a window that fits can never overrun it
-ETHERTYPE = b"\x88\xb5"  # IEEE 802 local experimental EtherType
-FCS_LEN = 4
+ETHERTYPE = int(EtherType.LOCAL_EXP1).to_bytes(2, "big")  # IEEE 802 local experimental EtherType
+FCS_LEN = ETH_FCS_LEN
 BURST = 32  # frames per rx/tx burst in the generator and the PMD responder
 IDLE_WAIT = 0.1  # s: longest sleep of a child's loop, so it sees signals and stdin promptly
 STALL_SECONDS = 5.0  # the generator gives up when no frame came back for this long
@@ -127,13 +130,6 @@ MODE_STORIES = {
 def _emit(obj: dict) -> None:
     """One report line for the controller."""
     print(json.dumps(obj), flush=True)
-
-
-def _mac_bytes(mac: str) -> bytes:
-    parts = mac.replace("-", ":").split(":")
-    if len(parts) != 6:
-        raise ValueError(f"bad MAC address {mac!r}")
-    return bytes(int(p, 16) for p in parts)
 
 
 class _ChildSignals:
@@ -340,7 +336,7 @@ class _Exchanges:
         view = pool.mem.view(pool.addr, pool.num_bufs * pool.buf_size)
         data_off = pool.data_off
         buf_size = pool.buf_size
-        header = _mac_bytes(args.dst) + _mac_bytes(pmd.mac) + ETHERTYPE
+        header = parse_mac(args.dst) + parse_mac(pmd.mac) + ETHERTYPE
         length = args.size - FCS_LEN  # the device appends the FCS (IFCS)
         window = max(1, window)
         tx_idx = array("I", [0]) * BURST

@@ -14,27 +14,9 @@ from __future__ import annotations
 from array import array
 
 from nicemu import regs
+from wire.mac import format_mac, parse_mac  # the one home of MAC parsing (re-exported here)
 
 __all__ = ["Eeprom", "parse_mac", "format_mac"]
-
-
-def parse_mac(mac: str | bytes | bytearray) -> bytes:
-    """'52:54:00:12:34:56' (or '-' separated, or 6 bytes) -> 6 bytes; ValueError otherwise."""
-    if isinstance(mac, (bytes, bytearray)):
-        if len(mac) != 6:
-            raise ValueError(f"a MAC address has 6 bytes, got {len(mac)}")
-        return bytes(mac)
-    parts = mac.replace("-", ":").split(":")
-    if len(parts) != 6 or not all(1 <= len(p) <= 2 for p in parts):
-        raise ValueError(f"bad MAC address {mac!r}: expected six hex bytes like 52:54:00:12:34:56")
-    try:
-        return bytes(int(p, 16) for p in parts)
-    except ValueError:
-        raise ValueError(f"bad MAC address {mac!r}: expected six hex bytes") from None
-
-
-def format_mac(mac: bytes) -> str:
-    return ":".join(f"{b:02x}" for b in mac)
 
 
 class Eeprom:

@@ -13,9 +13,11 @@ from __future__ import annotations
 import struct
 import zlib
 
+from wire.ethernet import ETH_FCS_LEN
+
 __all__ = ["FCS_LEN", "FCS_RESIDUE", "fcs", "append_fcs", "check_fcs", "strip_fcs"]
 
-FCS_LEN = 4
+FCS_LEN = ETH_FCS_LEN
 FCS_RESIDUE = 0x2144DF1C  # zlib.crc32(frame + fcs) for every frame with a good FCS
 
 _LE32 = struct.Struct("<I")

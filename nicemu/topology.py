@@ -28,6 +28,7 @@ import yaml
 
 from nicemu.cable.base import unplugged
 from nicemu.faults import PROBABILITY_KEYS, FaultConfig
+from wire.mac import format_mac, parse_mac as wire_parse_mac
 
 if TYPE_CHECKING:  # imported lazily at run time: validation must work without the device built
     from nicemu.emulator import Emulator
@@ -397,7 +398,7 @@ def parse_mac(v: Any) -> tuple[str | None, str | None]:
         return None, f"must be a string like \"52:54:00:12:34:56\", got {_describe(v)}"
     if not _MAC_RE.match(v):
         return None, f"{v!r} is not a MAC address (six hex bytes separated by ':', e.g. 52:54:00:12:34:56)"
-    octets = bytes(int(x, 16) for x in re.split(r"[:-]", v))
+    octets = wire_parse_mac(v)
     if octets[0] & 1:
         return None, (
             f"{v!r} is a multicast address (bit 0 of the first byte is set); "
@@ -405,7 +406,7 @@ def parse_mac(v: Any) -> tuple[str | None, str | None]:
         )
     if octets == bytes(6):
         return None, f"{v!r} is the all-zero address, which no port may use"
-    return ":".join(f"{b:02x}" for b in octets), None
+    return format_mac(octets), None
 
 
 def socket_path_problem(path: str | os.PathLike) -> str | None:
