@@ -181,22 +181,19 @@ def serve(server: SyscallServer, stop: threading.Event | None = None) -> None:
     """A minimal kernel event loop: poll the server's fds, dispatch, run its timers."""
     clock = server.clock
     ep = select.epoll()
-    registered: set[int] = set()
+    gen = -1
     try:
         while stop is None or not stop.is_set():
-            fds = set(server.fds())
-            for fd in registered - fds:
-                try:
-                    ep.unregister(fd)
-                except OSError:
-                    pass
-            for fd in fds - registered:
-                ep.register(fd, select.EPOLLIN)
-            registered = fds
+            if gen != server.fds_generation:  # fd numbers are reused: register all afresh
+                gen = server.fds_generation
+                ep.close()
+                ep = select.epoll()
+                for fd in server.fds():
+                    ep.register(fd, select.EPOLLIN)
             dl = server.next_deadline()
             timeout = 0.05 if dl is None else max(0.0, min(0.05, (dl - clock()) / 1e9))
             for fd, _ in ep.poll(timeout):
-                if fd in server.fds():
+                if gen == server.fds_generation:  # else fd may be closed or another's now
                     server.handle_ready(fd)
             server.run_timers(clock())
     finally:

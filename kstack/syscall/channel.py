@@ -157,7 +157,10 @@ def connect(path: str, timeout: float = 5.0) -> Accepted:
     try:
         conn.settimeout(timeout)
         conn.connect(path)
-        conn.send(HELLO.pack(MAGIC, VERSION, os.getpid()))
+        try:
+            conn.send(HELLO.pack(MAGIC, VERSION, os.getpid()))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a kernel that refuses answers at once and closes: read its answer
         msg, anc, _flags, _ = conn.recvmsg(64, socket.CMSG_SPACE(3 * 4))
         for level, kind, data in anc:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:

@@ -3,8 +3,10 @@
 It owns a listening AF_UNIX socket and, per application, the unix socket (liveness), the
 shared rings and two eventfds. The kernel's event loop polls fds() for reading, calls
 handle_ready(fd) for each that is readable, sleeps no longer than next_deadline() and calls
-run_timers(now) after. fds() changes as applications come and go: the loop asks again after
-each round (or sets on_fds_changed; fds_generation counts the changes).
+run_timers(now) after. fds() changes as applications come and go (on_fds_changed is called,
+fds_generation counts the changes); a closed fd's number can come back as another
+application's at once, so on a change the loop registers fds() afresh and drops the rest of
+the events it already has for this server.
 
 A call is dispatched to the Sock's method (all non-blocking). A call that raises
 BlockingIOError and may block is parked: it is retried when the Sock calls its wake-up (after
@@ -36,7 +38,8 @@ from kstack.timer import Timer, TimerQueue
 __all__ = ["SyscallServer"]
 
 FIRST_FD = 3  # 0, 1, 2 are the application's stdio in its own numbering
-_CONN, _SQ, _LISTEN, _WAKE = range(4)
+_CONN, _SQ, _LISTEN, _WAKE, _REFUSED = range(5)
+MAX_REFUSED = 16  # refused connections kept until they said hello (so the answer is read)
 _OP_NAMES = {int(op): op.name.lower() for op in Op}
 _PEERCRED = struct.Struct("3i")
 
@@ -97,7 +100,8 @@ class SyscallServer:
         self.on_fds_changed: Callable[[], None] | None = None
         self.fds_generation = 0
         self._apps: list[_App] = []
-        self._by_fd: dict[int, tuple[int, _App | None]] = {}
+        self._by_fd: dict[int, tuple[int, Any]] = {}
+        self._refused: dict[int, tuple[socket.socket, Timer]] = {}
         self._woken: dict[_App, set[int]] = {}
         self._wake_signaled = False
         if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -126,6 +130,8 @@ class SyscallServer:
             self._conn_ready(app)
         elif kind == _LISTEN:
             self._accept()
+        elif kind == _REFUSED:
+            self._refused_done(fd)
         elif kind == _WAKE:
             _eventfd_clear(fd)
             self._wake_signaled = False
@@ -142,6 +148,8 @@ class SyscallServer:
     def close(self) -> None:
         for app in list(self._apps):
             self._teardown(app, "kernel_close")
+        for fd in list(self._refused):
+            self._refused_done(fd)
         if self._listener.fileno() >= 0:
             self._by_fd.pop(self._listener.fileno(), None)
             self._listener.close()
@@ -188,9 +196,7 @@ class SyscallServer:
                 return
             conn.setblocking(False)
             if len(self._apps) >= self.max_apps:
-                self.counters["refused_max_apps"] += 1
-                send_refuse(conn, errno.EAGAIN)
-                conn.close()
+                self._refuse(conn)
                 continue
             try:
                 pid = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[0]
@@ -202,6 +208,34 @@ class SyscallServer:
             app.hello_timer = self.timers.timer(lambda now, a=app: self._hello_timeout(a), "hello")
             app.hello_timer.mod(self.clock() + self.handshake_timeout_ns)
             self._changed()
+
+    def _refuse(self, conn: socket.socket) -> None:
+        """Answer EAGAIN. Closing at once, with the hello unread, would reset the connection
+        and lose the answer: keep it (a bounded number) until the hello or a timeout."""
+        self.counters["refused_max_apps"] += 1
+        send_refuse(conn, errno.EAGAIN)
+        fd = conn.fileno()
+        if len(self._refused) >= MAX_REFUSED:
+            conn.close()
+            return
+        t = self.timers.timer(lambda now, f=fd: self._refused_done(f), "refused")
+        t.mod(self.clock() + self.handshake_timeout_ns)
+        self._refused[fd] = (conn, t)
+        self._by_fd[fd] = (_REFUSED, conn)
+        self._changed()
+
+    def _refused_done(self, fd: int) -> None:
+        conn, t = self._refused.pop(fd, (None, None))
+        if conn is None:
+            return
+        t.delete()
+        self._by_fd.pop(fd, None)
+        try:
+            conn.recv(64)
+        except OSError:
+            pass
+        conn.close()
+        self._changed()
 
     def _hello_timeout(self, app: _App) -> None:
         if not app.ready and not app.dead:
