@@ -36,7 +36,7 @@ from kstack.sock import (AF_INET, IP_TOS, IP_TTL, IPPROTO_ICMP, IPPROTO_IP, IPPR
 from kstack.syscall.channel import POLLFD, Op
 from kstack.syscall.client import KernelChannel
 
-__all__ = ["socket", "select", "poll", "connect_kernel", "kernel", "costs", "timeout", "error",
+__all__ = ["socket", "select", "poll", "connect_kernel", "disconnect_kernel", "kernel", "costs", "timeout", "error",
            "getdefaulttimeout", "setdefaulttimeout", "AF_INET", "SOCK_DGRAM", "SOCK_RAW",
            "IPPROTO_ICMP", "IPPROTO_UDP", "IPPROTO_IP", "SOL_SOCKET", "SO_RCVBUF", "SO_SNDBUF",
            "SO_REUSEADDR", "SO_ERROR", "SO_BROADCAST", "IP_TOS", "IP_TTL", "MSG_DONTWAIT",
@@ -66,6 +66,15 @@ def connect_kernel(path: str | None = None) -> KernelChannel:
             _channel.close() if _channel.pid == os.getpid() else _channel.abandon()
         _channel = KernelChannel(path)
         return _channel
+
+
+def disconnect_kernel() -> None:
+    """Close this process's channel (the kernel closes the sockets it still has)."""
+    global _channel
+    with _channel_lock:
+        ch, _channel = _channel, None
+    if ch is not None:
+        ch.close() if ch.pid == os.getpid() else ch.abandon()
 
 
 def kernel() -> KernelChannel:

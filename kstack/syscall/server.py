@@ -417,7 +417,10 @@ class SyscallServer:
             result, payload, addr = self._call(app, rec)
         except BlockingIOError:
             if self._timeout(rec) == 0:
-                self._complete(app, rec, -errno.EAGAIN)
+                if rec.op == Op.POLL:  # poll(0) with nothing ready: 0, not an error
+                    self._complete(app, rec, 0, rec.payload)
+                else:
+                    self._complete(app, rec, -errno.EAGAIN)
             else:
                 self._park(app, rec)
             return
