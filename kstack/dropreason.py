@@ -47,3 +47,8 @@ class SkbDropReason(enum.Enum):
     IP_RPFILTER = enum.auto()
     DUP_FRAG = enum.auto()
     FRAG_INCOMPLETE = enum.auto()  # ours: a reassembly queue evicted incomplete
+    NEIGH_CREATEFAIL = enum.auto()  # the neighbour table is full (gc_thresh3)
+    IP_INVALID_SOURCE = enum.auto()  # a martian source (multicast, broadcast, 0/8, 127/8)
+    IP_INVALID_DEST = enum.auto()  # a martian destination (0/8, 127/8 from outside)
+    IP_FRAG_QUEUES = enum.auto()  # ours: too many reassembly queues at once
+    ICMP_ERROR = enum.auto()  # ours: an ICMP error nobody could take (no socket, bad inner header)

@@ -49,7 +49,9 @@ class Sysctl:
     ip_default_ttl: int = 64
     ipfrag_high_thresh: int = 4 * 1024 * 1024  # bytes of pending fragments before dropping
     ipfrag_time_s: int = 30  # reassembly timeout
+    ipfrag_low_thresh: int = 3 * 1024 * 1024  # eviction stops below this (pre-4.17 Linux)
     ipfrag_max_dist: int = 64
+    ipfrag_max_queues: int = 4096  # ours: reassembly queues at once (Linux bounds by memory)
     icmp_ratelimit_ms: int = 1000  # token bucket refill interval for ICMP errors
     icmp_ratemask: int = 0x1818  # dest unreachable, source quench, time exceeded, param problem
     icmp_msgs_per_sec: int = 1000  # global ICMP limit
@@ -63,6 +65,10 @@ class Sysctl:
     neigh_gc_stale_ms: int = 60_000
     neigh_queue_len_bytes: int = 212992  # unres_qlen_bytes: packets waiting for resolution
     neigh_gc_thresh3: int = 1024  # the table's hard limit
+    neigh_gc_thresh1: int = 128  # below this many entries the periodic gc keeps everything
+    neigh_locktime_ms: int = 1_000  # an entry's address is not replaced sooner than this
+    neigh_gc_interval_ms: int = 30_000
+    ip_local_port_range: tuple[int, int] = (32768, 60999)  # ephemeral ports
     udp_mem_pages: int = 0  # 0: no global UDP memory limit beyond SO_RCVBUF
     somaxconn: int = 4096
 

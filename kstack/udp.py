@@ -1,0 +1,430 @@
+"""UDP (RFC 768, RFC 1122 4.1; Linux's net/ipv4/udp.c): sockets, demux, checksums.
+
+Receive (udp_rcv): a header of 8 bytes and a length field between 8 and the IP payload
+(else UdpInErrors, PKT_TOO_SMALL; bytes after the UDP length are trimmed); the checksum
+unless it is zero ("no checksum", RFC 768) or the device already verified it
+(CHECKSUM_UNNECESSARY from RXCSUM): a bad one counts UdpInCsumErrors and UdpInErrors. The
+socket is the best match in Linux's compute_score: a connected socket whose 4-tuple matches
+beats one bound to the destination address, which beats a wildcard bind; among equals the
+most recently bound wins. Broadcasts go to every matching socket. No socket: UdpNoPorts and
+ICMP port unreachable (RFC 1122 4.1.3.1). A socket whose receive memory (skb truesize) is
+above SO_RCVBUF drops (UdpRcvbufErrors, UdpInErrors, SOCKET_RCVBUFF). UdpInDatagrams counts
+datagrams handed to the application by recvmsg, as Linux counts it.
+
+Send (udp_sendmsg): autobind to an ephemeral port (ip_local_port_range), route, the checksum
+computed here or left to the device (CHECKSUM_PARTIAL with the pseudo-header sum in the field)
+when it offers NETIF_F_IP_CSUM and the datagram fits its MTU; larger datagrams go to IP to be
+fragmented. More than 65507 bytes is EMSGSIZE.
+"""
+from __future__ import annotations
+
+import errno
+import struct
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from kstack.dropreason import SkbDropReason
+from kstack.neighbour import skb_truesize
+from kstack.netdevice import NetdevFeatures
+from kstack.route import RTN_BROADCAST, RTN_LOCAL
+from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, MAX_HEADER, SkBuff
+from kstack.sock import (IPPROTO_UDP, MSG_PEEK, POLLERR, POLLIN, POLLNVAL, POLLOUT,
+                         SO_BROADCAST, SOL_SOCKET, Address, Sock)
+from kstack.stack import PACKET_BROADCAST, PACKET_MULTICAST
+from wire.checksum import fold, ones_sum
+from wire.icmp import (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED,
+                       NR_ICMP_UNREACH)
+from wire.ipv4 import IPV4_MIN_HLEN, aton, is_lbcast, ntoa
+from wire.udp import UDP_HLEN, UDP_MAX_PAYLOAD
+
+if TYPE_CHECKING:
+    from kstack.inet import Inet
+
+__all__ = ["UdpSock", "UdpTable", "MAX_UDP_SOCKETS", "ICMP_ERR_CONVERT"]
+
+MAX_UDP_SOCKETS = 65536
+_HDR = struct.Struct("!HHHH")
+_ADDRS = struct.Struct("!II")
+
+# icmp_err_convert: Destination Unreachable code -> (errno, fatal)
+ICMP_ERR_CONVERT = (
+    (errno.ENETUNREACH, False), (errno.EHOSTUNREACH, False), (errno.ENOPROTOOPT, True),
+    (errno.ECONNREFUSED, True), (errno.EMSGSIZE, False), (errno.EOPNOTSUPP, False),
+    (errno.ENETUNREACH, True), (errno.EHOSTDOWN, True), (errno.ENONET, True),
+    (errno.ENETUNREACH, True), (errno.EHOSTUNREACH, True), (errno.ENETUNREACH, False),
+    (errno.EHOSTUNREACH, False), (errno.EHOSTUNREACH, True), (errno.EHOSTUNREACH, True),
+    (errno.EHOSTUNREACH, True),
+)
+
+
+def _addr(addr: Any) -> tuple[int, int]:
+    """(ip int, port) from an (ip str, port) tuple; EINVAL/EAFNOSUPPORT as Linux answers."""
+    try:
+        host, port = addr
+        ip = 0 if host in ("", "0.0.0.0") else int.from_bytes(aton(host), "big")
+        port = int(port)
+    except (TypeError, ValueError):
+        raise OSError(errno.EINVAL, "bad address") from None
+    if not 0 <= port <= 0xFFFF:
+        raise OverflowError("port must be 0-65535")
+    return ip, port
+
+
+class UdpSock(Sock):
+    """A UDP socket (struct udp_sock)."""
+
+    def __init__(self, stack: Any, family: int, type: int, protocol: int) -> None:
+        super().__init__(stack, family, type, protocol or IPPROTO_UDP)
+        self.inet: "Inet" = stack.protocols["inet"]
+        self.table: UdpTable = self.inet.udp
+        self.rcv_saddr = 0  # bound address (0: any)
+        self.saddr = 0  # source address used on send
+        self.sport = 0
+        self.daddr = 0
+        self.dport = 0
+        self.connected = False
+        self.broadcast = False
+        self.queue: deque[SkBuff] = deque()
+        self.rmem = 0  # sk_rmem_alloc: truesize of what is queued
+        self.drops = 0  # sk_drops
+
+    # --- binding ------------------------------------------------------------------------------
+
+    def bind(self, addr: Address) -> None:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        ip, port = _addr(addr)
+        if self.sport:
+            raise OSError(errno.EINVAL, "already bound")
+        if ip and not (self.inet.is_local(ip) or is_lbcast(ip) or ip in self.inet.bcast_addrs):
+            raise OSError(errno.EADDRNOTAVAIL, "cannot assign requested address")
+        self.table.get_port(self, ip, port)
+
+    def connect(self, addr: Address) -> None:
+        """ip4_datagram_connect: fix the peer, pick the source address from the route."""
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        ip, port = _addr(addr)
+        if port == 0:
+            raise OSError(errno.EINVAL, "port 0")  # Linux answers connect to port 0 so too
+        res = self.inet.ip.route_output(ip)
+        if res is None:
+            raise OSError(errno.ENETUNREACH, "network is unreachable")
+        if res.type == RTN_BROADCAST and not self.broadcast:
+            raise OSError(errno.EACCES, "permission denied (SO_BROADCAST)")
+        if not self.sport:
+            self.table.get_port(self, 0, 0)
+        if not self.rcv_saddr:
+            self.rcv_saddr = res.src
+        self.saddr = self.rcv_saddr
+        self.daddr, self.dport = ip, port
+        self.connected = True
+
+    def getsockname(self) -> Address:
+        return (ntoa(self.rcv_saddr), self.sport)
+
+    def getpeername(self) -> Address:
+        if not self.connected:
+            raise OSError(errno.ENOTCONN, "not connected")
+        return (ntoa(self.daddr), self.dport)
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        if level == SOL_SOCKET and option == SO_BROADCAST:
+            self.broadcast = bool(value)
+            return
+        super().setsockopt(level, option, value)
+
+    def getsockopt(self, level: int, option: int) -> int:
+        if level == SOL_SOCKET and option == SO_BROADCAST:
+            return int(self.broadcast)
+        return super().getsockopt(level, option)
+
+    # --- send ---------------------------------------------------------------------------------
+
+    def sendmsg(self, data: bytes, addr: Address | None, flags: int = 0) -> int:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        if self.err:
+            err, self.err = self.err, 0
+            raise OSError(err, errno.errorcode.get(err, "error"))
+        n = len(data)
+        if n > UDP_MAX_PAYLOAD:
+            raise OSError(errno.EMSGSIZE, "message too long")
+        if addr is not None:
+            dst, dport = _addr(addr)
+            if dport == 0:
+                raise OSError(errno.EINVAL, "port 0")
+        elif self.connected:
+            dst, dport = self.daddr, self.dport
+        else:
+            raise OSError(errno.EDESTADDRREQ, "destination address required")
+        inet = self.inet
+        res = inet.ip.route_output(dst)
+        if res is None:
+            raise OSError(errno.ENETUNREACH, "network is unreachable")
+        if (res.type == RTN_BROADCAST or is_lbcast(dst)) and not self.broadcast:
+            raise OSError(errno.EACCES, "permission denied (SO_BROADCAST)")
+        if not self.sport:
+            self.table.get_port(self, 0, 0)
+        src = self.saddr or self.rcv_saddr or res.src
+        if not src:
+            raise OSError(errno.EADDRNOTAVAIL, "no source address")
+        ulen = UDP_HLEN + n
+        stack = self.stack
+        skb = stack.pool.alloc(ulen, MAX_HEADER)
+        o = skb.put(ulen)
+        buf = skb.shinfo.buf
+        buf[o + UDP_HLEN:o + ulen] = data
+        stack.pool.bytes_copied += n
+        # pseudo-header (RFC 768): source, destination, zero, protocol, UDP length
+        psum = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + IPPROTO_UDP + ulen
+        dev = res.dev
+        if (res.type != RTN_LOCAL and dev.features & NetdevFeatures.IP_CSUM
+                and ulen + IPV4_MIN_HLEN <= dev.mtu):
+            # udp4_hwcsum: the device sums from csum_start and stores at csum_offset; the
+            # field starts as the folded pseudo-header sum
+            _HDR.pack_into(buf, o, self.sport, dport, ulen, fold(psum))
+            skb.ip_summed = CHECKSUM_PARTIAL
+            skb.csum_start = o
+            skb.csum_offset = 6
+        else:
+            _HDR.pack_into(buf, o, self.sport, dport, ulen, 0)
+            c = ~fold(ones_sum(memoryview(buf)[o:o + ulen], psum)) & 0xFFFF
+            c = c or 0xFFFF  # RFC 768: a computed zero is sent as all ones
+            buf[o + 6] = c >> 8
+            buf[o + 7] = c & 0xFF
+        skb.sk = self
+        stack.snmp["UdpOutDatagrams"] += 1
+        inet.ip.output(skb, src, dst, IPPROTO_UDP, res, tos=self.tos, ttl=self.ttl)
+        return n
+
+    # --- receive ------------------------------------------------------------------------------
+
+    def queue_rcv(self, skb: SkBuff) -> None:
+        """__udp_enqueue_schedule_skb: queue unless the receive memory is over SO_RCVBUF."""
+        if self.rmem > self.rcvbuf:
+            snmp = self.stack.snmp
+            snmp["UdpRcvbufErrors"] += 1
+            snmp["UdpInErrors"] += 1
+            self.drops += 1
+            skb.drop(SkbDropReason.SOCKET_RCVBUFF)
+            return
+        self.rmem += skb_truesize(skb)
+        self.queue.append(skb)
+        self.wake()
+
+    def recvmsg(self, bufsize: int, flags: int = 0) -> tuple[bytes, Address | None]:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        if self.err:
+            err, self.err = self.err, 0
+            raise OSError(err, errno.errorcode.get(err, "error"))
+        if not self.queue:
+            raise BlockingIOError(errno.EAGAIN, "no datagram")
+        skb = self.queue[0]
+        buf = skb.shinfo.buf
+        o = skb.data + UDP_HLEN
+        data = bytes(buf[o:min(skb.tail, o + max(bufsize, 0))])
+        nh = skb.network_header
+        src = buf[nh + 12] << 24 | buf[nh + 13] << 16 | buf[nh + 14] << 8 | buf[nh + 15]
+        sport = buf[skb.data] << 8 | buf[skb.data + 1]
+        if not flags & MSG_PEEK:
+            self.queue.popleft()
+            self.rmem -= skb_truesize(skb)
+            self.stack.snmp["UdpInDatagrams"] += 1
+            skb.consume()
+        return data, (ntoa(src), sport)
+
+    def poll(self) -> int:
+        if self.closed:
+            return POLLNVAL
+        mask = POLLOUT
+        if self.queue:
+            mask |= POLLIN
+        if self.err:
+            mask |= POLLERR
+        return mask
+
+    def error_report(self, err: int) -> None:
+        """sk_error_report."""
+        self.err = err
+        self.wake()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.table.unhash(self)
+        while self.queue:
+            self.queue.popleft().drop(SkbDropReason.SOCKET_CLOSE)
+        self.rmem = 0
+        self.wake()
+
+
+class UdpTable:
+    """udp_table: sockets by local port, and the protocol handlers."""
+
+    def __init__(self, inet: "Inet") -> None:
+        self.inet = inet
+        self.stack = inet.stack
+        self.snmp = inet.stack.snmp
+        self.ports: dict[int, list[UdpSock]] = {}  # newest first
+        self.count = 0
+        self.rng = inet.rng
+
+    # --- ports --------------------------------------------------------------------------------
+
+    def get_port(self, sk: UdpSock, ip: int, port: int) -> None:
+        """udp_lib_get_port: bind `sk` to (ip, port); port 0 picks a free ephemeral port from
+        a random start in ip_local_port_range. EADDRINUSE unless both set SO_REUSEADDR."""
+        if self.count >= MAX_UDP_SOCKETS:
+            raise OSError(errno.ENOBUFS, "too many UDP sockets")
+        if port == 0:
+            lo, hi = self.stack.sysctl.ip_local_port_range
+            span = hi - lo + 1
+            start = self.rng.randrange(span)
+            for i in range(span):
+                p = lo + (start + i) % span
+                if not self._conflict(sk, ip, p):
+                    port = p
+                    break
+            else:
+                raise OSError(errno.EAGAIN, "no ephemeral port free")
+        elif self._conflict(sk, ip, port):
+            raise OSError(errno.EADDRINUSE, "address already in use")
+        sk.rcv_saddr = sk.saddr = ip
+        sk.sport = port
+        self.ports.setdefault(port, []).insert(0, sk)
+        self.count += 1
+
+    def _conflict(self, sk: UdpSock, ip: int, port: int) -> bool:
+        for o in self.ports.get(port, ()):
+            if o is sk:
+                continue
+            if o.rcv_saddr and ip and o.rcv_saddr != ip:
+                continue
+            if o.reuseaddr and sk.reuseaddr:
+                continue
+            return True
+        return False
+
+    def unhash(self, sk: UdpSock) -> None:
+        lst = self.ports.get(sk.sport)
+        if lst and sk in lst:
+            lst.remove(sk)
+            self.count -= 1
+            if not lst:
+                del self.ports[sk.sport]
+
+    # --- demux --------------------------------------------------------------------------------
+
+    @staticmethod
+    def _score(sk: UdpSock, saddr: int, sport: int, daddr: int) -> int:
+        """compute_score: -1 no match; higher is more specific."""
+        score = 2
+        if sk.rcv_saddr:
+            if sk.rcv_saddr != daddr:
+                return -1
+            score += 4
+        if sk.connected:
+            if sk.daddr != saddr or sk.dport != sport:
+                return -1
+            score += 8
+        return score
+
+    def lookup(self, saddr: int, sport: int, daddr: int, dport: int) -> UdpSock | None:
+        """__udp4_lib_lookup: the best-scoring socket on dport."""
+        lst = self.ports.get(dport)
+        if not lst:
+            return None
+        if len(lst) == 1:
+            sk = lst[0]
+            return sk if self._score(sk, saddr, sport, daddr) >= 0 else None
+        best, best_score = None, -1
+        for sk in lst:
+            s = self._score(sk, saddr, sport, daddr)
+            if s > best_score:
+                best, best_score = sk, s
+        return best
+
+    def rcv(self, skb: SkBuff) -> None:
+        """udp_rcv: `skb.data` at the UDP header."""
+        snmp = self.snmp
+        off = skb.data
+        n = skb.tail - off
+        if n < UDP_HLEN:
+            snmp["UdpInErrors"] += 1
+            skb.drop(SkbDropReason.PKT_TOO_SMALL)
+            return
+        buf = skb.shinfo.buf
+        sport, dport, ulen, check = _HDR.unpack_from(buf, off)
+        if ulen > n or ulen < UDP_HLEN:
+            snmp["UdpInErrors"] += 1
+            skb.drop(SkbDropReason.PKT_TOO_SMALL)
+            return
+        if ulen < n:
+            skb.trim(ulen)
+        saddr, daddr = _ADDRS.unpack_from(buf, skb.network_header + 12)
+        if check and skb.ip_summed != CHECKSUM_UNNECESSARY:
+            psum = (saddr >> 16) + (saddr & 0xFFFF) + (daddr >> 16) + (daddr & 0xFFFF) + 17 + ulen
+            if fold(ones_sum(memoryview(buf)[off:off + ulen], psum)) != 0xFFFF:
+                snmp["UdpInCsumErrors"] += 1
+                snmp["UdpInErrors"] += 1
+                skb.drop(SkbDropReason.UDP_CSUM)
+                return
+        if skb.pkt_type in (PACKET_BROADCAST, PACKET_MULTICAST) or is_lbcast(daddr) \
+                or daddr in self.inet.bcast_addrs:
+            self._mcast_deliver(skb, saddr, sport, daddr, dport)
+            return
+        sk = self.lookup(saddr, sport, daddr, dport)
+        if sk is None:
+            snmp["UdpNoPorts"] += 1
+            self.inet.icmp.send(skb, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0)
+            skb.drop(SkbDropReason.NO_SOCKET)
+            return
+        sk.queue_rcv(skb)
+
+    def _mcast_deliver(self, skb: SkBuff, saddr: int, sport: int, daddr: int, dport: int) -> None:
+        """__udp4_lib_mcast_deliver: a clone to every socket that matches."""
+        targets = [sk for sk in self.ports.get(dport, ())
+                   if (not sk.rcv_saddr or sk.rcv_saddr == daddr or is_lbcast(sk.rcv_saddr)
+                       or sk.rcv_saddr in self.inet.bcast_addrs)
+                   and (not sk.connected or (sk.daddr == saddr and sk.dport == sport))]
+        if not targets:
+            self.snmp["UdpNoPorts"] += 1  # no ICMP about a broadcast (RFC 1122 3.2.2)
+            skb.drop(SkbDropReason.NO_SOCKET)
+            return
+        for sk in targets[1:]:
+            sk.queue_rcv(skb.clone())
+        targets[0].queue_rcv(skb)
+
+    def err(self, isrc: int, idst: int, quote: bytes, type: int, code: int, info: int) -> None:
+        """__udp4_lib_err: an ICMP error about a datagram we sent (isrc is ours). Only a
+        connected socket hears it (no IP_RECVERR), and only fatal errors."""
+        sport, dport = struct.unpack_from("!HH", quote, 0)
+        sk = self.lookup(idst, dport, isrc, sport)
+        if sk is None:
+            return
+        if type == ICMP_DEST_UNREACH:
+            if code == ICMP_FRAG_NEEDED:
+                err, fatal = errno.EMSGSIZE, True
+            elif code <= NR_ICMP_UNREACH:
+                err, fatal = ICMP_ERR_CONVERT[code]
+            else:
+                return
+        elif type == ICMP_TIME_EXCEEDED:
+            err, fatal = errno.EHOSTUNREACH, False
+        else:
+            err, fatal = errno.EPROTO, True
+        if fatal and sk.connected:
+            sk.error_report(err)
+
+    def flush(self) -> None:
+        for lst in list(self.ports.values()):
+            for sk in list(lst):
+                sk.close()
+
+
+def udp_socket(stack: Any, family: int, type: int, protocol: int) -> UdpSock:
+    """The factory registered for (SOCK_DGRAM, IPPROTO_UDP)."""
+    return UdpSock(stack, family, type, protocol)
