@@ -122,16 +122,27 @@ class Inet:
         ifa = IfAddr(addr, plen, dev)
         lst.append(ifa)
         self.local_addrs[addr] = dev
-        self.fib.add(Route(addr, 32, dev, type=RTN_LOCAL, scope=RT_SCOPE_HOST, prefsrc=addr, proto="kernel"))
-        if plen < 31:
-            self.bcast_addrs.add(ifa.broadcast)
-            self.fib.add(Route(ifa.broadcast, 32, dev, type=RTN_BROADCAST, scope=RT_SCOPE_LINK,
-                               prefsrc=addr, proto="kernel"))
-        if plen < 32 and not any(a.plen == plen and a.network == ifa.network for a in lst[:-1]):
-            self.fib.add(Route(ifa.network, plen, dev, scope=RT_SCOPE_LINK, prefsrc=addr, proto="kernel"))
+        self._ensure_routes(ifa)
         if dev.carrier:
             self.arp.gratuitous(dev, addr)
         return ifa
+
+    def _ensure_routes(self, ifa: IfAddr) -> None:
+        """The kernel routes of an address: local /32, subnet broadcast, connected prefix
+        (one of each per subnet: a second address on a subnet shares them)."""
+        dev, addr, plen = ifa.dev, ifa.addr, ifa.plen
+        want = [Route(addr, 32, dev, type=RTN_LOCAL, scope=RT_SCOPE_HOST, prefsrc=addr, proto="kernel")]
+        if plen < 31:
+            self.bcast_addrs.add(ifa.broadcast)
+            want.append(Route(ifa.broadcast, 32, dev, type=RTN_BROADCAST, scope=RT_SCOPE_LINK,
+                              prefsrc=addr, proto="kernel"))
+        if plen < 32:
+            want.append(Route(ifa.network, plen, dev, scope=RT_SCOPE_LINK, prefsrc=addr, proto="kernel"))
+        for r in want:
+            table = self.fib.local if r.type != 1 else self.fib.main
+            if not any(o.dev is dev and o.type == r.type and o.plen == r.plen and o.dst == r.dst
+                       and o.proto == "kernel" for o in table.all()):
+                self.fib.add(r)
 
     def del_address(self, dev: "NetDevice", cidr: str) -> None:
         addr, plen = parse_prefix(cidr)
@@ -143,6 +154,9 @@ class Inet:
         del self.local_addrs[addr]
         self.bcast_addrs.discard(ifa.broadcast)
         self.fib.remove(lambda r: r.dev is dev and r.prefsrc == addr and r.proto == "kernel")
+        for other in self.ifaddrs.values():  # what another address on the subnet still needs
+            for a in other:
+                self._ensure_routes(a)
 
     def addresses(self) -> list[dict[str, Any]]:
         """`ip -4 addr`."""

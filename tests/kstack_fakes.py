@@ -208,3 +208,26 @@ class FakeNet:
             h.inet.shutdown()
             for d in h.devs.values():
                 d.qdisc.reset()
+
+
+def ip_frame(dst_mac: bytes, src_mac: bytes, src: str, dst: str, proto: int, payload: bytes,
+             ttl: int = 64, ident: int = 1, flags_frag: int = 0, tos: int = 0,
+             total_length: int | None = None, options: bytes = b"") -> bytes:
+    """An Ethernet frame carrying an IPv4 datagram built with wire.ipv4 (for crafted input)."""
+    from wire.ipv4 import Ipv4Header, addr_to_int
+    h = Ipv4Header(addr_to_int(src), addr_to_int(dst), proto, ttl=ttl, ident=ident,
+                   flags_frag=flags_frag, tos=tos, options=options)
+    h.total_length = total_length if total_length is not None else h.header_len + len(payload)
+    return dst_mac + src_mac + b"\x08\x00" + h.emit() + payload
+
+
+def udp_payload(src: str, dst: str, sport: int, dport: int, data: bytes, csum: bool = True) -> bytes:
+    from wire.ipv4 import addr_to_int
+    from wire.udp import UdpHeader
+    if csum:
+        return UdpHeader(sport, dport).emit(data, addr_to_int(src), addr_to_int(dst))
+    return UdpHeader(sport, dport).emit(data)
+
+
+def frames_of(hub: Hub, ethertype: bytes = b"\x08\x00") -> list[bytes]:
+    return [f for _, f in hub.log if f[12:14] == ethertype]
