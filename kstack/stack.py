@@ -124,10 +124,16 @@ class NetStack:
         return self._by_index.get(ifindex)
 
     def dev_open(self, dev: NetDevice) -> None:
-        """`ip link set DEV up`."""
+        """`ip link set DEV up`. IFF_UP is set before ndo_open: a driver that finds the link up
+        during open reports the carrier at once, and what that triggers (a gratuitous ARP)
+        must find the device up, as Linux's deferred linkwatch event does."""
         if not dev.flags & IFF_UP:
-            dev.ndo_open()
             dev.flags |= IFF_UP
+            try:
+                dev.ndo_open()
+            except BaseException:
+                dev.flags &= ~IFF_UP
+                raise
 
     def dev_close(self, dev: NetDevice) -> None:
         if dev.flags & IFF_UP:
