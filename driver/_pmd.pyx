@@ -14,7 +14,8 @@ from nicemu.regs import (DESC_SIZE, RDT, RXD_ADDR, RXD_ERRORS, RXD_LENGTH, RXD_S
                          TXD_ADDR, TXD_STA, RxdStatus, TxdCmd, TxdSta)
 
 # one place for the ring constraints and for which bits mean what
-from driver.pmd_ref import RX_FRAME_ERRORS as _RX_FRAME_ERRORS, TX_CMD as _TX_CMD, burst_error, check_geometry
+from driver.pmd_ref import (RX_FRAME_ERRORS as _RX_FRAME_ERRORS, RX_MIN_LEN as _RX_MIN_LEN, TX_CMD as _TX_CMD,
+                             burst_error, check_geometry)
 
 cdef extern from "include/pmd_atomic.h" nogil:
     uint8_t pmd_load_acquire_u8(const uint8_t *p)
@@ -30,6 +31,7 @@ cdef Py_ssize_t TXD_STA_OFF = TXD_STA
 cdef uint8_t RX_DD = RxdStatus.DD
 cdef uint8_t RX_EOP = RxdStatus.EOP
 cdef uint8_t RX_FRAME_ERRORS = _RX_FRAME_ERRORS  # CE|SE|SEQ|CXE|RXE: drop; IPE/TCPE: deliver
+cdef uint32_t RX_MIN_LEN = _RX_MIN_LEN  # a write-back shorter than an Ethernet header is bad
 cdef uint8_t TX_DD = TxdSta.DD
 cdef uint64_t TX_CMD = _TX_CMD  # EOP | IFCS
 cdef uint64_t TX_CMD_RS = TxdCmd.RS
@@ -74,6 +76,7 @@ cdef class Core:
     # rte_eth_stats-like software counters, and doorbells written
     cdef public unsigned long long ipackets, ibytes, opackets, obytes, ierrors, rx_nombuf
     cdef public unsigned long long rx_doorbells, tx_doorbells
+    cdef public unsigned long long rx_bad_length  # of ierrors: lengths no buffer can hold
 
     def __init__(self, pool, uint64_t rx_ring, uint32_t rx_count, uint64_t tx_ring,
                  uint32_t tx_count, write32, uint32_t rx_free_thresh=32, uint32_t tx_rs_thresh=32):
@@ -204,19 +207,26 @@ cdef class Core:
             raise ValueError(f"cannot take {n} mbufs into an array('{out.typecode}') of {len(out)}")
         cdef uint32_t *o = out.data.as_uints
         cdef uint32_t i = self.rx_next, got = 0, taken = 0, idx, length
+        cdef uint32_t room = self.buf_size - self.headroom
         cdef uint8_t st, err
+        cdef bint bad_length
         cdef uint8_t *d
-        while got < <uint32_t>n:
+        # one lap of the ring at most: a device that keeps writing DD cannot hold us here
+        while got < <uint32_t>n and taken < self.rx_count:
             d = self.rxd + (<size_t>i << 4)
             st = pmd_load_acquire_u8(d + RXD_STATUS_OFF)  # DD first: the rest is valid only after it
             if not st & RX_DD:
                 break
             err = d[RXD_ERRORS_OFF]
-            if self.rx_discard or err & RX_FRAME_ERRORS or not st & RX_EOP:
+            length = pmd_get_u16(d + 8)
+            bad_length = length < RX_MIN_LEN or length > room  # never trusted as data_len
+            if self.rx_discard or err & RX_FRAME_ERRORS or not st & RX_EOP or bad_length:
                 # a bad frame, or one that spans buffers: drop it, reusing the buffer in place
                 pmd_put_u64(d + 8, 0)
                 if st & RX_EOP:
                     self.ierrors += 1
+                    if bad_length and not self.rx_discard:  # a frame's last piece may be short
+                        self.rx_bad_length += 1
                     self.rx_discard = 0
                 else:
                     self.rx_discard = 1
@@ -227,7 +237,6 @@ cdef class Core:
                     self.rx_nombuf += 1
                     break
                 idx = self.rx_slot_p[i]
-                length = pmd_get_u16(d + 8)
                 self.data_len[idx] = <uint16_t>length
                 self.ol_flags[idx] = st | (<uint16_t>err << 8)
                 self.ibytes += length

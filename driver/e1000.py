@@ -605,7 +605,9 @@ class E1000(NetDevice):
         i = ring.next_to_clean
         work_done = 0
         cleaned_count = 0
-        while work_done < budget:
+        # Only descriptors the device was given (up to next_to_use): a DD anywhere else is a
+        # device that lies, and the descriptor has no buffer behind it.
+        while work_done < budget and i != ring.next_to_use:
             # The status byte first: DD is written last by the device, so the other fields
             # are only valid once it is seen (dma_rmb() in Linux).
             if not desc[i * DESC_SIZE + RXD_STATUS] & _RXD_DD:

@@ -33,11 +33,12 @@ from nicemu.regs import Icr
 from wire.ethernet import ETH_FCS_LEN, EtherType
 from wire.mac import parse_mac
 
-__all__ = ["Pmd", "PmdStats", "Burst", "CountingBus", "MODES", "ENGINES"]
+__all__ = ["Pmd", "PmdStats", "Burst", "CountingBus", "MODES", "ENGINES", "PRESENCE_CHECK"]
 
 MODES = ("poll", "adaptive")
 ENGINES = ("auto", "cython", "python")
 RING_ALIGN = 128  # RDBAL/TDBAL need 16; a cache-line pair keeps descriptors off shared lines
+PRESENCE_CHECK = 0.1  # seconds between looks at the transport from a polling loop (check_present)
 
 
 class CountingBus:
@@ -75,6 +76,12 @@ class CountingBus:
 
     def reset(self) -> None:
         self.inner.reset()
+
+    def check_present(self) -> None:
+        """BusError if the transport is gone; a bus without one (InProcessBus) has none to lose."""
+        check = getattr(self.inner, "check_present", None)
+        if check is not None:
+            check()
 
     def close(self) -> None:
         self.inner.close()
@@ -378,7 +385,7 @@ class Pmd:
         c = self.core
         out = {
             "rx_doorbells": c.rx_doorbells, "tx_doorbells": c.tx_doorbells,
-            "rx_desc_errors": c.ierrors, "tx_in_flight": c.tx_in_flight(),
+            "rx_desc_errors": c.ierrors, "rx_bad_length": c.rx_bad_length, "tx_in_flight": c.tx_in_flight(),
             "mmio_reads": self.bus.reads, "mmio_writes": self.bus.writes,
             "empty_polls": self.empty_polls, "sleeps": self.sleeps, "interrupts": self.interrupts,
             "mempool_available": self.pool.available, "mempool_in_use": self.pool.in_use,
@@ -392,11 +399,21 @@ class Pmd:
         self._hw.clear()
         c = self.core
         c.ipackets = c.ibytes = c.opackets = c.obytes = c.ierrors = c.rx_nombuf = 0
-        c.rx_doorbells = c.tx_doorbells = 0
+        c.rx_doorbells = c.tx_doorbells = c.rx_bad_length = 0
         self.empty_polls = self.sleeps = self.interrupts = 0
 
     def link_up(self) -> bool:
         return hw.link_up(self.bus)
+
+    def check_present(self) -> None:
+        """BusError if the device is gone (its emulator died), found without waiting.
+
+        The fast path touches the transport only for doorbells, so a port that polls an idle
+        ring would hear of a dead emulator only at its next register read. Call this from the
+        loop every PRESENCE_CHECK seconds (rte_eth_dev_is_removed): one non-blocking poll() of
+        the socket, never one per burst.
+        """
+        self.bus.check_present()
 
     # --- teardown ---------------------------------------------------------------------------
     def close(self) -> None:
@@ -448,7 +465,9 @@ def main(argv: list[str] | None = None) -> int:
     `--size`-byte frames to `--dst` as fast as the ring takes them (`--count` of them, or
     without end). Reports JSON lines on stdout: "up", "stats" every --interval seconds (and on
     SIGUSR1), "sent" once gen has handed its --count frames to the device, "done" on
-    SIGTERM/SIGINT or after --seconds, "error" (exit 1; 2 for bad options).
+    SIGTERM/SIGINT or after --seconds, "error" (exit 1; 2 for bad options) when the device
+    cannot be reached or goes away: the loop looks at the transport every 0.1 s, so a dead
+    emulator ends the process within a second whatever --interval says.
 
     A generator never sleeps while it has frames to send: it waits for TX room by polling its
     ring in memory, whatever --mode says (an RX interrupt it might sleep on may never come).
@@ -547,6 +566,7 @@ def main(argv: list[str] | None = None) -> int:
         if gen_left:
             pmd.mode = "poll"  # never sleep on RX while there is something to send
         start = last = time.monotonic()
+        next_check = start + PRESENCE_CHECK
         while not stop:
             if echo:
                 n = pmd.rx_burst_into(handler, free=False)
@@ -568,6 +588,9 @@ def main(argv: list[str] | None = None) -> int:
                     emit("sent", pmd, seconds=round(time.monotonic() - start, 6))
                     pmd.mode = args.mode  # nothing more to send: adaptive may sleep now
             now = time.monotonic()
+            if now >= next_check:  # a dead emulator is found here, whatever --interval says
+                next_check = now + PRESENCE_CHECK
+                pmd.check_present()
             if report or now - last >= args.interval:
                 report = False
                 last = now

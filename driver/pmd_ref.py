@@ -13,6 +13,10 @@ Descriptor traps, as they bite here:
 - RX: a refilled descriptor must have its status cleared, or last lap's DD reads as new.
 - TX: RS only on the last descriptor of each batch; the device writes DD only there, and
   only whole queued batches are checked (a slot not yet reused still holds last lap's DD).
+
+The device is not trusted (docs/security.md): whatever it writes into a descriptor, a burst
+ends after at most one lap of the ring, and a length outside ETH_HLEN..the buffer's data room
+is dropped as an error (`rx_bad_length`), never handed to the application as data_len.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from driver.mempool import Mempool
 from nicemu.regs import (DESC_SIZE, RDT, RXD_ERRORS, RXD_LENGTH, RXD_STATUS, TDT, TXD_STA,
                          RxdErrors, RxdStatus, TxdCmd, TxdSta)
 
-__all__ = ["RefCore", "burst_error", "check_geometry"]
+__all__ = ["RefCore", "burst_error", "check_geometry", "RX_MIN_LEN"]
 
 _QQ = struct.Struct("<QQ")
 _U16 = struct.Struct("<H")
@@ -31,6 +35,7 @@ _U16 = struct.Struct("<H")
 # drop them. IPE/TCPE are checksum-offload verdicts on a good frame: deliver, note in ol_flags.
 RX_FRAME_ERRORS = int(RxdErrors.CE | RxdErrors.SE | RxdErrors.SEQ | RxdErrors.CXE | RxdErrors.RXE)
 TX_CMD = int(TxdCmd.EOP | TxdCmd.IFCS)  # one-descriptor frames; the device appends the FCS
+RX_MIN_LEN = 14  # an Ethernet header: anything shorter written back as a frame is a bad length
 
 
 def check_geometry(pool: Mempool, rx_ring: int, rx_count: int, tx_ring: int, tx_count: int,
@@ -80,6 +85,7 @@ class RefCore:
         self.write32 = write32
         self.ipackets = self.ibytes = self.opackets = self.obytes = 0
         self.ierrors = self.rx_nombuf = self.rx_doorbells = self.tx_doorbells = 0
+        self.rx_bad_length = 0  # of ierrors: write-backs whose length no buffer can hold
 
     # --- pool helpers -----------------------------------------------------------------------
     def _get(self) -> int:
@@ -135,17 +141,22 @@ class RefCore:
         if n < 0 or n > len(out) or out.typecode != "I":
             raise ValueError(f"cannot take {n} mbufs into an array('{out.typecode}') of {len(out)}")
         mm, p = self.mm, self.pool
+        room = p.buf_size - p.headroom
         i, got, taken = self.rx_next, 0, 0
-        while got < n:
+        while got < n and taken < self.rx_count:  # one lap at most, whatever the device writes
             d = self.rxd + i * DESC_SIZE
             st = mm[d + RXD_STATUS]  # DD first
             if not st & RxdStatus.DD:
                 break
             err = mm[d + RXD_ERRORS]
-            if self.rx_discard or err & RX_FRAME_ERRORS or not st & RxdStatus.EOP:
+            (length,) = _U16.unpack_from(mm, d + RXD_LENGTH)
+            bad_length = not RX_MIN_LEN <= length <= room
+            if self.rx_discard or err & RX_FRAME_ERRORS or not st & RxdStatus.EOP or bad_length:
                 mm[d + 8 : d + 16] = bytes(8)  # drop; the same buffer goes back
                 if st & RxdStatus.EOP:
                     self.ierrors += 1
+                    if bad_length and not self.rx_discard:  # a frame's last piece may be short
+                        self.rx_bad_length += 1
                     self.rx_discard = 0
                 else:
                     self.rx_discard = 1
@@ -154,7 +165,6 @@ class RefCore:
                     self.rx_nombuf += 1  # leave the frame in the ring
                     break
                 idx = self.rx_slot[i]
-                (length,) = _U16.unpack_from(mm, d + RXD_LENGTH)
                 p.data_len[idx] = length
                 p.ol_flags[idx] = st | err << 8
                 self.ibytes += length

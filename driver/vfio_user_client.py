@@ -6,7 +6,8 @@ memfd), DMA_MAPs it at bus address 0 and attaches an eventfd as the INTx trigger
 - read32 is a REGION_READ round trip; because the server handles commands in order, its reply
   also proves every earlier posted write is done (PCIe's "read flushes posted writes");
 - wait_irq waits on the eventfd and the socket together, so an emulator that dies wakes the
-  driver with BusError instead of leaving it asleep.
+  driver with BusError instead of leaving it asleep; check_present looks at the socket alone,
+  without waiting, for a driver that polls memory and never sleeps.
 Every failure of the transport (EOF, a socket error, an Error reply, a timeout) is BusError.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import select
 import socket
 import struct
+import time
 
 from driver.bus import BusError
 from nicemu.dma import DmaMemory
@@ -58,6 +60,7 @@ class VfioUserBus:
         self._buf = bytearray(p.HEADER_SIZE + p.REGION_ACCESS.size + p.MAX_DATA_XFER_SIZE)
         self._view = memoryview(self._buf)
         self._eventfd: int | None = None
+        self._reply_deadline: float | None = None  # set once a reply comes in pieces
         self.mem: DmaMemory | None = None
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -72,7 +75,12 @@ class VfioUserBus:
             tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-            self._negotiate()
+            try:
+                self._negotiate()
+            except (p.ProtocolError, struct.error, ValueError, TypeError, AttributeError, OverflowError,
+                    RecursionError) as e:
+                # the emulator is as untrusted as any peer: a bad reply is a bus error, not a crash
+                raise BusError(f"malformed reply from the emulator: {type(e).__name__}: {e}") from None
             self.mem = DmaMemory(mem_size, name="nicemu-driver-dma")
             self.dma_map(self.mem.fd, 0, mem_size)
             self._eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -80,6 +88,8 @@ class VfioUserBus:
             self._poll = select.poll()  # poll, not select(): no FD_SETSIZE limit on fd numbers
             self._poll.register(self._eventfd, select.POLLIN)
             self._poll.register(self.sock, select.POLLIN)
+            self._sock_poll = select.poll()  # the socket alone: check_present()
+            self._sock_poll.register(self.sock, select.POLLIN)
             # poll() counts in whole milliseconds (CPython rounds a timeout up), so a 100 us
             # wait would sleep 1 ms; select() takes microseconds. It is used for finite timeouts
             # when both descriptors fit in an fd_set (as ppoll would be, had Python one).
@@ -186,16 +196,39 @@ class VfioUserBus:
             except BlockingIOError:  # consumed elsewhere meanwhile
                 pass
             return True
-        # The server never talks unasked: a readable socket is EOF, an error or a protocol fault.
+        self._socket_readable("while waiting for an interrupt")
+        return False  # spurious wake-up
+
+    def check_present(self) -> None:
+        """BusError if the emulator has gone, without waiting (DPDK's rte_eth_dev_is_removed).
+
+        A polling driver touches the socket only for doorbells and statistics, so without
+        this it learns of a dead emulator only at its next register read. One non-blocking
+        poll() of the socket: cheap enough every 100 ms, too dear for every burst.
+        """
+        if self.sock.fileno() < 0:
+            raise BusError("bus is closed")
+        try:
+            ready = self._sock_poll.poll(0)
+        except OSError as e:
+            raise BusError(f"emulator gone: {e}") from None
+        if ready:
+            self._socket_readable("while the driver polled its rings")
+
+    def _socket_readable(self, when: str) -> None:
+        """The socket is readable with no request out: BusError unless the wake-up was spurious.
+
+        The server never talks unasked, so what is there is EOF, an error or a protocol fault.
+        """
         try:
             data = self.sock.recv(p.HEADER_SIZE, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except BlockingIOError:
-            return False  # spurious wake-up
+            return
         except OSError as e:
             raise BusError(f"emulator gone: {e}") from None
         if not data:
-            raise BusError("emulator gone: the connection closed while waiting for an interrupt")
-        raise BusError(f"unexpected message from the emulator while waiting for an interrupt: {bytes(data)!r}")
+            raise BusError(f"emulator gone: the connection closed {when}")
+        raise BusError(f"unexpected message from the emulator {when}: {bytes(data)!r}")
 
     def reset(self) -> None:
         self._request(Command.DEVICE_RESET, b"")
@@ -264,6 +297,7 @@ class VfioUserBus:
         bytes (the size the reply should have) never reads into a later message, and a read32
         costs one recv.
         """
+        self._reply_deadline = None
         have = self._recv_at_least(0, p.HEADER_SIZE, expect, command)
         rid, rcmd, size, flags, err = p.HEADER.unpack_from(self._buf)
         if flags & _ERROR:
@@ -280,6 +314,9 @@ class VfioUserBus:
         return self._view[p.HEADER_SIZE : size]
 
     def _recv_at_least(self, have: int, need: int, upto: int, command: int) -> int:
+        """Receive until `need` bytes are in. SO_RCVTIMEO bounds each recv; the whole reply
+        gets `timeout` too, from its first partial piece on, so an emulator that dribbles a
+        byte at a time cannot hold a register read for minutes (the clock is read only then)."""
         while have < need:
             try:
                 n = self.sock.recv_into(self._view[have:upto])
@@ -290,4 +327,11 @@ class VfioUserBus:
             if n == 0:
                 raise BusError(f"emulator gone: connection closed during {p.command_name(command)}")
             have += n
+            if have < need:
+                now = time.monotonic()
+                if self._reply_deadline is None:
+                    self._reply_deadline = now + self.timeout
+                elif now > self._reply_deadline:
+                    raise BusError(f"emulator did not answer {p.command_name(command)} in {self.timeout} s "
+                                   f"({have} bytes of it came)")
         return have

@@ -1007,3 +1007,25 @@ def test_stack_over_the_driver_queues_stops_and_wakes():
             bus.close()
         na.mem.close()
         nb.mem.close()
+
+
+def test_a_done_descriptor_the_device_was_never_given_is_not_read(one):
+    """A device that writes DD into every RX descriptor, also those the driver holds back
+    (the one left unused so the tail never meets the head, and any the pool could not fill):
+    the driver cleans only descriptors it gave to the device (next_to_clean up to
+    next_to_use), so it never takes a descriptor that has no buffer behind it."""
+    nic, bus = one
+    got = []
+    drv = E1000(bus, E1000Config(rx_ring_size=8), receive=got.append)
+    drv.open()
+    try:
+        ring = drv.rx_ring
+        assert ring.next_to_use == 7 and ring.buffer_addr[7] is None  # held back, no buffer
+        for i in range(8):
+            R.RX_DESC.pack_into(ring.desc, i * R.DESC_SIZE, ring.buffer_addr[i] or 0, 60, 0, 0, 0, 0)
+            ring.desc[i * R.DESC_SIZE + R.RXD_STATUS] = R.RxdStatus.DD | R.RxdStatus.EOP
+        assert drv.clean_rx_irq(64) == 7  # the seven it gave, not the eighth
+        assert len(got) == 7 and drv.stats.rx_errors == 0
+        assert ring.next_to_clean == 7 and ring.unused() == 0  # all seven given back
+    finally:
+        drv.close()

@@ -13,6 +13,7 @@ import os
 import queue
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -342,6 +343,25 @@ def test_driver_reports_a_vanished_device_and_exits(lab):
     assert drv.p.wait(timeout=10) == 1
 
 
+@pytest.mark.parametrize("mode", ["interrupt", "napi"])
+@pytest.mark.parametrize("traffic", [False, True])
+def test_driver_exits_soon_after_kill9_of_the_emulator(lab, mode, traffic):
+    """kill -9 of the emulator, idle or under traffic (NAPI then keeps polling with the
+    interrupt masked), and statistics only every 30 s: each driver still sees the socket
+    close (it waits on the eventfd and the socket together; a doorbell to a dead peer fails)
+    and exits 1 with the error event, long before any statistics read would have told it."""
+    a, b = lab.emulator_pair()
+    drivers = [lab.driver(b, "--mode", mode, "--stats-interval", "30", name="sink")]
+    if traffic:
+        drivers.append(lab.driver(a, "--mode", mode, "--app", "gen", "--dst", MAC1,
+                                  "--stats-interval", "30", name="gen"))
+        drivers[0].wait_stats(lambda s: s["rx_frames"] > 0)
+    lab.emu.kill9()
+    for drv in drivers:
+        assert "gone" in drv.event("error", timeout=5)["message"]
+        assert drv.p.wait(timeout=5) == 1
+
+
 def test_driver_process_rejects_bad_settings(lab):
     a, b = lab.emulator_pair()
     p = lab.start([sys.executable, "-m", "driver.kernel", "--socket", b, "--rx-ring", "100"], "bad")
@@ -369,3 +389,92 @@ def test_gen_size_counts_the_fcs_and_count_0_sends_without_end(lab):
         p = lab.start([sys.executable, "-m", "driver.kernel", "--socket", b, "--app", "gen",
                        "--size", bad], "bad")
         assert message in p.event("error")["message"] and p.p.wait(timeout=10) == 2
+
+
+# --- a hostile emulator: the driver trusts no reply -----------------------------------------
+
+def _hostile_emulator(path: str, version_payload: bytes, info_payload: bytes) -> threading.Thread:
+    """Serve one connection on `path`, answering VERSION and DEVICE_GET_INFO as given."""
+    from nicemu.vfio_user import protocol as vp
+
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            conn.settimeout(10)
+            while True:
+                head = conn.recv(vp.HEADER_SIZE, socket.MSG_WAITALL)
+                if len(head) < vp.HEADER_SIZE:
+                    return
+                msg_id, cmd, size, _, _ = vp.HEADER.unpack(head)
+                if size > vp.HEADER_SIZE:
+                    conn.recv(size - vp.HEADER_SIZE, socket.MSG_WAITALL)
+                payload = version_payload if cmd == vp.Command.VERSION else info_payload
+                conn.sendall(vp.pack_message(msg_id, cmd, payload, flags=vp.TYPE_REPLY))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    return t
+
+
+def _version(caps_json: bytes) -> bytes:
+    from nicemu.vfio_user import protocol as vp
+
+    return vp.VERSION.pack(vp.VERSION_MAJOR, vp.VERSION_MINOR) + caps_json + b"\0"
+
+
+@pytest.mark.parametrize("version, info", [
+    (_version(b"[" * 5000), b""),  # nested past the JSON parser's recursion
+    (_version(b'{"capabilities": 5}'), b""),  # not an object
+    (_version(b'{"capabilities": {"max_data_xfer_size": Infinity}}'), b""),  # no integer
+    (_version(b'{"capabilities": {"max_data_xfer_size": "x"}}'), b""),
+    (_version(b"{}"), b"\x01\x02\x03"),  # DEVICE_GET_INFO of 3 bytes
+])
+def test_a_malformed_reply_from_the_emulator_is_a_bus_error(lab, version, info):
+    from driver.bus import BusError
+    from driver.vfio_user_client import VfioUserBus
+
+    path = str(lab.dir / "hostile.sock")
+    t = _hostile_emulator(path, version, info)
+    with pytest.raises(BusError, match="malformed reply from the emulator"):
+        VfioUserBus(path, timeout=5.0)
+    t.join(10)
+    assert not t.is_alive()
+
+
+def test_an_emulator_that_dribbles_its_reply_is_cut_off(lab):
+    """A reply that comes one byte at a time, each within the per-recv timeout, must still
+    end in BusError after about `timeout`, not hold the driver for as long as it dribbles."""
+    from driver.bus import BusError
+    from driver.vfio_user_client import VfioUserBus
+    from nicemu.vfio_user import protocol as vp
+
+    path = str(lab.dir / "slow.sock")
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(path)
+    srv.listen(1)
+    stop = threading.Event()
+
+    def serve() -> None:
+        conn, _ = srv.accept()
+        with conn, srv:
+            head = conn.recv(vp.HEADER_SIZE, socket.MSG_WAITALL)
+            msg_id = vp.HEADER.unpack(head)[0]
+            reply = vp.HEADER.pack(msg_id, vp.Command.VERSION, 1000, vp.TYPE_REPLY, 0) + bytes(984)
+            for b in reply:  # a byte every 0.1 s: 100 s for the whole reply
+                if stop.wait(0.1):
+                    return
+                conn.sendall(bytes([b]))
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    try:
+        with pytest.raises(BusError, match="did not answer VERSION in 0.5 s"):
+            VfioUserBus(path, timeout=0.5)
+    finally:
+        stop.set()
+        t.join(10)
+    assert not t.is_alive()

@@ -6,7 +6,10 @@ frames that did not go through PMD code.
 """
 from __future__ import annotations
 
+import os
 import random
+import signal
+import struct
 import threading
 import time
 from array import array
@@ -532,5 +535,122 @@ def test_small_and_odd_rings_get_workable_thresholds(pair, count) -> None:
     for i in range(3 * count):  # and TX keeps reclaiming through many laps of the ring
         assert pmd.send(frame_to_b(i))
     assert pmd.stats().opackets == 3 * count
+    pmd.close()
+    assert pmd.pool.available == pmd.pool.num_bufs
+
+
+# --- a hostile device: it writes whatever it likes into the descriptors ----------------------
+
+def hostile_writeback(nic: Nic, i: int, length: int, status: int, errors: int = 0) -> None:
+    """Write RX descriptor i back as a device that lies would: the buffer address left as the
+    driver wrote it, any length, status (DD) last."""
+    d = nic.peek32(R.RDBAL) + i * R.DESC_SIZE
+    nic.mem.write(d + 8, struct.pack("<HHBBH", length, 0, 0, errors, 0))
+    nic.mem.write(d + 12, bytes([status]))
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rx_lengths_no_buffer_can_hold_are_dropped_and_counted(pair, engine) -> None:
+    """A length in an RX write-back is never trusted: past the buffer's data room (the
+    device's 16-bit field allows 65535) or shorter than an Ethernet header, the frame is
+    dropped in place and counted, never handed out as an mbuf's data_len (which Burst.data
+    and tx_burst would then use)."""
+    nic_a, nic_b, bus = pair
+    pmd = Pmd(bus, rx_count=64, tx_count=64, engine=engine)
+    room = pmd.pool.buf_size - pmd.pool.headroom
+    dd_eop = R.RxdStatus.DD | R.RxdStatus.EOP
+    lengths = [0, 13, room + 1, 0xFFFF, 60, room, 14]
+    for i, length in enumerate(lengths):
+        hostile_writeback(nic_b, i, length, dd_eop)
+    out = array("I", [0]) * 64
+    got = pmd.rx_burst_idx(out, 64)
+    assert [pmd.pool.data_len[j] for j in out[:got]] == [60, room, 14]
+    x = pmd.xstats()
+    assert x["rx_bad_length"] == 4 and pmd.stats().ierrors == 4 and pmd.stats().ipackets == 3
+    # what was handed out can be sent on as it is (echo): every length fits its buffer
+    assert pmd.tx_burst_idx(out, got) == got
+    # the dropped descriptors kept their buffers, nothing leaked: after close all are back
+    pmd.close()
+    assert pmd.pool.available == pmd.pool.num_bufs
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_frames_short_last_piece_is_not_a_bad_length(pair, engine) -> None:
+    nic_a, nic_b, bus = pair
+    pmd = Pmd(bus, rx_count=64, tx_count=64, engine=engine)
+    hostile_writeback(nic_b, 0, 2048, R.RxdStatus.DD)  # a frame spanning buffers...
+    hostile_writeback(nic_b, 1, 3, R.RxdStatus.DD | R.RxdStatus.EOP)  # ...ends in 3 bytes
+    assert pmd.rx_burst() == []
+    assert pmd.stats().ierrors == 1 and pmd.xstats()["rx_bad_length"] == 0
+    pmd.close()
+
+
+class EndlessDescriptors(bytearray):
+    """DMA memory as the reference core sees it, where every status (and error) byte reads
+    DD|EOP: a device that rewrites each descriptor as done the moment the driver cleans it.
+    It counts those reads, so a burst that never ends fails the test instead of hanging it."""
+
+    def __getitem__(self, k):
+        if isinstance(k, int):
+            self.reads = getattr(self, "reads", 0) + 1
+            assert self.reads < 100_000, "rx_burst never ended"
+            return R.RxdStatus.DD | R.RxdStatus.EOP
+        return super().__getitem__(k)
+
+
+def test_rx_burst_ends_within_one_lap_of_a_ring_that_is_always_done(pair) -> None:
+    """A burst takes at most one lap of the ring whatever it finds, so the application's
+    loop keeps control (signals, statistics, a dead peer). Deterministic with the reference
+    core, whose memory reads can be intercepted; the next test races a real writer."""
+    nic_a, nic_b, bus = pair
+    pmd = Pmd(bus, rx_count=64, tx_count=64, engine="python")
+    real = pmd.core.mm
+    pmd.core.mm = EndlessDescriptors(real)
+    try:
+        out = array("I", [0]) * 64
+        assert pmd.rx_burst_idx(out, 64) == 0  # every one an error: nothing to hand out
+        assert pmd.stats().ierrors == 64  # one lap, each descriptor dropped and counted once
+    finally:
+        pmd.core.mm = real
+    pmd.close()
+    assert pmd.pool.available == pmd.pool.num_bufs
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_rx_burst_ends_within_one_lap_whatever_the_device_keeps_writing(pair, engine) -> None:
+    """Another process rewrites every RX descriptor as done (DD|EOP, length 0: a frame to
+    drop) as fast as it can. No burst may take more than one lap of the ring: each dropped
+    descriptor counts one in ierrors. (How often the writer wins the race depends on the
+    scheduler; the bound is checked on every burst.)"""
+    nic_a, nic_b, bus = pair
+    pmd = Pmd(bus, rx_count=64, tx_count=64, engine=engine)
+    ring = nic_b.peek32(R.RDBAL)
+    pattern = bytearray(nic_b.mem.read(ring, 64 * R.DESC_SIZE))
+    for i in range(64):
+        pattern[i * R.DESC_SIZE + 8 : i * R.DESC_SIZE + 16] = bytes([0, 0, 0, 0, R.RxdStatus.DD | R.RxdStatus.EOP, 0, 0, 0])
+    pattern = bytes(pattern)
+    pid = os.fork()
+    if pid == 0:  # the hostile device: it shares the DMA memory (a MAP_SHARED memfd)
+        try:
+            view = nic_b.mem.view(ring, len(pattern))
+            end = time.monotonic() + 30  # a burst that never ends fails the test, not hangs it
+            while time.monotonic() < end:
+                for _ in range(1000):
+                    view[:] = pattern
+        finally:
+            os._exit(0)
+    try:
+        out = array("I", [0]) * 64
+        while pmd.stats().ierrors == 0:  # the writer has started
+            pmd.rx_burst_idx(out, 64)
+        for _ in range(2000):
+            before = pmd.stats().ierrors
+            assert pmd.rx_burst_idx(out, 64) == 0  # no frame in any of it
+            assert pmd.stats().ierrors - before <= 64  # one lap at most
+        assert os.waitpid(pid, os.WNOHANG) == (0, 0)  # the writer was at it all along
+        assert pmd.xstats()["rx_bad_length"] == pmd.stats().ierrors
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
     pmd.close()
     assert pmd.pool.available == pmd.pool.num_bufs

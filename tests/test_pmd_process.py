@@ -355,3 +355,20 @@ def test_pmd_process_reports_a_missing_device_and_a_vanishing_one(emu) -> None:
         assert sink.p.wait(10) == 1
     finally:
         sink.close()
+
+
+@pytest.mark.parametrize("mode, role", [("poll", "sink"), ("poll", "echo"), ("adaptive", "sink")])
+def test_pmd_process_exits_soon_after_kill_9_of_the_emulator(emu, mode: str, role: str) -> None:
+    """A polling port never reads a register between statistics (--interval 30 here): the
+    loop must still notice the transport going away (a look at the socket every 0.1 s, or
+    the socket in adaptive mode's wait set), say so with the error event and exit 1 - long
+    before its next statistics read would have found out."""
+    app = PmdProc("--socket", emu.sock1, "--role", role, "--mode", mode, "--interval", "30")
+    try:
+        app.event("up")
+        emu.p.send_signal(signal.SIGKILL)
+        emu.p.wait(10)
+        assert "device gone" in app.event("error", timeout=5)["message"]
+        assert app.p.wait(5) == 1
+    finally:
+        app.close()
