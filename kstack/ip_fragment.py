@@ -247,6 +247,7 @@ class IpFragments:
         skb.protocol = head.protocol
         skb.tstamp = head.tstamp
         skb.ip_summed = CHECKSUM_NONE
+        skb.cb = dict(head.cb)
         q.dead = True
         q.timer.delete()
         self.queues.pop(q.key, None)

@@ -28,12 +28,12 @@ from kstack.route import RTN_BROADCAST, RTN_LOCAL, RTN_UNICAST, FibResult
 from kstack.skbuff import (CHECKSUM_COMPLETE, CHECKSUM_NONE, CHECKSUM_PARTIAL,
                            CHECKSUM_UNNECESSARY, MAX_HEADER, SkBuff)
 from kstack.neighbour import NUD_CONNECTED
-from kstack.stack import PACKET_BROADCAST, PACKET_HOST, PACKET_MULTICAST, PACKET_OTHERHOST
+from kstack.stack import PACKET_HOST, PACKET_OTHERHOST
 from wire.checksum import fold, ones_sum, internet_checksum
 from wire.ethernet import ETH_HLEN, EtherType
 from wire.icmp import (ICMP_DEST_UNREACH, ICMP_EXC_TTL, ICMP_FRAG_NEEDED, ICMP_HOST_UNREACH,
                        ICMP_NET_UNREACH, ICMP_PROT_UNREACH, ICMP_TIME_EXCEEDED)
-from wire.ipv4 import (HDR, IP_DF, IP_MF, IP_OFFMASK, IPPROTO_ICMP, IPV4_MIN_HLEN, IPVERSION,
+from wire.ipv4 import (HDR, IP_DF, IP_MF, IP_OFFMASK, IPV4_MIN_HLEN, IPVERSION,
                        IP_MAXPACKET, decrease_ttl, is_lbcast, is_loopback, is_multicast,
                        is_zeronet)
 from wire.mac import BROADCAST
@@ -134,16 +134,18 @@ class Ipv4:
         """ip_rcv_finish + ip_route_input: to us, a broadcast, or on to forwarding."""
         inet = self.inet
         src, dst = _ADDRS.unpack_from(skb.shinfo.buf, skb.network_header + 12)
-        if not from_lo and (src in inet.local_addrs or is_multicast(src) or is_lbcast(src)
-                            or is_loopback(src) or src in inet.bcast_addrs
-                            or (is_zeronet(src) and not is_lbcast(dst))):
+        hi = src >> 24
+        # martian sources: 0/8 (except to the limited broadcast), 127/8, 224/4, the limited
+        # broadcast, a broadcast or an address of ours
+        if not from_lo and (hi == 127 or 224 <= hi < 240 or src == 0xFFFFFFFF
+                            or src in inet.local_addrs or src in inet.bcast_addrs
+                            or (hi == 0 and dst != 0xFFFFFFFF)):
             skb.drop(SkbDropReason.IP_INVALID_SOURCE)
             return
         if dst in inet.local_addrs:
             self.local_deliver(skb)
-        elif is_lbcast(dst) or dst in inet.bcast_addrs:
-            if skb.pkt_type == PACKET_HOST:
-                skb.pkt_type = PACKET_BROADCAST  # a unicast frame to a broadcast IP
+        elif dst == 0xFFFFFFFF or dst in inet.bcast_addrs:
+            skb.cb["rt_broadcast"] = True  # RTCF_BROADCAST: UDP delivers to every socket
             self.local_deliver(skb)
         elif is_multicast(dst) or is_zeronet(dst) or is_loopback(dst):
             skb.drop(SkbDropReason.IP_INVALID_DEST)

@@ -30,7 +30,6 @@ from kstack.route import RTN_BROADCAST, RTN_LOCAL
 from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, MAX_HEADER, SkBuff
 from kstack.sock import (IPPROTO_UDP, MSG_PEEK, POLLERR, POLLIN, POLLNVAL, POLLOUT,
                          SO_BROADCAST, SOL_SOCKET, Address, Sock)
-from kstack.stack import PACKET_BROADCAST, PACKET_MULTICAST
 from wire.checksum import fold, ones_sum
 from wire.icmp import (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED,
                        NR_ICMP_UNREACH)
@@ -233,7 +232,7 @@ class UdpSock(Sock):
             self.rmem -= skb_truesize(skb)
             self.stack.snmp["UdpInDatagrams"] += 1
             skb.consume()
-        return data, (ntoa(src), sport)
+        return data, (self.table.addr_str(src), sport)
 
     def poll(self) -> int:
         if self.closed:
@@ -271,6 +270,16 @@ class UdpTable:
         self.ports: dict[int, list[UdpSock]] = {}  # newest first
         self.count = 0
         self.rng = inet.rng
+        self._names: dict[int, str] = {}
+
+    def addr_str(self, addr: int) -> str:
+        """ntoa with a small cache: recvmsg names the sender of every datagram."""
+        s = self._names.get(addr)
+        if s is None:
+            if len(self._names) >= 1024:
+                self._names.clear()
+            s = self._names[addr] = ntoa(addr)
+        return s
 
     # --- ports --------------------------------------------------------------------------------
 
@@ -372,8 +381,7 @@ class UdpTable:
                 snmp["UdpInErrors"] += 1
                 skb.drop(SkbDropReason.UDP_CSUM)
                 return
-        if skb.pkt_type in (PACKET_BROADCAST, PACKET_MULTICAST) or is_lbcast(daddr) \
-                or daddr in self.inet.bcast_addrs:
+        if skb.cb and skb.cb.get("rt_broadcast"):
             self._mcast_deliver(skb, saddr, sport, daddr, dport)
             return
         sk = self.lookup(saddr, sport, daddr, dport)

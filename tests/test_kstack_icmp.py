@@ -8,9 +8,8 @@ from kstack.sock import IPPROTO_ICMP, POLLIN, SOCK_DGRAM, SOCK_RAW
 from kstack.stack import Sysctl
 from kstack_fakes import MS, S, FakeNet, frames_of, ip_frame, udp_payload
 from test_wire_ipv4 import naive_csum
-from wire.icmp import (ICMP_DEST_UNREACH, ICMP_ECHO, ICMP_ECHOREPLY, ICMP_PORT_UNREACH,
-                       IcmpMessage)
-from wire.ipv4 import IP_MF, Ipv4Header
+from wire.icmp import ICMP_DEST_UNREACH, ICMP_ECHOREPLY, ICMP_PORT_UNREACH, IcmpMessage
+from wire.ipv4 import Ipv4Header
 
 
 @pytest.fixture

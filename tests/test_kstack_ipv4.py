@@ -1,8 +1,6 @@
 """kstack.ipv4: ip_rcv's checks in Linux's order with their counters, local delivery by
 protocol, forwarding through a middle stack (TTL, ICMP time exceeded, frag needed with DF),
 fragmentation on output, hostile input."""
-import struct
-
 import pytest
 
 from kstack.sock import SOCK_DGRAM
@@ -10,7 +8,7 @@ from kstack.stack import Sysctl
 from kstack_fakes import FakeDevice, FakeNet, frames_of, ip_frame, udp_payload
 from test_wire_ipv4 import naive_csum
 from wire.icmp import ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_TIME_EXCEEDED, IcmpMessage
-from wire.ipv4 import IP_DF, IP_MF, Ipv4Header, addr_to_int
+from wire.ipv4 import Ipv4Header, addr_to_int
 
 
 @pytest.fixture

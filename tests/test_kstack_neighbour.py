@@ -2,14 +2,12 @@
 limits, statistics; a fake clock drives every transition."""
 import pytest
 
-from kstack.dropreason import SkbDropReason
 from kstack.neighbour import (NUD_DELAY, NUD_FAILED, NUD_INCOMPLETE, NUD_PROBE, NUD_REACHABLE,
                               NUD_STALE)
 from kstack.sock import SOCK_DGRAM
 from kstack.stack import Sysctl
 from kstack_fakes import MS, S, FakeNet
 from wire.arp import ARPOP_REPLY, ARPOP_REQUEST, ArpPacket
-from wire.ethernet import EtherType
 from wire.ipv4 import addr_to_int
 
 B = addr_to_int("198.18.0.2")

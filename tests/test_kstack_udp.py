@@ -5,7 +5,6 @@ import errno
 import pytest
 
 from kstack.sock import POLLERR, POLLIN, POLLOUT, SO_RCVBUF, SO_REUSEADDR, SOCK_DGRAM, SOL_SOCKET
-from kstack.stack import Sysctl
 from kstack_fakes import FakeNet, frames_of, ip_frame, udp_payload
 from test_wire_ipv4 import naive_csum
 
