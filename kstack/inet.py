@@ -198,6 +198,18 @@ class Inet:
         """`ip route` (or `ip route show table local`): one line per route."""
         return [r.describe() for r in self.fib.routes(table)]
 
+    def limited_broadcast_route(self) -> FibResult | None:
+        """Where 255.255.255.255 goes without a route for it: out of the first device with
+        an address, from that address (Linux picks the device the same way when no output
+        interface is given and the main table has nothing better)."""
+        for lst in self.ifaddrs.values():
+            if lst:
+                a = lst[0]
+                r = Route(0xFFFFFFFF, 32, a.dev, type=RTN_BROADCAST, scope=RT_SCOPE_LINK,
+                          prefsrc=a.addr, proto="kernel")
+                return FibResult(RTN_BROADCAST, a.dev, 0xFFFFFFFF, a.addr, r)
+        return None
+
     def route_get(self, dst: str) -> FibResult | None:
         """`ip route get DST`."""
         return self.fib.lookup(parse_prefix(dst)[0])

@@ -226,6 +226,8 @@ class Ipv4:
     def route_output(self, dst: int) -> FibResult | None:
         """ip_route_output: None (and IpOutNoRoutes) when nothing covers dst."""
         res = self.inet.fib.lookup(dst)
+        if res is None and dst == 0xFFFFFFFF:
+            res = self.inet.limited_broadcast_route()
         if res is None:
             self.snmp["IpOutNoRoutes"] += 1
         return res
@@ -263,8 +265,11 @@ class Ipv4:
         now = self.stack.clock()
         if res.type == RTN_LOCAL:
             self._loopback_xmit(skb, res, now)
-        else:
-            self.finish_output(skb, res, now)
+            return
+        if res.type == RTN_BROADCAST:
+            # ip_mc_output: a broadcast we send is also received here (dev_loopback_xmit)
+            self._loopback_xmit(skb.copy(), res, now)
+        self.finish_output(skb, res, now)
 
     def finish_output(self, skb: SkBuff, res: FibResult, now: int) -> None:
         """ip_finish_output: fragment when larger than the MTU, then the neighbour."""

@@ -242,3 +242,21 @@ def test_bad_headers(net, pair, seg):
     a, b = pair
     b.dev.receive(ip_frame(b.dev.dev_addr, a.dev.dev_addr, "198.18.0.1", "198.18.0.2", 17, seg))
     assert b.stack.snmp["UdpInErrors"] == 1 and b.stack.pool.drops["PKT_TOO_SMALL"] == 1
+
+
+def test_limited_broadcast_and_own_broadcast_looped_back(net, pair):
+    a, b = pair
+    listen_b = b.socket(SOCK_DGRAM)
+    listen_b.bind(("0.0.0.0", 67))
+    listen_a = a.socket(SOCK_DGRAM)
+    listen_a.bind(("0.0.0.0", 67))
+    c = a.socket(SOCK_DGRAM)
+    c.setsockopt(SOL_SOCKET, 6, 1)  # SO_BROADCAST
+    c.sendmsg(b"everyone", ("255.255.255.255", 67))
+    net.settle()
+    assert listen_b.recvmsg(10)[0] == b"everyone"
+    assert listen_a.recvmsg(10)[0] == b"everyone"  # our own broadcast comes back to us
+    f = [f for f in frames_of(net.hub("lan")) if f[23] == 17][-1]
+    assert f[:6] == b"\xff" * 6 and f[30:34] == b"\xff" * 4
+    for s in (listen_a, listen_b, c):
+        s.close()
