@@ -246,3 +246,12 @@ def sealed_memfd(size: int) -> int:
     os.ftruncate(fd, size)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
     return fd
+
+
+@pytest.fixture
+def klab():
+    """A kstack_procs.KernelLab: emulator, kernel and application processes in a private
+    directory; every process reaped, the directory removed and nothing left in /dev/shm."""
+    from kstack_procs import klab_session
+
+    yield from klab_session()

@@ -13,57 +13,17 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 
 import pytest
 
-from test_driver_process import ENV, MAC0, MAC1, ROOT, Lab, Proc
+from kstack_procs import MAC0, two_kernels as _two_kernels
 
 HAVE_INET = importlib.util.find_spec("kstack.inet") is not None
 HAVE_APPS = (HAVE_INET and importlib.util.find_spec("kstack.syscall.server") is not None
              and importlib.util.find_spec("kstack.apps.ping") is not None)
 needs_apps = pytest.mark.skipif(not HAVE_APPS, reason="kstack.inet / syscall / apps not present")
 
-
-class KernelLab(Lab):
-    def kernel(self, *args: str, name: str = "kernel") -> Proc:
-        p = self.start([sys.executable, "-m", "kstack.kernel", *args], name)
-        p.up = p.event("up")
-        return p
-
-    def app(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
-                              env=ENV, cwd=ROOT, timeout=timeout)
-
-
-def _shm() -> set[str]:
-    try:
-        return {n for n in os.listdir("/dev/shm") if "nicemu" in n or "kstack" in n}
-    except OSError:
-        return set()
-
-
-@pytest.fixture
-def klab():
-    shm_before = _shm()
-    lb = KernelLab()
-    yield lb
-    lb.close()
-    assert all(p.p.poll() is not None for p in lb.procs)
-    assert not lb.dir.exists()
-    assert _shm() <= shm_before
-
-
-def _two_kernels(klab: KernelLab, mode_a: str = "napi", mode_b: str = "interrupt",
-                 pcap: bool = False) -> tuple[Proc, Proc, str, str]:
-    a, b = klab.emulator_pair()
-    ka_sock, kb_sock = str(klab.dir / "ka.sock"), str(klab.dir / "kb.sock")
-    extra = ["--pcap", f"eth0={klab.dir / 'a.pcap'}"] if pcap else []
-    ka = klab.kernel("--device", f"{a},name=eth0,mode={mode_a}", "--addr", "eth0=198.18.0.1/24",
-                     "--syscall-socket", ka_sock, *extra, name="kernel-a")
-    kb = klab.kernel("--device", f"{b},name=eth0,mode={mode_b}", "--addr", "eth0=198.18.0.2/24",
-                     "--syscall-socket", kb_sock, name="kernel-b")
-    return ka, kb, ka_sock, kb_sock
+# the klab fixture (tests/conftest.py) and the helpers are in tests/kstack_procs.py
 
 
 def test_kernel_brings_up_a_device_and_stops_cleanly(klab):
