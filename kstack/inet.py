@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from kstack.arp import Arp
+from kstack.dropreason import SkbDropReason
 from kstack.icmp import Icmp
 from kstack.ip_fragment import IpFragments
 from kstack.ipv4 import Ipv4
@@ -163,6 +164,20 @@ class Inet:
         return [{"dev": a.dev.name, "addr": str(a), "broadcast": ntoa(a.broadcast) if a.plen < 31 else None}
                 for lst in self.ifaddrs.values() for a in lst]
 
+    # --- output for protocols ------------------------------------------------------------
+
+    def output(self, skb: Any, dst: int, proto: int, src: int = 0, tos: int = 0,
+               ttl: int = 0) -> bool:
+        """Send a transport segment (`skb.data` at its header) to `dst`: route, IP header,
+        fragmentation, neighbour. False when there is no route (the skb is dropped,
+        IpOutNoRoutes); `src` 0 takes the route's preferred source."""
+        res = self.ip.route_output(dst)
+        if res is None:
+            skb.drop(SkbDropReason.IP_OUTNOROUTES)
+            return False
+        self.ip.output(skb, src or res.src, dst, proto, res, tos=tos, ttl=ttl)
+        return True
+
     # --- routes -------------------------------------------------------------------------------
 
     def add_route(self, prefix: str, via: str | None = None, dev: "NetDevice | None" = None,
@@ -216,9 +231,9 @@ class Inet:
 
     # --- neighbours ---------------------------------------------------------------------------
 
-    def neighbours(self) -> list[dict[str, Any]]:
-        """`ip neigh`."""
-        return self.neigh.show()
+    def neighbours(self, stats: bool = False) -> list[dict[str, Any]]:
+        """`ip neigh` (`ip -s neigh` with stats: the used/confirmed/updated ages)."""
+        return self.neigh.show(self.stack.clock() if stats else None)
 
     def neigh_stats(self) -> dict[str, int]:
         """`ip -s ntable` / /proc/net/stat/arp_cache."""

@@ -83,8 +83,10 @@ class Ipv4:
         ihl = (vihl & 15) << 2
         if vihl >> 4 != IPVERSION or ihl < IPV4_MIN_HLEN or n < ihl:
             return self._hdr_error(skb)
-        # the header checksum is always checked in software, as Linux's ip_fast_csum
-        if internet_checksum(memoryview(buf)[off:off + ihl]):
+        # the header checksum is always checked in software, as Linux's ip_fast_csum. A
+        # 16-bit one's complement sum is the value mod 0xFFFF (2^16 = 1 mod 0xFFFF), so a
+        # correct header (which sums to 0xFFFF, and is not all zeros) is 0 mod 0xFFFF
+        if int.from_bytes(memoryview(buf)[off:off + ihl], "big") % 0xFFFF:
             snmp["IpInCsumErrors"] += 1
             snmp["IpInHdrErrors"] += 1
             skb.drop(SkbDropReason.IP_CSUM)

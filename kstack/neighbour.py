@@ -377,11 +377,19 @@ class NeighTable:
 
     # --- reporting ----------------------------------------------------------------------------
 
-    def show(self) -> list[dict[str, Any]]:
-        """`ip neigh`: one dict per entry."""
+    def show(self, now: int | None = None) -> list[dict[str, Any]]:
+        """`ip -s neigh`: one dict per entry; with `now`, also the seconds since the entry
+        was used, confirmed and updated ("used 12/12/5")."""
         from wire.ipv4 import ntoa
         from wire.mac import format_mac
-        return [{"dst": ntoa(n.key), "dev": n.dev.name,
-                 "lladdr": format_mac(n.ha) if n.ha else None, "state": nud_name(n.nud_state),
-                 "probes": n.probes, "queued": len(n.arp_queue)}
-                for n in self.entries.values()]
+        rows = []
+        for n in self.entries.values():
+            row: dict[str, Any] = {"dst": ntoa(n.key), "dev": n.dev.name,
+                                   "lladdr": format_mac(n.ha) if n.ha else None,
+                                   "state": nud_name(n.nud_state), "probes": n.probes,
+                                   "queued": len(n.arp_queue)}
+            if now is not None:
+                row["used"] = f"{max(0, now - n.used) // NS // 1000}/" \
+                              f"{max(0, now - n.confirmed) // NS // 1000}/{max(0, now - n.updated) // NS // 1000}"
+            rows.append(row)
+        return rows

@@ -375,8 +375,13 @@ class UdpTable:
             skb.trim(ulen)
         saddr, daddr = _ADDRS.unpack_from(buf, skb.network_header + 12)
         if check and skb.ip_summed != CHECKSUM_UNNECESSARY:
-            psum = (saddr >> 16) + (saddr & 0xFFFF) + (daddr >> 16) + (daddr & 0xFFFF) + 17 + ulen
-            if fold(ones_sum(memoryview(buf)[off:off + ulen], psum)) != 0xFFFF:
+            # pseudo-header + segment must sum to 0xFFFF: 0 mod 0xFFFF (see ip_rcv); an odd
+            # length is padded with a zero byte at the end
+            v = int.from_bytes(memoryview(buf)[off:off + ulen], "big")
+            if ulen & 1:
+                v <<= 8
+            if (v + (saddr >> 16) + (saddr & 0xFFFF) + (daddr >> 16) + (daddr & 0xFFFF)
+                    + 17 + ulen) % 0xFFFF:
                 snmp["UdpInCsumErrors"] += 1
                 snmp["UdpInErrors"] += 1
                 skb.drop(SkbDropReason.UDP_CSUM)
@@ -384,7 +389,11 @@ class UdpTable:
         if skb.cb and skb.cb.get("rt_broadcast"):
             self._mcast_deliver(skb, saddr, sport, daddr, dport)
             return
-        sk = self.lookup(saddr, sport, daddr, dport)
+        lst = self.ports.get(dport)
+        if lst and len(lst) == 1 and not lst[0].connected and not lst[0].rcv_saddr:
+            sk = lst[0]  # the common case: one wildcard socket on the port
+        else:
+            sk = self.lookup(saddr, sport, daddr, dport)
         if sk is None:
             snmp["UdpNoPorts"] += 1
             self.inet.icmp.send(skb, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0)

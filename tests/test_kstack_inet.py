@@ -96,3 +96,26 @@ def test_carrier_down_forgets_neighbours(net):
     a.dev.netif_carrier_off()
     assert not a.inet.neighbours()
     s.close()
+
+
+def test_output_for_protocols_and_neigh_stats(net):
+    from kstack.skbuff import MAX_HEADER
+    from wire.ipv4 import addr_to_int
+    a = net.host("a", "198.18.0.1/24")
+    b = net.host("b", "198.18.0.2/24")
+    net.settle()
+    seen = []
+    b.inet.add_protocol(253, lambda skb: (seen.append(skb.tobytes()), skb.consume()))  # RFC 3692 experimental
+    skb = a.stack.pool.alloc(4, MAX_HEADER)
+    skb.put_data(b"exp!")
+    assert a.inet.output(skb, addr_to_int("198.18.0.2"), 253)
+    net.settle()
+    assert seen == [b"exp!"] and b.stack.snmp["IpInDelivers"] == 1
+    skb = a.stack.pool.alloc(4, MAX_HEADER)
+    assert not a.inet.output(skb, addr_to_int("203.0.113.1"), 253)
+    assert a.stack.pool.drops["IP_OUTNOROUTES"] == 1
+    net.t[0] += 3 * 10**9
+    row = a.inet.neighbours(stats=True)[0]
+    assert row["used"] == "3/3/3" and row["state"] == "REACHABLE"
+    with pytest.raises(ValueError):
+        b.inet.add_protocol(253, lambda skb: None)
