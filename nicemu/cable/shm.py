@@ -40,6 +40,25 @@ against "producer publishes `tail`, then checks `sleeping`" (and the same for `w
 `head` in the other direction) is Dekker's pattern, which TSO's store buffer breaks unless a
 full fence sits between the store and the load.
 
+Hostile peer. Everything in the mapping is written by another process and is read as
+untrusted input, once per field (a record header is one 8-byte read into a local). The reader
+(`drain_ref`, and the same loop in C) checks, before it uses them: the published distance
+`tail - head` (mod 2**64) is a multiple of 8 and at most the ring; each step either consumes at
+least 8 bytes of that distance or stops, so a pull ends within (tail - head) / 8 steps; a wrap
+marker is never at offset 0 (a producer only wraps when the record does not fit before the end),
+has a zero second word and jumps to less than what was published; a record has 0 < length <=
+max_frame, a zero second word, and lies inside the ring and inside what was published. At
+attach, our own tail and the heads are checked too (multiples of 8; the consumer's head at most
+one ring behind our tail), and the producer checks the consumer's head each time it reads it.
+Anything else declares the ring corrupt: the end counts it (`rx_errors`), logs the reason
+(`last_error`, `corrupt`), clears its "present" word and goes link down for good, as an
+unplugged cable; the frames before the bad record are delivered. One pull copies out at most
+`batch` frames and one recv_frames() at most RECV_PULLS pulls (then the end rings its own
+doorbell to come back), so a producer that never stops publishing cannot keep the emulator
+loop (and its SIGTERM handling) away. The memfd is sealed (F_SEAL_SHRINK | F_SEAL_GROW |
+F_SEAL_SEAL) when created and an end refuses one without those seals, so no peer can shrink it
+under the mapping (a SIGBUS on the next access).
+
 The rings are implemented twice with the same methods: `_shmring.Rings` in Cython (pointers into
 the mapping, `__atomic_load_n(ACQUIRE)` / `__atomic_store_n(RELEASE)` for the indices,
 `__atomic_thread_fence(SEQ_CST)` for the fence; the default when built) and `RingsRef` in
@@ -49,6 +68,8 @@ kernel's locked instruction is a full barrier on x86). Tests run both against ea
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import mmap
 import os
 import select
@@ -68,6 +89,14 @@ MAX_RING = 1 << 30
 WRAP = 0xFFFFFFFF
 REC_HDR = 8
 _REC = struct.Struct("<II")
+M64 = (1 << 64) - 1  # head and tail are free-running u64 counters: arithmetic is mod 2**64
+RX_BATCH = 1024  # frames one pull copies out at most
+RECV_PULLS = 4  # pulls one recv_frames() makes at most; more pending: the end rings itself
+# A memfd that can shrink under a mapping faults (SIGBUS) on the next access: sealed at
+# creation, and an end refuses a memfd without these seals.
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+
+log = logging.getLogger("nicemu.cable.shm")
 
 # Header words, as indices into the memoryview cast to "Q" (8-byte words).
 _W_MAGIC = 0
@@ -81,6 +110,27 @@ def _ring_words(r: int) -> tuple[int, int, int, int]:
     return base, base + 8, base + 16, base + 24
 
 
+def _check_geometry(ring_bytes: int, tx: int, rx: int, max_frame: int, batch: int) -> None:
+    """The arguments both ring classes refuse (the C one would otherwise address memory
+    outside the mapping): rings 0 and 1, a power-of-two ring, a frame that fits half of it."""
+    if ring_bytes < 32 or ring_bytes & (ring_bytes - 1):
+        raise ValueError(f"shm rings: ring_bytes must be a power of two of at least 32, got {ring_bytes}")
+    if {tx, rx} != {0, 1}:
+        raise ValueError(f"shm rings: tx and rx must be rings 0 and 1, got {tx} and {rx}")
+    if not 0 < max_frame or REC_HDR + ((max_frame + 7) & ~7) > ring_bytes // 2:
+        raise ValueError(f"shm rings: max_frame {max_frame} does not fit half a ring of {ring_bytes}")
+    if batch < 1:
+        raise ValueError(f"shm rings: batch must be at least 1, got {batch}")
+
+
+def _bad_head(tail: int, head: int, ring: int) -> str | None:
+    """Why the consumer's `head` cannot be behind our `tail` (None: it can)."""
+    used = (tail - head) & M64
+    if used > ring or used & 7:
+        return f"head {head} of the peer is not a valid distance behind tail {tail}"
+    return None
+
+
 class RingsRef:
     """One end's view of the two rings, in pure Python: it produces into ring `tx` and consumes
     ring `rx`. The reference of _shmring.Rings (same methods, same results; tests run both).
@@ -89,9 +139,15 @@ class RingsRef:
     mov each, which on x86-64 is a release store / acquire load in hardware. `_fence` (a full
     barrier between a flag store and an index load) is an eventfd write here: the kernel's
     locked instruction is a full barrier on x86.
+
+    `corrupt` is None, or why the peer's side of the mapping is not a ring (then push returns
+    -2, pull and arm find nothing, writable is False, for good); `steps` is how many records
+    and wrap markers the last pull examined.
     """
 
-    def __init__(self, buf, ring_bytes: int, tx: int, rx: int, fence_fd: int = -1, max_frame: int = MAX_FRAME) -> None:
+    def __init__(self, buf, ring_bytes: int, tx: int, rx: int, fence_fd: int = -1, max_frame: int = MAX_FRAME,
+                 batch: int = RX_BATCH) -> None:
+        _check_geometry(ring_bytes, tx, rx, max_frame, batch)
         mv = memoryview(buf)
         if len(mv) < HEADER_BYTES + 2 * ring_bytes:
             raise ValueError("shm rings: mapping too small")
@@ -102,12 +158,22 @@ class RingsRef:
         self.ring = ring_bytes
         self.mask = ring_bytes - 1
         self.max_frame = max_frame
+        self.batch = batch
+        self.steps = 0
         self._fence_fd = fence_fd
         self._t = _ring_words(tx)  # tail, head, sleeping, waiting
         self._r = _ring_words(rx)
+        # where the previous owner of this end left off: untrusted like the rest of the mapping
         self.tail = self._q[self._t[0]]
         self.head_cache = self._q[self._t[1]]
         self.head = self._q[self._r[1]]
+        self.corrupt: str | None = None
+        if self.tail & 7:
+            self.corrupt = f"tail {self.tail} of ring {tx} is not a multiple of 8"
+        elif self.head & 7:
+            self.corrupt = f"head {self.head} of ring {rx} is not a multiple of 8"
+        else:
+            self.corrupt = _bad_head(self.tail, self.head_cache, ring_bytes)
 
     def close(self) -> None:
         for v in (self._q, self._txd, self._rxd, self._mv):
@@ -116,34 +182,47 @@ class RingsRef:
     def _fence(self) -> None:
         os.eventfd_write(self._fence_fd, 1)
 
+    def _load_head(self) -> bool:
+        """Read the consumer's head; False (and the ring corrupt) if it is not behind our tail."""
+        h = self._q[self._t[1]]
+        err = _bad_head(self.tail, h, self.ring)
+        if err is not None:
+            self.corrupt = err
+            return False
+        self.head_cache = h
+        return True
+
     def _room(self, total: int) -> bool:
-        if self.tail + total - self.head_cache <= self.ring:
+        if ((self.tail - self.head_cache) & M64) + total <= self.ring:
             return True
-        self.head_cache = self._q[self._t[1]]
-        return self.tail + total - self.head_cache <= self.ring
+        return self._load_head() and ((self.tail - self.head_cache) & M64) + total <= self.ring
 
     def _wait_space(self, total: int) -> bool:
         self._q[self._t[3]] = 1
         self._fence()
-        self.head_cache = self._q[self._t[1]]
-        return self.tail + total - self.head_cache <= self.ring
+        return self._load_head() and ((self.tail - self.head_cache) & M64) + total <= self.ring
 
     def push(self, frame: bytes) -> int:
-        """1: taken, ring the consumer's doorbell; 0: taken; -1: full (waiting flag set)."""
+        """1: taken, ring the consumer's doorbell; 0: taken; -1: full (waiting flag set);
+        -2: the ring is corrupt (the frame is not taken, nothing ever will be)."""
+        if self.corrupt is not None:
+            return -2
         n = len(frame)
+        if not 0 < n <= self.max_frame:
+            raise ValueError(f"shm rings: a frame of {n} bytes (1 to {self.max_frame})")
         need = REC_HDR + ((n + 7) & ~7)
         pos = self.tail & self.mask
         contig = self.ring - pos
         total = need if contig >= need else contig + need
         if not self._room(total) and not self._wait_space(total):
-            return -1
+            return -1 if self.corrupt is None else -2
         data = self._txd
         if contig < need:
             _REC.pack_into(data, pos, WRAP, 0)
             pos = 0
         _REC.pack_into(data, pos, n, 0)
         data[pos + REC_HDR : pos + REC_HDR + n] = frame
-        self.tail += total
+        self.tail = (self.tail + total) & M64
         q = self._q
         q[self._t[0]] = self.tail  # release: the record is written before tail moves
         self._fence()
@@ -156,21 +235,29 @@ class RingsRef:
         return 0
 
     def free(self) -> int:
-        return self.ring - (self.tail - self._q[self._t[1]])
+        """Bytes free in the tx ring now (0 when corrupt)."""
+        if self.corrupt is not None or not self._load_head():
+            return 0
+        return self.ring - ((self.tail - self.head_cache) & M64)
 
     def writable(self, need: int) -> bool:
+        if self.corrupt is not None:
+            return False
         return self._room(need) or self._wait_space(need)
 
     def pull(self) -> tuple[list[bytes], bool, str | None]:
-        """All complete records: (frames, ring_the_producer, error or None)."""
+        """Up to `batch` complete records: (frames, ring_the_producer, error or None). An error
+        is returned once, by the pull that found the ring corrupt (also in `corrupt`)."""
+        self.steps = 0
+        if self.corrupt is not None:
+            return [], False, None
         q = self._q
         tail = q[self._r[0]]  # acquire: the records up to tail are complete
         if tail == self.head:
             return [], False, None
-        out, head, err = drain_ref(self._rxd, self.head, tail, self.max_frame)
+        out, head, self.steps, err = drain_ref(self._rxd, self.head, tail, self.max_frame, self.batch)
         if err is not None:
-            err = f"{err}; {tail - head} bytes skipped"
-            head = tail
+            self.corrupt = err
         self.head = head
         q[self._r[1]] = head  # release: the records are copied out
         self._fence()
@@ -183,6 +270,9 @@ class RingsRef:
         self._q[self._r[2]] = 0
 
     def arm(self) -> bool:
+        """About to sleep: ask for a doorbell, then look once more. True: data pending."""
+        if self.corrupt is not None:
+            return False
         self._q[self._r[2]] = 1
         self._fence()
         return self._q[self._r[0]] != self.head
@@ -231,9 +321,10 @@ class ShmCable:
         _check_ring_bytes(ring_bytes)
         fds: list[int] = []
         try:
-            memfd = os.memfd_create("nicemu-shm-cable", os.MFD_CLOEXEC)
+            memfd = os.memfd_create("nicemu-shm-cable", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             fds.append(memfd)
             os.ftruncate(memfd, HEADER_BYTES + 2 * ring_bytes)
+            fcntl.fcntl(memfd, fcntl.F_ADD_SEALS, SEALS)  # its size is final: no SIGBUS for anyone
             with mmap.mmap(memfd, HEADER_BYTES) as mm:
                 q = memoryview(mm).cast("Q")
                 q[_W_VERSION_SIZE] = VERSION | (ring_bytes << 32)
@@ -274,27 +365,51 @@ class ShmCable:
         return a, b
 
 
-def drain_ref(data: memoryview, head: int, tail: int, max_frame: int) -> tuple[list[bytes], int, str | None]:
-    """Copy out the records in [head, tail) of a ring: (frames, new head, error or None).
-
-    The consumer's copy loop of RingsRef.pull (the C version is inside _shmring.Rings.pull)."""
+def drain_ref(data: memoryview, head: int, tail: int, max_frame: int,
+              limit: int = RX_BATCH) -> tuple[list[bytes], int, int, str | None]:
+    """Copy out up to `limit` records in [head, tail) of a ring another process wrote:
+    (frames, new head, steps, error or None). `head` is ours (a multiple of 8); `tail` and
+    every byte of `data` are the peer's and are checked before use (module docstring, "Hostile
+    peer"). Each step consumes at least 8 of the published bytes or stops with an error, so
+    `steps` <= (tail - head) / 8. The consumer's copy loop of RingsRef.pull (the C version is
+    inside _shmring.Rings.pull)."""
     out: list[bytes] = []
     ring = len(data)
     mask = ring - 1
-    if tail - head > ring or (tail - head) & 7:
-        return out, head, f"tail {tail} is not a valid distance from head {head}"
-    while head != tail:
+    left = (tail - head) & M64
+    if left > ring or left & 7:
+        return out, head, 0, f"tail {tail} is not a valid distance from head {head}"
+    steps = 0
+    while left and len(out) < limit:
+        steps += 1
         pos = head & mask
-        n = struct.unpack_from("<I", data, pos)[0]
+        n, reserved = _REC.unpack_from(data, pos)  # read once: the peer may change it meanwhile
         if n == WRAP:
-            head += ring - pos
+            jump = ring - pos  # a wrap at 0 would jump a whole ring; one must leave a record
+            if pos == 0 or reserved or jump >= left:
+                return out, head, steps, f"bad wrap marker at ring offset {pos}"
+            head = (head + jump) & M64
+            left -= jump
             continue
         rec = REC_HDR + ((n + 7) & ~7)
-        if n == 0 or n > max_frame or pos + rec > ring or head + rec > tail:
-            return out, head, f"bad record length {n} at ring offset {pos}"
+        if n == 0 or n > max_frame or reserved or pos + rec > ring or rec > left:
+            return out, head, steps, f"bad record at ring offset {pos}: length {n}, reserved word {reserved}"
         out.append(bytes(data[pos + REC_HDR : pos + REC_HDR + n]))
-        head += rec
-    return out, head, None
+        head = (head + rec) & M64
+        left -= rec
+    return out, head, steps, None
+
+
+def _check_sealed(memfd: int) -> None:
+    """Refuse a memfd that the peer could still shrink (or grow, or re-seal): a mapping of a
+    file that shrinks faults with SIGBUS on the next access."""
+    try:
+        seals = fcntl.fcntl(memfd, fcntl.F_GET_SEALS)
+    except OSError as e:
+        raise CableError(errno.EINVAL, f"shm cable: fd {memfd} is not a sealable memfd ({e.strerror})") from None
+    if seals & SEALS != SEALS:
+        raise CableError(errno.EPERM, f"shm cable: the memfd is not sealed (seals {seals:#x}, need F_SEAL_SHRINK"
+                                      " | F_SEAL_GROW | F_SEAL_SEAL): the peer could shrink it under the mapping")
 
 
 class ShmCableEnd:
@@ -325,6 +440,7 @@ class ShmCableEnd:
         self._rings = None
         self._fence_fd = -1
         try:
+            _check_sealed(memfd)  # first: once sealed, the size fstat reports cannot change
             size = os.fstat(memfd).st_size
             if size < HEADER_BYTES + 2 * MIN_RING:
                 raise CableError(errno.EINVAL, f"shm cable: memfd of {size} bytes is too small")
@@ -340,9 +456,9 @@ class ShmCableEnd:
             mine, theirs = (0, 1) if side == "a" else (1, 0)
             if engine == "python" or _CRings is None:
                 self._fence_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-                self._rings = RingsRef(self._mm, ring, mine, theirs, self._fence_fd, MAX_FRAME)
+                self._rings = RingsRef(self._mm, ring, mine, theirs, self._fence_fd, MAX_FRAME, RX_BATCH)
             else:
-                self._rings = _CRings(self._mm, ring, mine, theirs, -1, MAX_FRAME)
+                self._rings = _CRings(self._mm, ring, mine, theirs, -1, MAX_FRAME, RX_BATCH)
             self._hangup = socket.socket(fileno=hangup)
         except BaseException:
             self._unmap()
@@ -358,6 +474,7 @@ class ShmCableEnd:
         self._max_frame = min(MAX_FRAME, ring // 2 - REC_HDR)
         self._peer_gone = False
         self._closed = False
+        self._corrupt: str | None = None
         self._rings.set_word(self._present_me, 1)
         self._push = self._rings.push
         self._doorbell_out = doorbell_out
@@ -370,8 +487,10 @@ class ShmCableEnd:
         self.rx_frames = 0
         self.tx_refused = 0
         self.tx_dropped = 0  # frames that can never fit, or sent with the link down
-        self.rx_errors = 0  # malformed records from the peer (the ring is resynchronised)
+        self.rx_errors = 0  # times the peer's side of the memory was found corrupt (link down)
         self.last_error: str | None = None
+        if self._rings.corrupt is not None:  # left corrupt by the previous owner, or the peer
+            self._ring_corrupt(self._rings.corrupt)
 
     # --- moving an end to another process -------------------------------------------------
 
@@ -418,7 +537,13 @@ class ShmCableEnd:
 
     @property
     def link_up(self) -> bool:
-        return not self._closed and not self._peer_gone and bool(self._rings.word(self._present_peer))
+        return (not self._closed and not self._peer_gone and self._corrupt is None
+                and bool(self._rings.word(self._present_peer)))
+
+    @property
+    def corrupt(self) -> str | None:
+        """Why the ring was declared corrupt (the link is down for good), or None."""
+        return self._corrupt
 
     def fileno(self) -> int | None:
         return None if self._closed else self._poller.fileno()
@@ -431,6 +556,10 @@ class ShmCableEnd:
             self.tx_dropped += 1  # never fits / nobody there: lost, as on a real wire
             return True
         r = self._push(frame)
+        if r == -2:  # the peer's head is not a head: the cable is dead, the frame lost
+            self._ring_corrupt(self._rings.corrupt or "ring corrupt")
+            self.tx_dropped += 1
+            return True
         if r < 0:
             self._want = 2 * (REC_HDR + n + 7)  # worst case with a wrap
             self.tx_refused += 1
@@ -448,13 +577,24 @@ class ShmCableEnd:
     def recv_frames(self) -> list[bytes]:
         if self._closed:
             return []
+        if self._corrupt is not None:  # link down for good: stop listening to the peer
+            eventfd_clear(self._fds.doorbell_in)
+            self._poller.unwatch(self._fds.doorbell_in)
+            return []
         rings = self._rings
         rings.awake()  # the producer need not ring while we drain
         eventfd_clear(self._fds.doorbell_in)
         frames: list[bytes] = []
         self._pull(frames)
-        while rings.arm():  # arrived between the drain and the arming
+        pulls = 1
+        while rings.arm():  # arrived between the drain and the arming, or more than a batch
+            if pulls == RECV_PULLS:
+                # bounded work per call: ring ourselves, so the loop comes back after serving
+                # the rest (a producer that never stops cannot keep us here)
+                os.eventfd_write(self._fds.doorbell_in, 1)
+                break
             self._pull(frames)
+            pulls += 1
         self.rx_frames += len(frames)
         if not frames:  # woken for something else: maybe the peer is gone
             self._check_hangup()
@@ -464,11 +604,28 @@ class ShmCableEnd:
     def _pull(self, out: list[bytes]) -> None:
         frames, ring_producer, err = self._rings.pull()
         out += frames
-        if err is not None:  # a malformed ring from the peer: counted, what it published skipped
-            self.rx_errors += 1
-            self.last_error = f"shm cable {self.side}: {err}"
+        if err is not None:  # the frames before the bad record are delivered; then link down
+            self._ring_corrupt(err)
         if ring_producer:  # it waits for space: wake it
             os.eventfd_write(self._fds.doorbell_out, 1)
+
+    def _ring_corrupt(self, reason: str) -> None:
+        """The peer's side of the memory is not a ring: count it, say why, and go link down for
+        good, as an unplugged cable (our "present" word cleared, the peer rung so it sees it;
+        our own doorbell rung so the event loop comes back and reads link_up)."""
+        if self._corrupt is not None:
+            return
+        self._corrupt = reason
+        self._up = False
+        self.rx_errors += 1
+        self.last_error = f"shm cable {self.side}: ring corrupt: {reason}"
+        log.warning("%s; link down", self.last_error)
+        try:
+            self._rings.set_word(self._present_me, 0)
+            os.eventfd_write(self._fds.doorbell_out, 1)
+            os.eventfd_write(self._fds.doorbell_in, 1)
+        except OSError:  # a descriptor the peer closed: nothing more to tell it
+            pass
 
     def _check_hangup(self) -> None:
         """EOF on the hang-up socket: every copy of the peer's end is closed (it exited or was
