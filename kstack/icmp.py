@@ -223,16 +223,18 @@ class Icmp:
             return True
         if type == ICMP_DEST_UNREACH and code == ICMP_FRAG_NEEDED:
             return True  # "Don't limit PMTU discovery"
-        # global: icmp_msgs_per_sec tokens a second, at most icmp_msgs_burst
-        delta = min(now - self.global_stamp, NS_PER_S)
+        # global (icmp_global_allow): while credit remains, allow; once spent, refill with
+        # icmp_msgs_per_sec per second elapsed (at most a second's worth, at most every
+        # HZ/50), capped at icmp_msgs_burst
         credit = self.global_credit
-        if delta >= NS_PER_S // 50:  # Linux refills at most every HZ/50
-            credit = min(credit + s.icmp_msgs_per_sec * delta // NS_PER_S, s.icmp_msgs_burst)
-            self.global_stamp = now
-            self.global_credit = credit
         if credit <= 0:
-            self.snmp["IcmpOutRateLimitGlobal"] += 1
-            return False
+            delta = min(now - self.global_stamp, NS_PER_S)
+            incr = s.icmp_msgs_per_sec * delta // NS_PER_S if delta >= NS_PER_S // 50 else 0
+            if incr <= 0:
+                self.snmp["IcmpOutRateLimitGlobal"] += 1
+                return False
+            self.global_stamp = now
+            credit = self.global_credit = min(credit + incr, s.icmp_msgs_burst)
         # per destination (inet_peer): a token per icmp_ratelimit, XRLIM_BURST_FACTOR deep
         timeout = s.icmp_ratelimit_ms * NS_PER_MS
         if timeout:
@@ -248,5 +250,5 @@ class Icmp:
                 self.snmp["IcmpOutRateLimitHost"] += 1
                 return False
             peer[0] = token - timeout
-        self.global_credit = credit - 1
+        self.global_credit = credit - 1  # icmp_global_consume (Linux takes 0-2 at random)
         return True

@@ -192,7 +192,7 @@ class Neighbour:
             self.updated = now
             self._invalidate()
             return
-        self.timer.mod(max(nxt, now + 1))
+        self.timer.mod(max(nxt, now + 10 * NS))  # at least HZ/100 ahead, as Linux
         if self.nud_state & (NUD_INCOMPLETE | NUD_PROBE):
             self._probe(now)
 
