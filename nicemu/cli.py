@@ -121,7 +121,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "serve", help="run an emulator process serving devices over vfio-user",
         description="Run one emulator process. Each device listens on an AF_UNIX socket "
                     "(socket 0600; a missing directory is created 0700 if its parent exists, and removed "
-                    "at the end) and speaks vfio-user to one driver at "
+                    "at the end; an existing directory must be ours with no group/other access, so "
+                    "/tmp itself is refused) and speaks vfio-user to one driver at "
                     "a time. Either give --socket/--mac (repeat both for several devices) or "
                     "--config FILE [--process NAME] for this process's share of a YAML topology. "
                     "Stops cleanly on SIGTERM or Ctrl-C (sockets are unlinked). SIGUSR1 prints a "
@@ -269,7 +270,11 @@ def _port_mac(value: str, what: str) -> str:
 
 def _socket_dirs(paths: list[str]):
     """Create the sockets' directories (0700) whose parent exists; a missing parent is an
-    error naming it, with nothing created. The result removes what it made when closed."""
+    error naming it, with nothing created. An existing directory must be private (ours, no
+    group/other access: nicemu.private_dir), as a topology's runtime directory must: in a
+    directory others can write to, a squatter could rename our socket away and bind its own.
+    The result removes what it made when closed."""
+    from nicemu.private_dir import PrivateDirError
     from nicemu.topology import CreatedDirs, MissingParentError, os_error_text
 
     dirs = CreatedDirs()
@@ -282,6 +287,9 @@ def _socket_dirs(paths: list[str]):
         raise CliError(f"serve: --socket {path}: the directory {e.parent} does not exist; nicemu creates "
                        f"only the socket's own directory, {e.directory} (create {e.parent} first, or "
                        "choose another path)", 2) from None
+    except PrivateDirError as e:
+        dirs.close()
+        raise CliError(f"serve: --socket {path}: {e}", 2) from None
     except OSError as e:
         dirs.close()
         raise CliError(f"serve: socket directory: {os_error_text(e)}", 1) from None

@@ -4,8 +4,10 @@ Why a supervisor: a topology spans several processes (one per process group, see
 nicemu.topology), some of which share resources that must exist before either starts (the
 memory of a `shm` cable between two processes). The supervisor
 
-1. validates the config (a TopologyError lists every problem; the CLI exits 2),
-2. prepares the private runtime directory (0700) and refuses to start over a live socket,
+1. validates the config and checks the host (topology.check_topology, what `up --check` does:
+   a TopologyError lists every problem; the CLI exits 2), before anything is created,
+2. prepares the private runtime directory (0700; an existing one must already be private, it
+   is never chmodded) and refuses to start over a live socket,
 3. creates the shared resources itself and hands each child exactly its part with
    `pass_fds` (then drops its own copies, so a dead child reads as "link down" to its peer),
 4. starts `python -m nicemu serve --config FILE --process NAME` per process group, each in its
@@ -310,7 +312,9 @@ class Supervisor:
 
     def _prepare_runtime_dir(self) -> None:
         """The runtime directory and the socket directories (the children find them made);
-        a missing parent is a TopologyError (exit 2), raised before anything is created."""
+        whatever check_host finds (a missing parent, a directory that is not private, a
+        missing capture directory) is a TopologyError (exit 2), raised before anything is
+        created."""
         try:
             self.dirs = T.prepare_dirs(self.topo)
         except OSError as e:
@@ -503,8 +507,12 @@ def _accepts(p: Path) -> bool:
 def run_up(config: str | os.PathLike, *, runtime_dir: str | os.PathLike | None = None,
            stop_timeout: float = DEFAULT_STOP_TIMEOUT, ready_timeout: float = DEFAULT_READY_TIMEOUT,
            check: bool = False, log_level: str | None = None) -> int:
-    """`nicemu up`: raises TopologyError for a bad config (the CLI prints it and exits 2)."""
-    topo = T.load(config, runtime_dir=runtime_dir)
+    """`nicemu up`: raises TopologyError for a bad config (the CLI prints it and exits 2).
+
+    `--check` and a real start run the same checks (topology.check_topology: the file, every
+    key, the directories, sockets and capture files on this host), all before anything is
+    created or started."""
+    topo = T.check_topology(config, runtime_dir=runtime_dir)
     if check:
         for line in describe(topo):
             print(line)

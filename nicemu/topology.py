@@ -10,6 +10,14 @@ traceback at a time. The schema (every key, default and meaning) is in docs/topo
 (`nicemu up`) and each emulator process (`nicemu serve --config FILE --process NAME`) derive the
 same plan from the same file. `build_emulator()` wires one process's share of that plan into an
 `Emulator`.
+
+A topology file is input like any other, so it is bounded before it is believed: only a
+regular file of at most MAX_FILE_BYTES is read (`read_config`), YAML nesting and alias
+expansion are bounded while the document is composed (`_Loader`), device, cable and process
+counts are capped, and every message quotes a value or key shortened, on one line.
+`check_topology` is what `nicemu up --check` runs and what `nicemu up` runs before it creates or
+starts anything (the file, every key, then the host: `check_host`); directories for sockets
+must be private (nicemu.private_dir).
 """
 from __future__ import annotations
 
@@ -28,6 +36,7 @@ import yaml
 
 from nicemu.cable.base import unplugged
 from nicemu.faults import PROBABILITY_KEYS, FaultConfig
+from nicemu.private_dir import MissingParentError, PrivateDirError, ensure_private_dir, private_dir_problem
 from wire.mac import format_mac, parse_mac as wire_parse_mac
 
 if TYPE_CHECKING:  # imported lazily at run time: validation must work without the device built
@@ -43,8 +52,11 @@ __all__ = [
     "TopologyError",
     "CreatedDirs",
     "MissingParentError",
+    "PrivateDirError",
     "build_emulator",
-    "check_dirs",
+    "check_host",
+    "check_topology",
+    "read_config",
     "default_runtime_dir",
     "ensure_private_dir",
     "os_error_text",
@@ -56,6 +68,20 @@ __all__ = [
 ]
 
 CABLE_KINDS = ("pair", "shm", "unix", "udp", "tap")
+
+# Limits (docs/topology.md, "Limits"): a topology file is input like any other, and a start
+# must not be able to take the machine down.
+MAX_FILE_BYTES = 256 << 10  # a topology file; only regular files are read
+MAX_DEPTH = 16  # nesting of mappings and lists, what aliases bring in counted
+MAX_VALUES = 20_000  # YAML values after expanding aliases (a "billion laughs" stops here)
+MAX_NUMBER_DIGITS = 30  # an integer with more digits is no setting of ours
+MAX_DEVICES = 64
+MAX_CABLES = 64
+MAX_PROCESSES = 16  # emulator processes `nicemu up` starts (each is ~15 MB of Python)
+MAX_SHM_TOTAL_BYTES = 2 << 30  # shm ring memory of all cables, both directions
+MAX_PROBLEMS_SHOWN = 50  # TopologyError.render() lists this many, then counts the rest
+PATH_MAX = 4095  # bytes of a file path (Linux's PATH_MAX less the NUL)
+NAME_MAX = 255  # bytes of one file name
 
 # The 82540EM has 64 KB of on-chip packet buffer shared between RX and TX (PBA.RXA/TXA in KB).
 PBA_TOTAL_KB = 64
@@ -83,7 +109,7 @@ RESERVED_NAMES = frozenset({"peer"})  # `peer` names the outside end in per-cabl
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
 _IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
-_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+_SIZE_RE = re.compile(r"^\s*(\d{1,18})\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
 
 # Network safety: emulated traffic may only use loopback or the benchmarking range (RFC 2544).
 ALLOWED_NETWORKS = (
@@ -134,7 +160,7 @@ class Problem:
         where = self.path or "(top level)"
         if self.line is not None:
             where += f" (line {self.line})"
-        return f"{where}: {self.message}"
+        return _one_line(f"{where}: {self.message}")
 
 
 class TopologyError(ValueError):
@@ -147,8 +173,18 @@ class TopologyError(ValueError):
 
     def render(self) -> str:
         n = len(self.problems)
-        head = f"{self.source}: {n} problem{'s' if n != 1 else ''}"
-        return head + ":\n" + "\n".join(f"  {p}" for p in self.problems)
+        head = f"{_one_line(self.source)}: {n} problem{'s' if n != 1 else ''}"
+        lines = [f"  {p}" for p in self.problems[:MAX_PROBLEMS_SHOWN]]
+        if n > MAX_PROBLEMS_SHOWN:
+            lines.append(f"  (and {n - MAX_PROBLEMS_SHOWN} more)")
+        return head + ":\n" + "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    """A message line: control characters (a newline in a key, say) shown escaped."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
 @dataclass(frozen=True)
@@ -256,14 +292,91 @@ class _MarkedDict(dict):
     line: int | None = None
 
 
+class HugeNumber:
+    """An integer of more than MAX_NUMBER_DIGITS digits in a topology file: no setting takes
+    one, so it is kept as its length. No check turns it into a giant int, no message quotes it
+    whole (int() of a 5,000-digit string would even raise)."""
+
+    def __init__(self, digits: int) -> None:
+        self.digits = digits
+
+    def __repr__(self) -> str:
+        return f"<a number of {self.digits} digits>"
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2 numbers and duplicate-key detection.
+    """SafeLoader with YAML 1.2 numbers, duplicate-key detection and bounded input.
 
     YAML 1.1 reads an unquoted `52:54:00:12:34:56` as a base-60 integer; a MAC written the way
     everybody writes it must stay a string, so the sexagesimal forms are not resolved.
+
+    Bounds, checked while the document is composed (before any value is built): nesting depth
+    (MAX_DEPTH; PyYAML's composer recurses, so 10,000 levels would be a RecursionError) and
+    the number of values with aliases expanded (MAX_VALUES): a "billion laughs" alias bomb is
+    refused when its size passes the limit, never expanded. An alias to the value containing
+    it is refused too.
     """
 
     duplicate_keys: list[tuple[str, int]]
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicate_keys = []
+        self._depth = 0
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(node) -> (values, height) once composed
+
+    def fetch_flow_collection_start(self, token_class: type) -> None:
+        """Flow nesting ([[[[...) is bounded in the scanner already: its look-ahead for simple
+        keys would otherwise scan a thousand openers before the composer saw the first."""
+        if self.flow_level >= MAX_DEPTH:
+            raise yaml.scanner.ScannerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                            self.get_mark())
+        super().fetch_flow_collection_start(token_class)
+
+    def compose_node(self, parent: Any, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and id(node) not in self._sizes:
+                raise yaml.composer.ComposerError(
+                    None, None, f"the alias *{_excerpt(event.anchor)} refers to the value that "
+                                "contains it", event.start_mark)
+            return super().compose_node(parent, index)  # an undefined alias is its error
+        if self._depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels",
+                                              self.peek_event().start_mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._measure(node)
+        return node
+
+    def _measure(self, node: yaml.Node) -> None:
+        """Values and height of a composed node, aliases counted as what they stand for."""
+        if isinstance(node, yaml.ScalarNode):
+            size, height = 1, 1
+        else:
+            kids = node.value if isinstance(node, yaml.SequenceNode) else [n for kv in node.value for n in kv]
+            known = [self._sizes[id(k)] for k in kids]
+            size = 1 + sum(k[0] for k in known)
+            height = 1 + max((k[1] for k in known), default=0)
+        if size > MAX_VALUES:
+            raise yaml.composer.ComposerError(None, None, f"more than {MAX_VALUES} values once its "
+                                                          "aliases are expanded", node.start_mark)
+        if height > MAX_DEPTH:
+            raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels "
+                                                          "once its aliases are expanded", node.start_mark)
+        self._sizes[id(node)] = (size, height)
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """A value PyYAML cannot build (a 13th month, `!!int ""`) is a YAML error at its line."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value: {_excerpt(str(e), 80)}", node.start_mark) from None
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -285,6 +398,23 @@ _Loader.add_implicit_resolver(
 )
 
 
+def _construct_int(loader: _Loader, node: yaml.ScalarNode) -> int | HugeNumber:
+    """An integer as YAML 1.2 writes it; a very long one is a HugeNumber, not a giant int."""
+    text = loader.construct_scalar(node).replace("_", "")
+    digits = len(text.lstrip("+-"))
+    if digits > MAX_NUMBER_DIGITS:
+        return HugeNumber(digits)
+    sign = -1 if text.startswith("-") else 1
+    body = text.lstrip("+-").lower()
+    for prefix, base in (("0b", 2), ("0x", 16), ("0o", 8)):
+        if body.startswith(prefix):
+            return sign * int(body[2:], base)  # "0x" alone: ValueError, a YAML error at its line
+    return sign * int(body, 8 if len(body) > 1 and body.startswith("0") else 10)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _MarkedDict:
     loader.flatten_mapping(node)
     result = _MarkedDict()
@@ -300,7 +430,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> _MarkedDict:
             ) from None
         line = key_node.start_mark.line + 1
         if key in result:
-            loader.duplicate_keys.append((str(key), line))
+            loader.duplicate_keys.append((_describe(key), line))
         result[key] = loader.construct_object(value_node, deep=True)
         result.key_lines[key] = line
     return result
@@ -310,30 +440,87 @@ _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _constru
 
 
 def _yaml_load(text: str, source: str) -> Any:
-    loader = _Loader(text)
-    loader.duplicate_keys = []
+    loader: _Loader | None = None
     try:
+        loader = _Loader(text)  # (the reader already refuses control characters here)
         data = loader.get_single_data()
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = mark.line + 1 if mark is not None else None
         reason = getattr(exc, "problem", None) or str(exc)
-        raise TopologyError([Problem("", f"not valid YAML: {reason}", line)], source) from None
+        if getattr(exc, "context", None):
+            reason = f"{exc.context}: {reason}"
+        raise TopologyError([Problem("", f"not valid YAML: {_excerpt(reason, 160)}", line)], source) from None
+    except RecursionError:  # a bound above failed to hold; still no traceback
+        raise TopologyError([Problem("", f"nested deeper than {MAX_DEPTH} levels")], source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if loader.duplicate_keys:
         raise TopologyError(
-            [Problem("", f"key {k!r} appears more than once", line) for k, line in loader.duplicate_keys],
+            [Problem("", f"key {k} appears more than once", line) for k, line in loader.duplicate_keys],
             source,
         )
     return data
 
 
+def read_config(path: str | os.PathLike) -> str:
+    """The text of a topology file: a regular file of at most MAX_FILE_BYTES, UTF-8.
+
+    Opened without blocking (a FIFO would otherwise wait for a writer forever) and checked with
+    fstat before a byte is read (/dev/zero would be read until memory runs out); a device or a
+    FIFO is refused, and at most MAX_FILE_BYTES + 1 bytes are ever read."""
+    def refuse(why: str) -> TopologyError:
+        return TopologyError([Problem("", why)], str(path))
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise refuse(f"cannot read the file: {exc.strerror}") from None
+    except ValueError:  # a NUL in the name
+        raise refuse("cannot read the file: the name contains a NUL byte") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise refuse(f"not a regular file ({_file_kind(st.st_mode)}); a topology is read from a file")
+        if st.st_size > MAX_FILE_BYTES:
+            raise refuse(f"the file has {st.st_size} bytes; a topology file may have at most {MAX_FILE_BYTES}")
+        chunks: list[bytes] = []
+        got = 0
+        while got <= MAX_FILE_BYTES:  # the size may have changed since fstat: read at most limit + 1
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - got)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if got > MAX_FILE_BYTES:
+            raise refuse(f"the file has more than {MAX_FILE_BYTES} bytes, the limit of a topology file")
+    except OSError as exc:
+        raise refuse(f"cannot read the file: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        return b"".join(chunks).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise refuse(f"the file is not UTF-8 text (byte {exc.start})") from None
+
+
+def _file_kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
 # --- validation -------------------------------------------------------------------------
 
 
-def _suggest(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
+def _suggest(word: Any, choices: Iterable[str]) -> str:
+    """"; did you mean 'x'?" for a word close to one of `choices` (only a short text can be)."""
+    if not isinstance(word, str) or len(word) > 2 * EXCERPT_CHARS:
+        return ""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
@@ -353,12 +540,38 @@ def _describe(v: Any) -> str:
         return f"a {'mapping' if isinstance(v, dict) else 'list'}"
     if v is None:
         return "empty"
+    if isinstance(v, HugeNumber):
+        return f"a number of {v.digits} digits"
+    if isinstance(v, (set, frozenset)):
+        return "a set"
     text = repr(v)
     if len(text) <= EXCERPT_CHARS + 2:
         return text
     if isinstance(v, str):
         return f"a text of {len(v)} characters starting {v.split(chr(10), 1)[0][:EXCERPT_CHARS]!r}..."
     return text[:EXCERPT_CHARS] + "..."
+
+
+def _excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
+    """Text (a reason from PyYAML, an anchor name) as one line of at most about `limit` chars."""
+    text = _one_line(" ".join(str(text).split()))
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _key_text(key: Any) -> str:
+    """A mapping key as one component of a key path: itself if short and plain, else quoted
+    and shortened (a key can be any scalar: a 400-digit number, a text with newlines)."""
+    if isinstance(key, str) and 0 < len(key) <= EXCERPT_CHARS and key.isprintable() and key.strip() == key:
+        return key
+    if isinstance(key, str) or isinstance(key, HugeNumber):
+        return _describe(key)
+    return _excerpt(str(key))
+
+
+def _path_text(p: Any) -> str:
+    """A path for a message: a long one shortened to its start and end."""
+    text = _one_line(os.fspath(p)) if isinstance(p, (str, os.PathLike)) else _excerpt(str(p))
+    return text if len(text) <= 200 else f"{text[:100]}...{text[-60:]}"
 
 
 def parse_size(v: Any) -> int | None:
@@ -381,10 +594,10 @@ def parse_rate(v: Any) -> int | None:
         return None
     if isinstance(v, int):
         return v
-    if isinstance(v, float) and v.is_integer():
+    if isinstance(v, float) and v.is_integer() and abs(v) < 1e18:
         return int(v)
     if isinstance(v, str):
-        m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]?)(?:bps|bit/s)?\s*$", v)
+        m = re.match(r"^\s*(\d{1,15}(?:\.\d{1,15})?)\s*([kKmMgG]?)(?:bps|bit/s)?\s*$", v)
         if m:
             return int(float(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()])
     return None
@@ -397,7 +610,7 @@ def parse_mac(v: Any) -> tuple[str | None, str | None]:
             return None, "must be a string like \"52:54:00:12:34:56\" (quote it in YAML)"
         return None, f"must be a string like \"52:54:00:12:34:56\", got {_describe(v)}"
     if not _MAC_RE.match(v):
-        return None, f"{v!r} is not a MAC address (six hex bytes separated by ':', e.g. 52:54:00:12:34:56)"
+        return None, f"{_describe(v)} is not a MAC address (six hex bytes separated by ':', e.g. 52:54:00:12:34:56)"
     octets = wire_parse_mac(v)
     if octets[0] & 1:
         return None, (
@@ -412,7 +625,7 @@ def parse_mac(v: Any) -> tuple[str | None, str | None]:
 def socket_path_problem(path: str | os.PathLike) -> str | None:
     """Why `path` (absolute) cannot be a unix socket, or None: sun_path holds 107 bytes."""
     if len(os.fsencode(os.fspath(path))) > SUN_PATH_MAX:
-        return f"{os.fspath(path)} is longer than {SUN_PATH_MAX} bytes, the limit of a unix socket path"
+        return f"{_path_text(path)} is longer than {SUN_PATH_MAX} bytes, the limit of a unix socket path"
     return None
 
 
@@ -420,16 +633,16 @@ def parse_host_port(v: Any) -> tuple[tuple[str, int] | None, str | None]:
     """("host", port) for an allowed address, or why not. Only loopback and 198.18.0.0/15."""
     if not isinstance(v, str):
         return None, f"must be a string \"HOST:PORT\", got {_describe(v)}"
-    m = re.match(r"^\[([0-9A-Fa-f:]+)\]:(\d+)$", v) or re.match(r"^([^:\[\]]+):(\d+)$", v)
+    m = re.match(r"^\[([0-9A-Fa-f:]{1,39})\]:(\d{1,10})$", v) or re.match(r"^([^:\[\]]{1,64}):(\d{1,10})$", v)
     if not m:
-        return None, f"{v!r} is not HOST:PORT (e.g. 127.0.0.1:5555, [::1]:5555)"
+        return None, f"{_describe(v)} is not HOST:PORT (e.g. 127.0.0.1:5555, [::1]:5555)"
     host, port = m.group(1), int(m.group(2))
     if host == "localhost":
         host = "127.0.0.1"
     try:
         addr = ipaddress.ip_address(host)
     except ValueError:
-        return None, f"{host!r} is not an IP address (host names are not resolved; use 127.0.0.1)"
+        return None, f"{_describe(host)} is not an IP address (host names are not resolved; use 127.0.0.1)"
     if not any(addr in net for net in ALLOWED_NETWORKS):
         return None, (
             f"{host} is outside the allowed networks (loopback 127.0.0.0/8, ::1, and 198.18.0.0/15): "
@@ -470,8 +683,8 @@ class _Checker:
         allowed = list(allowed)
         for k in mapping:
             if k not in allowed:
-                p = f"{path}.{k}" if path else str(k)
-                self.err(p, f"unknown key for {what}{_suggest(str(k), allowed)} (valid: {', '.join(allowed)})",
+                p = f"{path}.{_key_text(k)}" if path else _key_text(k)
+                self.err(p, f"unknown key for {what}{_suggest(k, allowed)} (valid: {', '.join(allowed)})",
                          mapping, k)
 
     def mapping(self, v: Any, path: str, parent: Any = None, key: Any = None) -> dict | None:
@@ -482,30 +695,71 @@ class _Checker:
             return None
         return v
 
+    def path(self, m: dict, key: Any, path: str, base: Path, what: str) -> Path | None:
+        """m[key] as an absolute path (relative to `base`), or None: absent, or not a usable
+        path (reported)."""
+        if key not in m:
+            return None
+        v = m[key]
+        p = f"{path}.{_key_text(key)}" if path else _key_text(key)
+        if not isinstance(v, str) or not v.strip():
+            self.err(p, f"must be {what}, got {_describe(v)}", m, key)
+            return None
+        why = _path_problem(v)
+        result = _abs(v, base) if why is None else None
+        if result is not None:
+            why = _path_problem(str(result))
+        if why is not None:
+            self.err(p, f"{_describe(v)} {why}", m, key)
+            return None
+        return result
+
     def number(self, m: dict, key: str, path: str, *, integer: bool = False, lo: float | None = None,
                hi: float | None = None, default: Any = None) -> Any:
         if key not in m:
             return default
-        v = m[key]
+        v = raw = m[key]
         p = f"{path}.{key}"
         if not _is_number(v):
             self.err(p, f"must be {'an integer' if integer else 'a number'}, got {_describe(v)}", m, key)
             return default
         if integer and isinstance(v, float):
             if not v.is_integer():
-                self.err(p, f"must be an integer, got {v!r}", m, key)
+                self.err(p, f"must be an integer, got {_describe(v)}", m, key)
                 return default
             v = int(v)
         if v != v:  # NaN
             self.err(p, "must be a number, got NaN", m, key)
             return default
         if lo is not None and v < lo:
-            self.err(p, f"must be at least {lo}, got {v!r}", m, key)
+            self.err(p, f"must be at least {lo}, got {_describe(raw)}", m, key)
             return default
         if hi is not None and v > hi:
-            self.err(p, f"must be at most {hi}, got {v!r}", m, key)
+            self.err(p, f"must be at most {hi}, got {_describe(raw)}", m, key)
             return default
         return v
+
+
+def _path_problem(text: str) -> str | None:
+    """Why `text` cannot name a file (checked before the path reaches any system call)."""
+    if "\0" in text:
+        return "contains a NUL character, which no file name may"
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:
+        return "contains a character that cannot be in a file name"
+    if len(raw) > PATH_MAX:
+        return f"is longer than {PATH_MAX} bytes, the limit of a path"
+    if any(len(part) > NAME_MAX for part in raw.split(b"/")):
+        return f"has a name longer than {NAME_MAX} bytes, the limit of a file name"
+    return None
+
+
+def _names(names: Iterable[Any], most: int = 8) -> str:
+    """A list of names for a message: the first `most` (each shortened), then how many more."""
+    names = list(names)
+    text = ", ".join(_key_text(n) for n in names[:most]) or "none"
+    return text + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _empty() -> _MarkedDict:
@@ -550,20 +804,14 @@ def parse(text: str, *, source: str = "<config>", name: str | None = None,
         topo_name = re.sub(r"[^A-Za-z0-9_.-]", "_", topo_name)[:32].lstrip("._-") or "topology"
     if runtime_dir is not None:
         rdir = _abs(os.fspath(runtime_dir), cwd)
-    elif "runtime_dir" in data:
-        if isinstance(data["runtime_dir"], str) and data["runtime_dir"].strip():
-            rdir = _abs(data["runtime_dir"], cwd)
-        else:
-            c.err("runtime_dir", f"must be a directory path, got {_describe(data['runtime_dir'])}",
-                  data, "runtime_dir")
-            rdir = default_runtime_dir(topo_name)
     else:
-        rdir = default_runtime_dir(topo_name)
+        rdir = c.path(data, "runtime_dir", "", cwd, "a directory path") or default_runtime_dir(topo_name)
 
     devices = _check_devices(c, data, rdir)
     cables = _check_cables(c, data, devices, rdir, cwd)
     processes = _assign_processes(c, devices, cables)
     _check_unique_paths(c, devices, cables)
+    _check_totals(c, processes[0], cables)
 
     if c.problems:
         raise TopologyError(c.problems, source)
@@ -571,15 +819,22 @@ def parse(text: str, *, source: str = "<config>", name: str | None = None,
     return Topology(topo_name, None, rdir, devs, tuple(cables), processes[0])
 
 
+def _check_totals(c: _Checker, processes: Mapping[str, tuple[str, ...]], cables: list[CableSpec]) -> None:
+    """Limits of the whole topology: what a start may cost the machine."""
+    if len(processes) > MAX_PROCESSES:
+        c.err("devices", f"the devices would run in {len(processes)} emulator processes; at most "
+                         f"{MAX_PROCESSES} are started: group devices with `process:`")
+    shm = sum(2 * (cab.ring_bytes or SHM_DEFAULT_RING_BYTES) for cab in cables if cab.kind == "shm")
+    if shm > MAX_SHM_TOTAL_BYTES:
+        c.err("cables", f"the shm cables need {shm} bytes of ring memory in all (both directions); "
+                        f"at most {MAX_SHM_TOTAL_BYTES}")
+
+
 def load(path: str | os.PathLike, *, runtime_dir: str | os.PathLike | None = None) -> Topology:
-    """Read and validate a topology file (see `parse`)."""
+    """Read (read_config: a regular file, size-limited) and validate a topology file (see
+    `parse`)."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise TopologyError([Problem("", f"cannot read the file: {exc.strerror}")], str(path)) from None
-    except UnicodeDecodeError:
-        raise TopologyError([Problem("", "the file is not UTF-8 text")], str(path)) from None
+    text = read_config(p)
     topo = parse(text, source=str(path), name=p.stem, runtime_dir=runtime_dir)
     return Topology(topo.name, p.resolve(), topo.runtime_dir, topo.devices, topo.cables, topo.processes)
 
@@ -595,9 +850,12 @@ def _check_devices(c: _Checker, data: dict, rdir: Path) -> dict[str, dict[str, A
         return out
     if not devs:
         c.err("devices", "a topology needs at least one device", data, "devices")
+    if len(devs) > MAX_DEVICES:
+        c.err("devices", f"{len(devs)} devices; a topology may have at most {MAX_DEVICES}", data, "devices")
+        return out
     macs: dict[str, str] = {}
     for i, (name, d) in enumerate(devs.items()):
-        path = f"devices.{name}"
+        path = f"devices.{_key_text(name)}"
         if not isinstance(name, str) or not _NAME_RE.match(name):
             c.err(path, "a device name is letters, digits, '_', '.', '-' (at most 32, not starting "
                         "with a punctuation mark)", devs, name)
@@ -624,11 +882,7 @@ def _check_devices(c: _Checker, data: dict, rdir: Path) -> dict[str, dict[str, A
             macs[mac] = name
             spec["mac"] = mac
         # socket
-        sock = d.get("socket", f"{name}.sock")
-        if not isinstance(sock, str) or not sock.strip():
-            c.err(f"{path}.socket", f"must be a socket path, got {_describe(sock)}", d, "socket")
-            sock = f"{name}.sock"
-        spec["socket"] = _abs(sock, rdir)
+        spec["socket"] = c.path(d, "socket", path, rdir, "a socket path") or rdir / f"{name}.sock"
         # pba
         rx, tx = PBA_DEFAULT_RX_KB, PBA_DEFAULT_TX_KB
         if "pba" in d:
@@ -651,7 +905,7 @@ def _check_devices(c: _Checker, data: dict, rdir: Path) -> dict[str, dict[str, A
         eng = d.get("engine", "auto")
         if eng not in ENGINES:
             c.err(f"{path}.engine", f"must be one of {', '.join(ENGINES)}, got {_describe(eng)}"
-                                    f"{_suggest(str(eng), ENGINES)}", d, "engine")
+                                    f"{_suggest(eng, ENGINES)}", d, "engine")
             eng = "auto"
         spec["engine"] = eng
         # process (explicit group); None = decided by _assign_processes
@@ -699,10 +953,10 @@ def _check_faults(c: _Checker, v: Any, path: str, senders: list[str], cable_inde
     if faults is None:
         return out
     for sender, spec in faults.items():
-        p = f"{path}.{sender}"
+        p = f"{path}.{_key_text(sender)}"
         if sender not in senders:
-            c.err(p, f"a fault direction is named by the sender, one of {', '.join(senders)}"
-                     f"{_suggest(str(sender), senders)}", faults, sender)
+            c.err(p, f"a fault direction is named by the sender, one of {_names(senders)}"
+                     f"{_suggest(sender, senders)}", faults, sender)
             continue
         f = c.mapping(spec, p, faults, sender)
         if f is None:
@@ -715,7 +969,7 @@ def _check_faults(c: _Checker, v: Any, path: str, senders: list[str], cable_inde
                 if not _is_number(v2):
                     c.err(f"{p}.{prob}", f"must be a probability between 0 and 1, got {_describe(v2)}", f, prob)
                 elif not 0.0 <= v2 <= 1.0:
-                    c.err(f"{p}.{prob}", f"is a probability and must be between 0 and 1, got {v2!r}", f, prob)
+                    c.err(f"{p}.{prob}", f"is a probability and must be between 0 and 1, got {_describe(v2)}", f, prob)
                 else:
                     kw[prob] = float(v2)
         for key in ("delay_ms", "reorder_timeout_ms"):
@@ -750,6 +1004,9 @@ def _check_cables(c: _Checker, data: dict, devices: dict[str, dict], rdir: Path,
         c.err("cables", f"must be a list of cables (lines starting with '- kind: ...'), got "
                         f"{_describe(cables)}", data, "cables")
         return out
+    if len(cables) > MAX_CABLES:
+        c.err("cables", f"{len(cables)} cables; a topology may have at most {MAX_CABLES}", data, "cables")
+        return out
     plugged: dict[str, int] = {}  # device -> index of the cable it is plugged into
     tap_names: dict[str, int] = {}
     udp_locals: dict[tuple[str, int], int] = {}
@@ -764,7 +1021,7 @@ def _check_cables(c: _Checker, data: dict, devices: dict[str, dict], rdir: Path,
             c.err(f"{path}.kind", f"missing: one of {', '.join(CABLE_KINDS)}", c.cable_lines[i])
             continue
         if kind not in CABLE_KINDS:
-            c.err(f"{path}.kind", f"unknown cable kind {_describe(kind)}{_suggest(str(kind), CABLE_KINDS)} "
+            c.err(f"{path}.kind", f"unknown cable kind {_describe(kind)}{_suggest(kind, CABLE_KINDS)} "
                                   f"(valid: {', '.join(CABLE_KINDS)})", cab, "kind")
             continue
         c.keys(cab, path, CABLE_COMMON_KEYS + CABLE_KIND_KEYS[kind], f"a {kind} cable")
@@ -785,8 +1042,8 @@ def _check_cables(c: _Checker, data: dict, devices: dict[str, dict], rdir: Path,
         ok = True
         for j, e in enumerate(ends_v):
             if e not in devices:
-                c.err(f"{path}.ends[{j}]", f"unknown device {e!r}{_suggest(e, devices)}"
-                                           f" (devices: {', '.join(devices) or 'none'})", cab, "ends")
+                c.err(f"{path}.ends[{j}]", f"unknown device {_describe(e)}{_suggest(e, devices)}"
+                                           f" (devices: {_names(devices)})", cab, "ends")
                 ok = False
             elif e in ends_v[:j]:
                 c.err(f"{path}.ends[{j}]", f"device {e!r} is on both ends of the cable", cab, "ends")
@@ -803,15 +1060,15 @@ def _check_cables(c: _Checker, data: dict, devices: dict[str, dict], rdir: Path,
         capture: dict[str, Path] = {}
         if "capture" in cab:
             cap = c.mapping(cab["capture"], f"{path}.capture", cab, "capture")
-            for dev, p in (cap or {}).items():
-                cp = f"{path}.capture.{dev}"
+            for dev in (cap or {}):
+                cp = f"{path}.capture.{_key_text(dev)}"
                 if dev not in ends:
                     c.err(cp, f"a capture is named by the device whose port it records, one of "
-                              f"{', '.join(ends)}{_suggest(str(dev), ends)}", cap, dev)
-                elif not isinstance(p, str) or not p.strip():
-                    c.err(cp, f"must be a pcap file path, got {_describe(p)}", cap, dev)
+                              f"{_names(ends)}{_suggest(dev, ends)}", cap, dev)
                 else:
-                    capture[dev] = _abs(p, cwd)
+                    pcap = c.path(cap, dev, f"{path}.capture", cwd, "a pcap file path")
+                    if pcap is not None:
+                        capture[dev] = pcap
         # faults: sender -> spec
         faults: dict[str, FaultSpec] = {}
         if "faults" in cab:
@@ -825,15 +1082,12 @@ def _check_cables(c: _Checker, data: dict, devices: dict[str, dict], rdir: Path,
                                             f"{_describe(cab.get('ring_bytes'))}", cab, "ring_bytes")
             elif not SHM_MIN_RING_BYTES <= rb <= SHM_MAX_RING_BYTES or rb & (rb - 1):
                 c.err(f"{path}.ring_bytes", f"must be a power of two between {SHM_MIN_RING_BYTES} and "
-                                            f"{SHM_MAX_RING_BYTES}, got {rb}", cab, "ring_bytes")
+                                            f"{SHM_MAX_RING_BYTES}, got {_describe(rb)}", cab, "ring_bytes")
             else:
                 spec["ring_bytes"] = rb
         elif kind == "unix":
             unix_paths: dict[str, Path] = {}
-            p = cab.get("path")
-            if "path" in cab and (not isinstance(p, str) or not p.strip()):
-                c.err(f"{path}.path", f"must be a socket path, got {_describe(p)}", cab, "path")
-                p = None
+            own = c.path(cab, "path", path, rdir, "a socket path") if len(ends) == 1 else None
             if len(ends) == 2:
                 if "path" in cab or "peer" in cab:
                     key = "path" if "path" in cab else "peer"
@@ -843,15 +1097,14 @@ def _check_cables(c: _Checker, data: dict, devices: dict[str, dict], rdir: Path,
                 for e in ends:
                     unix_paths[e] = rdir / f"cable{i}-{e}.sock"
             else:
-                unix_paths[ends[0]] = _abs(p, rdir) if p else rdir / f"cable{i}-{ends[0]}.sock"
-                peer = cab.get("peer")
-                if not isinstance(peer, str) or not peer.strip():
+                unix_paths[ends[0]] = own or rdir / f"cable{i}-{ends[0]}.sock"
+                if "peer" not in cab:
                     c.err(f"{path}.peer", "a unix cable with one device needs `peer`: the socket path "
-                                          "of the outside end" if "peer" not in cab
-                          else f"must be a socket path, got {_describe(peer)}", cab,
-                          "peer" if "peer" in cab else None)
+                                          "of the outside end", cab)
                 else:
-                    spec["unix_peer"] = _abs(peer, rdir)
+                    peer = c.path(cab, "peer", path, rdir, "a socket path")
+                    if peer is not None:
+                        spec["unix_peer"] = peer
             spec["unix_paths"] = unix_paths
         elif kind == "udp":
             for key in ("local", "remote"):
@@ -880,10 +1133,10 @@ def _check_cables(c: _Checker, data: dict, devices: dict[str, dict], rdir: Path,
                                       f"got {_describe(tn)}", cab, "name")
             elif len(tn) > IFNAMSIZ_MAX:
                 if "name" in cab:
-                    c.err(f"{path}.name", f"{tn!r} is longer than {IFNAMSIZ_MAX} characters "
+                    c.err(f"{path}.name", f"{_describe(tn)} is longer than {IFNAMSIZ_MAX} characters "
                                           "(Linux's limit for interface names)", cab, "name")
-                else:
-                    c.err(f"{path}.name", f"the default name {tn!r} is longer than {IFNAMSIZ_MAX} "
+                elif ok:  # (an unknown device's name was reported already)
+                    c.err(f"{path}.name", f"the default name {_describe(tn)} is longer than {IFNAMSIZ_MAX} "
                                           "characters; set `name`", cab, None)
             else:
                 if tn in tap_names:
@@ -980,7 +1233,7 @@ def _check_unique_paths(c: _Checker, devices: dict[str, dict], cables: list[Cabl
 
     def claim(p: Path, who: str) -> None:
         if p in seen:
-            c.err(who, f"{p} is also used by {seen[p]}")
+            c.err(who, f"{_path_text(p)} is also used by {seen[p]}")
         else:
             seen[p] = who
 
@@ -1007,18 +1260,6 @@ def _check_unique_paths(c: _Checker, devices: dict[str, dict], cables: list[Cabl
 # --- run-time helpers -----------------------------------------------------------------
 
 
-class MissingParentError(FileNotFoundError):
-    """A directory nicemu was asked to create whose parent does not exist.
-
-    nicemu creates one level only (the socket's or the runtime directory itself): creating a
-    whole missing tree would turn a typo into directories nobody removes."""
-
-    def __init__(self, directory: Path, parent: Path) -> None:
-        super().__init__(f"the directory {parent} does not exist; nicemu creates only {directory} "
-                         f"itself (create {parent} first, or choose another path)")
-        self.directory, self.parent = directory, parent
-
-
 def os_error_text(e: OSError) -> str:
     """An OSError for the user: its message (and file names), without Python's "[Errno N]"."""
     if not e.strerror:
@@ -1027,61 +1268,14 @@ def os_error_text(e: OSError) -> str:
     return f"{' -> '.join(map(str, names))}: {e.strerror}" if names else e.strerror
 
 
-def ensure_private_dir(path: Path, *, parents: bool = True, created: list[Path] | None = None) -> Path:
-    """Create `path` with mode 0700, or check an existing one is ours.
-
-    parents=True also creates missing parents (0700); parents=False refuses a missing parent
-    (MissingParentError). Every directory created is appended to `created`, outermost first,
-    so its owner can remove exactly those. Sockets in a directory another user can write to
-    could be replaced under us; a directory that is not ours, or a symlink, is refused rather
-    than used.
-    """
-    path = Path(path)
-    for _attempt in range(10):  # another run may remove an empty parent between our mkdirs
-        missing = [path, *path.parents][: _missing_depth(path)]
-        if len(missing) > 1 and not parents:
-            raise MissingParentError(path, missing[-1])
-        try:
-            for p in reversed(missing):
-                try:
-                    os.mkdir(p, 0o700)
-                except FileExistsError:
-                    continue
-                os.chmod(p, 0o700)  # mkdir's mode is filtered by the umask
-                if created is not None:
-                    created.append(p)
-            break
-        except FileNotFoundError:
-            continue
-    st = os.lstat(path)
-    parent = os.stat(path.parent)
-    if parent.st_uid not in (os.getuid(), 0):
-        raise OSError(f"{path.parent} belongs to uid {parent.st_uid}; refusing to put sockets under it")
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise OSError(f"{path} is not a directory (or is a symlink); refusing to put sockets there")
-    if st.st_uid != os.getuid():
-        raise OSError(f"{path} belongs to uid {st.st_uid}, not to us; refusing to put sockets there")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(path, 0o700)
-    return path
-
-
-def _missing_depth(path: Path) -> int:
-    n = 0
-    for p in [path, *path.parents]:
-        if p.exists():
-            break
-        n += 1
-    return n
-
-
 class CreatedDirs:
     """The directories one run (`nicemu serve`, a `serve --config` process, `nicemu up`)
     created for its sockets; close() removes them again, deepest first, each only if empty.
 
     The rule, the same for all three commands: a socket's directory is created (0700) if its
     parent exists; a missing parent is an error that names it (MissingParentError), so nothing
-    is created then. The one exception is the default runtime directory
+    is created then. An existing directory must be private (ours, no group/other access: see
+    nicemu.private_dir) and is never chmodded. The one exception is the default runtime directory
     /tmp/nicemu-$UID/<name>: the per-user /tmp/nicemu-$UID is created too when missing, and
     removed at the end if empty (no other run uses it)."""
 
@@ -1099,10 +1293,9 @@ class CreatedDirs:
         return Path(path)
 
     def socket_dir(self, directory: Path) -> None:
-        """A socket's own directory: created 0700 if missing (its parent must exist)."""
-        directory = Path(directory)
-        if not directory.is_dir():
-            ensure_private_dir(directory, parents=False, created=self.paths)
+        """A socket's own directory: created 0700 if missing (its parent must exist); an
+        existing one must be private (nicemu.private_dir), or PrivateDirError."""
+        ensure_private_dir(directory, parents=False, created=self.paths)
 
     def close(self) -> None:
         for p in [*reversed(self.paths), *([self._base] if self._base is not None else [])]:
@@ -1113,33 +1306,95 @@ class CreatedDirs:
         self.paths, self._base = [], None
 
 
-def check_dirs(topo: Topology, devices: Iterable[str] | None = None) -> list[Problem]:
-    """What CreatedDirs would refuse for `devices` (default: all): directories whose parent is
-    missing. Checked before anything is created, so a refused start leaves nothing behind."""
+def check_host(topo: Topology, devices: Iterable[str] | None = None) -> list[Problem]:
+    """Everything on this host a start of `devices` (default: all) would refuse, checked
+    without creating anything, so `nicemu up --check`, `nicemu up` (before any process
+    starts) and `serve --config` refuse the same configs and a refused start leaves nothing
+    behind: the runtime and socket directories (a missing parent, a file in the way, an
+    existing directory that is not private), socket paths taken by something that is not a
+    socket, capture files whose directory is missing, a `cython` engine that is not built and
+    a TAP's network namespace that does not exist."""
     names = list(topo.devices) if devices is None else list(devices)
     rdir = topo.runtime_dir
     problems: list[Problem] = []
-    if (_needs_runtime_dir(topo) and rdir.parent != runtime_base() and not rdir.is_dir()
-            and not rdir.parent.is_dir()):
-        problems.append(Problem("runtime_dir", str(MissingParentError(rdir, _first_missing(rdir)))))
+    seen = {rdir}
+    if _needs_runtime_dir(topo):
+        why = private_dir_problem(rdir, parents=rdir.parent == runtime_base())
+        if why:
+            problems.append(Problem("runtime_dir", why))
     for key, path in _socket_files(topo, names):
         d = path.parent
-        if d == rdir or d.parent == rdir:
-            continue  # the runtime directory (checked above) or one level below it
-        if not d.is_dir() and not d.parent.is_dir():
-            problems.append(Problem(key, str(MissingParentError(d, _first_missing(d)))))
+        if d not in seen and not (d.parent == rdir and not os.path.lexists(rdir)):
+            seen.add(d)  # (one below a runtime directory still to be made: made inside it)
+            why = private_dir_problem(d)
+            if why:
+                problems.append(Problem(key, why))
+        if _taken(path):
+            problems.append(Problem(key, f"{_path_text(path)} exists and is not a socket; refusing to replace it"))
+    for c in topo.cables:
+        for dev, p in c.capture.items():
+            if dev in names:
+                why = _capture_problem(p)
+                if why:
+                    problems.append(Problem(f"cables[{c.index}].capture.{dev}", why))
+        if c.netns is not None and c.ends[0] in names and not _netns_exists(c.netns):
+            problems.append(Problem(f"cables[{c.index}].netns", f"there is no network namespace {c.netns!r} "
+                                                                f"(create it first: ip netns add {c.netns})"))
+    cython = [n for n in names if topo.devices[n].engine == "cython"]
+    if cython and not _cython_engine_built():
+        problems.append(Problem(f"devices.{cython[0]}.engine", "the cython engine is not built (cythonize -i -3 "
+                                                              "nicemu/_datapath.pyx), use engine: auto"))
     return problems
+
+
+def _netns_exists(name: str) -> bool:
+    """A named namespace (ip netns add) or a process id, as `ip link set ... netns` takes it."""
+    return name.isdigit() or os.path.exists(f"/run/netns/{name}")
+
+
+def _cython_engine_built() -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nicemu._datapath") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _taken(path: Path) -> bool:
+    """Something that is not a socket sits where a socket is to be bound."""
+    try:
+        return not stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def _capture_problem(p: Path) -> str | None:
+    """Why a pcap file cannot be written at `p`, or None."""
+    if not os.path.isdir(p.parent):
+        what = "is not a directory" if os.path.lexists(p.parent) else "does not exist"
+        return f"the directory {_path_text(p.parent)} {what} (create it first)"
+    if os.path.isdir(p):
+        return f"{_path_text(p)} is a directory"
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        return f"the directory {_path_text(p.parent)} is not writable for us"
+    return None
+
+
+def check_topology(path: str | os.PathLike, *, runtime_dir: str | os.PathLike | None = None) -> Topology:
+    """What `nicemu up --check` does, and `nicemu up` before it starts anything: load the file
+    (load: the file, its YAML and every key) and check the host (check_host). Raises
+    TopologyError listing every problem; creates and starts nothing."""
+    topo = load(path, runtime_dir=runtime_dir)
+    problems = check_host(topo)
+    if problems:
+        raise TopologyError(problems, str(path))
+    return topo
 
 
 def _needs_runtime_dir(topo: Topology) -> bool:
     """Some socket of the topology lives under its runtime directory (the default)."""
     return any(_under(p, topo.runtime_dir) for p in topo.socket_paths())
-
-
-def _first_missing(path: Path) -> Path:
-    """The outermost missing directory of `path`'s parents."""
-    missing = [p for p in path.parents if not p.exists()]
-    return missing[-1] if missing else path
 
 
 def _socket_files(topo: Topology, names: list[str]) -> list[tuple[str, Path]]:
@@ -1152,10 +1407,10 @@ def _socket_files(topo: Topology, names: list[str]) -> list[tuple[str, Path]]:
 
 def prepare_dirs(topo: Topology, devices: Iterable[str] | None = None) -> CreatedDirs:
     """Create the runtime directory and the socket directories of `devices` (default: all);
-    raises TopologyError (nothing created) for a missing parent. The caller close()s the
+    raises TopologyError (nothing created) for what check_host finds. The caller close()s the
     result when its sockets are gone."""
     names = list(topo.devices) if devices is None else list(devices)
-    problems = check_dirs(topo, names)
+    problems = check_host(topo, names)
     if problems:
         raise TopologyError(problems, str(topo.source or topo.name))
     dirs = CreatedDirs()
@@ -1164,7 +1419,7 @@ def prepare_dirs(topo: Topology, devices: Iterable[str] | None = None) -> Create
             dirs.runtime_dir(topo.runtime_dir)
         for _key, path in _socket_files(topo, names):
             dirs.socket_dir(path.parent)
-    except MissingParentError as e:  # the tree changed since check_dirs
+    except (MissingParentError, PrivateDirError) as e:  # the tree changed since check_host
         dirs.close()
         raise TopologyError([Problem("", str(e))], str(topo.source or topo.name)) from None
     except BaseException:
@@ -1224,11 +1479,7 @@ def build_emulator(config_path: str | os.PathLike, process: str | None = None, *
     from nicemu.emulator import Emulator
     from nicemu.nic import Nic
 
-    missing = [Problem(f"cables[{c.index}].capture.{dev}", f"the directory {p.parent} does not exist")
-               for c in topo.cables for dev, p in c.capture.items() if dev in names and not p.parent.is_dir()]
-    if missing:
-        raise TopologyError(missing, str(topo.source or topo.name))
-    dirs = prepare_dirs(topo, names)
+    dirs = prepare_dirs(topo, names)  # checks everything on the host first (check_host)
     try:
         emu = Emulator()
     except BaseException:

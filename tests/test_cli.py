@@ -116,10 +116,75 @@ def test_serve_creates_only_the_sockets_own_directory_and_removes_it(serve, tmp_
 
 
 def test_serve_leaves_an_existing_socket_directory(serve, tmp_path: Path) -> None:
-    os.chmod(tmp_path, 0o755)
-    s = serve("--socket", str(tmp_path / "nic0.sock"))
+    d = tmp_path / "mine"
+    d.mkdir(mode=0o700)
+    s = serve("--socket", str(d / "nic0.sock"))
     assert s.stop() == 0
-    assert tmp_path.is_dir() and stat.S_IMODE(os.stat(tmp_path).st_mode) == 0o755 and tree(tmp_path) == []
+    assert d.is_dir() and stat.S_IMODE(os.stat(d).st_mode) == 0o700 and tree(d) == []
+
+
+# --- who may write to the socket's directory (issue 7, defect 6) ----------------------------------
+
+
+def assert_serve_refuses_dir(d: Path, fragment: str) -> None:
+    """`serve --socket` in `d` exits 2 naming why, binds nothing and leaves `d` as it was."""
+    mode, owner = stat.S_IMODE(os.stat(d).st_mode), os.stat(d).st_uid
+    sock = d / "nic0.sock"
+    out = nicemu("serve", "--socket", str(sock))
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith(f"nicemu: serve: --socket {sock}: ") and fragment in out.stderr, out.stderr
+    assert len(out.stderr.splitlines()) == 1 and "Traceback" not in out.stderr
+    assert out.stdout == "" and list(d.iterdir()) == []
+    assert (stat.S_IMODE(os.stat(d).st_mode), os.stat(d).st_uid) == (mode, owner)
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o777, 0o700])
+def test_serve_refuses_a_socket_directory_another_user_owns(tmp_path: Path, mode: int) -> None:
+    """The squatter owned the directory and could write to it: it renamed the socket away,
+    bound its own and read the driver's first bytes."""
+    d = tmp_path / "squat"
+    d.mkdir()
+    os.chmod(d, mode)
+    os.chown(d, 65534, 65534)
+    assert_serve_refuses_dir(d, "belongs to uid 65534, not to us")
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o770])
+def test_serve_refuses_a_socket_directory_others_can_write(tmp_path: Path, mode: int) -> None:
+    d = tmp_path / "open"
+    d.mkdir()
+    os.chmod(d, mode)
+    assert_serve_refuses_dir(d, "accessible to group/other")
+
+
+def test_serve_refuses_a_socket_directory_in_a_parent_others_can_write(tmp_path: Path) -> None:
+    parent = tmp_path / "open"
+    parent.mkdir()
+    os.chmod(parent, 0o777)
+    (parent / "mine").mkdir(mode=0o700)
+    assert_serve_refuses_dir(parent / "mine", "without the sticky bit")
+    out = nicemu("serve", "--socket", str(parent / "new" / "nic0.sock"))  # nor is one made there
+    assert out.returncode == 2 and "sticky" in out.stderr and tree(parent) == ["mine"]
+
+
+def test_serve_config_refuses_a_runtime_dir_others_can_write(tmp_path: Path) -> None:
+    rt = tmp_path / "rt"
+    rt.mkdir()
+    os.chmod(rt, 0o1777)
+    cfg = tmp_path / "rt.yaml"
+    cfg.write_text(f"runtime_dir: {rt}\ndevices:\n  nic0: {{}}\n")
+    out = nicemu("serve", "--config", str(cfg))
+    assert out.returncode == 2 and "runtime_dir: directory" in out.stderr and "group/other" in out.stderr
+    assert stat.S_IMODE(os.stat(rt).st_mode) == 0o1777 and tree(tmp_path) == ["rt", "rt.yaml"]
+
+
+@pytest.mark.parametrize("content", [b"devices: " + b"[" * 10_000 + b"]" * 10_000 + b"\n", b"\xff\xfe\x00"])
+def test_serve_config_refuses_a_hostile_file_in_one_line(tmp_path: Path, content: bytes) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_bytes(content)
+    out = nicemu("serve", "--config", str(cfg))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[0] == f"nicemu: {cfg}: 1 problem:" and len(out.stderr.splitlines()) == 2
 
 
 def _base_state() -> bool:

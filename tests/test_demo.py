@@ -288,7 +288,7 @@ def test_run_directory_removes_the_parent_it_made_only_when_empty(tmp_path: Path
     # a demo killed with SIGKILL made the parent: the next demo sweeps its directory away and
     # removes the parent in its place
     dead = parent / "_demo-999999999"  # no such pid
-    parent.mkdir()
+    parent.mkdir(mode=0o700)  # as nicemu makes it (an existing one is never chmodded)
     dead.mkdir()
     (dead / demo.PARENT_MARK).touch()
     run_dir3, created3 = demo._run_directory()

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from nicemu import topology as T
+from nicemu.private_dir import PrivateDirError, check_private_dir, private_dir_problem
 from nicemu.topology import TopologyError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -484,20 +485,60 @@ def test_load_reports_unreadable_files(tmp_path: Path) -> None:
 # --- the private runtime directory ---------------------------------------------------------
 
 
-def test_ensure_private_dir(tmp_path: Path) -> None:
+def test_ensure_private_dir_creates_0700_and_only_chmods_what_it_made(tmp_path: Path) -> None:
     d = tmp_path / "a" / "b"
-    T.ensure_private_dir(d)
+    with pytest.raises(T.MissingParentError):
+        T.ensure_private_dir(d)  # one level unless asked
+    made: list[Path] = []
+    T.ensure_private_dir(d, parents=True, created=made)
+    assert made == [tmp_path / "a", d]
     assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(d.parent).st_mode) == 0o700
-    os.chmod(d, 0o755)
-    T.ensure_private_dir(d)  # an existing directory of ours is tightened
-    assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    T.ensure_private_dir(d)  # an existing private directory of ours: fine, untouched
     (tmp_path / "link").symlink_to(d)
     with pytest.raises(OSError, match="symlink"):
         T.ensure_private_dir(tmp_path / "link")
     (tmp_path / "file").write_text("")
     with pytest.raises(OSError, match="not a directory"):
         T.ensure_private_dir(tmp_path / "file")
+
+
+@pytest.mark.parametrize("mode", [0o755, 0o1777, 0o770, 0o701])
+def test_an_existing_directory_that_is_not_private_is_refused_not_chmodded(tmp_path: Path, mode: int) -> None:
+    """Defect 5: `up` turned an existing 1777 runtime directory into 0700 (with runtime_dir:
+    /tmp, /tmp itself). It is refused now, and its mode stays what it was."""
+    d = tmp_path / "shared"
+    d.mkdir()
+    os.chmod(d, mode)
+    with pytest.raises(PrivateDirError, match="group/other"):
+        T.ensure_private_dir(d)
+    assert stat.S_IMODE(os.stat(d).st_mode) == mode
+    assert "group/other" in private_dir_problem(d)
+
+
+def test_a_directory_of_another_user_is_refused(tmp_path: Path) -> None:
+    d = tmp_path / "theirs"
+    d.mkdir(mode=0o700)
+    os.chown(d, 65534, 65534)
+    with pytest.raises(PrivateDirError, match="belongs to uid 65534"):
+        check_private_dir(d)
+    assert "belongs to uid 65534" in private_dir_problem(d)
+
+
+def test_a_directory_in_a_parent_others_can_write_is_refused(tmp_path: Path) -> None:
+    """Without the sticky bit, another user could rename our private directory away and put
+    theirs in its place; /tmp (1777) is fine."""
+    parent = tmp_path / "open"
+    parent.mkdir()
+    os.chmod(parent, 0o777)
+    (parent / "rt").mkdir(mode=0o700)
+    with pytest.raises(PrivateDirError, match="sticky"):
+        check_private_dir(parent / "rt")
+    assert "sticky" in private_dir_problem(parent / "new")  # nor is one made there
+    os.chmod(parent, 0o1777)
+    check_private_dir(parent / "rt")
+    assert private_dir_problem(parent / "new") is None
+    assert not (parent / "new").exists()
 
 
 def test_inherited_cable_ends() -> None:
@@ -568,13 +609,13 @@ def test_check_dirs_names_every_missing_parent(tmp_path: Path) -> None:
           nic1: {{}}
           nic2: {{socket: {tmp_path}/new/nic2.sock}}
         """, runtime_dir=tmp_path / "no" / "rt")
-    assert [str(p) for p in T.check_dirs(topo)] == [
+    assert [str(p) for p in T.check_host(topo)] == [
         f"runtime_dir: the directory {tmp_path}/no does not exist; nicemu creates only {tmp_path}/no/rt "
         f"itself (create {tmp_path}/no first, or choose another path)",
         f"devices.nic0.socket: the directory {tmp_path}/gone does not exist; nicemu creates only "
         f"{tmp_path}/gone/sub itself (create {tmp_path}/gone first, or choose another path)",
     ]
-    assert [str(p.path) for p in T.check_dirs(topo, ["nic2"])] == ["runtime_dir"]
+    assert [str(p.path) for p in T.check_host(topo, ["nic2"])] == ["runtime_dir"]
     with pytest.raises(TopologyError):
         T.prepare_dirs(topo)
     assert list(tmp_path.iterdir()) == []  # refused before anything was made
@@ -603,3 +644,263 @@ def test_the_default_runtime_dir_is_made_with_its_base(tmp_path: Path, monkeypat
 ])
 def test_values_in_messages_are_shortened(value, expected: str) -> None:
     assert T._describe(value) == expected
+
+
+# --- hostile files (issue 7, defect 8): refused in bounded time, one line naming the key ---------
+
+
+def assert_one_line_each(err: TopologyError) -> None:
+    for p in err.problems:
+        text = str(p)
+        assert "\n" not in text and len(text) < 400, text
+
+
+def refused(text: str, **kw) -> list[T.Problem]:
+    with pytest.raises(TopologyError) as ei:
+        parse(text, **kw)
+    assert_one_line_each(ei.value)
+    return ei.value.problems
+
+
+@pytest.mark.parametrize("opener, closer", [("[", "]"), ("{", "}"), ("{a: ", "}"), ("[a, ", "]")])
+def test_ten_thousand_levels_of_nesting_are_refused_without_recursion(opener: str, closer: str) -> None:
+    ps = refused("devices: " + opener * 10_000 + "x" + closer * 10_000 + "\n")
+    assert f"nested deeper than {T.MAX_DEPTH} levels" in ps[0].message
+
+
+def test_deep_block_nesting_is_refused() -> None:
+    text = "devices:\n" + "".join(" " * (i + 1) + "a:\n" for i in range(3000))
+    assert "nested deeper" in refused(text)[0].message
+
+
+def test_legitimate_nesting_passes() -> None:
+    topo = parse(PAIR + "    faults:\n      nic0: {drop: 0.1}\n")
+    assert topo.cables[0].faults["nic0"].drop == 0.1
+
+
+def billion_laughs(levels: int = 9) -> str:
+    lines = ['lol0: &lol0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, levels):
+        lines.append(f"lol{i}: &lol{i} [" + ", ".join([f"*lol{i - 1}"] * 10) + "]")
+    return "\n".join(lines) + "\ndevices: {nic0: {}}\n"
+
+
+def test_a_billion_laughs_alias_bomb_is_refused_not_expanded() -> None:
+    ps = refused(billion_laughs())
+    assert f"more than {T.MAX_VALUES} values once its aliases are expanded" in ps[0].message
+
+
+def test_a_merge_key_bomb_is_refused() -> None:
+    text = "m0: &m0 {a: 1, b: 2}\n" + "".join(
+        f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 10)}]}}\n" for i in range(1, 8)) + "devices: {nic0: {}}\n"
+    assert "aliases are expanded" in refused(text)[0].message
+
+
+@pytest.mark.parametrize("text", ["devices: &a [*a]\n", "devices: &a {x: *a}\n"])
+def test_an_alias_inside_its_own_value_is_refused(text: str) -> None:
+    assert "refers to the value that contains it" in refused(text)[0].message
+
+
+def test_anchors_aliases_and_merge_keys_still_work() -> None:
+    topo = parse("""
+        devices:
+          nic0: &dev {pba: {rx_kb: 40}}
+          nic1: {<<: *dev, mac: "52:54:00:12:34:99"}
+        cables:
+          - kind: pair
+            ends: [nic0, nic1]
+            faults:
+              nic0: &slow {delay_ms: 1, rate_bps: 100M}
+              nic1: *slow
+    """)
+    assert topo.devices["nic1"].pba_rx_kb == 40 and topo.devices["nic1"].mac == "52:54:00:12:34:99"
+    assert topo.cables[0].faults["nic1"].rate_bps == 100_000_000
+
+
+@pytest.mark.parametrize("value, path, fragment", [
+    ("9" * 400, "devices.a.pba.rx_kb", "got a number of 400 digits"),
+    ("9" * 5000, "devices.a.pba.rx_kb", "got a number of 5000 digits"),  # int() would raise
+    ("1e300", "devices.a.pba.rx_kb", "got 1e+300"),
+    ("-" + "9" * 400, "devices.a.pba.rx_kb", "got a number of 400 digits"),
+])
+def test_huge_numbers_are_never_quoted_whole(value: str, path: str, fragment: str) -> None:
+    ps = refused(f"devices: {{a: {{pba: {{rx_kb: {value}}}}}}}\n")
+    assert [p.path for p in ps] == [path] and fragment in ps[0].message, ps
+
+
+@pytest.mark.parametrize("cable, path", [
+    ("{kind: shm, ends: [a, b], ring_bytes: '%s'}", "cables[0].ring_bytes"),
+    ("{kind: udp, ends: [a], local: '127.0.0.1:%s', remote: '127.0.0.1:5'}", "cables[0].local"),
+    ("{kind: pair, ends: [a, b], faults: {a: {rate_bps: '%s'}}}", "cables[0].faults.a.rate_bps"),
+    ("{kind: pair, ends: [a, b], faults: {a: {seed: %s}}}", "cables[0].faults.a.seed"),
+])
+@pytest.mark.parametrize("digits", [400, 5000])
+def test_huge_numbers_in_texts_are_refused_shortened(cable: str, path: str, digits: int) -> None:
+    ps = refused("devices: {a: {}, b: {}}\ncables:\n  - " + cable % ("9" * digits) + "\n")
+    assert [p.path for p in ps] == [path], ps
+    assert "9" * 50 not in str(ps[0])
+
+
+@pytest.mark.parametrize("value", ["0x_", "._", "!!int ''", "!!float x", "2001-13-45", "!!int 0o9"])
+def test_values_yaml_cannot_build_are_yaml_errors(value: str) -> None:
+    ps = refused(f"devices: {{a: {{pba: {{rx_kb: {value}}}}}}}\n")
+    assert ps[0].line == 1 and "not valid YAML" in ps[0].message
+
+
+@pytest.mark.parametrize("key, shown", [
+    ('"a\\nb"', "devices.nic0.'a\\nb' (line 3): unknown key"),
+    ("k" * 500, "devices.nic0.a text of 500 characters starting 'kkkk"),
+])
+def test_keys_in_paths_stay_one_short_line(key: str, shown: str) -> None:
+    ps = refused(f"devices:\n  nic0:\n    {key}: 1\n")
+    assert str(ps[0]).startswith(shown), ps
+
+
+@pytest.mark.parametrize("value, fragment", [
+    ('"a\\0b"', "NUL"),
+    ('"a\\ud800b"', "cannot be in a file name"),
+    ('"' + "x" * 300 + '"', "longer than 255 bytes"),
+    ('"' + "/x" * 2100 + '"', "longer than 4095 bytes"),
+])
+def test_paths_no_system_call_could_take_are_refused(value: str, fragment: str) -> None:
+    ps = refused(f"devices: {{a: {{socket: {value}}}}}\n")
+    assert [p.path for p in ps] == ["devices.a.socket"] and fragment in ps[0].message, ps
+
+
+def test_device_cable_and_process_counts_are_capped() -> None:
+    """200 devices started 200 processes and took 3.1 GiB: refused now, before anything runs."""
+    many = "devices:\n" + "".join(f"  n{i}: {{}}\n" for i in range(200))
+    ps = refused(many)
+    assert [p.path for p in ps] == ["devices"] and f"at most {T.MAX_DEVICES}" in ps[0].message
+    procs = "devices:\n" + "".join(f"  n{i}: {{}}\n" for i in range(T.MAX_PROCESSES + 1))
+    ps = refused(procs)
+    assert [p.path for p in ps] == ["devices"] and "group devices with `process:`" in ps[0].message
+    grouped = "devices:\n" + "".join(f"  n{i}: {{process: p{i % 4}}}\n" for i in range(T.MAX_DEVICES))
+    assert len(parse(grouped).processes) == 4
+    cables = "devices: {a: {}}\ncables:\n" + "  - {kind: tap, ends: [a]}\n" * (T.MAX_CABLES + 1)
+    ps = refused(cables)
+    assert [p.path for p in ps] == ["cables"] and f"at most {T.MAX_CABLES}" in ps[0].message
+
+
+def test_shm_ring_memory_is_capped_in_all() -> None:
+    devs = "".join(f"  n{i}: {{process: p}}\n" for i in range(4))
+    cables = "".join(f"  - {{kind: shm, ends: [n{2 * i}, n{2 * i + 1}], ring_bytes: 1G}}\n" for i in range(2))
+    ps = refused(f"devices:\n{devs}cables:\n{cables}")
+    assert [p.path for p in ps] == ["cables"] and "ring memory" in ps[0].message
+
+
+def test_a_long_list_of_problems_is_cut_short() -> None:
+    text = "devices:\n  nic0:\n" + "".join(f"    bad{i}: 1\n" for i in range(200))
+    with pytest.raises(TopologyError) as ei:
+        parse(text)
+    rendered = ei.value.render()
+    assert len(ei.value.problems) == 200
+    assert len(rendered.splitlines()) == 1 + T.MAX_PROBLEMS_SHOWN + 1 and "(and 150 more)" in rendered
+
+
+# --- reading the file: regular files only, size-limited -------------------------------------------
+
+
+def test_dev_zero_is_refused_without_reading_it() -> None:
+    with pytest.raises(TopologyError, match="not a regular file .a character device."):
+        T.load("/dev/zero")
+
+
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    fifo = tmp_path / "topo.yaml"
+    os.mkfifo(fifo)
+    with pytest.raises(TopologyError, match="not a regular file .a FIFO."):
+        T.load(fifo)  # opened O_NONBLOCK: no writer needed to get here
+
+
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(TopologyError, match="a directory"):
+        T.load(tmp_path)
+
+
+def test_a_file_over_the_size_limit_is_refused(tmp_path: Path) -> None:
+    big = tmp_path / "big.yaml"
+    big.write_text("devices: {a: {}}\n" + "#" * T.MAX_FILE_BYTES)
+    with pytest.raises(TopologyError, match=f"at most {T.MAX_FILE_BYTES}"):
+        T.load(big)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("devices: {a: {}}\n" + "#" * (T.MAX_FILE_BYTES - 100) + "\n")
+    assert list(T.load(ok).devices) == ["a"]
+
+
+def test_invalid_utf8_and_control_characters_are_one_line_errors(tmp_path: Path) -> None:
+    for raw in (b"devices: {a: {}}\n\xff\xfe", b"devices: {a: \x01}\n", b"devices:\x00\n"):
+        f = tmp_path / "x.yaml"
+        f.write_bytes(raw)
+        with pytest.raises(TopologyError) as ei:
+            T.load(f)
+        assert_one_line_each(ei.value)
+
+
+# --- the host checks: what `up --check` and `up` refuse alike, with nothing created ----------------
+
+
+def check(tmp_path: Path, text: str, **kw) -> list[str]:
+    cfg = tmp_path / "topo.yaml"
+    cfg.write_text(textwrap.dedent(text))
+    try:
+        T.check_topology(cfg, **kw)
+    except TopologyError as e:
+        assert_one_line_each(e)
+        return [str(p) for p in e.problems]
+    return []
+
+
+def test_check_refuses_a_runtime_dir_that_is_a_file(tmp_path: Path) -> None:
+    (tmp_path / "rt").write_text("")
+    assert check(tmp_path, f"runtime_dir: {tmp_path}/rt\ndevices: {{a: {{}}}}\n") == [
+        f"runtime_dir: {tmp_path}/rt is not a directory"]
+
+
+def test_check_refuses_a_runtime_dir_without_parent(tmp_path: Path) -> None:
+    ps = check(tmp_path, f"runtime_dir: {tmp_path}/no/rt\ndevices: {{a: {{}}}}\n")
+    assert len(ps) == 1 and ps[0].startswith(f"runtime_dir: the directory {tmp_path}/no does not exist")
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o755])
+def test_check_refuses_an_existing_runtime_dir_that_is_not_private(tmp_path: Path, mode: int) -> None:
+    rt = tmp_path / "rt"
+    rt.mkdir()
+    os.chmod(rt, mode)
+    ps = check(tmp_path, f"runtime_dir: {rt}\ndevices: {{a: {{}}}}\n")
+    assert len(ps) == 1 and ps[0].startswith("runtime_dir: ") and "group/other" in ps[0]
+    assert stat.S_IMODE(os.stat(rt).st_mode) == mode
+
+
+def test_check_refuses_a_missing_capture_directory(tmp_path: Path) -> None:
+    ps = check(tmp_path, PAIR + f"    capture: {{nic1: {tmp_path}/no/such/dir/nic1.pcap}}\n",
+               runtime_dir=tmp_path / "rt")
+    assert ps == [f"cables[0].capture.nic1: the directory {tmp_path}/no/such/dir does not exist (create it first)"]
+
+
+def test_check_refuses_a_socket_path_taken_by_a_file(tmp_path: Path) -> None:
+    (tmp_path / "nic0.sock").write_text("")
+    ps = check(tmp_path, f"devices: {{nic0: {{socket: {tmp_path}/nic0.sock}}}}\n", runtime_dir=tmp_path / "rt")
+    assert ps == [f"devices.nic0.socket: {tmp_path}/nic0.sock exists and is not a socket; refusing to replace it"]
+
+
+def test_check_refuses_a_socket_directory_of_another_user(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    ps = check(tmp_path, f"devices: {{nic0: {{socket: {theirs}/nic0.sock}}}}\n", runtime_dir=tmp_path / "rt")
+    assert len(ps) == 1 and ps[0].startswith("devices.nic0.socket: ") and "uid 65534" in ps[0]
+
+
+def test_check_creates_nothing_and_passes_a_good_config(tmp_path: Path) -> None:
+    assert check(tmp_path, PAIR + f"    capture: {{nic0: {tmp_path}/nic0.pcap}}\n",
+                 runtime_dir=tmp_path / "rt") == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["topo.yaml"]
+
+
+def test_check_refuses_a_tap_namespace_that_does_not_exist(tmp_path: Path) -> None:
+    ns = "nicemu-test-no-such-ns"
+    assert not os.path.exists(f"/run/netns/{ns}")
+    ps = check(tmp_path, f"devices: {{a: {{}}}}\ncables: [{{kind: tap, ends: [a], netns: {ns}}}]\n",
+               runtime_dir=tmp_path / "rt")
+    assert ps == [f"cables[0].netns: there is no network namespace '{ns}' (create it first: ip netns add {ns})"]

@@ -346,16 +346,29 @@ def test_a_second_up_of_the_same_topology_is_refused(start_up, tmp_path: Path) -
 
 
 def test_a_child_that_cannot_start_is_reported(start_up, tmp_path: Path) -> None:
-    rt = tmp_path / "rt"
-    rt.mkdir(mode=0o700)
-    (rt / "nic1.sock").write_text("not a socket")  # nic1's process cannot bind its socket
-    up = start_up(CONFIGS / "shm.yaml", rt=rt)
-    assert up.wait() == 1
+    import socket
+
+    p0, p1 = free_udp_ports(2)
+    taken = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    taken.bind(("127.0.0.1", p1))  # nic1's process cannot bind its cable: no check can see that before
+    cfg = write_config(tmp_path, f"""
+        devices:
+          nic0: {{mac: "{MAC0}"}}
+          nic1: {{mac: "{MAC1}"}}
+        cables:
+          - {{kind: udp, ends: [nic0], local: "127.0.0.1:{p0}", remote: "127.0.0.1:{p1}"}}
+          - {{kind: udp, ends: [nic1], local: "127.0.0.1:{p1}", remote: "127.0.0.1:{p0}"}}
+    """)
+    try:
+        up = start_up(cfg)
+        assert up.wait() == 1
+    finally:
+        taken.close()
     assert "process 'nic1'" in up.err and "while starting" in up.err
-    assert "nic1.sock exists and is not a socket" in up.err  # the child's own reason, passed through
+    assert "udp cable: cannot bind" in up.err and "in use" in up.err  # the child's own reason
     for pid in children_of(up.proc.pid):
         assert not alive(pid)
-    assert sorted(p.name for p in rt.iterdir()) == ["nic1.sock"]  # the user's file is untouched
+    up.assert_all_gone()
 
 
 def test_bad_config_lists_every_problem_and_exits_2(tmp_path: Path) -> None:
@@ -897,3 +910,94 @@ def test_up_runtime_dir_option_needs_an_existing_parent(tmp_path: Path) -> None:
                           f"exist; nicemu creates only {rdir} itself (create {rdir.parent} first, or choose "
                           "another path)\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["topo.yaml"]
+
+
+# --- hostile and careless configs (issue 7, defects 5 and 8): refused before anything starts -------
+
+
+def run_nicemu(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nicemu", *args], cwd=tmp_path, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          timeout=START_TIMEOUT)
+
+
+def assert_refused_before_starting(tmp_path: Path, cfg: Path, fragment: str, *extra: str) -> str:
+    """`up --check` and `up` refuse alike: exit 2, one line per problem, no traceback, nothing
+    printed of a plan (so no process was started) and nothing created."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for check in (["--check"], []):
+        r = run_nicemu(tmp_path, "up", str(cfg), *extra, *check)
+        assert r.returncode == 2, (check, r.stdout, r.stderr)
+        assert "Traceback" not in r.stderr and fragment in r.stderr, r.stderr
+        assert r.stdout == "", r.stdout  # not even the plan: no process started
+        assert all(len(line) < 400 for line in r.stderr.splitlines()), r.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    return r.stderr
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o755])
+def test_up_refuses_an_existing_runtime_dir_that_is_not_private_and_leaves_its_mode(tmp_path: Path,
+                                                                                     mode: int) -> None:
+    """Defect 5: `up` made an existing 1777 runtime directory 0700 (/tmp itself, with
+    runtime_dir: /tmp). Only what it creates is its to change."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, mode)
+    cfg = write_config(tmp_path, f"runtime_dir: {shared}\ndevices:\n  nic0: {{}}\n")
+    err = assert_refused_before_starting(tmp_path, cfg, "runtime_dir: directory")
+    assert "accessible to group/other" in err
+    assert stat.S_IMODE(os.stat(shared).st_mode) == mode and list(shared.iterdir()) == []
+    # the same through --runtime-dir
+    cfg2 = write_config(tmp_path, "devices:\n  nic0: {}\n", "plain.yaml")
+    assert_refused_before_starting(tmp_path, cfg2, "group/other", "--runtime-dir", str(shared))
+    assert stat.S_IMODE(os.stat(shared).st_mode) == mode
+
+
+def test_up_refuses_a_runtime_dir_of_another_user(tmp_path: Path) -> None:
+    theirs = tmp_path / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, 65534, 65534)
+    cfg = write_config(tmp_path, f"runtime_dir: {theirs}\ndevices:\n  nic0: {{}}\n")
+    assert_refused_before_starting(tmp_path, cfg, "belongs to uid 65534")
+
+
+def test_up_check_refuses_what_up_refuses(tmp_path: Path) -> None:
+    """Defect 8: `up --check` passed three configs `up` rejected, one of them (a missing capture
+    directory) only after an emulator process had started."""
+    (tmp_path / "afile").write_text("")
+    cases = [
+        (f"runtime_dir: {tmp_path}/no/rt\ndevices: {{nic0: {{}}}}\n", f"the directory {tmp_path}/no does not exist"),
+        (f"runtime_dir: {tmp_path}/afile\ndevices: {{nic0: {{}}}}\n", f"{tmp_path}/afile is not a directory"),
+        (f"runtime_dir: {tmp_path}/rt\ndevices: {{nic0: {{}}, nic1: {{}}}}\ncables:\n"
+         f"  - {{kind: pair, ends: [nic0, nic1], capture: {{nic1: {tmp_path}/none/nic1.pcap}}}}\n",
+         f"cables[0].capture.nic1: the directory {tmp_path}/none does not exist"),
+    ]
+    for i, (text, fragment) in enumerate(cases):
+        assert_refused_before_starting(tmp_path, write_config(tmp_path, text, f"c{i}.yaml"), fragment)
+
+
+def test_up_refuses_two_hundred_devices_without_starting_any(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, "devices:\n" + "".join(f"  n{i}: {{}}\n" for i in range(200)))
+    assert_refused_before_starting(tmp_path, cfg, "200 devices; a topology may have at most 64",
+                                   "--runtime-dir", str(tmp_path / "rt"))
+
+
+@pytest.mark.parametrize("what", ["fifo", "/dev/zero", "nesting", "bomb"])
+def test_up_refuses_hostile_files_quickly_and_without_a_traceback(tmp_path: Path, what: str) -> None:
+    """A FIFO blocked forever, /dev/zero was read whole (MemoryError), 10,000 levels of nesting
+    were a RecursionError traceback; an alias bomb must be refused, not expanded."""
+    if what == "fifo":
+        cfg = tmp_path / "fifo.yaml"
+        os.mkfifo(cfg)
+        fragment = "not a regular file (a FIFO)"
+    elif what == "/dev/zero":
+        cfg, fragment = Path("/dev/zero"), "not a regular file (a character device)"
+    elif what == "nesting":
+        cfg = write_config(tmp_path, "devices: " + "[" * 10_000 + "]" * 10_000 + "\n", "deep.yaml")
+        fragment = "nested deeper than"
+    else:
+        levels = ['l0: &l0 [a, a, a, a, a, a, a, a, a, a]'] + [
+            f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 10) + "]" for i in range(1, 9)]
+        cfg = write_config(tmp_path, "\n".join(levels) + "\ndevices: {nic0: {}}\n", "bomb.yaml")
+        fragment = "once its aliases are expanded"
+    assert_refused_before_starting(tmp_path, cfg, fragment, "--runtime-dir", str(tmp_path / "rt"))

@@ -7,8 +7,9 @@ the frame (the NIC keeps it in its TX packet buffer) and the socket polls writab
 the peer has read, which makes fileno() readable and the loop resume the NIC.
 
 Options (YAML keys of a `unix` cable end):
-    path      this end's socket path. Its directory is created 0700 if missing and must not
-              be accessible to group/other; the socket is made 0600. A stale socket left by a
+    path      this end's socket path. Its directory is created 0700 if missing; an existing
+              one must be private (ours, no group/other access: nicemu.private_dir); the
+              socket is made 0600. A stale socket left by a
               dead process is replaced; one that a live process is bound to is an error.
     peer      the other end's socket path (it may not exist yet)
     pulse_ms  link pulse interval (default 250): see below
@@ -34,6 +35,7 @@ import time
 from pathlib import Path
 
 from nicemu.cable.base import MAX_FRAME, CableError, DatagramEnd, eventfd_clear
+from nicemu.private_dir import ensure_private_dir
 
 __all__ = ["UnixCableEnd"]
 
@@ -43,25 +45,14 @@ _NO_PEER = (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTCONN)
 
 
 def _prepare_dir(d: Path) -> bool:
-    """Make sure the socket's directory exists and is private; True when this created it.
-    Only that one level is created: parents made here would be left behind."""
-    if not d.exists():
-        if not d.parent.is_dir():
-            raise CableError(errno.ENOENT, f"unix cable: the directory {d.parent} does not exist "
-                                           f"(only the socket's own directory is created)")
-        d.mkdir(mode=0o700)
-        os.chmod(d, 0o700)  # mkdir's mode is filtered by the umask
-        return True
-    st = d.stat()
-    if not stat.S_ISDIR(st.st_mode):
-        raise CableError(errno.ENOTDIR, f"unix cable: {d} is not a directory")
-    if st.st_mode & 0o077:
-        raise CableError(
-            errno.EPERM,
-            f"unix cable: directory {d} is accessible to group/other (mode {st.st_mode & 0o777:o}); "
-            "use a 0700 directory so no other user can inject frames",
-        )
-    return False
+    """Make sure the socket's directory exists and is private (nicemu.private_dir); True when
+    this created it. Only that one level is created: parents made here would be left behind."""
+    created: list[Path] = []
+    try:
+        ensure_private_dir(d, created=created)
+    except OSError as e:
+        raise CableError(e.errno or errno.EPERM, f"unix cable: {e}") from None
+    return bool(created)
 
 
 def _bind(sock: socket.socket, path: Path) -> None:
