@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["Neighbour", "NeighTable", "NUD_INCOMPLETE", "NUD_REACHABLE", "NUD_STALE",
            "NUD_DELAY", "NUD_PROBE", "NUD_FAILED", "NUD_NOARP", "NUD_PERMANENT", "NUD_NONE",
            "NUD_VALID", "NUD_CONNECTED", "NUD_IN_TIMER", "nud_name", "skb_truesize",
+           "SKB_TRUESIZE_OVERHEAD",
            "NEIGH_UPDATE_F_OVERRIDE", "NEIGH_UPDATE_F_ADMIN"]
 
 # include/uapi/linux/neighbour.h

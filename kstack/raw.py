@@ -117,7 +117,7 @@ class RawSock(Sock):
         skb = self.queue[0]
         nh = skb.network_header
         buf = skb.shinfo.buf
-        data = bytes(buf[nh:min(skb.tail, nh + max(bufsize, 0))])
+        data = bytes(memoryview(buf)[nh:min(skb.tail, nh + max(bufsize, 0))])
         src = int.from_bytes(buf[nh + 12:nh + 16], "big")
         if not flags & MSG_PEEK:
             self.queue.popleft()

@@ -24,7 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from kstack.dropreason import SkbDropReason
-from kstack.neighbour import skb_truesize
+from kstack.neighbour import SKB_TRUESIZE_OVERHEAD, skb_truesize
 from kstack.netdevice import NetdevFeatures
 from kstack.route import RTN_BROADCAST, RTN_LOCAL
 from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, MAX_HEADER, SkBuff
@@ -208,9 +208,10 @@ class UdpSock(Sock):
             self.drops += 1
             skb.drop(SkbDropReason.SOCKET_RCVBUFF)
             return
-        self.rmem += skb_truesize(skb)
+        self.rmem += len(skb.shinfo.buf) + SKB_TRUESIZE_OVERHEAD  # skb_truesize, inlined
         self.queue.append(skb)
-        self.wake()
+        if self._wakeups:
+            self.wake()
 
     def recvmsg(self, bufsize: int, flags: int = 0) -> tuple[bytes, Address | None]:
         if self.closed:
@@ -223,7 +224,7 @@ class UdpSock(Sock):
         skb = self.queue[0]
         buf = skb.shinfo.buf
         o = skb.data + UDP_HLEN
-        data = bytes(buf[o:min(skb.tail, o + max(bufsize, 0))])
+        data = bytes(memoryview(buf)[o:min(skb.tail, o + max(bufsize, 0))])  # the one copy out
         nh = skb.network_header
         src = buf[nh + 12] << 24 | buf[nh + 13] << 16 | buf[nh + 14] << 8 | buf[nh + 15]
         sport = buf[skb.data] << 8 | buf[skb.data + 1]
@@ -301,7 +302,8 @@ class UdpTable:
                 raise OSError(errno.EAGAIN, "no ephemeral port free")
         elif self._conflict(sk, ip, port):
             raise OSError(errno.EADDRINUSE, "address already in use")
-        sk.rcv_saddr = sk.saddr = ip
+        sk.rcv_saddr = ip
+        sk.saddr = ip if self.inet.is_local(ip) else 0  # bound to a broadcast: send from the route's
         sk.sport = port
         self.ports.setdefault(port, []).insert(0, sk)
         self.count += 1
