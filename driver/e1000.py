@@ -76,6 +76,7 @@ _TXD_IC = int(TxdCmd.IC)
 _ICR_LINK = int(Icr.LSC | Icr.RXSEQ)
 _ICR_RXO = int(Icr.RXO)
 _FCS_LEN = ETH_FCS_LEN
+_VLAN_HLEN = 4  # an 802.1Q tag: the largest frame has room for one beyond the MTU
 _RDT = regs.RDT
 _TDT = regs.TDT
 _ICR = regs.ICR
@@ -266,7 +267,8 @@ class E1000(NetDevice):
     ) -> None:
         self.config = config or E1000Config()
         cfg = self.config
-        super().__init__(name, mtu=cfg.max_frame - ETH_HLEN)
+        # Linux's e1000: max_frame = mtu + ETH_HLEN + ETH_FCS_LEN + VLAN_HLEN, so 1500 without LPE
+        super().__init__(name, mtu=cfg.max_frame - ETH_HLEN - _VLAN_HLEN)
         self.bus = bus
         self.allocator = allocator
         self.clock = clock
