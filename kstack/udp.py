@@ -44,6 +44,7 @@ __all__ = ["UdpSock", "UdpTable", "MAX_UDP_SOCKETS", "ICMP_ERR_CONVERT"]
 MAX_UDP_SOCKETS = 65536
 _HDR = struct.Struct("!HHHH")
 _ADDRS = struct.Struct("!II")
+_U32 = struct.Struct("!I")
 
 # icmp_err_convert: Destination Unreachable code -> (errno, fatal)
 ICMP_ERR_CONVERT = (
@@ -214,26 +215,31 @@ class UdpSock(Sock):
             self.wake()
 
     def recvmsg(self, bufsize: int, flags: int = 0) -> tuple[bytes, Address | None]:
-        if self.closed:
-            raise OSError(errno.EBADF, "closed")
-        if self.err:
-            err, self.err = self.err, 0
-            raise OSError(err, errno.errorcode.get(err, "error"))
-        if not self.queue:
+        if self.err or self.closed:
+            self._raise_pending()
+        queue = self.queue
+        if not queue:
             raise BlockingIOError(errno.EAGAIN, "no datagram")
-        skb = self.queue[0]
+        skb = queue[0]
         buf = skb.shinfo.buf
-        o = skb.data + UDP_HLEN
+        d = skb.data
+        o = d + UDP_HLEN
         data = bytes(memoryview(buf)[o:min(skb.tail, o + max(bufsize, 0))])  # the one copy out
-        nh = skb.network_header
-        src = buf[nh + 12] << 24 | buf[nh + 13] << 16 | buf[nh + 14] << 8 | buf[nh + 15]
-        sport = buf[skb.data] << 8 | buf[skb.data + 1]
+        src = _U32.unpack_from(buf, skb.network_header + 12)[0]
+        sport = buf[d] << 8 | buf[d + 1]
         if not flags & MSG_PEEK:
-            self.queue.popleft()
-            self.rmem -= skb_truesize(skb)
+            queue.popleft()
+            self.rmem -= len(buf) + SKB_TRUESIZE_OVERHEAD
             self.stack.snmp["UdpInDatagrams"] += 1
             skb.consume()
-        return data, (self.table.addr_str(src), sport)
+        name = self.table._names.get(src)
+        return data, (name if name is not None else self.table.addr_str(src), sport)
+
+    def _raise_pending(self) -> None:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        err, self.err = self.err, 0
+        raise OSError(err, errno.errorcode.get(err, "error"))
 
     def poll(self) -> int:
         if self.closed:
