@@ -67,7 +67,7 @@ class Arp:
             skb.drop(SkbDropReason.ARP_INVALID)
             return
         inet = self.inet
-        now = self.stack.clock()
+        now = skb.tstamp or self.stack.clock()  # the time the frame entered the stack
         if op == ARPOP_REQUEST:
             self.stats["requests_in"] += 1
         else:

@@ -164,7 +164,7 @@ class Ipv4:
         buf = skb.shinfo.buf
         nh = skb.network_header
         if (buf[nh + 6] << 8 | buf[nh + 7]) & (IP_MF | IP_OFFMASK):
-            skb = self.inet.frags.defrag(skb, self.stack.clock())
+            skb = self.inet.frags.defrag(skb, skb.tstamp or self.stack.clock())
             if skb is None:
                 return
             buf = skb.shinfo.buf
@@ -221,7 +221,7 @@ class Ipv4:
         skb.ip_summed = CHECKSUM_NONE
         skb.priority = self.rt_tos2priority(buf[nh + 1])
         snmp["IpForwDatagrams"] += 1
-        self.finish_output(skb, res, self.stack.clock())
+        self.finish_output(skb, res, skb.tstamp or self.stack.clock())
 
     # --- output ------------------------------------------------------------------------------------
 
