@@ -115,18 +115,19 @@ class KernelLab(Lab):
         """One `nicemu serve --config` process running the whole topology (a dict, or the path
         of a YAML file), with this lab's directory as its runtime directory; returns each
         device's socket path."""
-        if not isinstance(topology, dict):
+        if isinstance(topology, dict):
+            text = yaml.safe_dump({k: v for k, v in topology.items() if k not in ("name", "runtime_dir")},
+                                  sort_keys=False)
+        else:  # the file's text as it is (PyYAML would read an unquoted MAC as a number)
             with open(topology) as f:
-                topology = yaml.safe_load(f)
-        topo = dict(topology)
-        topo["name"] = name
-        topo["runtime_dir"] = str(self.dir)
+                text = "".join(ln for ln in f if not ln.startswith(("name:", "runtime_dir:")))
+        devices = yaml.safe_load(text)["devices"]
         path = self.dir / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(topo, sort_keys=False))
+        path.write_text(f"name: {name}\nruntime_dir: {self.dir}\n{text}")
         emu = self.start([sys.executable, "-m", "nicemu", "serve", "--config", str(path)], f"emulator-{name}")
         emu.line(lambda ln: ln == "nicemu: ready", timeout=30)
         self.emu = emu
-        return {dev: str(self.dir / f"{dev}.sock") for dev in topo["devices"]}
+        return {dev: str(self.dir / f"{dev}.sock") for dev in devices}
 
 
 def klab_session() -> Iterator[KernelLab]:

@@ -1,6 +1,6 @@
 """ping over a kstack raw ICMP socket, with iputils' output.
 
-    python -m kstack.apps.ping [-c COUNT] [-s SIZE] [-i INTERVAL] [-W TIMEOUT] [--kernel PATH] DEST
+    python -m kstack.apps.ping [-c COUNT] [-s SIZE] [-i INTERVAL] [-W TIMEOUT] [-t TTL] [--kernel PATH] DEST
 
 A raw socket receives every ICMP packet with its IPv4 header (as Linux's does): replies are
 matched by identifier (this process's pid) and sequence number, the TTL read from the IP
@@ -73,17 +73,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-s", dest="size", type=int, default=56, help="data bytes (default 56)")
     p.add_argument("-i", dest="interval", type=float, default=1.0, help="seconds between requests")
     p.add_argument("-W", dest="timeout", type=float, default=2.0, help="seconds to wait for a reply")
+    p.add_argument("-t", dest="ttl", type=int, default=None, help="IP time to live (IP_TTL)")
     p.add_argument("destination")
     add_kernel_arg(p)
     args = p.parse_args(argv)
     if not 0 <= args.size <= 65507 or args.interval < 0 or args.timeout <= 0:
         p.error("size 0..65507, interval >= 0, timeout > 0")
+    if args.ttl is not None and not 1 <= args.ttl <= 255:
+        p.error("ttl 1..255")
     open_kernel(args)
     stop = Stop()
     dest = args.destination
     ident = os.getpid() & 0xFFFF
     try:
         s = ksocket.socket(ksocket.AF_INET, ksocket.SOCK_RAW, ksocket.IPPROTO_ICMP)
+        if args.ttl is not None:
+            s.setsockopt(ksocket.IPPROTO_IP, ksocket.IP_TTL, args.ttl)
     except OSError as e:
         print(f"ping: socket: {e.strerror or e}", file=sys.stderr)
         return 2
