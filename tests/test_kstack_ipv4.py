@@ -224,3 +224,26 @@ def test_send_to_self_loops_back(net, pair):
     assert not [f for _, f in net.hub("lan").log if f[23:24] == b"\x11" and f[:6] == a.dev.dev_addr]
     s.close()
     c.close()
+
+
+def test_forwarded_options_and_fragments(net, routed):
+    """A datagram with options, fragmented at the router: the copied option (0x94, router
+    alert, copied flag set) stays in every fragment, a non-copied one (0x07, record route)
+    becomes NOOPs after the first; every header checksum is right."""
+    a, r, c = routed
+    sc = c.socket(SOCK_DGRAM)
+    sc.bind(("0.0.0.0", 5000))
+    rmac = r.devs["eth0"].dev_addr
+    opts = b"\x94\x04\x00\x00" + b"\x07\x07\x04" + bytes(4) + b"\x00"  # RA, RR (ptr 4), end
+    seg = udp_payload("198.18.0.1", "198.19.0.1", 1, 5000, b"o" * 1400)
+    a.dev.sent.append(ip_frame(rmac, a.dev.dev_addr, "198.18.0.1", "198.19.0.1", 17, seg, options=opts))
+    net.settle()
+    frs = [f for f in frames_of(net.hub("right")) if f[23] == 17]
+    assert len(frs) == 2
+    for i, f in enumerate(frs):
+        ihl = (f[14] & 15) * 4
+        assert ihl == 32 and naive_csum(f[14:14 + ihl]) == 0
+        assert f[34:38] == b"\x94\x04\x00\x00"
+        assert (f[38:45] == b"\x07\x07\x04" + bytes(4)) if i == 0 else (f[38:45] == b"\x01" * 7)
+    assert sc.recvmsg(2000)[0] == b"o" * 1400
+    sc.close()

@@ -151,3 +151,30 @@ def test_stats_and_show(net):
     assert rows == [{"dst": "198.18.0.2", "dev": "eth0", "lladdr": "52:54:00:00:00:02",
                      "state": "REACHABLE", "probes": rows[0]["probes"], "queued": 0}]
     s.close()
+
+
+def test_probe_fails_when_peer_goes_away(net):
+    a = net.host("a", "198.18.0.1/24")
+    b = net.host("b", "198.18.0.2/24")
+    net.settle()
+    s = a.socket(SOCK_DGRAM)
+    s.sendmsg(b"x", ("198.18.0.2", 9))
+    net.settle()
+    n = a.inet.neigh.entries[(a.dev.ifindex, B)]
+    assert n.nud_state == NUD_REACHABLE
+    net.hub("lan").devs.remove(b.dev)  # b is unplugged
+    net.advance(2 * a.stack.sysctl.neigh_base_reachable_ms * MS)
+    assert n.nud_state == NUD_STALE
+    s.sendmsg(b"y", ("198.18.0.2", 9))  # DELAY, then PROBE: unicast probes to the old address
+    before = len(arps(net.hub("lan"), ARPOP_REQUEST))
+    net.advance(20 * S)
+    probes = arps(net.hub("lan"), ARPOP_REQUEST)[before:]
+    assert len(probes) == a.stack.sysctl.neigh_ucast_solicit
+    assert all(dst == b.dev.dev_addr for _, _, dst in probes)
+    assert n.nud_state == NUD_FAILED and a.inet.neigh_stats()["res_failed"] == 1
+    # the next packet starts over: INCOMPLETE, broadcast
+    s.sendmsg(b"z", ("198.18.0.2", 9))
+    assert n.nud_state == NUD_INCOMPLETE
+    net.settle()
+    assert arps(net.hub("lan"))[-1][2] == b"\xff" * 6
+    s.close()
