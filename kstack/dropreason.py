@@ -52,3 +52,4 @@ class SkbDropReason(enum.Enum):
     IP_INVALID_DEST = enum.auto()  # a martian destination (0/8, 127/8 from outside)
     IP_FRAG_QUEUES = enum.auto()  # ours: too many reassembly queues at once
     ICMP_ERROR = enum.auto()  # ours: an ICMP error nobody could take (no socket, bad inner header)
+    IP_SOURCE_ROUTE = enum.auto()  # ours: a source-routed datagram (accept_source_route=0)

@@ -32,7 +32,8 @@ from kstack.stack import PACKET_HOST, PACKET_OTHERHOST
 from wire.checksum import fold, ones_sum, internet_checksum
 from wire.ethernet import ETH_HLEN, EtherType
 from wire.icmp import (ICMP_DEST_UNREACH, ICMP_EXC_TTL, ICMP_FRAG_NEEDED, ICMP_HOST_UNREACH,
-                       ICMP_NET_UNREACH, ICMP_PROT_UNREACH, ICMP_TIME_EXCEEDED)
+                       ICMP_NET_UNREACH, ICMP_PARAMETERPROB, ICMP_PROT_UNREACH,
+                       ICMP_TIME_EXCEEDED)
 from wire.ipv4 import (HDR, IP_DF, IP_MF, IP_OFFMASK, IPV4_MIN_HLEN, IPVERSION,
                        IP_MAXPACKET, decrease_ttl, is_lbcast, is_loopback, is_multicast,
                        is_zeronet)
@@ -45,6 +46,7 @@ __all__ = ["Ipv4", "IP_IDENTS_SZ", "LOOPBACK_QLEN"]
 
 _ETH = struct.Struct("!6s6sH")
 _ADDRS = struct.Struct("!II")
+_SRR = -2  # _options_check: a source route
 IP_IDENTS_SZ = 2048  # Linux's ip_idents: id counters hashed by destination
 LOOPBACK_QLEN = 1000  # datagrams to our own addresses waiting for the loopback "device"
 _ETH_IP = EtherType.IPV4
@@ -102,10 +104,18 @@ class Ipv4:
             skb.trim(tot)  # Ethernet padding (pskb_trim_rcsum)
             if skb.ip_summed == CHECKSUM_COMPLETE:
                 skb.ip_summed = CHECKSUM_NONE
-        if ihl > IPV4_MIN_HLEN and not self._options_ok(buf, off, ihl):
-            return self._hdr_error(skb)
         skb.network_header = off
         skb.transport_header = off + ihl
+        if ihl > IPV4_MIN_HLEN:
+            bad = self._options_check(buf, off, ihl)
+            if bad == _SRR:
+                skb.drop(SkbDropReason.IP_SOURCE_ROUTE)  # accept_source_route=0: not counted
+                return
+            if bad >= 0:
+                # ip_options_compile: parameter problem pointing at the bad octet (RFC 1122
+                # 3.2.2.5), and IpInHdrErrors
+                self.inet.icmp.send(skb, ICMP_PARAMETERPROB, 0, bad)
+                return self._hdr_error(skb)
         self._rcv_finish(skb, False)
 
     def _hdr_error(self, skb: SkBuff) -> None:
@@ -113,24 +123,28 @@ class Ipv4:
         skb.drop(SkbDropReason.IP_INHDR)
 
     @staticmethod
-    def _options_ok(buf: bytearray, off: int, ihl: int) -> bool:
-        """ip_options_compile, reduced: each option's length stays inside the header. Options
-        are carried, not acted on (no source routing: Linux's accept_source_route=0 drops it)."""
+    def _options_check(buf: bytearray, off: int, ihl: int) -> int:
+        """ip_options_compile, reduced: every option's length stays inside the header.
+        Returns -1 when the options are fine, _SRR for a source route (Linux's
+        accept_source_route=0 drops it), else the offset of the bad octet in the header.
+        Options are carried, not acted on."""
         i, end = off + IPV4_MIN_HLEN, off + ihl
         while i < end:
             t = buf[i]
             if t == 0:  # IPOPT_END
-                return True
+                return -1
             if t == 1:  # IPOPT_NOOP
                 i += 1
                 continue
             if i + 1 >= end:
-                return False
+                return i - off
             ln = buf[i + 1]
-            if ln < 2 or i + ln > end or t in (131, 137):  # LSRR, SSRR
-                return False
+            if ln < 2 or i + ln > end:
+                return i + 1 - off
+            if t in (131, 137):  # IPOPT_LSRR, IPOPT_SSRR
+                return _SRR
             i += ln
-        return True
+        return -1
 
     def _rcv_finish(self, skb: SkBuff, from_lo: bool) -> None:
         """ip_rcv_finish + ip_route_input: to us, a broadcast, or on to forwarding."""

@@ -57,7 +57,6 @@ def test_deliver_and_padding_trimmed(net, pair):
     (lambda a, b: mk(a, b, b"x" * 8, total_length=200), "IpInTruncatedPkts", "PKT_TOO_SMALL"),
     (lambda a, b: mk(a, b, b"x" * 8, total_length=12), "IpInHdrErrors", "IP_INHDR"),
     (lambda a, b: mk(a, b, b"x" * 8, options=b"\x07\x09\x04\x00"), "IpInHdrErrors", "IP_INHDR"),
-    (lambda a, b: mk(a, b, b"x" * 8, options=b"\x89\x03\x04\x00"), "IpInHdrErrors", "IP_INHDR"),  # SSRR
 ])
 def test_header_errors(net, pair, frame_fn, counter, reason):
     a, b = pair
@@ -247,3 +246,15 @@ def test_forwarded_options_and_fragments(net, routed):
         assert (f[38:45] == b"\x07\x07\x04" + bytes(4)) if i == 0 else (f[38:45] == b"\x01" * 7)
     assert sc.recvmsg(2000)[0] == b"o" * 1400
     sc.close()
+
+
+def test_bad_options_parameter_problem_and_source_route(net, pair):
+    a, b = pair
+    b.dev.receive(mk(a, b, b"x" * 8, options=b"\x07\x09\x04\x00"))  # RR whose length runs past
+    net.settle()
+    assert b.stack.snmp["IpInHdrErrors"] == 1 and b.stack.snmp["IcmpOutParmProbs"] == 1
+    icmp = [f for f in frames_of(net.hub("lan")) if f[23] == 1][-1]
+    m = IcmpMessage.parse(icmp[34:])
+    assert m.type == 12 and m.rest >> 24 == 21  # the length octet of the option at 20
+    b.dev.receive(mk(a, b, b"x" * 8, options=b"\x89\x07\x04" + bytes(4) + b"\x00"))  # SSRR
+    assert b.stack.pool.drops["IP_SOURCE_ROUTE"] == 1 and b.stack.snmp["IpInHdrErrors"] == 1
