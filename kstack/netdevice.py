@@ -20,7 +20,10 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from kstack.skbuff import NET_IP_ALIGN, NET_SKB_PAD, default_pool
 from wire.ethernet import ETH_DATA_LEN
+
+_RX_HEADROOM = NET_SKB_PAD + NET_IP_ALIGN  # netdev_alloc_skb_ip_align's reserve
 
 if TYPE_CHECKING:
     from kstack.skbuff import SkBuff
@@ -135,10 +138,8 @@ class NetDevice(abc.ABC):
         """netdev_alloc_skb_ip_align: an sk_buff for a received frame of `length` bytes from
         the stack's pool (the process's pool before registration), with NET_SKB_PAD +
         NET_IP_ALIGN bytes of headroom so the IP header after Ethernet is 4-byte aligned."""
-        from kstack.skbuff import NET_IP_ALIGN, NET_SKB_PAD, default_pool
-
         pool = self.stack.pool if self.stack is not None else default_pool()
-        return pool.alloc(length, NET_SKB_PAD + NET_IP_ALIGN)
+        return pool.alloc(length, _RX_HEADROOM)
 
     def netif_receive_skb(self, skb: "SkBuff") -> None:
         skb.dev = self
