@@ -139,6 +139,9 @@ class Icmp:
             return
         proto = buf[inner + 9]
         isrc, idst = struct.unpack_from("!II", buf, inner + 12)
+        if t == ICMP_DEST_UNREACH and code == ICMP_FRAG_NEEDED and self.inet.is_local(isrc):
+            # RFC 1191: the next-hop MTU in the low 16 bits of the second word
+            self.inet.ip.update_pmtu(idst, rest & 0xFFFF, skb.tstamp or self.stack.clock())
         entry = self.inet.protocols.get(proto)
         if entry is not None and entry[1] is not None:
             info = rest & 0xFFFF if (t == ICMP_DEST_UNREACH and code == ICMP_FRAG_NEEDED) else 0

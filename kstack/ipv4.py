@@ -47,6 +47,10 @@ __all__ = ["Ipv4", "IP_IDENTS_SZ", "LOOPBACK_QLEN"]
 _ETH = struct.Struct("!6s6sH")
 _ADDRS = struct.Struct("!II")
 _SRR = -2  # _options_check: a source route
+_U32 = struct.Struct("!I")
+IP_RT_MIN_PMTU = 552  # net.ipv4.route.min_pmtu: 512 + 20 + 20
+IP_RT_MTU_EXPIRES = 600 * 1_000_000_000  # net.ipv4.route.mtu_expires: 10 minutes
+PMTU_MAX = 4096  # destinations with a learned path MTU
 IP_IDENTS_SZ = 2048  # Linux's ip_idents: id counters hashed by destination
 LOOPBACK_QLEN = 1000  # datagrams to our own addresses waiting for the loopback "device"
 _ETH_IP = EtherType.IPV4
@@ -64,6 +68,7 @@ class Ipv4:
         self.snmp = inet.stack.snmp
         self.idents = [0] * IP_IDENTS_SZ
         self.rt_tos2priority = _tos2prio()
+        self.pmtu: dict[int, tuple[int, int]] = {}  # dst -> (mtu, expires ns)
         self._lo_queue: deque[SkBuff] = deque()
         self._lo_timer = self.stack.timers.timer(self._loopback_run, "loopback")
 
@@ -222,7 +227,7 @@ class Ipv4:
             icmp.send(skb, ICMP_TIME_EXCEEDED, ICMP_EXC_TTL, 0)
             skb.drop(SkbDropReason.IP_TTL_EXCEEDED)
             return
-        mtu = res.dev.mtu
+        mtu = self.path_mtu(res, dst)
         if skb.len > mtu and buf[nh + 6] & (IP_DF >> 8):
             snmp["IpFragFails"] += 1
             icmp.send(skb, ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, mtu)
@@ -248,6 +253,34 @@ class Ipv4:
             self.snmp["IpOutNoRoutes"] += 1
         return res
 
+    # --- path MTU (RFC 1191) -------------------------------------------------------------------
+
+    def path_mtu(self, res: FibResult, dst: int) -> int:
+        """The route's MTU, lowered by what a fragmentation-needed taught us (Linux keeps it
+        as a route exception for ip_rt_mtu_expires)."""
+        mtu = res.dev.mtu
+        if self.pmtu:
+            e = self.pmtu.get(dst)
+            if e is not None:
+                if e[1] > self.stack.clock():
+                    return min(mtu, e[0])
+                del self.pmtu[dst]
+        return mtu
+
+    def update_pmtu(self, dst: int, mtu: int, now: int) -> None:
+        """__ip_rt_update_pmtu: remember a smaller MTU towards dst; below ip_rt_min_pmtu the
+        minimum is used (a forged tiny MTU cannot make us send 68-byte fragments)."""
+        mtu = max(mtu, IP_RT_MIN_PMTU)
+        if len(self.pmtu) >= PMTU_MAX and dst not in self.pmtu:
+            del self.pmtu[next(iter(self.pmtu))]
+        old = self.pmtu.get(dst)
+        if old is None or mtu < old[0] or old[1] <= now:
+            self.pmtu[dst] = (mtu, now + IP_RT_MTU_EXPIRES)
+
+    @staticmethod
+    def _dst_of(skb: SkBuff) -> int:
+        return _U32.unpack_from(skb.shinfo.buf, skb.network_header + 16)[0]
+
     def select_ident(self, dst: int, proto: int) -> int:
         """ip_select_ident: ids from a counter per destination hash, so that a peer sees
         increasing ids without one global counter leaking traffic rates."""
@@ -267,7 +300,7 @@ class Ipv4:
         skb.reset_transport_header()
         off = skb.push(IPV4_MIN_HLEN)
         if df is None:
-            df = tot <= res.dev.mtu
+            df = tot <= self.path_mtu(res, dst)
         buf = skb.shinfo.buf
         HDR.pack_into(buf, off, 0x45, tos, tot, self.select_ident(dst, proto), IP_DF if df else 0,
                       ttl or self.stack.sysctl.ip_default_ttl, proto, 0, src, dst)
@@ -289,7 +322,7 @@ class Ipv4:
 
     def finish_output(self, skb: SkBuff, res: FibResult, now: int) -> None:
         """ip_finish_output: fragment when larger than the MTU, then the neighbour."""
-        if skb.len > res.dev.mtu:
+        if skb.len > res.dev.mtu or (self.pmtu and skb.len > self.path_mtu(res, self._dst_of(skb))):
             self.fragment(skb, res, now)
         else:
             self.neigh_output(skb, res, now)
@@ -339,7 +372,7 @@ class Ipv4:
         nh = skb.network_header
         ihl = (buf[nh] & 15) << 2
         ff = buf[nh + 6] << 8 | buf[nh + 7]
-        mtu = res.dev.mtu
+        mtu = self.path_mtu(res, self._dst_of(skb))
         room = (mtu - ihl) & ~7
         if ff & IP_DF or room < 8:
             snmp["IpFragFails"] += 1

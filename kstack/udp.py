@@ -180,7 +180,7 @@ class UdpSock(Sock):
         psum = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + IPPROTO_UDP + ulen
         dev = res.dev
         if (res.type != RTN_LOCAL and dev.features & NetdevFeatures.IP_CSUM
-                and ulen + IPV4_MIN_HLEN <= dev.mtu):
+                and ulen + IPV4_MIN_HLEN <= inet.ip.path_mtu(res, dst)):
             # udp4_hwcsum: the device sums from csum_start and stores at csum_offset; the
             # field starts as the folded pseudo-header sum
             _HDR.pack_into(buf, o, self.sport, dport, ulen, fold(psum))

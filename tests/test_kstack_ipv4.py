@@ -176,11 +176,19 @@ def test_forward_fragments_when_mtu_smaller(net, routed):
     icmp = [f for f in frames_of(net.hub("left")) if f[23] == 1 and f[:6] == a.dev.dev_addr][-1]
     m = IcmpMessage.parse(icmp[34:])
     assert (m.type, m.code, m.rest & 0xFFFF) == (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, 1000)
-    # a larger datagram goes out fragmented from a (no DF) and again at the router
+    # RFC 1191: a learned the path MTU; the same datagram now leaves a in fragments of at
+    # most 1000 bytes, which the router forwards as they are
+    assert a.inet.ip.path_mtu(a.inet.route_get("198.19.0.1"), addr_to_int("198.19.0.1")) == 1000
+    sa.sendmsg(b"z" * 1400, ("198.19.0.1", 5000))
     sa.sendmsg(b"y" * 3000, ("198.19.0.1", 5000))
     net.settle()
+    assert sc.recvmsg(5000)[0] == b"z" * 1400
     assert sc.recvmsg(5000)[0] == b"y" * 3000
-    assert r.stack.snmp["IpFragCreates"] >= 4
+    assert a.stack.snmp["IpFragCreates"] == 2 + 4 and r.stack.snmp["IpFragCreates"] == 0
+    assert all(len(f) - 14 <= 1000 for f in frames_of(net.hub("right")))
+    # an absurd MTU is raised to min_pmtu (552)
+    a.inet.ip.update_pmtu(addr_to_int("198.19.0.9"), 68, net.t[0])
+    assert a.inet.ip.pmtu[addr_to_int("198.19.0.9")][0] == 552
     sa.close()
     sc.close()
 
