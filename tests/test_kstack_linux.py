@@ -41,8 +41,9 @@ class LinuxPeer:
     """A namespace with a TAP whose other side is the emulated device, and a kstack kernel on
     that device."""
 
-    def __init__(self, klab: KernelLab) -> None:
+    def __init__(self, klab: KernelLab, mode: str = "napi") -> None:
         self.klab = klab
+        self.mode = mode
         self.ns = f"nicemu-test-{uuid.uuid4().hex[:8]}"
         self.tap = f"nmk{uuid.uuid4().hex[:8]}"
         self.pcap = klab.dir / "kstack.pcap"
@@ -60,7 +61,7 @@ class LinuxPeer:
             r = self.run(*cmd)
             assert r.returncode == 0, r.stderr
         self.tap_mac = self.run("cat", f"/sys/class/net/{self.tap}/address").stdout.strip()
-        self.k = self.klab.kernel("--device", f"{socks['k0']},name=eth0,mode=napi", "--addr", f"eth0={KSTACK}/24",
+        self.k = self.klab.kernel("--device", f"{socks['k0']},name=eth0,mode={self.mode}", "--addr", f"eth0={KSTACK}/24",
                                   "--syscall-socket", self.ksock, "--pcap", f"eth0={self.pcap}", name="kernel")
 
     def run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -85,8 +86,8 @@ class LinuxPeer:
 
 
 @pytest.fixture
-def peer(klab):
-    lp = LinuxPeer(klab)
+def peer(klab, request):
+    lp = LinuxPeer(klab, getattr(request, "param", "napi"))
     try:
         lp.start()
         yield lp
@@ -150,12 +151,14 @@ def linux_ping(peer: LinuxPeer, size: int, count: int = 3) -> str:
     return r.stdout
 
 
+@pytest.mark.parametrize("peer", ["napi", "interrupt"], indirect=True)
 def test_linux_pings_kstack_56_1472_and_4000_bytes(peer):
     for size in (56, 1472):
         out = linux_ping(peer, size)
         assert f"{size + 8} bytes from {KSTACK}: icmp_seq=1 ttl=64" in out, out
     st = peer.k.stats()
     assert st["snmp"].get("IpReasmOKs", 0) == 0 and st["snmp"].get("IpFragCreates", 0) == 0  # 1500 fits
+    assert st["snmp"]["IcmpOutEchoReps"] == 6
     linux_before = peer.snmp()
     out = linux_ping(peer, 4000)
     assert f"4008 bytes from {KSTACK}" in out, out
@@ -268,3 +271,11 @@ def test_tshark_reads_the_kstack_capture_without_malformed_packets(peer):
     assert count("arp") >= 2  # a request and a reply at least
     assert count("ip.flags.mf == 1") >= 2 * (2 * 2 + 2 * 2)  # fragments both ways, both pings
     assert count("icmp.type == 3 && icmp.code == 3") == 1  # kstack's port unreachable
+
+
+def test_a_reply_just_over_the_mtu_is_fragmented(peer):
+    """1476 bytes of data make a 1504-byte datagram: both kernels must fragment it (an MTU
+    of 1504 once let kstack send it whole)."""
+    linux_ping(peer, 1476, count=1)
+    st = peer.k.stats()
+    assert st["snmp"]["IpReasmOKs"] == 1 and st["snmp"]["IpFragOKs"] == 1 and st["snmp"]["IpFragCreates"] == 2
