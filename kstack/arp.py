@@ -99,7 +99,8 @@ class Arp:
         # merge: update an entry we hold; create none (Linux's arp_accept=0)
         n = table.lookup(dev, sip)
         if n is not None:
-            is_garp = sip == tip and (op == ARPOP_REQUEST or tha in (sha, BROADCAST, ZERO))
+            # arp_is_garp: sender = target; a gratuitous reply also names itself as target
+            is_garp = sip == tip and (op == ARPOP_REQUEST or tha == sha)
             override = now > n.updated + self.stack.sysctl.neigh_locktime_ms * NS or is_garp
             state = NUD_REACHABLE if op == ARPOP_REPLY and skb.pkt_type == PACKET_HOST else NUD_STALE
             n.update(sha, state, NEIGH_UPDATE_F_OVERRIDE if override else 0, now)
