@@ -235,6 +235,19 @@ class Inet:
         """`ip neigh` (`ip -s neigh` with stats: the used/confirmed/updated ages)."""
         return self.neigh.show(self.stack.clock() if stats else None)
 
+    def add_neighbour(self, dev: "NetDevice", addr: str, lladdr: str) -> None:
+        """`ip neigh replace ADDR lladdr MAC dev DEV nud permanent`: a static entry (never
+        probed, never collected)."""
+        from wire.mac import parse_mac
+        n = self.neigh.add_permanent(dev, parse_prefix(addr)[0], parse_mac(lladdr), self.stack.clock())
+        if n is None:
+            raise OSError(105, "the neighbour table is full")  # ENOBUFS
+
+    def flush_neighbours(self, dev: "NetDevice | None" = None) -> None:
+        """`ip neigh flush`: forget learned entries (permanent ones stay)."""
+        for d in ([dev] if dev is not None else list(self.stack.devices.values())):
+            self.neigh.flush_dev(d)
+
     def neigh_stats(self) -> dict[str, int]:
         """`ip -s ntable` / /proc/net/stat/arp_cache."""
         return dict(self.neigh.stats)

@@ -178,3 +178,22 @@ def test_probe_fails_when_peer_goes_away(net):
     net.settle()
     assert arps(net.hub("lan"))[-1][2] == b"\xff" * 6
     s.close()
+
+
+def test_permanent_entry_needs_no_arp(net):
+    a = net.host("a", "198.18.0.1/24")
+    b = net.host("b", "198.18.0.2/24")
+    net.settle()
+    a.inet.add_neighbour(a.dev, "198.18.0.2", "52:54:00:00:00:02")
+    s = b.socket(SOCK_DGRAM)
+    s.bind(("0.0.0.0", 9))
+    c = a.socket(SOCK_DGRAM)
+    c.sendmsg(b"static", ("198.18.0.2", 9))
+    net.settle()
+    assert s.recvmsg(10)[0] == b"static"
+    assert not [p for _, p, _ in arps(net.hub("lan"), ARPOP_REQUEST) if p.spa != p.tpa]
+    net.advance(200 * S)
+    a.inet.flush_neighbours()
+    assert a.inet.neighbours()[0]["state"] == "PERMANENT"
+    s.close()
+    c.close()
