@@ -21,6 +21,15 @@ memory of a `shm` cable between two processes). The supervisor
    once on a second Ctrl-C), reaps them all, removes socket files left behind and the
    directories it created (the runtime directory, and /tmp/nicemu-$UID if no other run uses it).
 
+Hosts and applications (the `hosts:` and `applications:` sections, nicemu.topology_hosts) come
+after the emulators: one `python -m kstack.kernel` per host, each waited for until it printed its
+{"event": "up"} line, then the applications in file order (a server until its "listening" line,
+a `wait: true` one until it has finished, successfully). Their output reaches us through a pipe
+and is shown line by line with its owner's name (nicemu.supervisor_hosts.LineRelay). They get
+the same process group and PR_SET_PDEATHSIG as the emulators, and are stopped first, in reverse:
+applications, then kernels, then emulators. nicemu imports neither kstack nor driver: they are
+commands.
+
 "Up" means every child said it is ready: each gets the write end of a pipe (ENV_READY_FD) and
 writes to it after it printed `nicemu: ready`, i.e. once all its devices listen and all its
 cables are open. A socket that exists is not enough: a child binds its device sockets before it
@@ -44,6 +53,8 @@ from typing import Any, Callable, TextIO
 
 import nicemu
 from nicemu import topology as T
+from nicemu import topology_hosts as H
+from nicemu.supervisor_hosts import LineRelay, host_summary
 
 __all__ = ["Supervisor", "SupervisorError", "describe", "run_up"]
 
@@ -60,7 +71,8 @@ class SupervisorError(RuntimeError):
 
 @dataclass
 class Child:
-    """One emulator process of the topology."""
+    """One process of the topology: an emulator process ("process"), a host's kernel ("host")
+    or an application ("app")."""
 
     name: str
     devices: tuple[str, ...]
@@ -69,6 +81,10 @@ class Child:
     status: int | None = None  # Popen.returncode once reaped
     ready_fd: int | None = None  # read end of its readiness pipe, until it said "ready"
     ready: bool = False
+    kind: str = "process"
+    host: str = ""  # an application's host
+    relay: LineRelay | None = None  # its output (hosts and applications)
+    finished: bool = False  # an application that ended with status 0: not a failure
 
     @property
     def pid(self) -> int:
@@ -81,8 +97,14 @@ class Child:
 
     def death(self) -> str:
         """How this (reaped) process ended, for the user: which one, its devices, the reason."""
-        return (f"process {self.name!r} (pid {self.pid}, devices {', '.join(self.devices)}) "
-                f"{exit_reason(self.status)}")
+        return f"{self.what()} {exit_reason(self.status)}"
+
+    def what(self) -> str:
+        if self.kind == "host":
+            return f"host {self.name!r} (pid {self.pid}, kernel on devices {', '.join(self.devices)})"
+        if self.kind == "app":
+            return f"application {self.name!r} (pid {self.pid}, on host {self.host})"
+        return f"process {self.name!r} (pid {self.pid}, devices {', '.join(self.devices)})"
 
 
 def exit_reason(status: int) -> str:
@@ -121,6 +143,17 @@ def describe(topo: T.Topology) -> list[str]:
         if c.faults:
             extra += " faults=" + ",".join(c.faults)
         lines.append(f"  cables[{c.index}] {c.kind} {' - '.join(c.ends)}{extra}")
+    for h in topo.hosts.values():
+        lines.append(f"  host {h.name}: kernel with syscall socket {h.syscall_socket}"
+                     + (" (forwarding)" if h.forward else ""))
+        for i in h.interfaces.values():
+            cap = f" capture={h.capture[i.name]}" if i.name in h.capture else ""
+            lines.append(f"    {i.name}  {i.device}  {i.mode}  {' '.join(i.addresses) or '(no address)'}{cap}")
+        for r in h.routes:
+            lines.append(f"    route {r.to}" + (f" via {r.via}" if r.via else "") + (f" dev {r.dev}" if r.dev else ""))
+    for a in topo.applications:
+        lines.append(f"  applications[{a.index}] {a.name} on {a.host}: {' '.join([a.run, *a.args])}"
+                     + (f" (waited for, at most {a.timeout:g} s)" if a.wait else ""))
     return lines
 
 
@@ -172,8 +205,10 @@ class Supervisor:
                 if not self.wait_ready():
                     return 1 if self.stop_requested is None else 0
                 self.ready = True
-                self._say(f"nicemu up: {self.topo.name} is up ({len(self.children)} process"
-                          f"{'es' if len(self.children) != 1 else ''}); Ctrl-C or SIGTERM stops it")
+                if not (self.start_hosts() and self.start_apps()):
+                    return 1 if self.stop_requested is None else 0
+                self._say(f"nicemu up: {self.topo.name} is up ({self._counts()}); Ctrl-C or SIGTERM "
+                          "stops it")
                 return self.watch()
             except SupervisorError as e:
                 self._complain(f"nicemu up: {e}")
@@ -182,6 +217,9 @@ class Supervisor:
                 self.stop()
                 if self.children:
                     self._say(f"nicemu up: {self.topo.name} stopped")
+                for c in self.children:
+                    if c.relay is not None:
+                        c.relay.close()
         finally:
             self._restore_signals()
 
@@ -194,12 +232,8 @@ class Supervisor:
             self._say(line)
         shared = self._create_shared_ends()
         try:
-            python_path = str(Path(nicemu.__file__).resolve().parent.parent)
-            env_base = dict(os.environ)
-            env_base["PYTHONPATH"] = os.pathsep.join(
-                p for p in (python_path, env_base.get("PYTHONPATH", "")) if p)
+            env_base = self._child_env()
             env_base[T.ENV_RUNTIME_DIR] = str(topo.runtime_dir)
-            env_base.pop(T.ENV_CABLE_ENDS, None)
             preexec = _pdeathsig_preexec(os.getpid())
             for pname, devices in topo.processes.items():
                 if self.stop_requested is not None:
@@ -235,6 +269,124 @@ class Supervisor:
         finally:
             for _key, (_dev, end) in shared.items():
                 end.release()  # idempotent; also covers ends never handed out
+
+    def start_hosts(self) -> bool:
+        """One kernel per host, in file order, each waited for until its {"event": "up"} line;
+        then where its syscall socket is. False: a stop was asked or something died (said)."""
+        for h in self.topo.hosts.values():
+            if self.stop_requested is not None:
+                return False
+            devices = tuple(i.device for i in h.interfaces.values())
+            child = self._spawn_relayed(h.name, "host", H.kernel_command(self.topo, h), self._child_env(),
+                                        f"[host {h.name}] ", devices=devices)
+            if not self._wait_for(lambda: child.ready, self.ready_timeout,
+                                  f"host {h.name!r} (kernel pid {child.pid}) not up"):
+                return False
+            self._say(f"nicemu up: host {h.name} is up (pid {child.pid}: {host_summary(h)}); its "
+                      f"applications: {H.ENV_KERNEL}={h.syscall_socket} python -m kstack.apps.ping ...")
+        return True
+
+    def start_apps(self) -> bool:
+        """The applications in file order: a server until it says it listens, a `wait: true`
+        one until it has ended (status 0, or the topology stops). False: a stop was asked or
+        something failed (said)."""
+        for a in self.topo.applications:
+            if self.stop_requested is not None:
+                return False
+            env = self._child_env()
+            env[H.ENV_KERNEL] = str(self.topo.hosts[a.host].syscall_socket)
+            kind = H.APPS[a.run]
+            child = self._spawn_relayed(a.name, "app", H.app_command(a), env, f"[{a.name}] ",
+                                        host=a.host, ready_line=kind.ready)
+            if a.wait:
+                if not self._wait_for(lambda: child.poll() is not None, a.timeout,
+                                      f"application {a.name!r} (pid {child.pid}) still running after "
+                                      f"its timeout", exempt=child):
+                    return False
+                if child.relay is not None:
+                    child.relay.pump()  # what it printed last, before our verdict
+                if child.status != 0:
+                    self._complain(f"nicemu up: {child.death()}; stopping")
+                    return False
+                child.finished = True
+                self._say(f"nicemu up: application {a.name!r} finished (exit status 0)")
+            elif kind.ready is not None:
+                if not self._wait_for(lambda: child.ready, self.ready_timeout,
+                                      f"application {a.name!r} (pid {child.pid}) not ready"):
+                    return False
+        return True
+
+    def _spawn_relayed(self, name: str, kind: str, cmd: list[str], env: dict[str, str], prefix: str, *,
+                       devices: tuple[str, ...] = (), host: str = "",
+                       ready_line: str | None = None) -> Child:
+        """Start a kernel or an application with its stdout and stderr on a pipe we relay."""
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            popen = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=out_w,
+                                     stderr=subprocess.STDOUT, preexec_fn=_pdeathsig_preexec(os.getpid()),
+                                     process_group=0)
+        except BaseException as e:
+            os.close(out_r)
+            if isinstance(e, OSError):
+                raise SupervisorError(f"cannot start {kind} {name!r}: {T.os_error_text(e)}") from None
+            raise
+        finally:
+            os.close(out_w)
+        child = Child(name, devices, popen, kind=kind, host=host)
+
+        def on_line(line: str) -> None:
+            if child.ready:
+                return
+            if kind == "host":
+                child.ready = _is_up_event(line)
+            elif ready_line is not None:
+                child.ready = line.startswith(ready_line)
+
+        child.relay = LineRelay(out_r, prefix, self.out, on_line)
+        self.children.append(child)
+        return child
+
+    def _wait_for(self, done: Callable[[], bool], timeout: float, late: str,
+                  exempt: Child | None = None) -> bool:
+        """Relay output and sleep until done() (True); False on a stop signal, a child's death
+        (other than `exempt`'s) or after `timeout` seconds (`late` says what was late)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if done():
+                return True
+            if self.stop_requested is not None:
+                return False
+            dead = self._dead_child(exempt)
+            if dead is not None:
+                self._complain(f"nicemu up: {dead.death()} while starting; stopping the others")
+                return False
+            now = time.monotonic()
+            if now >= deadline:
+                self._complain(f"nicemu up: {late} after {timeout:g} s; stopping")
+                return False
+            self._sleep(min(deadline - now, 1.0))
+
+    def _child_env(self) -> dict[str, str]:
+        """The environment of every child: ours, with the project on PYTHONPATH and none of
+        the descriptors meant for another child."""
+        python_path = str(Path(nicemu.__file__).resolve().parent.parent)
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (python_path, env.get("PYTHONPATH", "")) if p)
+        for key in (T.ENV_CABLE_ENDS, T.ENV_READY_FD, H.ENV_KERNEL):
+            env.pop(key, None)
+        return env
+
+    def _counts(self) -> str:
+        """"2 processes" / "1 process, 2 hosts, 1 application" for the "is up" line."""
+        def n(count: int, word: str, plural: str) -> str:
+            return f"{count} {word if count == 1 else plural}"
+
+        parts = [n(sum(c.kind == "process" for c in self.children), "process", "processes")]
+        if self.topo.hosts:
+            parts.append(n(len(self.topo.hosts), "host", "hosts"))
+        if self.topo.applications:
+            parts.append(n(len(self.topo.applications), "application", "applications"))
+        return ", ".join(parts)
 
     def wait_ready(self) -> bool:
         """Wait until every child said it is ready (its devices listen, its cables are open).
@@ -275,8 +427,8 @@ class Supervisor:
         while True:
             if self.stop_requested is not None:
                 name = signal.Signals(self.stop_requested).name
-                self._say(f"nicemu up: {name}: stopping {len(self.children)} process"
-                          f"{'es' if len(self.children) != 1 else ''}")
+                n = sum(1 for c in self.children if c.poll() is None)
+                self._say(f"nicemu up: {name}: stopping {n} process{'es' if n != 1 else ''}")
                 return 0
             dead = self._dead_child()
             if dead is not None:
@@ -285,13 +437,23 @@ class Supervisor:
             self._sleep(None if self._wake_r is not None else 0.5)
 
     def stop(self) -> None:
-        """SIGTERM every child, SIGKILL the ones still alive after stop_timeout (or after a
-        second stop signal), reap them all, then remove what they left behind."""
-        live = [c for c in self.children if c.poll() is None]
+        """Stop the applications, then the kernels, then the emulator processes (each stage
+        in reverse order of start), then remove what they left behind."""
+        signals_at_start = self.signals_seen
+        for kind in ("app", "host", "process"):
+            self._stop_stage([c for c in reversed(self.children) if c.kind == kind], signals_at_start)
+        for c in self.children:
+            if c.relay is not None:
+                c.relay.pump()  # the last lines (a kernel's final stats), until EOF
+        self._cleanup_files()
+
+    def _stop_stage(self, children: list[Child], signals_at_start: int) -> None:
+        """SIGTERM each child, SIGKILL the ones still alive after stop_timeout (or after a
+        second stop signal), reap them all."""
+        live = [c for c in children if c.poll() is None]
         for c in live:
             _signal(c, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout
-        signals_at_start = self.signals_seen
         while True:
             live = [c for c in live if c.poll() is None]
             if not live:
@@ -299,14 +461,14 @@ class Supervisor:
             now = time.monotonic()
             if now >= deadline or self.signals_seen > signals_at_start:  # impatient: a 2nd Ctrl-C
                 for c in live:
-                    self._complain(f"nicemu up: process {c.name!r} (pid {c.pid}) did not stop; killing it")
+                    what = {"host": "host", "app": "application"}.get(c.kind, "process")
+                    self._complain(f"nicemu up: {what} {c.name!r} (pid {c.pid}) did not stop; killing it")
                     _signal(c, signal.SIGKILL)
                 for c in live:
                     c.popen.wait()
                     c.poll()
                 break
             self._sleep(min(_POLL, deadline - now))
-        self._cleanup_files()
 
     # --- steps ------------------------------------------------------------------------------
 
@@ -375,10 +537,19 @@ class Supervisor:
                 os.close(c.ready_fd)
                 c.ready_fd = None
 
-    def _dead_child(self) -> Child | None:
+    def _dead_child(self, exempt: Child | None = None) -> Child | None:
+        """A child that ended and should not have. An application that ended with status 0
+        has done its work: it is said once and marked finished, not a failure."""
         for c in self.children:
-            if c.poll() is not None:
-                return c
+            if c is exempt or c.finished or c.poll() is None:
+                continue
+            if c.kind == "app" and c.status == 0:
+                c.finished = True
+                if c.relay is not None:
+                    c.relay.pump()
+                self._say(f"nicemu up: {c.death()}")
+                continue
+            return c
         return None
 
     # --- signals ----------------------------------------------------------------------------
@@ -418,20 +589,28 @@ class Supervisor:
         once all are up: until its Emulator catches SIGUSR1, the signal would kill a child."""
         if not self.ready:
             return
-        for c in self.children:
-            if c.status is None:
+        for c in self.children:  # a kernel prints a stats line too, once it is up
+            if c.status is None and (c.kind == "process" or (c.kind == "host" and c.ready)):
                 _signal(c, signal.SIGUSR1)
 
     def _on_sigchld(self, _signum: int, _frame: Any) -> None:
         pass  # the wake-up fd already woke the loop; children are polled there
 
     def _sleep(self, timeout: float | None) -> None:
-        """Sleep until a signal arrives (or timeout seconds pass)."""
-        if self._wake_r is None:
+        """Sleep until a signal arrives, a child prints (relayed here), or timeout seconds pass."""
+        relays = [c.relay for c in self.children if c.relay is not None and c.relay.fd is not None]
+        if self._wake_r is None and not relays:
             time.sleep(timeout if timeout is not None else 0.5)
             return
-        select.select([self._wake_r], [], [], timeout)
-        self._drain_wake()
+        if self._wake_r is None and timeout is None:
+            timeout = 0.5
+        fds = [r.fd for r in relays] + ([self._wake_r] if self._wake_r is not None else [])
+        readable, _, _ = select.select(fds, [], [], timeout)
+        for r in relays:
+            if r.fd in readable:
+                r.pump()
+        if self._wake_r is not None and self._wake_r in readable:
+            self._drain_wake()
 
     def _drain_wake(self) -> None:
         assert self._wake_r is not None
@@ -455,6 +634,17 @@ def _signal(c: Child, sig: int) -> None:
         c.popen.send_signal(sig)
     except ProcessLookupError:
         pass
+
+
+def _is_up_event(line: str) -> bool:
+    """A kernel's {"event": "up", ...} line."""
+    if not line.startswith("{"):
+        return False
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and obj.get("event") == "up"
 
 
 def _read_ready(fd: int) -> bool:

@@ -21,6 +21,7 @@ must be private (nicemu.private_dir).
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import json
@@ -41,6 +42,7 @@ from wire.mac import format_mac, parse_mac as wire_parse_mac
 
 if TYPE_CHECKING:  # imported lazily at run time: validation must work without the device built
     from nicemu.emulator import Emulator
+    from nicemu.topology_hosts import AppSpec, HostSpec
 
 __all__ = [
     "CABLE_KINDS",
@@ -118,7 +120,7 @@ ALLOWED_NETWORKS = (
     ipaddress.ip_network("::1/128"),
 )
 
-TOP_KEYS = ("name", "runtime_dir", "devices", "cables")
+TOP_KEYS = ("name", "runtime_dir", "devices", "cables", "hosts", "applications")
 DEVICE_KEYS = ("mac", "socket", "pba", "engine", "process", "driver")
 # Ring and buffer sizes are programmed by the driver (RDLEN/TDLEN, RCTL.BSIZE), not fixed in the
 # device: a topology records the ones a driver attached to the device should use
@@ -256,6 +258,9 @@ class Topology:
     devices: Mapping[str, DeviceSpec]
     cables: tuple[CableSpec, ...]
     processes: Mapping[str, tuple[str, ...]]  # process group -> device names, in file order
+    # kstack kernels and their applications (nicemu.topology_hosts), started after the emulators
+    hosts: Mapping[str, "HostSpec"] = field(default_factory=dict)
+    applications: tuple["AppSpec", ...] = ()
 
     def cable_of(self, device: str) -> CableSpec | None:
         for c in self.cables:
@@ -279,6 +284,7 @@ class Topology:
         paths = [d.socket for d in self.devices.values()]
         for c in self.cables:
             paths.extend(c.unix_paths.values())
+        paths.extend(h.syscall_socket for h in self.hosts.values())
         return paths
 
 
@@ -810,13 +816,16 @@ def parse(text: str, *, source: str = "<config>", name: str | None = None,
     devices = _check_devices(c, data, rdir)
     cables = _check_cables(c, data, devices, rdir, cwd)
     processes = _assign_processes(c, devices, cables)
-    _check_unique_paths(c, devices, cables)
+    claimed = _check_unique_paths(c, devices, cables)
     _check_totals(c, processes[0], cables)
+    from nicemu.topology_hosts import check_sections  # (it uses this module's checker)
+
+    hosts, apps = check_sections(c, data, devices, rdir, cwd, claimed)
 
     if c.problems:
         raise TopologyError(c.problems, source)
     devs = {n: DeviceSpec(name=n, process=processes[1][n], **d) for n, d in devices.items()}
-    return Topology(topo_name, None, rdir, devs, tuple(cables), processes[0])
+    return Topology(topo_name, None, rdir, devs, tuple(cables), processes[0], hosts, apps)
 
 
 def _check_totals(c: _Checker, processes: Mapping[str, tuple[str, ...]], cables: list[CableSpec]) -> None:
@@ -836,7 +845,7 @@ def load(path: str | os.PathLike, *, runtime_dir: str | os.PathLike | None = Non
     p = Path(path)
     text = read_config(p)
     topo = parse(text, source=str(path), name=p.stem, runtime_dir=runtime_dir)
-    return Topology(topo.name, p.resolve(), topo.runtime_dir, topo.devices, topo.cables, topo.processes)
+    return dataclasses.replace(topo, source=p.resolve())
 
 
 def _check_devices(c: _Checker, data: dict, rdir: Path) -> dict[str, dict[str, Any]]:
@@ -1227,8 +1236,9 @@ def _assign_processes(c: _Checker, devices: dict[str, dict], cables: list[CableS
     return processes, of
 
 
-def _check_unique_paths(c: _Checker, devices: dict[str, dict], cables: list[CableSpec]) -> None:
-    """Two things may not create the same file, and socket paths must fit in sun_path."""
+def _check_unique_paths(c: _Checker, devices: dict[str, dict], cables: list[CableSpec]) -> dict[Path, str]:
+    """Two things may not create the same file, and socket paths must fit in sun_path.
+    Returns the files claimed (path -> key), for the hosts' sockets and captures."""
     seen: dict[Path, str] = {}
 
     def claim(p: Path, who: str) -> None:
@@ -1255,6 +1265,7 @@ def _check_unique_paths(c: _Checker, devices: dict[str, dict], cables: list[Cabl
             c.err(f"cables[{cab.index}].peer", why)
         for dev, p in cab.capture.items():
             claim(p, f"cables[{cab.index}].capture.{dev}")
+    return seen
 
 
 # --- run-time helpers -----------------------------------------------------------------
@@ -1344,6 +1355,10 @@ def check_host(topo: Topology, devices: Iterable[str] | None = None) -> list[Pro
     if cython and not _cython_engine_built():
         problems.append(Problem(f"devices.{cython[0]}.engine", "the cython engine is not built (cythonize -i -3 "
                                                               "nicemu/_datapath.pyx), use engine: auto"))
+    if devices is None and topo.hosts:  # the whole topology: its kernels and applications too
+        from nicemu.topology_hosts import host_problems
+
+        problems += host_problems(topo)
     return problems
 
 
