@@ -13,6 +13,27 @@ keeps the timeout in the socket object too). Blocking and timeouts happen in the
 recv with a timeout is parked there until data or the deadline. Errors are OSError with
 Linux's errno (BlockingIOError for EAGAIN, TimeoutError "timed out" as socket.timeout).
 
+Datagram sends are asynchronous (io_uring's way, see kstack/syscall/client.py): a sendto on a
+SOCK_DGRAM socket that is bound (by bind, connect or an earlier send) and has a destination
+(an address, or connect) pushes the datagram into the submission ring and returns len(data)
+at once; a failure the kernel meets later (ENETUNREACH, an ICMP error already pending on the
+socket) becomes the socket's pending error: the next send or recv raises it, and
+getsockopt(SO_ERROR) returns and clears it, as Linux reports asynchronous ICMP errors. A send
+stays synchronous when the application must see its outcome now: the first send on a socket
+that was never bound (it binds; its errors, and the port, are the application's to see at
+once), a send without a destination (EDESTADDRREQ), one over 65507 bytes (EMSGSIZE), one with
+flags other than MSG_DONTWAIT, and every send on a raw socket. At most max_async sends wait
+unconsumed in the ring; the next waits for the kernel (EAGAIN on a non-blocking socket).
+
+Receives on datagram and raw sockets use a multishot receive: the first recv arms it, and the
+kernel then copies each datagram into the completion ring as it arrives while the credit
+(RX_CREDIT datagrams, given back in batches) lasts; beyond it datagrams wait in the kernel's
+socket queue under SO_RCVBUF. recv takes the next one from the local queue with no round trip;
+it waits for the completion ring only when the queue is empty (timeouts are kept here); a
+non-blocking recv with nothing local makes one flush call before EAGAIN. select/poll count the
+datagrams already delivered here as readable. NICEMU_ASYNC_SEND=0 / NICEMU_MULTISHOT=0 turn
+either off (one synchronous call per send or receive, as before).
+
 fileno() is the kernel's descriptor number in this process's table: it works with this
 module's select() and poll(), not with the operating system's.
 
@@ -21,6 +42,7 @@ costs() reports this process's own costs: CPU ns (/proc/self/schedstat), context
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import os
 import socket as _py
@@ -53,6 +75,10 @@ _channel: KernelChannel | None = None
 _channel_lock = threading.Lock()
 _default_timeout: float | None = None
 _copies: Counter[str] = Counter()  # bytes this process handed to and got from the kernel
+ASYNC_SEND = os.environ.get("NICEMU_ASYNC_SEND", "1") != "0"
+MULTISHOT = os.environ.get("NICEMU_MULTISHOT", "1") != "0"
+RX_CREDIT = 1024  # datagrams a socket's multishot receive may have in flight to this process
+UDP_MAX = 65507
 
 
 def connect_kernel(path: str | None = None) -> KernelChannel:
@@ -95,6 +121,19 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _at_exit() -> None:
+    """Sends that returned are sent: let the kernel consume the ring before the process ends."""
+    ch = _channel
+    if ch is not None and ch.pid == os.getpid() and not ch.closed and not ch.dead:
+        try:
+            ch.drain()
+        except OSError:
+            pass
+
+
+atexit.register(_at_exit)
 
 
 def getdefaulttimeout() -> float | None:
@@ -153,6 +192,11 @@ class socket:
         self.type = type
         self.proto = proto
         self._timeout = _default_timeout
+        self._bound = False  # bound by bind, connect or a send: sends may then go async
+        self._connected = False
+        self.async_send = ASYNC_SEND and type == SOCK_DGRAM
+        self.multishot = MULTISHOT and type in (SOCK_DGRAM, SOCK_RAW)
+        self.rx_credit = RX_CREDIT
         self._fd = self._call(Op.SOCKET, -1, family, type, proto).result
 
     def _call(self, op: int, fd: int, a0: int = 0, a1: int = 0, a2: int = 0, payload: Any = b"",
@@ -174,9 +218,17 @@ class socket:
 
     def bind(self, address: tuple[str, int]) -> None:
         self._call(Op.BIND, self._live(), addr=_addr(address))
+        self._bound = True
 
     def connect(self, address: tuple[str, int]) -> None:
         self._call(Op.CONNECT, self._live(), addr=_addr(address))
+        self._bound = self._connected = True
+
+    def _pending_error(self, fd: int) -> None:
+        """Raise (and clear) the error an async completion left on this socket."""
+        err = self._ch.errors.pop(fd, 0) if self._ch.errors else 0
+        if err:
+            raise OSError(err, os.strerror(err))
 
     def connect_ex(self, address: tuple[str, int]) -> int:
         try:
@@ -196,17 +248,50 @@ class socket:
         self._send(data, flags, None)
 
     def _send(self, data: Any, flags: int, addr: tuple[str, int] | None) -> int:
-        view = memoryview(data).cast("B")
-        if len(view) > self._ch.layout.max_payload:
+        view = data if type(data) is bytes else memoryview(data).cast("B")
+        n = len(view)
+        if n > self._ch.layout.max_payload:
             raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
-        n = self._call(Op.SENDTO, self._live(), flags, 0, self._tmo(flags), view, addr).result
+        fd = self._live()
+        if self._ch.errors:
+            self._pending_error(fd)
+        if (self.async_send and self._bound and (addr is not None or self._connected)
+                and n <= UDP_MAX and not flags & ~MSG_DONTWAIT):
+            t = 0.0 if flags & MSG_DONTWAIT else self._timeout
+            self._ch.submit_async(Op.SENDTO, fd, flags, 0, -1, view, addr, timeout=t)
+            _copies["bytes_sent"] += n
+            return n
+        n = self._call(Op.SENDTO, fd, flags, 0, self._tmo(flags), view, addr).result
+        self._bound = True
         _copies["bytes_sent"] += len(view)
         return n
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, tuple[str, int] | None]:
         if bufsize < 0:
             raise ValueError("negative buffersize in recvfrom")
-        c = self._call(Op.RECVFROM, self._live(), bufsize, flags, self._tmo(flags))
+        fd = self._live()
+        ch = self._ch
+        if not flags and ch.rx:  # the fast path: a datagram already here
+            st = ch.rx.get(fd)
+            if st is not None and st.queue and not ch.errors:
+                with ch._lock:
+                    if st.queue:
+                        data, addr = st.queue.popleft()
+                        st.consumed += 1
+                        if st.consumed * 2 >= st.credit:
+                            ch.grant(fd, st)
+                        data = data[:bufsize]
+                        _copies["bytes_received"] += len(data)
+                        return data, addr
+        if self.multishot and not flags & ~(MSG_DONTWAIT | MSG_PEEK):
+            t = 0.0 if flags & MSG_DONTWAIT else self._timeout
+            data, addr = self._ch.recv_multishot(fd, peek=bool(flags & MSG_PEEK), timeout=t,
+                                                 credit=self.rx_credit)
+            data = data[:bufsize]  # the rest of the datagram is lost, as Linux does
+            _copies["bytes_received"] += len(data)
+            return data, addr
+        self._pending_error(fd)
+        c = self._call(Op.RECVFROM, fd, bufsize, flags, self._tmo(flags))
         _copies["bytes_received"] += len(c.payload)
         return c.payload, c.addr
 
@@ -233,6 +318,8 @@ class socket:
 
     def getsockopt(self, level: int, option: int, buflen: int = 0) -> int | bytes:
         v = self._call(Op.GETSOCKOPT, self._live(), level, option).result
+        if level == SOL_SOCKET and option == SO_ERROR:  # an async completion's error first
+            v = self._ch.errors.pop(self._fd, 0) or v
         return struct.pack("i", v)[:buflen] if buflen else v
 
     def getsockname(self) -> tuple[str, int]:
@@ -247,7 +334,10 @@ class socket:
     def close(self) -> None:
         fd, self._fd = self._fd, -1
         if fd >= 0 and not self._ch.closed and not self._ch.dead:
-            self._call(Op.CLOSE, fd)
+            try:
+                self._call(Op.CLOSE, fd)
+            finally:
+                self._ch.forget(fd)
 
     def detach(self) -> int:
         fd, self._fd = self._fd, -1
@@ -293,13 +383,22 @@ def _poll_call(entries: list[tuple[int, int]], timeout_ns: int,
                channel: KernelChannel | None = None) -> list[tuple[int, int]]:
     """One POLL call: [(fd, revents)] of the entries with something to report."""
     ch = channel or kernel()
+    ch.reap()  # datagrams already in the completion ring count as readable
+    if any(ch.readable(fd) & (ev | POLLERR) for fd, ev in entries):
+        timeout_ns = 0  # something is ready here: only ask what else is
     payload = b"".join(POLLFD.pack(fd, ev, 0) for fd, ev in entries)
     c = ch.call(Op.POLL, -1, 0, 0, timeout_ns, payload)
     if c.result < 0:
         raise _error(-c.result)
-    out = []
+    got = {}
     for i in range(0, min(len(c.payload), len(payload)), POLLFD.size):
         fd, _ev, rev = POLLFD.unpack_from(c.payload, i)
+        got[fd] = rev
+    out = []
+    for fd, ev in entries:
+        rev = got.get(fd, 0)
+        if not rev & POLLNVAL:
+            rev |= ch.readable(fd) & (ev | POLLERR)
         if rev:
             out.append((fd, rev))
     return out
@@ -375,9 +474,15 @@ def costs() -> dict[str, Any]:
     out["context_switches"] = out["voluntary_ctxt_switches"] + out["nonvoluntary_ctxt_switches"]
     ch = _channel
     st = ch.stats() if ch is not None and ch.pid == os.getpid() else {
-        "syscalls": {}, "syscalls_total": 0, "wakeups_sent": 0, "wakeups_suppressed": 0, "sleeps": 0}
-    out.update(syscalls=st["syscalls_total"], syscalls_by_op=st["syscalls"],
+        "syscalls": {}, "submissions": 0, "completions_reaped": 0, "wakeups_sent": 0,
+        "wakeups_suppressed": 0, "sleeps": 0, "bytes_copied_in": 0, "bytes_copied_out": 0,
+        "async_errors": 0, "multishot_datagrams": 0}
+    # syscalls: every call into the kernel (a submission) plus every completion reaped
+    out.update(syscalls=st["submissions"] + st["completions_reaped"], syscalls_by_op=st["syscalls"],
+               submissions=st["submissions"], completions_reaped=st["completions_reaped"],
                wakeups_sent=st["wakeups_sent"], wakeups_suppressed=st["wakeups_suppressed"],
                sleeps=st["sleeps"], bytes_copied_in=_copies["bytes_sent"],
-               bytes_copied_out=_copies["bytes_received"])
+               bytes_copied_out=_copies["bytes_received"],
+               ring_bytes_in=st["bytes_copied_in"], ring_bytes_out=st["bytes_copied_out"],
+               async_errors=st["async_errors"], multishot_datagrams=st["multishot_datagrams"])
     return out

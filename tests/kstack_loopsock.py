@@ -1,7 +1,8 @@
 """An in-memory kernel for the syscall channel's tests: loopback Socks and an event loop.
 
 LoopUdpSock is a datagram socket whose sendto delivers straight into the receive queue of the
-socket bound to the destination (any address: the "network" is one dict). LoopRawIcmpSock
+socket bound to the destination (any address: the "network" is one dict); a destination in
+198.19.255.0/24 has no route (ENETUNREACH, an error met in the kernel). LoopRawIcmpSock
 answers an ICMP echo request sent through it with an echo reply carrying an IPv4 header (TTL
 64), as a raw socket receives it, so ping runs against it. Both follow the Sock contract:
 non-blocking, EAGAIN as BlockingIOError, wake() when data arrives.
@@ -29,6 +30,7 @@ from kstack.syscall.server import SyscallServer  # noqa: E402
 from wire.checksum import internet_checksum  # noqa: E402
 
 LOCAL_IP = "198.18.0.1"
+UNREACHABLE = "198.19.255."  # destinations in 198.19.255.0/24 have no route
 
 
 class LoopNet:
@@ -91,6 +93,8 @@ class LoopUdpSock(Sock):
             addr = self.peer
         if len(data) > 65507:
             raise OSError(errno.EMSGSIZE, "message too long")
+        if addr[0].startswith(UNREACHABLE):  # no route: an error the sender meets in the kernel
+            raise OSError(errno.ENETUNREACH, "network is unreachable")
         self._autobind()
         dst = self.net.ports.get(addr[1])
         src = (LOCAL_IP, self.local[1])

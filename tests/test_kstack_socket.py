@@ -184,10 +184,11 @@ def test_kill_9_releases_sockets_and_memory(kernel):
         socks[0].bind(("0.0.0.0", 5005))
         socks[1].settimeout(None)
         print("ready", flush=True)
-        socks[1].recv(10)   # parked in the kernel when the kill comes
+        socks[1].recv(10)   # a multishot receive armed in the kernel when the kill comes
     """)
     assert app.stdout.readline().strip() == "ready"
-    assert _wait(lambda: kernel.server.stats()["parked"] == 1)
+    # changed on purpose: recv arms a standing (multishot) receive and waits in the app
+    assert _wait(lambda: kernel.server.stats()["multishot"] == 1)
     assert 5005 in kernel.net.ports
     app.send_signal(signal.SIGKILL)
     app.wait(10)
@@ -196,7 +197,7 @@ def test_kill_9_releases_sockets_and_memory(kernel):
     assert _wait(lambda: kernel.server.stats()["apps"] == 0)
     assert kernel.net.closed == 3 and 5005 not in kernel.net.ports
     st = kernel.server.stats()
-    assert st["parked"] == 0 and st["counters"]["disconnect_exit"] == 1
+    assert st["parked"] == 0 and st["multishot"] == 0 and st["counters"]["disconnect_exit"] == 1
 
 
 def test_kernel_death_fails_calls_instead_of_hanging(tmp_path):
@@ -277,3 +278,109 @@ def test_no_kernel_is_a_clear_error(tmp_path):
                         str(tmp_path / "none.sock"), "198.18.0.2"], capture_output=True, text=True,
                        timeout=30, env={**os.environ, "PYTHONPATH": ROOT})
     assert p.returncode == 2 and "cannot reach the kernel" in p.stderr
+
+
+def test_async_send_errors_surface_as_pending_socket_errors(kernel):
+    out = _run(kernel.path, """
+        import errno
+        from kstack import socket as k
+        s = k.socket(); s.bind(("198.18.0.1", 5010))
+        print(s.sendto(b"abc", ("198.19.255.1", 9)))      # async: returns at once
+        print(errno.errorcode[s.getsockopt(k.SOL_SOCKET, k.SO_ERROR)], s.getsockopt(k.SOL_SOCKET, k.SO_ERROR))
+        s.sendto(b"abc", ("198.19.255.1", 9))
+        k.select([], [s], [], 0)                             # any later call reaps the failure
+        try:
+            s.sendto(b"ok", ("198.18.0.1", 5010))
+        except OSError as e:
+            print("send", errno.errorcode[e.errno])
+        s.sendto(b"abc", ("198.19.255.1", 9))
+        s.getsockname()
+        try:
+            s.recv(10)
+        except OSError as e:
+            print("recv", errno.errorcode[e.errno])
+        print(s.sendto(b"fine", ("198.18.0.1", 5010)), s.recv(10))
+        t = k.socket()
+        try:
+            t.sendto(b"x", ("198.19.255.1", 9))               # never bound: synchronous
+        except OSError as e:
+            print("first send", errno.errorcode[e.errno])
+        c = k.costs()
+        print(c["async_errors"], c["submissions"] > 0, c["syscalls"] == c["submissions"] + c["completions_reaped"])
+    """)
+    assert out.splitlines() == ["3", "ENETUNREACH 0", "send ENETUNREACH", "recv ENETUNREACH",
+                                "4 b'fine'", "first send ENETUNREACH", "3 True True"]
+
+
+def test_select_counts_datagrams_already_in_the_completion_ring(kernel):
+    ksocket.connect_kernel(kernel.path)
+    a = ksocket.socket()
+    a.bind(("198.18.0.1", 5011))
+    a.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        a.recv(10)  # arms the multishot receive (and a flush: nothing yet)
+    b = ksocket.socket()
+    b.sendto(b"one", ("198.18.0.1", 5011))
+    b.sendto(b"two", ("198.18.0.1", 5011))
+    assert _wait(lambda: kernel.server.stats()["counters"].get("multishot_delivered") == 2)
+    assert not kernel.net.ports[5011].queue  # in the completion ring, not in the socket
+    assert ksocket.select([a], [], [], 0)[0] == [a]
+    p = ksocket.poll()
+    p.register(a, ksocket.POLLIN)
+    assert p.poll(0) == [(a.fileno(), ksocket.POLLIN)]
+    assert a.recv(10, ksocket.MSG_PEEK) == b"one"
+    assert a.recv(10) == b"one"
+    assert ksocket.select([a], [], [], 0)[0] == [a]
+    assert a.recvfrom(10) == (b"two", ("198.18.0.1", b.getsockname()[1]))
+    assert ksocket.select([a], [], [], 0)[0] == []
+    assert p.poll(0) == []
+    a.close()
+    b.close()
+
+
+def test_kill_9_mid_stream_leaves_nothing_behind(kernel):
+    rx = _app(kernel.path, """
+        from kstack import socket as k
+        s = k.socket(); s.bind(("198.18.0.1", 5012)); s.settimeout(10)
+        print("ready", flush=True)
+        n = 0
+        while True:
+            s.recv(100); n += 1
+            if n == 100:
+                print("flowing", flush=True)
+    """)
+    assert rx.stdout.readline().strip() == "ready"
+    tx = _app(kernel.path, """
+        from kstack import socket as k
+        s = k.socket(); s.connect(("198.18.0.1", 5012))
+        while True:
+            s.send(b"y" * 18)
+    """)
+    assert rx.stdout.readline().strip() == "flowing"
+    st = kernel.server.stats()
+    assert st["apps"] == 2 and st["multishot"] == 1
+    for p in (tx, rx):
+        p.send_signal(signal.SIGKILL)
+        p.wait(10)
+        p.stdout.close()
+        p.stderr.close()
+    assert _wait(lambda: kernel.server.stats()["apps"] == 0)
+    st = kernel.server.stats()
+    assert st["parked"] == 0 and st["multishot"] == 0
+    assert st["counters"]["disconnect_exit"] == 2 and st["counters"].get("corrupt", 0) == 0
+    assert kernel.net.ports == {} and kernel.net.closed == 2
+
+
+def test_sync_mode_still_works(kernel):
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent("""
+        from kstack import socket as k
+        a = k.socket(); a.bind(("198.18.0.1", 5013)); a.settimeout(5)
+        b = k.socket(); b.connect(("198.18.0.1", 5013))
+        for i in range(3):
+            b.send(bytes([65 + i]))
+        print(a.recv(5), a.recv(5), a.recv(5), k.costs()["syscalls_by_op"])
+    """)], env={**_env(kernel.path), "NICEMU_ASYNC_SEND": "0", "NICEMU_MULTISHOT": "0"},
+        capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split(" {")[0] == "b'A' b'B' b'C'"
+    assert "'recvfrom': 3" in out.stdout and "recv_multishot" not in out.stdout

@@ -378,3 +378,162 @@ def test_shared_memory_is_a_sealed_memfd():
     finally:
         mm.close()
         os.close(fd)
+
+
+# --- async sends, multishot receive, the completion ring as the application checks it ---------
+
+def test_async_sends_complete_only_on_failure(kernel, path):
+    from kstack.syscall.channel import F_ASYNC
+    ch = KernelChannel(path)
+    a, b = _udp(ch), _udp(ch)
+    ch.call(Op.BIND, a, addr=("198.18.0.1", 4010))
+    ch.call(Op.BIND, b, addr=("198.18.0.1", 4011))
+    for i in range(50):
+        ch.submit_async(Op.SENDTO, b, payload=bytes([i]), addr=("198.18.0.1", 4010))
+    ch.submit_async(Op.SENDTO, b, payload=b"x", addr=("198.19.255.1", 9))  # no route
+    assert ch.call(Op.GETSOCKNAME, b).result == 0  # in order: after every send above
+    assert ch.errors == {b: errno.ENETUNREACH}  # the one failure came back, as a pending error
+    assert ch.stats()["completions_reaped"] == 2 + 3 + 1  # sockets, binds, the error, getsockname
+    assert len(kernel.net.ports[4010].queue) == 50
+    assert ch.drain(5.0)
+    st = kernel.server.stats()
+    assert st["syscalls"]["sendto"] == 51 and st["counters"]["async_errors"] == 1
+    ch.close()
+
+
+def test_async_send_bound_waits_for_the_kernel(kernel, path):
+    ch = KernelChannel(path, max_async=4)
+    a = _udp(ch)
+    ch.call(Op.BIND, a, addr=("198.18.0.1", 4012))
+    for i in range(40):  # each one beyond 4 unconsumed waits until the kernel takes some
+        ch.submit_async(Op.SENDTO, a, payload=b"q", addr=("198.18.0.1", 4012))
+        assert len(ch._async_ends) <= 4
+    assert ch.drain(5.0)
+    assert len(kernel.net.ports[4012].queue) == 40
+    ch.close()
+
+
+def test_multishot_receive_across_many_datagrams(kernel, path):
+    rx, tx = KernelChannel(path), KernelChannel(path)
+    a = _udp(rx)
+    rx.call(Op.BIND, a, addr=("198.18.0.1", 4013))
+    s = _udp(tx)
+    tx.call(Op.BIND, s, addr=("198.18.0.1", 4014))
+    got = []
+    for i in range(300):
+        tx.submit_async(Op.SENDTO, s, payload=i.to_bytes(2, "big") * 10, addr=("198.18.0.1", 4013))
+        if i % 7 == 0:
+            data, addr = rx.recv_multishot(a, timeout=10, credit=16)
+            got.append(data)
+    while len(got) < 300:
+        data, addr = rx.recv_multishot(a, timeout=10, credit=16)
+        assert addr == ("198.18.0.1", 4014)
+        got.append(data)
+    assert got == [i.to_bytes(2, "big") * 10 for i in range(300)]  # all, in order
+    st = rx.stats()
+    # one arm and a credit grant per 8 datagrams, not a call per datagram
+    assert st["syscalls"]["recv_multishot"] <= 1 + 300 // 8 + 1
+    assert "recvfrom" not in st["syscalls"]
+    k = kernel.server.stats()
+    assert k["counters"]["multishot_delivered"] == 300 and k["multishot"] == 1
+    assert k["bytes_copied_out"] >= 300 * 20
+    with pytest.raises(BlockingIOError):
+        rx.recv_multishot(a, timeout=0)
+    with pytest.raises(TimeoutError):
+        rx.recv_multishot(a, timeout=0.05)
+    assert rx.call(Op.CLOSE, a).result == 0
+    rx.forget(a)
+    assert kernel.server.stats()["multishot"] == 0
+    tx.close()
+    rx.close()
+
+
+def test_multishot_credit_bounds_what_the_kernel_pushes(kernel, path):
+    """Beyond the credit, datagrams stay in the socket's queue (and its SO_RCVBUF drops them),
+    not in the completion ring."""
+    rx, tx = KernelChannel(path), KernelChannel(path)
+    a = _udp(rx)
+    rx.call(Op.BIND, a, addr=("198.18.0.1", 4015))
+    rx.call(Op.SETSOCKOPT, a, 1, 8, 1)  # SO_RCVBUF: the minimum
+    rx.arm_multishot(a, credit=4)
+    s = _udp(tx)
+    for i in range(100):
+        tx.call(Op.SENDTO, s, payload=bytes([i]) * 100, addr=("198.18.0.1", 4015))
+    sock = kernel.net.ports[4015]
+    assert _wait(lambda: kernel.server.stats()["counters"]["multishot_delivered"] == 4)
+    kept = sock.rcvbuf // 100
+    assert len(sock.queue) == kept and kernel.net.drops == 100 - 4 - kept
+    assert kernel.server.stats()["counters"]["multishot_no_credit"] >= 1
+    got = [rx.recv_multishot(a, timeout=10, credit=4)[0] for _ in range(4 + kept)]
+    assert got == [bytes([i]) * 100 for i in range(4 + kept)]  # what was kept, in order
+    st = rx.rx[a]
+    assert st.delivered <= st.granted and len(st.queue) <= 4
+    rx.close()
+    tx.close()
+
+
+def test_hostile_multishot_and_async_records_are_refused(kernel, path):
+    from kstack.syscall.channel import F_ASYNC
+    ch = KernelChannel(path)
+    a = _udp(ch)
+    # unknown flags, flags on an op that has none, credit out of range, an fd that is not open
+    assert ch.sq.push(Op.GETSOCKNAME, 500, a, flags=0x80)
+    assert ch.sq.push(Op.GETSOCKNAME, 501, a, flags=F_ASYNC)
+    assert ch.sq.push(Op.RECV_MULTISHOT, 502, a, 1 << 40)
+    assert ch.sq.push(Op.RECV_MULTISHOT, 503, 99, 4, flags=F_ASYNC)
+    ch._inflight += 3
+    ch.sq.publish()
+    os.eventfd_write(ch.sq_efd, 1)
+    assert [ch.wait(i).result for i in (500, 501, 502)] == [-errno.EINVAL] * 3
+    assert ch.call(Op.GETSOCKNAME, a).result == 0
+    assert ch.errors == {99: errno.EBADF}  # the failed async arm: a pending error
+    assert kernel.server.stats()["multishot"] == 0
+    ch.close()
+
+
+def _forge_cq(ch: KernelChannel, **rec) -> None:
+    """Write a completion into the application's CQ as a lying kernel would."""
+    lay = ch.layout
+    prod = Ring(ch._mm, 1, lay.cq_bytes, lay.cq_offset, lay.max_payload, producer=True)
+    prod.tail = prod.published = prod.head = ch.cq.head
+    assert prod.push(**rec)
+    prod.publish()
+    prod.close()
+
+
+@pytest.mark.parametrize("rec", [
+    dict(op=Op.RECV_MULTISHOT, call_id=7, fd=3, a0=1, payload=b"x", flags=2),  # no receive armed
+    dict(op=Op.SENDTO, call_id=7, fd=3, a0=0, flags=1),  # an async "failure" with result 0
+    dict(op=Op.SENDTO, call_id=7, fd=3, a0=-99999, flags=1),  # an errno out of range
+    dict(op=Op.CLOSE, call_id=7, fd=3, a0=0),  # a completion for no call in flight
+    dict(op=Op.CLOSE, call_id=7, fd=3, a0=-1, flags=1),  # an async failure of a sync op
+])
+def test_lying_completion_ring_kills_the_channel(kernel, path, rec):
+    ch = KernelChannel(path)
+    a = _udp(ch)
+    assert a == 3
+    _forge_cq(ch, **rec)
+    with pytest.raises(OSError) as e:
+        ch.reap()
+    assert e.value.errno == errno.EPROTO
+    with pytest.raises(OSError) as e:
+        ch.call(Op.GETSOCKNAME, a)
+    assert e.value.errno == errno.ECONNRESET
+    ch.close()
+
+
+def test_datagram_beyond_the_credit_kills_the_channel(kernel, path):
+    ch = KernelChannel(path)
+    a = _udp(ch)
+    ch.call(Op.BIND, a, addr=("198.18.0.1", 4016))
+    st = ch.arm_multishot(a, credit=2)
+    ch.call(Op.GETSOCKNAME, a)  # the arm is taken
+    for _ in range(2):
+        _forge_cq(ch, op=Op.RECV_MULTISHOT, call_id=st.call_id, fd=a, a0=1, payload=b"x", flags=2)
+        ch.reap()
+    assert len(st.queue) == 2
+    _forge_cq(ch, op=Op.RECV_MULTISHOT, call_id=st.call_id, fd=a, a0=1, payload=b"x", flags=2)
+    with pytest.raises(OSError) as e:
+        ch.reap()
+    assert e.value.errno == errno.EPROTO
+    ch.close()

@@ -26,6 +26,14 @@ Call records (see ring.py for the record header). The argument words per op:
     POLL        a2 timeout, payload: POLLFD entries (fd, events)    -> ready count, payload:
                                                                        the entries with revents
     SHUTDOWN    fd, a0 how                                          -> 0
+    RECV_MULTISHOT fd, a0 credit (datagrams)                        -> with F_ASYNC: no
+                completion; each datagram then comes as its own completion (op
+                RECV_MULTISHOT, the arming call's id, F_MORE, a0 = its length, payload,
+                addr) while credit lasts; a later call with the same id adds credit. Without
+                F_ASYNC (a flush): deliver what is queued now, then complete with 0.
+
+A SENDTO with F_ASYNC completes only if it fails (its completion then has F_ASYNC too and the
+application keeps the errno as the socket's pending error). It never times out in the kernel.
 
 A timeout is in nanoseconds: -1 waits forever, 0 never waits (EAGAIN at once). A result < 0
 is -errno; -ETIMEDOUT from a call with a timeout is Python's socket.timeout.
@@ -44,7 +52,7 @@ from dataclasses import dataclass
 
 from kstack.syscall.ring import HEADER_BYTES, LAYOUT, MAGIC, VERSION, record_bytes
 
-__all__ = ["Op", "Layout", "HELLO", "REPLY", "POLLFD", "create_shared", "send_accept",
+__all__ = ["Op", "F_ASYNC", "F_MORE", "MAX_CREDIT", "Layout", "HELLO", "REPLY", "POLLFD", "create_shared", "send_accept",
            "send_refuse", "recv_hello", "connect", "SEALS"]
 
 
@@ -61,6 +69,14 @@ class Op(enum.IntEnum):
     GETPEERNAME = 10
     POLL = 11
     SHUTDOWN = 12
+    RECV_MULTISHOT = 13
+
+
+# record flags (the header's u16 flags word)
+F_ASYNC = 0x1  # SQ: post no completion on success (IOSQE_CQE_SKIP_SUCCESS); CQ: the failed
+#                completion of such a call, reported as the socket's pending error
+F_MORE = 0x2  # CQ: a multishot receive's datagram; the receive stays armed (IORING_CQE_F_MORE)
+MAX_CREDIT = 4096  # datagrams one multishot receive may have granted and not yet delivered
 
 
 HELLO = struct.Struct("<QII")  # magic, version, pid

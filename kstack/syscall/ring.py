@@ -55,6 +55,7 @@ LAYOUT = struct.Struct("<QIIIIII")
 _TAIL, _HEAD, _NEED_WAKEUP, _NEED_SPACE = 0, 8, 16, 24  # word offsets, 64 bytes apart
 
 _fence_lock = threading.Lock()
+_U32 = struct.Struct("<I")
 
 
 def fence() -> None:
@@ -68,13 +69,29 @@ def record_bytes(payload_len: int) -> int:
     return REC_BYTES + ((payload_len + 7) & ~7)
 
 
+_int_cache: dict[str, int] = {}
+
+
 def ip_to_int(ip: str) -> int:
-    a, b, c, d = (int(x) for x in ip.split("."))
-    return a << 24 | b << 16 | c << 8 | d
+    v = _int_cache.get(ip)
+    if v is None:
+        a, b, c, d = (int(x) for x in ip.split("."))
+        v = a << 24 | b << 16 | c << 8 | d
+        if len(_int_cache) < 4096:
+            _int_cache[ip] = v
+    return v
+
+
+_ip_cache: dict[int, str] = {}
 
 
 def int_to_ip(v: int) -> str:
-    return f"{v >> 24 & 255}.{v >> 16 & 255}.{v >> 8 & 255}.{v & 255}"
+    s = _ip_cache.get(v)
+    if s is None:
+        s = f"{v >> 24 & 255}.{v >> 16 & 255}.{v >> 8 & 255}.{v & 255}"
+        if len(_ip_cache) < 4096:  # a bounded cache: a datagram per call formats no string
+            _ip_cache[v] = s
+    return s
 
 
 class RingCorrupt(Exception):
@@ -156,20 +173,26 @@ class Ring:
         n = len(payload)
         if n > self.max_payload:
             raise ValueError(f"payload of {n} bytes over the limit of {self.max_payload}")
-        if not self.room(n):
+        need = REC_BYTES + ((n + 7) & ~7)
+        tail = self.tail
+        size = self.size
+        pos = tail & self.mask
+        contig = size - pos
+        end = tail + (need if contig >= need else contig + need)
+        if end - self.head > size and end - self._peer_head() > size:
             return False
         data = self.data
-        pos = self.tail & self.mask
-        need = record_bytes(n)
-        if self.size - pos < need:
-            struct.pack_into("<I", data, pos, WRAP)
-            self.tail += self.size - pos
+        if contig < need:
+            _U32.pack_into(data, pos, WRAP)
+            tail += contig
             pos = 0
         if n:
             data[pos + REC_BYTES:pos + REC_BYTES + n] = payload  # payload, then header
-        ip, port = addr if addr is not None else (0, 0)
-        REC.pack_into(data, pos, n, op, flags, call_id, fd, a0, a1, a2, ip, port, addr is not None)
-        self.tail += need
+        if addr is None:
+            REC.pack_into(data, pos, n, op, flags, call_id, fd, a0, a1, a2, 0, 0, 0)
+        else:
+            REC.pack_into(data, pos, n, op, flags, call_id, fd, a0, a1, a2, addr[0], addr[1], 1)
+        self.tail = tail + need
         return True
 
     def publish(self) -> bool:
@@ -180,7 +203,8 @@ class Ring:
         q = self._q
         q[self._w_tail] = self.tail  # release: the records are written before tail moves
         self.published = self.tail
-        fence()
+        _fence_lock.acquire()  # fence(), inline: this runs once per call
+        _fence_lock.release()
         if q[self._w_wake]:
             q[self._w_wake] = 0
             return True
@@ -191,6 +215,16 @@ class Ring:
         self._q[self._w_space] = 1
         fence()
         return self.room(payload_len)
+
+    def request_progress(self) -> None:
+        """Ask the consumer to ring when it next releases (the producer waits for its head
+        to pass a position, not for room): set need_space, fence. Look at the head after."""
+        self._q[self._w_space] = 1
+        fence()
+
+    def consumed(self) -> int:
+        """The consumer's head, checked (RingCorrupt when it lies)."""
+        return self._peer_head()
 
     # --- consumer -------------------------------------------------------------------------
 
@@ -212,7 +246,7 @@ class Ring:
         pos = self.head & self.mask
         avail = self.tail - self.head
         contig = self.size - pos
-        if struct.unpack_from("<I", data, pos)[0] == WRAP:
+        if _U32.unpack_from(data, pos)[0] == WRAP:
             if contig > avail:
                 raise RingCorrupt(f"wrap marker at {self.head} past the tail {self.tail}")
             self.head += contig  # at least 8: progress
@@ -233,6 +267,38 @@ class Ring:
         self.head += need
         return Record(op, flags, call_id, fd, a0, a1, a2,
                       (int_to_ip(ip), port) if has_addr else None, payload)
+
+    def pop_raw(self) -> tuple | None:
+        """pop() for the hot paths: (op, flags, call_id, fd, a0, a1, a2, ip, port, has_addr,
+        payload) with the address as integers and no Record built; the same checks."""
+        head = self.head
+        if head == self.tail and self._peer_tail() == head:
+            return None
+        data = self.data
+        pos = head & self.mask
+        tail = self.tail
+        contig = self.size - pos
+        if _U32.unpack_from(data, pos)[0] == WRAP:
+            if contig > tail - head:
+                raise RingCorrupt(f"wrap marker at {head} past the tail {tail}")
+            head += contig  # at least 8: progress
+            self.head = head
+            if head == tail:
+                return None
+            pos = 0
+            contig = self.size
+        avail = tail - head
+        if avail < REC_BYTES:
+            raise RingCorrupt(f"record header at {head} cut by the tail {tail}")
+        r = REC.unpack_from(data, pos)
+        n = r[0]
+        if n > self.max_payload:
+            raise RingCorrupt(f"record length {n} over the limit {self.max_payload}")
+        need = REC_BYTES + ((n + 7) & ~7)
+        if need > avail or need > contig:
+            raise RingCorrupt(f"record of {n} bytes at {head} runs past the tail or the end")
+        self.head = head + need
+        return r[1:] + (bytes(data[pos + REC_BYTES:pos + REC_BYTES + n]) if n else b"",)  # the copy
 
     def release(self) -> bool:
         """Publish head. True: the producer waits for space, ring it."""

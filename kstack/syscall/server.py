@@ -29,10 +29,10 @@ import struct
 from collections import Counter, deque
 from typing import Any, Callable
 
-from kstack.sock import MSG_DONTWAIT, POLLERR, POLLHUP, POLLNVAL
-from kstack.syscall.channel import (MAX_POLL_FDS, POLLFD, Layout, Op, create_shared,
-                                    recv_hello, send_accept, send_refuse)
-from kstack.syscall.ring import Record, Ring, RingCorrupt, ip_to_int
+from kstack.sock import MSG_DONTWAIT, POLLERR, POLLHUP, POLLIN, POLLNVAL
+from kstack.syscall.channel import (F_ASYNC, F_MORE, MAX_CREDIT, MAX_POLL_FDS, POLLFD, Layout,
+                                    Op, create_shared, recv_hello, send_accept, send_refuse)
+from kstack.syscall.ring import Record, Ring, RingCorrupt, int_to_ip, ip_to_int
 from kstack.timer import Timer, TimerQueue
 
 __all__ = ["SyscallServer"]
@@ -41,6 +41,7 @@ FIRST_FD = 3  # 0, 1, 2 are the application's stdio in its own numbering
 _CONN, _SQ, _LISTEN, _WAKE, _REFUSED = range(5)
 MAX_REFUSED = 16  # refused connections kept until they said hello (so the answer is read)
 _OP_NAMES = {int(op): op.name.lower() for op in Op}
+_SENDTO = int(Op.SENDTO)
 _PEERCRED = struct.Struct("3i")
 
 
@@ -54,6 +55,18 @@ class _Parked:
         self.rec = rec
         self.fds = fds
         self.timer: Timer | None = None
+
+
+class _Multishot:
+    """A standing receive on one socket: each datagram goes into the CQ while credit lasts."""
+
+    __slots__ = ("call_id", "credit", "last_end", "delivered")
+
+    def __init__(self, call_id: int) -> None:
+        self.call_id = call_id
+        self.credit = 0  # datagrams the application still takes (it grants more as it reads)
+        self.last_end = 0  # CQ position after the last datagram delivered (for POLL)
+        self.delivered = 0
 
 
 class _App:
@@ -76,6 +89,8 @@ class _App:
         self.inflight = 0  # accepted calls not yet completed (parked or in the backlog)
         self.backlog: deque[tuple] = deque()  # completions waiting for room in the CQ
         self.parked: dict[int, list[_Parked]] = {}
+        self.ms: dict[int, _Multishot] = {}  # armed multishot receives by fd
+        self.ms_starved = False  # a delivery stopped for want of CQ room: resume on release
         self.hello_timer: Timer | None = None
         self.syscalls = 0
 
@@ -104,6 +119,7 @@ class SyscallServer:
         self._refused: dict[int, tuple[socket.socket, Timer]] = {}
         self._woken: dict[_App, set[int]] = {}
         self._wake_signaled = False
+        self._async_sends = 0  # async sends done by the fast path (counted as sendto calls)
         if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # a dead kernel's socket
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -164,15 +180,19 @@ class SyscallServer:
 
     def stats(self) -> dict[str, Any]:
         parked = sum(len({id(p) for ps in a.parked.values() for p in ps}) for a in self._apps)
+        syscalls = self.syscalls.copy()
+        if self._async_sends:
+            syscalls["sendto"] += self._async_sends
         return {
             "apps": len(self._apps),
-            "syscalls": dict(self.syscalls),
-            "syscalls_total": sum(self.syscalls.values()),
+            "syscalls": dict(syscalls),
+            "syscalls_total": sum(syscalls.values()),
             "bytes_copied_in": self.counters["bytes_copied_in"],
             "bytes_copied_out": self.counters["bytes_copied_out"],
             "wakeups_sent": self.counters["wakeups_sent"],
             "wakeups_suppressed": self.counters["wakeups_suppressed"],
             "parked": parked,
+            "multishot": sum(len(a.ms) for a in self._apps),
             "counters": dict(self.counters),
             "per_app": [{"pid": a.pid, "sockets": len(a.socks), "inflight": a.inflight,
                          "syscalls": a.syscalls} for a in self._apps],
@@ -298,6 +318,7 @@ class SyscallServer:
                     p.timer.delete()
         app.parked.clear()
         app.backlog.clear()
+        app.ms.clear()
         for fd, sock in list(app.socks.items()):
             self._release_sock(app, fd, sock)
         if app.hello_timer is not None:
@@ -320,6 +341,7 @@ class SyscallServer:
 
     def _release_sock(self, app: _App, fd: int, sock: Any) -> None:
         app.socks.pop(fd, None)
+        app.ms.pop(fd, None)
         fn = app.wakeups.pop(fd, None)
         if fn is not None:
             sock.remove_wakeup(fn)
@@ -340,13 +362,23 @@ class SyscallServer:
         try:
             while True:
                 self._flush_backlog(app)
+                if app.ms_starved and not app.backlog:
+                    app.ms_starved = False
+                    for fd in list(app.ms):
+                        self._ms_drain(app, fd)
+                copied = 0
+                pop = sq.pop_raw
                 while budget and app.inflight < lim and not app.backlog:
-                    rec = sq.pop()
-                    if rec is None:
+                    r = pop()
+                    if r is None:
                         break
                     budget -= 1
-                    self.counters["bytes_copied_in"] += len(rec.payload)
+                    rec = Record(*r[:7], (int_to_ip(r[7]), r[8]) if r[9] else None, r[10])
+                    copied += len(rec.payload)
+                    if rec.op == _SENDTO and rec.flags == F_ASYNC and self._send_async(app, rec):
+                        continue
                     self._submit(app, rec)
+                self.counters["bytes_copied_in"] += copied
                 if sq.release():  # the application waits for room in the SQ
                     self._ring(app)
                 self._publish(app)
@@ -389,7 +421,7 @@ class SyscallServer:
             if not cq.room(len(c[5])) and not cq.want_space(len(c[5])):
                 return
             app.backlog.popleft()
-            cq.push(c[0], c[1], c[2], c[3], 0, 0, c[5], c[4])
+            cq.push(c[0], c[1], c[2], c[3], 0, 0, c[5], c[4], c[6])
 
     def _complete(self, app: _App, rec: Record, result: int, payload: bytes = b"",
                   addr: tuple[str, int] | None = None) -> None:
@@ -400,9 +432,12 @@ class SyscallServer:
         except (ValueError, TypeError, IndexError):  # a protocol answered a malformed address
             self.counters["sock_errors"] += 1
             a, result, payload = None, -errno.EIO, b""
-        c = (rec.op, rec.call_id, rec.fd, result, a, payload)
+        flags = rec.flags & F_ASYNC
+        if flags:
+            self.counters["async_errors"] += 1
+        c = (rec.op, rec.call_id, rec.fd, result, a, payload, flags)
         self.counters["bytes_copied_out"] += len(payload)
-        if app.backlog or not app.cq.push(c[0], c[1], c[2], c[3], 0, 0, payload, a):
+        if app.backlog or not app.cq.push(c[0], c[1], c[2], c[3], 0, 0, payload, a, flags):
             app.backlog.append(c)
             if len(app.backlog) == 1 and app.cq.want_space(len(payload)):
                 self._flush_backlog(app)
@@ -413,7 +448,14 @@ class SyscallServer:
         app.inflight += 1
         app.syscalls += 1
         self.syscalls[_OP_NAMES.get(rec.op, "unknown")] += 1
+        if rec.flags & ~F_ASYNC or rec.flags and rec.op not in (Op.SENDTO, Op.RECV_MULTISHOT):
+            self.counters["bad_flags"] += 1
+            self._complete(app, rec._replace(flags=0), -errno.EINVAL)  # a plain completion
+            return
         try:
+            if rec.op == Op.RECV_MULTISHOT:
+                self._multishot(app, rec)
+                return
             result, payload, addr = self._call(app, rec)
         except BlockingIOError:
             if self._timeout(rec) == 0:
@@ -430,14 +472,123 @@ class SyscallServer:
         except (ValueError, TypeError, OverflowError, struct.error):
             self._complete(app, rec, -errno.EINVAL)
             return
+        except RingCorrupt:
+            raise
         except Exception:  # a protocol bug answers EIO; the kernel goes on
             self.counters["sock_errors"] += 1
             self._complete(app, rec, -errno.EIO)
             return
+        if rec.flags & F_ASYNC:  # succeeded: no completion (the application already returned)
+            app.inflight -= 1
+            return
         self._complete(app, rec, result, payload, addr)
+
+    def _send_async(self, app: _App, rec: Record) -> bool:
+        """The fast path of an async datagram send: done here when it succeeds at once (no
+        completion to post); False hands anything else to _submit."""
+        sock = app.socks.get(rec.fd)
+        if sock is None:
+            return False
+        app.syscalls += 1
+        self._async_sends += 1
+        try:
+            sock.sendmsg(rec.payload, rec.addr, rec.a0 & ~MSG_DONTWAIT)
+            return True
+        except BlockingIOError:
+            err = 0
+        except OSError as e:
+            err = e.errno or errno.EIO
+        except (ValueError, TypeError, OverflowError, struct.error):
+            err = errno.EINVAL
+        except Exception:
+            self.counters["sock_errors"] += 1
+            err = errno.EIO
+        app.inflight += 1  # not done at once (the Sock was asked once: its error is consumed)
+        if err:
+            self._complete(app, rec, -err)
+        else:
+            self._park(app, rec)
+        return True
+
+    # --- multishot receive -----------------------------------------------------------------
+
+    def _multishot(self, app: _App, rec: Record) -> None:
+        """Arm (or add credit to) fd's standing receive, deliver what is queued; a flush
+        (no F_ASYNC) completes with 0 after the delivery."""
+        fd = rec.fd
+        self._sock(app, fd)
+        if not 0 <= rec.a0 <= MAX_CREDIT:
+            raise OSError(errno.EINVAL, "credit out of range")
+        ms = app.ms.get(fd)
+        if rec.flags & F_ASYNC:
+            if ms is None or ms.call_id != rec.call_id:
+                ms = app.ms[fd] = _Multishot(rec.call_id)
+                self.counters["multishot_armed"] += 1
+            ms.credit = min(ms.credit + rec.a0, MAX_CREDIT)
+            app.inflight -= 1  # a standing call is bounded by sockets, not by calls in flight
+        elif ms is None:
+            raise OSError(errno.EINVAL, "no multishot receive armed")
+        self._ms_drain(app, fd)
+        if not rec.flags & F_ASYNC:
+            self._complete(app, rec, 0)
+
+    def _ms_drain(self, app: _App, fd: int) -> None:
+        """copy_to_user: move datagrams from the socket's queue into the CQ while credit and
+        CQ room last; the rest stays in the socket (its SO_RCVBUF limit drops and counts)."""
+        ms = app.ms.get(fd)
+        sock = app.socks.get(fd)
+        if ms is None or sock is None:
+            return
+        cq = app.cq
+        maxp = self.layout.max_payload
+        n = nbytes = 0
+        while ms.credit > 0:
+            if not cq.room(maxp) and not cq.want_space(maxp):  # room for the largest datagram
+                app.ms_starved = True  # resumed when the application frees CQ room
+                self.counters["multishot_cq_full"] += 1
+                break
+            try:
+                data, addr = sock.recvmsg(maxp)
+            except BlockingIOError:
+                break
+            except OSError as e:  # a pending socket error: reported, the receive stays armed
+                self._ms_post(app, ms, fd, -(e.errno or errno.EIO), b"", None, F_ASYNC | F_MORE)
+                break
+            except Exception:
+                self.counters["sock_errors"] += 1
+                self._ms_post(app, ms, fd, -errno.EIO, b"", None, F_ASYNC)
+                del app.ms[fd]
+                break
+            data = bytes(data[:maxp])
+            ms.credit -= 1
+            self._ms_post(app, ms, fd, len(data), data, addr, F_MORE)
+            n += 1
+            nbytes += len(data)
+        if n:
+            ms.delivered += n
+            self.counters["multishot_delivered"] += n
+            self.counters["bytes_copied_out"] += nbytes
+            if fd in app.parked:  # a POLL waiting on fd sees the datagrams in the CQ
+                self._woken.setdefault(app, set()).add(fd)
+        elif ms.credit <= 0:
+            self.counters["multishot_no_credit"] += 1
+
+    def _ms_post(self, app: _App, ms: _Multishot, fd: int, result: int, data: bytes,
+                 addr: tuple[str, int] | None, flags: int) -> None:
+        try:
+            a = (ip_to_int(addr[0]), int(addr[1]) & 0xFFFF) if addr is not None else None
+        except (ValueError, TypeError, IndexError):
+            self.counters["sock_errors"] += 1
+            a, result, data, flags = None, -errno.EIO, b"", F_ASYNC | F_MORE
+        if flags & F_ASYNC:
+            self.counters["async_errors"] += 1
+        app.cq.push(Op.RECV_MULTISHOT, ms.call_id, fd, result, 0, 0, data, a, flags)
+        ms.last_end = app.cq.tail
 
     @staticmethod
     def _timeout(rec: Record) -> int:
+        if rec.flags & F_ASYNC:
+            return -1  # already returned to the application: waits for room, never times out
         if rec.op == Op.SENDTO and rec.a0 & MSG_DONTWAIT or rec.op == Op.RECVFROM and rec.a1 & MSG_DONTWAIT:
             return 0
         if rec.op in (Op.SENDTO, Op.RECVFROM, Op.POLL):
@@ -526,6 +677,8 @@ class SyscallServer:
             else:
                 sock = app.socks.get(fd)
                 revents = POLLNVAL if sock is None else sock.poll() & (events | POLLERR | POLLHUP)
+            if sock is not None and fd in app.ms and app.ms[fd].last_end > app.cq._peer_head():
+                revents |= POLLIN & events  # datagrams in the CQ the application has not read
             POLLFD.pack_into(out, i * POLLFD.size, fd, events, revents & 0xFFFF)
             ready += revents != 0
         if not ready:
@@ -578,7 +731,7 @@ class SyscallServer:
 
     def _sock_woken(self, app: _App, fd: int) -> None:
         """A Sock's wake-up: note it; parked calls are retried after the current handler."""
-        if app.dead or fd not in app.parked:
+        if app.dead or fd not in app.parked and fd not in app.ms:
             return
         self._woken.setdefault(app, set()).add(fd)
         if not self._wake_signaled and self.wake_efd >= 0:
@@ -596,6 +749,8 @@ class SyscallServer:
                 seen: set[int] = set()
                 try:
                     for fd in sorted(fds):
+                        if fd in app.ms:
+                            self._ms_drain(app, fd)
                         for p in list(app.parked.get(fd, ())):
                             if id(p) not in seen:
                                 seen.add(id(p))
@@ -619,12 +774,17 @@ class SyscallServer:
             self._unpark(p)
             self._complete(app, p.rec, -(e.errno or errno.EIO))
             return
+        except RingCorrupt:
+            raise
         except Exception:
             self._unpark(p)
             self.counters["sock_errors"] += 1
             self._complete(app, p.rec, -errno.EIO)
             return
         self._unpark(p)
+        if p.rec.flags & F_ASYNC:  # a send that waited for room: done, nothing to post
+            app.inflight -= 1
+            return
         self._complete(app, p.rec, result, payload, addr)
 
 
