@@ -282,7 +282,7 @@ class Supervisor:
             if not self._wait_for(lambda: child.ready, self.ready_timeout,
                                   f"host {h.name!r} (kernel pid {child.pid}) not up"):
                 return False
-            self._say(f"nicemu up: host {h.name} is up (pid {child.pid}: {host_summary(h)}); its "
+            self._say(f"nicemu up: host {h.name}: kernel up (pid {child.pid}: {host_summary(h)}); its "
                       f"applications: {H.ENV_KERNEL}={h.syscall_socket} python -m kstack.apps.ping ...")
         return True
 
