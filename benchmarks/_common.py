@@ -11,7 +11,7 @@ import platform
 import statistics
 from dataclasses import dataclass
 
-__all__ = ["machine_line", "cpu_ns", "ctx_switches", "ProcCost", "spread", "percentile"]
+__all__ = ["machine_line", "cpu_ns", "run_delay_ns", "ctx_switches", "ProcCost", "spread", "percentile"]
 
 
 def machine_line() -> str:
@@ -38,6 +38,24 @@ def cpu_ns(pid: int | str = "self") -> int:
     return total
 
 
+def run_delay_ns(pid: int | str = "self") -> int:
+    """Time the process was runnable but waited for a CPU, in ns (second field of
+    /proc/PID/schedstat, threads summed): on a shared machine, what the load took from it.
+    -1 if it is gone."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return -1
+    total = 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
 def ctx_switches(pid: int | str = "self") -> int:
     """Voluntary + involuntary context switches so far; -1 if the process is gone."""
     total = 0
@@ -53,21 +71,23 @@ def ctx_switches(pid: int | str = "self") -> int:
 
 @dataclass
 class ProcCost:
-    """CPU ns and context switches of one process between two readings."""
+    """CPU ns, context switches and run-queue wait of one process between two readings."""
 
     pid: int | str
     cpu0: int = 0
     cs0: int = 0
+    rd0: int = 0
     cpu: int = 0
     cs: int = 0
+    run_delay: int = 0  # ns runnable but waiting for a CPU
 
     def start(self) -> "ProcCost":
-        self.cpu0, self.cs0 = cpu_ns(self.pid), ctx_switches(self.pid)
+        self.cpu0, self.cs0, self.rd0 = cpu_ns(self.pid), ctx_switches(self.pid), run_delay_ns(self.pid)
         return self
 
     def stop(self) -> "ProcCost":
-        c, s = cpu_ns(self.pid), ctx_switches(self.pid)
-        self.cpu, self.cs = max(0, c - self.cpu0), max(0, s - self.cs0)
+        c, s, r = cpu_ns(self.pid), ctx_switches(self.pid), run_delay_ns(self.pid)
+        self.cpu, self.cs, self.run_delay = max(0, c - self.cpu0), max(0, s - self.cs0), max(0, r - self.rd0)
         return self
 
 

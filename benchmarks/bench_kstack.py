@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import cpu_ns, ctx_switches, machine_line, spread  # noqa: E402
+from _common import cpu_ns, ctx_switches, machine_line, run_delay_ns  # noqa: E402
 
 MAC0, MAC1 = "52:54:00:12:34:56", "52:54:00:12:34:57"
 IP_A, IP_B = "198.18.0.1", "198.18.0.2"
@@ -214,16 +214,22 @@ class Lab:
 
 
 class Costs:
-    """CPU ns (schedstat) and context switches of a set of processes between two readings."""
+    """CPU ns (schedstat), context switches and run-queue wait ns (schedstat: runnable, no
+    CPU free) of a set of processes between two readings."""
 
     def __init__(self, pids: dict[str, int]) -> None:
         self.pids = pids
         self.t0 = time.perf_counter()
-        self.c0 = {k: (cpu_ns(p), ctx_switches(p)) for k, p in pids.items()}
+        self.c0 = {k: self._read(p) for k, p in pids.items()}
+
+    @staticmethod
+    def _read(pid: int) -> tuple[int, int, int]:
+        return cpu_ns(pid), ctx_switches(pid), run_delay_ns(pid)
 
     def stop(self) -> dict[str, tuple[int, int]]:
-        c1 = {k: (cpu_ns(p), ctx_switches(p)) for k, p in self.pids.items()}
+        c1 = {k: self._read(p) for k, p in self.pids.items()}
         self.seconds = time.perf_counter() - self.t0
+        self.run_delay = {k: c1[k][2] - self.c0[k][2] for k in self.pids}
         return {k: (c1[k][0] - self.c0[k][0], c1[k][1] - self.c0[k][1]) for k in self.pids}
 
 
@@ -312,7 +318,11 @@ def kstack_rate(lab: Lab, seconds: float, warmup: float, port: int) -> dict:
         "missed (B: MPC)": db.get("rx_missed_errors", 0), "no buffer (B: RNBC)": db.get("rx_no_buffer_count", 0),
         "qdisc drops (A, whole run)": qa.get("drops", 0),
         "sink rate (its own report)": sink_rep["datagrams_per_s"], "sink lost": sink_rep["lost"],
-        "cpu_util": {k: c / 1e9 / window for k, (c, _) in proc.items()}, "per": per,
+        "cpu_util": {k: c / 1e9 / window for k, (c, _) in proc.items()},
+        "run_delay": {k: v / 1e9 / window for k, v in costs.run_delay.items()},
+        # datagrams/s if each process had a CPU of its own: the busiest one's CPU per datagram
+        "ceiling": 1e9 / max(per[f"CPU ns: {k}"] for k in proc) if got else 0.0,
+        "busiest": max(proc, key=lambda k: proc[k][0]), "per": per,
     }
 
 
@@ -331,9 +341,14 @@ def kstack_pingpong(lab: Lab, rounds: int, port: int) -> dict:
     echo = lab.app("kstack.apps.udp_echo", "--port", str(port), "--kernel", lab.kb_sock, name="udp_echo")
     echo.line(lambda ln: ln.startswith("udp_echo: listening"))
     try:
+        costs = Costs({"emulator": lab.emu.pid, "kernel A": lab.ka.pid, "kernel B": lab.kb.pid,
+                       "udp_echo": echo.pid})
         c = lab.start([sys.executable, "-c", PING_CLIENT, lab.ka_sock, IP_B, str(port), str(rounds),
                        str(PAYLOAD)], "ping-client")
         out = c.json(lambda d: "p50_us" in d, timeout=60 + rounds * 0.01)
+        costs.stop()
+        # whole client run (start-up and 100 warm-up rounds included): an upper bound
+        out["run_delay_us_per_rtt"] = sum(costs.run_delay.values()) / 1000 / (rounds + 100)
         c.p.wait(10)
         return out
     finally:
@@ -392,6 +407,7 @@ def main() -> int:
     def on_term(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with SIGINT ignored
 
     print(f"bench_kstack: {PAYLOAD}-byte UDP payloads (64-byte frames), {args.repeat} repetitions, "
           f"{args.seconds:g} s windows after {warmup:g} s of warm-up")
@@ -450,12 +466,27 @@ def main() -> int:
               f"{sp([r['no buffer (B: RNBC)'] for r in rows])} in the window; A qdisc drops (so far) "
               f"{sp([r['qdisc drops (A, whole run)'] for r in rows])}")
         util = {k: [r["cpu_util"][k] for r in rows] for k in rows[0]["cpu_util"]}
-        print("    CPU used (fraction of one CPU): " + ", ".join(f"{k} {statistics.median(v):.2f}"
-                                                             for k, v in util.items()))
+        wait = {k: [r["run_delay"][k] for r in rows] for k in rows[0]["run_delay"]}
+        print("    CPU used, fraction of one CPU (median): " + ", ".join(
+            f"{k} {statistics.median(v):.2f}" for k, v in util.items()))
+        print("    waited for a CPU (run-queue delay, fraction of the window): " + ", ".join(
+            f"{k} {statistics.median(v):.2f}" for k, v in wait.items()))
+        print(f"    if each process had a CPU of its own (1 / busiest process's CPU per datagram): "
+              f"{sp([r['ceiling'] for r in rows])} datagrams/s; busiest: "
+              f"{', '.join(sorted({r['busiest'] for r in rows}))}")
     print(f"  Linux, Python sender process -> Python receiver process, UDP on loopback:")
     print(f"    received:              {sp([r['rate'] for r in lin_rate])} datagrams/s")
+    print(f"    CPU used: sender {statistics.median([r['tx_cpu_frac'] for r in lin_rate]):.2f}, receiver "
+          f"{statistics.median([r['rx_cpu_frac'] for r in lin_rate]):.2f}; waited for a CPU: sender "
+          f"{statistics.median([r['tx_run_delay_frac'] for r in lin_rate]):.2f}, receiver "
+          f"{statistics.median([r['rx_run_delay_frac'] for r in lin_rate]):.2f}")
+    lin_ceil = [1e9 / max(r["rx_cpu_ns_per_pkt"], r["tx_cpu_ns_per_pkt"]) for r in lin_rate]
+    print(f"    if each process had a CPU of its own: {sp(lin_ceil)} datagrams/s")
     ratios = [k["rate"] / l["rate"] for k, l in zip(rate_rows[modes[0]], lin_rate) if l["rate"]]
     print(f"  ratio kstack ({modes[0]}) / Linux, per paired run: {sp(ratios)}   (target >= {RATE_TARGET})")
+    ceil_ratios = [k["ceiling"] / c for k, c in zip(rate_rows[modes[0]], lin_ceil) if c]
+    print(f"  the same ratio of the CPU-per-datagram ceilings (less sensitive to the machine's load): "
+          f"{sp(ceil_ratios)}")
 
     print()
     print(f"2. UDP ping-pong round trip, {PAYLOAD}-byte payload, {args.rounds} rounds per repetition (us)")
@@ -467,6 +498,8 @@ def main() -> int:
     print(f"  kstack client: CPU {sp([r['cpu_ns_per_rtt'] for r in kpp])} ns, context switches "
           f"{sp([r['ctx_per_rtt'] for r in kpp])}, library syscalls {sp([r['syscalls_per_rtt'] for r in kpp])} "
           f"per round trip; lost {sum(r['lost'] for r in kpp)}")
+    print(f"  kstack: emulator, kernels and udp_echo waited for a CPU {sp([r['run_delay_us_per_rtt'] for r in kpp])} us "
+          f"per round trip (run-queue delay, summed; client start-up and warm-up included)")
     print(f"  Linux pinger:  CPU {sp([r['cpu_ns_per_rtt_pinger'] for r in lin_pp])} ns, context switches "
           f"{sp([r['ctx_per_rtt_pinger'] for r in lin_pp])} per round trip")
 

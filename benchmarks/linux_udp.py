@@ -24,7 +24,8 @@ from _common import ProcCost, cpu_ns, ctx_switches, percentile  # noqa: E402
 def _sender(port: int, payload: int, seconds: float, ready) -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     data = b"x" * payload
-    ready.wait()
+    if not ready.wait(30):
+        return
     end = time.monotonic() + seconds
     sendto = s.sendto
     addr = ("127.0.0.1", port)
@@ -72,15 +73,18 @@ def rate(payload: int = 18, seconds: float = 2.0) -> dict:
     return {"kernel": "linux", "payload": payload, "datagrams": n, "seconds": dt, "rate": n / dt,
             "rx_cpu_ns_per_pkt": me.cpu / max(n, 1), "tx_cpu_ns_per_pkt": snd.cpu / max(n, 1),
             "rx_ctx_per_pkt": me.cs / max(n, 1), "tx_ctx_per_pkt": snd.cs / max(n, 1),
+            "rx_cpu_frac": me.cpu / 1e9 / dt, "tx_cpu_frac": snd.cpu / 1e9 / dt,
+            "rx_run_delay_frac": me.run_delay / 1e9 / dt, "tx_run_delay_frac": snd.run_delay / 1e9 / dt,
             "syscalls_per_pkt_rx": 1.0, "syscalls_per_pkt_tx": 1.0}
 
 
 def _echo(port_q, stop_evt) -> None:
+    parent = os.getppid()
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.bind(("127.0.0.1", 0))
     port_q.put(s.getsockname()[1])
     s.settimeout(0.2)
-    while not stop_evt.is_set():
+    while not stop_evt.is_set() and os.getppid() == parent:  # never outlive a killed parent
         try:
             data, addr = s.recvfrom(2048)
         except socket.timeout:
