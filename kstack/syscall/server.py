@@ -373,11 +373,10 @@ class SyscallServer:
                     if r is None:
                         break
                     budget -= 1
-                    rec = Record(*r[:7], (int_to_ip(r[7]), r[8]) if r[9] else None, r[10])
-                    copied += len(rec.payload)
-                    if rec.op == _SENDTO and rec.flags == F_ASYNC and self._send_async(app, rec):
+                    copied += len(r[10])
+                    if r[0] == _SENDTO and r[1] == F_ASYNC and self._send_async(app, r):
                         continue
-                    self._submit(app, rec)
+                    self._submit(app, Record(*r[:7], (int_to_ip(r[7]), r[8]) if r[9] else None, r[10]))
                 self.counters["bytes_copied_in"] += copied
                 if sq.release():  # the application waits for room in the SQ
                     self._ring(app)
@@ -483,16 +482,18 @@ class SyscallServer:
             return
         self._complete(app, rec, result, payload, addr)
 
-    def _send_async(self, app: _App, rec: Record) -> bool:
-        """The fast path of an async datagram send: done here when it succeeds at once (no
-        completion to post); False hands anything else to _submit."""
-        sock = app.socks.get(rec.fd)
+    def _send_async(self, app: _App, r: tuple) -> bool:
+        """The fast path of an async datagram send (r: a raw SQ record, see Ring.pop_raw):
+        done here, with no completion to post, when the Sock takes it at once; otherwise it
+        parks or fails as _submit would. False: no such socket, _submit answers EBADF."""
+        sock = app.socks.get(r[3])
         if sock is None:
             return False
         app.syscalls += 1
         self._async_sends += 1
+        addr = (int_to_ip(r[7]), r[8]) if r[9] else None
         try:
-            sock.sendmsg(rec.payload, rec.addr, rec.a0 & ~MSG_DONTWAIT)
+            sock.sendmsg(r[10], addr, r[4] & ~MSG_DONTWAIT)
             return True
         except BlockingIOError:
             err = 0
@@ -503,6 +504,7 @@ class SyscallServer:
         except Exception:
             self.counters["sock_errors"] += 1
             err = errno.EIO
+        rec = Record(*r[:7], addr, r[10])
         app.inflight += 1  # not done at once (the Sock was asked once: its error is consumed)
         if err:
             self._complete(app, rec, -err)
