@@ -22,15 +22,36 @@ MAXP = 64
 SIZE = 256  # holds two largest records (2 * 112) and forces wraps
 
 
-@pytest.fixture
-def rings():
-    """(producer, consumer) over one ring in an anonymous shared mapping."""
+@pytest.fixture(params=["Ring", "PyRing"])
+def rings(request):
+    """(producer, consumer) over one ring in an anonymous shared mapping: the C ring (when
+    built) and the pure-Python reference, each against itself."""
+    import kstack.syscall.ring as ringmod
+    cls = getattr(ringmod, request.param)
     mm = mmap.mmap(-1, HEADER_BYTES + SIZE)
-    prod = Ring(mm, 0, SIZE, HEADER_BYTES, MAXP, producer=True)
-    cons = Ring(mm, 0, SIZE, HEADER_BYTES, MAXP, producer=False)
+    prod = cls(mm, 0, SIZE, HEADER_BYTES, MAXP, producer=True)
+    cons = cls(mm, 0, SIZE, HEADER_BYTES, MAXP, producer=False)
     yield prod, cons
     prod.close()
     cons.close()
+    mm.close()
+
+
+def test_c_and_python_rings_speak_the_same_records():
+    from kstack.syscall.ring import PyRing
+    mm = mmap.mmap(-1, HEADER_BYTES + SIZE)
+    for pcls, ccls in ((Ring, PyRing), (PyRing, Ring)):
+        prod = pcls(mm, 0, SIZE, HEADER_BYTES, MAXP, producer=True)
+        cons = ccls(mm, 0, SIZE, HEADER_BYTES, MAXP, producer=False)
+        for i in range(40):
+            assert prod.push(Op.SENDTO, i, 3, -i, i, 1 << 40, bytes([i]) * (i % 20), (i, 9), 1)
+            prod.publish()
+            rec = cons.pop()
+            assert rec == (Op.SENDTO, 1, i, 3, -i, i, 1 << 40, (f"0.0.0.{i}", 9), bytes([i]) * (i % 20))
+            cons.release()
+        prod.close()
+        cons.close()
+        mm[:] = bytes(len(mm))
     mm.close()
 
 

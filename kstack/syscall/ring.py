@@ -34,7 +34,7 @@ import struct
 import threading
 from typing import NamedTuple
 
-__all__ = ["Ring", "Record", "RingCorrupt", "REC", "REC_BYTES", "WRAP", "HEADER_BYTES",
+__all__ = ["Ring", "PyRing", "Record", "RingCorrupt", "REC", "REC_BYTES", "WRAP", "HEADER_BYTES",
            "LAYOUT", "MAGIC", "VERSION", "fence", "record_bytes", "ip_to_int", "int_to_ip"]
 
 MAGIC = 0x4C4C4143534B4E  # "NKSCALL" little-endian
@@ -110,8 +110,9 @@ class Record(NamedTuple):
     payload: bytes
 
 
-class Ring:
-    """One end of ring `index` (0: SQ, 1: CQ) over the channel's mapping.
+class PyRing:
+    """One end of ring `index` (0: SQ, 1: CQ) over the channel's mapping (the pure-Python
+    reference; Ring is the C class of _ring.pyx when it is built, this one otherwise).
 
     A producer: push() records, then publish() once for the batch (it says whether to ring
     the consumer's eventfd). A consumer: pop() until None, then release() (it says whether the
@@ -321,3 +322,24 @@ class Ring:
 
     def disarm(self) -> None:
         self._q[self._w_wake] = 0
+
+
+try:  # the C ring, when built (cythonize -i -3 kstack/syscall/_ring.pyx; pip install . does)
+    from kstack.syscall import _ring as _c
+except ImportError:  # pragma: no cover - the pure-Python reference serves
+    _c = None
+
+if _c is not None:
+    _c.set_corrupt(RingCorrupt)
+
+    class Ring(_c.CRing):  # type: ignore[no-redef]
+        """The C ring with PyRing's pop() (a Record) on top of its pop_raw()."""
+
+        def pop(self) -> Record | None:
+            r = self.pop_raw()
+            if r is None:
+                return None
+            return Record(r[0], r[1], r[2], r[3], r[4], r[5], r[6],
+                          (int_to_ip(r[7]), r[8]) if r[9] else None, r[10])
+else:
+    Ring = PyRing  # type: ignore[misc]
