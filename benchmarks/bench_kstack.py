@@ -317,6 +317,8 @@ def kstack_rate(lab: Lab, seconds: float, warmup: float, port: int) -> dict:
         "rate": got / window, "sent_rate": sent / window, "window": window, "received": got, "sent": sent,
         "missed (B: MPC)": db.get("rx_missed_errors", 0), "no buffer (B: RNBC)": db.get("rx_no_buffer_count", 0),
         "qdisc drops (A, whole run)": qa.get("drops", 0),
+        "drops": {f"{side}:{k}": v for side, x0, x1 in (("A", a0, a1), ("B", b0, b1))
+                  for k in x1["drops"] if (v := x1["drops"][k] - x0["drops"].get(k, 0))},
         "sink rate (its own report)": sink_rep["datagrams_per_s"], "sink lost": sink_rep["lost"],
         "cpu_util": {k: c / 1e9 / window for k, (c, _) in proc.items()},
         "run_delay": {k: v / 1e9 / window for k, v in costs.run_delay.items()},
@@ -465,6 +467,10 @@ def main() -> int:
         print(f"    B missed (MPC) {sp([r['missed (B: MPC)'] for r in rows])}, no buffer (RNBC) "
               f"{sp([r['no buffer (B: RNBC)'] for r in rows])} in the window; A qdisc drops (so far) "
               f"{sp([r['qdisc drops (A, whole run)'] for r in rows])}")
+        reasons = sorted({k for r in rows for k in r["drops"]})
+        print("    sk_buff drops in the window by reason (kernel:reason, median of the runs): "
+              + (", ".join(f"{k} {statistics.median([r['drops'].get(k, 0) for r in rows]):.0f}"
+                           for k in reasons) or "none"))
         util = {k: [r["cpu_util"][k] for r in rows] for k in rows[0]["cpu_util"]}
         wait = {k: [r["run_delay"][k] for r in rows] for k in rows[0]["run_delay"]}
         print("    CPU used, fraction of one CPU (median): " + ", ".join(
