@@ -42,6 +42,7 @@ _CONN, _SQ, _LISTEN, _WAKE, _REFUSED = range(5)
 MAX_REFUSED = 16  # refused connections kept until they said hello (so the answer is read)
 _OP_NAMES = {int(op): op.name.lower() for op in Op}
 _SENDTO = int(Op.SENDTO)
+_RECV_MS = int(Op.RECV_MULTISHOT)
 _PEERCRED = struct.Struct("3i")
 
 
@@ -542,6 +543,8 @@ class SyscallServer:
         if ms is None or sock is None:
             return
         cq = app.cq
+        push = cq.push
+        call_id = ms.call_id
         maxp = self.layout.max_payload
         n = nbytes = 0
         while ms.credit > 0:
@@ -561,12 +564,23 @@ class SyscallServer:
                 self._ms_post(app, ms, fd, -errno.EIO, b"", None, F_ASYNC)
                 del app.ms[fd]
                 break
-            data = bytes(data[:maxp])
+            if type(data) is not bytes or len(data) > maxp:
+                data = bytes(data[:maxp])
             ms.credit -= 1
-            self._ms_post(app, ms, fd, len(data), data, addr, F_MORE)
+            ln = len(data)
+            try:
+                a = (ip_to_int(addr[0]), int(addr[1]) & 0xFFFF) if addr is not None else None
+            except (ValueError, TypeError, IndexError):  # a protocol answered a bad address
+                self.counters["sock_errors"] += 1
+                self._ms_post(app, ms, fd, -errno.EIO, b"", None, F_ASYNC | F_MORE)
+                continue
+            if not push(_RECV_MS, call_id, fd, ln, 0, 0, data, a, F_MORE):  # room was checked
+                self.counters["multishot_lost"] += 1
+                break
             n += 1
-            nbytes += len(data)
+            nbytes += ln
         if n:
+            ms.last_end = cq.tail
             ms.delivered += n
             self.counters["multishot_delivered"] += n
             self.counters["bytes_copied_out"] += nbytes
