@@ -6,6 +6,11 @@ message, a frame arriving on a cable, or a due moderation timer. The loop sleeps
 `next_deadline()` of the devices (and of timer sources such as a delayed-frame cable), so an
 idle emulator uses no CPU and a timer fires on time.
 
+Fairness: each turn handles every ready descriptor once, and each handler does a bounded
+amount of work (a vfio-user server handles at most WORK_PER_TURN messages of a client per
+turn, then asks for the next turn through its next_deadline()), so one device's client can
+never keep the loop from another device, its cable or its timers.
+
 SIGTERM and SIGINT stop the loop (through a self-pipe, so the sleeping select wakes), then
 `close()` drops clients (resetting their devices), unlinks every socket and closes cables.
 
@@ -43,7 +48,7 @@ DMA_ERROR_LOG_INTERVAL = 1_000_000_000  # ns between two DMA-error warnings of o
 # Data-path counters with no SDM register (nicemu.datapath_ref.RefDatapath documents them)
 ENGINE_COUNTERS = ("dma_errors", "tx_dropped", "rx_dropped", "tx_dext_skipped")
 SERVER_COUNTERS = ("clients_served", "clients_refused", "messages", "error_replies", "posted_errors",
-                   "irqs_signalled")
+                   "irqs_signalled", "fds_refused", "clients_dropped", "accept_errors")
 CABLE_COUNTERS = ("tx_dropped", "rx_errors", "rx_foreign", "tx_bad_fcs")
 
 
@@ -106,13 +111,16 @@ class Emulator:
         """Serve `nic` over vfio-user on `socket_path` (created 0600 in a 0700 directory)."""
         if name in self.servers:
             raise ValueError(f"device name {name!r} is used twice")
-        server = VfioUserServer(nic, socket_path, name=name)
+        server = VfioUserServer(nic, socket_path, name=name, clock=self.clock)
         server.register(self.selector)
         self.servers[name] = server
         self._served_nics += (nic,)
+        # The server's timer: the next batch of a client's buffered messages (each turn handles
+        # a bounded batch per device) and polling its socket again after a failed accept()
+        self.timer_sources.append(server)
         if nic not in self.nics:
             self.nics.append(nic)
-            self._sources_changed()
+        self._sources_changed()
         log.info("%s: %s listening on %s", name, nic.mac, server.socket_path)
         return server
 

@@ -11,6 +11,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -476,3 +477,157 @@ def test_bad_messages_across_processes_get_errors_and_the_emulator_keeps_serving
     assert proc.wait(10) == 0
     proc.errfile.seek(0)
     assert "Traceback" not in proc.errfile.read()
+
+
+# --- hostile clients (issue 7): what an attack run did, and what the emulator must do instead --
+
+def _fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _memfd_mappings(pid: int) -> list[str]:
+    """The emulator's mappings of memfds (a driver's DMA memory); it creates none itself."""
+    with open(f"/proc/{pid}/maps") as f:
+        return [line.strip() for line in f if "/memfd:" in line]
+
+
+def _send_fds_retrying(sock: socket.socket, data: bytes, fds: list[int]) -> None:
+    """send_fds, waiting while the kernel refuses more fds in flight (ETOOMANYREFS: the
+    per-user limit of fds sent but not yet received is RLIMIT_NOFILE)."""
+    for _ in range(2000):
+        try:
+            socket.send_fds(sock, [data], fds)
+            return
+        except OSError as e:
+            if e.errno != errno.ETOOMANYREFS:
+                raise
+            time.sleep(0.001)
+    raise AssertionError("the emulator does not take the fds in flight")
+
+
+@pytest.mark.parametrize("command", [Command.REGION_WRITE, Command.DMA_MAP], ids=["no-fd-command", "DMA_MAP"])
+def test_fds_trickled_into_one_message_are_bounded(procs, tmp_path, command):
+    """The attack: a large header, then 1-byte pieces with 8 fds each (20,000 fds). The
+    emulator must hold at most max_msg_fds for the message, drop the client, and keep the
+    other device answering throughout."""
+    sock, other = str(tmp_path / "nic0.sock"), str(tmp_path / "nic1.sock")
+    proc = procs.serve("--socket", sock, "--mac", MAC_A, "--socket", other, "--mac", MAC_B)
+    neighbour = connect(other)
+    neighbour.write32(R.TIPG, 0x77)
+    raw = Raw(sock)
+    base = _fd_count(proc.pid)  # the listeners, the neighbour's connection and memfd, raw's connection
+    raw.sock.sendall(p.HEADER.pack(7, command, 1 << 20, 0, 0))
+    r, w = os.pipe()
+    peak, pieces = 0, 0
+    try:
+        for pieces in range(1, 2501):  # 20,000 fds if nothing stops it
+            _send_fds_retrying(raw.sock, b"\0", [r, w] * 4)
+            if pieces % 25 == 0:
+                peak = max(peak, _fd_count(proc.pid))
+                assert neighbour.read32(R.TIPG) == 0x77
+        raise AssertionError("the emulator took 20,000 fds for one message")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # dropped: what must happen
+    finally:
+        os.close(r)
+        os.close(w)
+    assert peak <= base + p.MAX_MSG_FDS
+    # the Error reply (id 0, command 0) if it got out before the close, then EOF
+    try:
+        data = raw.sock.recv(64)
+        assert data in (b"", p.pack_error(0, 0, errno.EINVAL)), data
+    except ConnectionResetError:
+        pass
+    raw.close()
+    assert neighbour.read32(R.TIPG) == 0x77
+    for _ in range(100):  # the drop and our close race with the stats signal: ask until seen
+        stats = read_stats(proc)["devices"]["nic0"]
+        if not stats["client"]:
+            break
+        time.sleep(0.02)
+    assert stats["clients_dropped"] == 1 and stats["fds_refused"] == 2 * p.MAX_MSG_FDS, stats
+    assert _fd_count(proc.pid) == base - 1  # raw's connection and every fd it sent are gone
+    with connect(sock) as bus:  # and the device serves the next driver
+        assert bus.read32(R.STATUS) & R.Status.FD
+    neighbour.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    proc.errfile.seek(0)
+    assert "Traceback" not in proc.errfile.read()
+
+
+def test_accept_failing_with_emfile_backs_off_and_is_logged_once(procs, tmp_path):
+    """Out of descriptors, accept() fails and the listening socket stays readable: the
+    emulator must stop polling it for a while (not spin and log at full speed), keep serving
+    the other device, and accept again once descriptors are free."""
+    import resource
+
+    sock, other = str(tmp_path / "nic0.sock"), str(tmp_path / "nic1.sock")
+    proc = procs.serve("--socket", sock, "--mac", MAC_A, "--socket", other, "--mac", MAC_B)
+    neighbour = connect(other)
+    neighbour.write32(R.TIPG, 0x77)
+    soft, hard = resource.prlimit(proc.pid, resource.RLIMIT_NOFILE)
+    resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (_fd_count(proc.pid), hard))  # no fd is free
+    waiting = []
+    try:
+        for _ in range(3):  # queued by the kernel; the emulator cannot accept them
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(sock)
+            waiting.append(s)
+        for _ in range(40):  # meanwhile the other device answers
+            assert neighbour.read32(R.TIPG) == 0x77
+            time.sleep(0.01)
+        stats = read_stats(proc)["devices"]["nic0"]
+        # a few retries with a doubling backoff; a loop spinning on accept() makes thousands
+        assert 1 <= stats["accept_errors"] < 40, stats
+    finally:
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (soft, hard))
+    # descriptors are back: the first waiting client is accepted and served, the others EBUSY
+    first = waiting[0]
+    first.sendall(p.HEADER.pack(1, Command.VERSION, 16 + 4, 0, 0) + struct.pack("=HH", 0, 1))
+    hdr = p.HEADER.unpack(first.recv(16))
+    assert hdr[0] == 1 and hdr[3] == p.MsgType.REPLY
+    for s in waiting[1:]:
+        assert s.recv(16) == p.pack_error(0, 0, errno.EBUSY)
+    for s in waiting:
+        s.close()
+    neighbour.close()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(10) == 0
+    proc.errfile.seek(0)
+    log = proc.errfile.read()
+    assert log.count("nic0: accept failed") == 1, log
+    assert log.count("nic0: accepting connections again") == 1, log
+    assert "Traceback" not in log
+
+
+KILLED_DRIVER = textwrap.dedent("""
+    import sys, time
+    from driver.vfio_user_client import VfioUserBus
+    bus = VfioUserBus(sys.argv[1], 128 << 20)
+    bus.config_write(0x04, 0x6, 2)       # bus master on: the engine takes pointers into the memory
+    bus.write32(0x2818, 0)               # an RDT doorbell
+    assert bus.read32(0x0008) & 1        # STATUS: the writes are done
+    print("mapped", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_a_killed_clients_memory_is_unmapped_at_once(procs, tmp_path):
+    sock = str(tmp_path / "nic0.sock")
+    proc = procs.serve("--socket", sock, "--mac", MAC_A)
+    child = procs.start([sys.executable, "-c", KILLED_DRIVER, sock])
+    assert _read_line(child, 20).strip() == "mapped"
+    assert len(_memfd_mappings(proc.pid)) == 1  # the driver's 128 MiB
+    child.kill()
+    child.wait(10)
+    for _ in range(100):  # until the emulator has seen the hang-up: no doorbell, no new client
+        stats = read_stats(proc)["devices"]["nic0"]
+        if not stats["client"]:
+            break
+        time.sleep(0.02)
+    assert stats["dma_regions"] == 0
+    assert _memfd_mappings(proc.pid) == []  # unmapped (and its fd closed) at once
+    assert not any("memfd:" in os.readlink(f"/proc/{proc.pid}/fd/{fd}")
+                   for fd in os.listdir(f"/proc/{proc.pid}/fd"))

@@ -124,6 +124,48 @@ def test_bad_version_payloads_are_einval(bad):
     assert e.value.errno == errno.EINVAL
 
 
+V01 = struct.pack("=HH", 0, 1)
+
+
+@pytest.mark.parametrize("bad", [
+    V01 + b"[" * 100_000,                                   # the attack: RecursionError in json.loads
+    V01 + b"[" * 2000 + b"]" * 2000,                        # deep, though under the size limit
+    V01 + b'{"a":' * (p.MAX_JSON_DEPTH + 1) + b"1" + b"}" * (p.MAX_JSON_DEPTH + 1),
+    V01 + b'{"a": "' + b"x" * p.MAX_VERSION_JSON + b'"}',  # too long, however flat
+], ids=["100000-deep", "2000-deep", "one-too-deep", "too-long"])
+def test_version_json_is_bounded_before_it_is_parsed(bad):
+    with pytest.raises(ProtocolError) as e:
+        p.parse_version(bad)
+    assert e.value.errno == errno.EINVAL
+
+
+def test_version_json_at_the_limits_is_accepted():
+    deep = b'{"a":' * p.MAX_JSON_DEPTH + b"1" + b"}" * p.MAX_JSON_DEPTH
+    assert p.parse_version(V01 + deep + b"\0")[2]["a"]["a"]
+    brackets_in_strings = b'{"a": "[[[[[[[[[[[[{{{{{{{{{{\\"]]]]]]]]]"}'
+    assert p.parse_version(V01 + brackets_in_strings)[2]["a"].startswith("[[[")
+    assert p.json_depth('[{"a": [1, {"b": "]]]"}]}]') == 4
+
+
+def test_expect_argsz():
+    p.expect_argsz(Command.DMA_MAP, 32, 32)
+    p.expect_argsz(Command.DMA_MAP, 40, 32)
+    with pytest.raises(ProtocolError, match="DMA_MAP argsz 8 is smaller than 32"):
+        p.expect_argsz(Command.DMA_MAP, 8, 32)
+
+
+def test_decoder_names_the_message_it_skips():
+    dec = Decoder(max_msg_size=1024)
+    dec.feed(p.pack_message(1, Command.DEVICE_RESET))
+    assert dec.peek_header() == (1, Command.DEVICE_RESET, 16, 0, 0)
+    list(dec.messages())
+    assert dec.peek_header() is None and dec.consumed_pos == 16
+    dec.feed(p.pack_message(2, Command.REGION_WRITE, bytes(2000))[:100])
+    with pytest.raises(ProtocolError):
+        list(dec.messages())
+    assert dec.skipping and dec.skip_start == 16
+
+
 def test_expect_size():
     p.expect_size(Command.DEVICE_GET_INFO, bytes(16), 16)
     with pytest.raises(ProtocolError, match="DEVICE_GET_INFO payload is 15 bytes, expected 16"):

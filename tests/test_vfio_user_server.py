@@ -26,6 +26,7 @@ from nicemu.vfio_user.protocol import Command
 from nicemu.vfio_user.server import listen_unix
 
 MAC = "52:54:00:12:34:56"
+PEER = "52:54:00:65:43:21"
 MEM = 1 << 20
 
 
@@ -383,6 +384,25 @@ BAD_REQUESTS = [
     ("RESET with payload", errno.EINVAL, Command.DEVICE_RESET, bytes(4)),
     ("VERSION major 1", errno.ENOTSUP, Command.VERSION, p.pack_version(1, 0, {})),
     ("VERSION bad json", errno.EINVAL, Command.VERSION, struct.pack("=HH", 0, 1) + b"{"),
+    # json.loads recurses per level: deep nesting must be refused before it parses
+    ("VERSION nested json", errno.EINVAL, Command.VERSION, struct.pack("=HH", 0, 1) + b"[" * 2000 + b"]" * 2000),
+    ("VERSION nested object", errno.EINVAL, Command.VERSION,
+     struct.pack("=HH", 0, 1) + b'{"a":' * 9 + b"1" + b"}" * 9),
+    ("VERSION huge json", errno.EINVAL, Command.VERSION, struct.pack("=HH", 0, 1) + b"[" * 100_000),
+    ("VERSION not utf-8", errno.EINVAL, Command.VERSION, struct.pack("=HH", 0, 1) + b'{"\xff": 1}'),
+    # the 32-bit short paths check offset + count against the region as the general one does
+    ("READ 4 bytes at 0x1FFFD", errno.EINVAL, Command.REGION_READ, _access(0x1FFFD, 0, 4)),
+    ("READ 4 bytes at 0x1FFFE", errno.EINVAL, Command.REGION_READ, _access(0x1FFFE, 0, 4)),
+    ("WRITE 4 bytes at 0x1FFFD", errno.EINVAL, Command.REGION_WRITE, _access(0x1FFFD, 0, 4) + bytes(4)),
+    # argsz smaller than the fixed part, flags nicemu does not implement, data nobody takes
+    ("GET_INFO argsz 0", errno.EINVAL, Command.DEVICE_GET_INFO, p.DEVICE_INFO.pack(0, 0, 0, 0)),
+    ("REGION_INFO argsz 8", errno.EINVAL, Command.DEVICE_GET_REGION_INFO, p.REGION_INFO.pack(8, 0, 0, 0, 0, 0)),
+    ("IRQ_INFO argsz 4", errno.EINVAL, Command.DEVICE_GET_IRQ_INFO, p.IRQ_INFO.pack(4, 0, 0, 0)),
+    ("SET_IRQS argsz 0", errno.EINVAL, Command.DEVICE_SET_IRQS, p.IRQ_SET.pack(0, 0x21, 0, 0, 1)),
+    ("SET_IRQS trailing data", errno.EINVAL, Command.DEVICE_SET_IRQS, p.IRQ_SET.pack(21, 0x21, 0, 0, 1) + b"\1"),
+    ("DMA_MAP argsz 0", errno.EINVAL, Command.DMA_MAP, p.DMA_MAP.pack(0, 3, 0, 0x100000, 4096)),
+    ("DMA_UNMAP argsz 0", errno.EINVAL, Command.DMA_UNMAP, p.DMA_UNMAP.pack(0, 0, 0, 4096)),
+    ("DMA_UNMAP all flag", errno.EINVAL, Command.DMA_UNMAP, p.DMA_UNMAP.pack(24, 2, 0, 0)),
 ]
 
 
@@ -1119,3 +1139,214 @@ def test_only_a_pair_that_can_hold_frames_is_a_timer_source():
         assert emu._deadline_sources == (*nics, slow)
     for nic in nics:
         nic.mem.close()
+
+
+# --- hostile clients (issue 7): fd limits, fair turns, accept() backoff ---------------------------
+
+def test_fds_with_a_command_that_takes_none_are_closed_before_it_completes(raw, served):
+    before = open_fds()
+    r, w = os.pipe()
+    msg = p.HEADER.pack(50, Command.REGION_WRITE, 36, 0, 0) + _access(R.TIPG, 0, 4) + struct.pack("<I", 5)
+    socket.send_fds(raw.sock, [msg[:20]], [r, w])  # the header says: a command that takes no fds
+    os.close(r)
+    os.close(w)
+    wait_for(lambda: open_fds() == before)  # the server's copies are closed while it waits for the rest
+    raw.sock.sendall(msg[20:])
+    assert raw.recv()[0] == (50, Command.REGION_WRITE, 16, p.REPLY_ERROR, errno.EINVAL)
+    assert raw.read32(R.TIPG) == 0  # refused, not applied
+    assert served.server.fds_refused == 2 and served.server.connected
+
+
+def _expect_dropped(sock: socket.socket) -> None:
+    """An Error reply (id 0, command 0, EINVAL) if it got out, then EOF."""
+    data = b""
+    try:
+        while True:
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    assert data in (b"", p.pack_error(0, 0, errno.EINVAL)), data
+
+
+def test_more_than_max_msg_fds_with_one_message_drops_the_client(served):
+    r = Raw(served.path)
+    mem = DmaMemory(8192)
+    before = open_fds()
+    fds = [mem.fd] * (p.MAX_MSG_FDS + 1)  # the kernel passes 8 and closes the 9th (MSG_CTRUNC)
+    r.send(Command.DMA_MAP, p.DMA_MAP.pack(32, 3, 0, 0x40000, 8192), fds=fds)
+    _expect_dropped(r.sock)
+    r.close()
+    wait_for(lambda: not served.server.connected)
+    assert open_fds() <= before
+    mem.close()
+    assert served.server.clients_dropped == 1 and served.server.fds_refused == p.MAX_MSG_FDS
+    assert served.nic.mem.regions == []
+    with VfioUserBus(served.path, MEM) as b:
+        assert b.read32(R.STATUS) & R.Status.FD
+
+
+@pytest.mark.parametrize("command", [Command.REGION_WRITE, Command.DMA_MAP, 99])
+def test_fds_trickled_into_one_message_drop_the_client_at_max_msg_fds(served, command):
+    r = Raw(served.path)
+    before = open_fds()
+    a, b = os.pipe()
+    r.sock.sendall(p.HEADER.pack(7, command, 1 << 20, 0, 0))
+    dropped = False
+    for _ in range(100):  # 800 fds if nothing stops it
+        try:
+            socket.send_fds(r.sock, [b"\0"], [a, b] * 4)
+        except (BrokenPipeError, ConnectionResetError):
+            dropped = True
+            break
+        assert len(open_fds() - before) <= 2 + p.MAX_MSG_FDS  # ours, and what the server holds
+    os.close(a)
+    os.close(b)
+    assert dropped
+    _expect_dropped(r.sock)
+    r.close()
+    wait_for(lambda: not served.server.connected)
+    assert open_fds() <= before
+    assert served.server.clients_dropped == 1 and served.server.fds_refused == 2 * p.MAX_MSG_FDS
+
+
+def test_fds_on_bytes_skipped_unread_are_bounded_too(served):
+    r = Raw(served.path)
+    before = open_fds()
+    a, b = os.pipe()
+    r.send(Command.REGION_WRITE, size=p.MAX_MSG_SIZE + 1)  # oversized: skipped as it arrives
+    assert r.recv()[0][3:] == (p.REPLY_ERROR, errno.E2BIG)
+    dropped = False
+    for _ in range(100):
+        try:
+            socket.send_fds(r.sock, [b"\0"], [a, b] * 4)
+        except (BrokenPipeError, ConnectionResetError):
+            dropped = True
+            break
+    os.close(a)
+    os.close(b)
+    assert dropped
+    _expect_dropped(r.sock)
+    r.close()
+    wait_for(lambda: not served.server.connected)
+    assert open_fds() <= before and served.server.clients_dropped == 1
+
+
+def _turn_until(emu: Emulator, cond, turns: int = 200) -> int:
+    for n in range(1, turns + 1):
+        emu.run_once(0.01)
+        if cond():
+            return n
+    raise AssertionError("condition not met")
+
+
+def test_a_burst_from_one_client_is_handled_in_bounded_batches_per_turn(tmp_path):
+    """One device's client sends far more than a turn's work; the other device's request that
+    arrived at the same time is answered in the first turn, and the burst over several."""
+    from nicemu.vfio_user.server import WORK_PER_TURN
+
+    emu = Emulator()
+    nic_a, nic_b = Nic(DmaMemory(), mac=MAC, engine="python"), Nic(DmaMemory(), mac=PEER, engine="python")
+    sa = emu.add_device("a", nic_a, str(tmp_path / "a.sock"))
+    sb = emu.add_device("b", nic_b, str(tmp_path / "b.sock"))
+    a, b = socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    try:
+        for sock, path, server in ((a, sa.socket_path, sa), (b, sb.socket_path, sb)):
+            sock.connect(path)
+            sock.sendall(p.pack_message(1, Command.VERSION, p.pack_version(0, 1, {})))
+            _turn_until(emu, lambda server=server: server.messages == 1)
+            sock.recv(4096)
+        n = 2 * WORK_PER_TURN + 100
+        a.sendall(b"".join(p.pack_message(i, Command.REGION_WRITE, _access(R.TIPG, 0, 4) + struct.pack("<I", i),
+                                          flags=p.Flags.NO_REPLY) for i in range(n)))
+        b.sendall(p.pack_message(2, Command.REGION_READ, _access(R.STATUS, 0, 4)))
+        emu.run_once(0.01)
+        assert sa.messages - 1 == WORK_PER_TURN  # one batch, not the whole burst
+        b.settimeout(0)
+        assert p.HEADER.unpack(b.recv(36)[:16])[0] == 2  # answered in that same turn
+        assert _turn_until(emu, lambda: sa.messages - 1 == n) == 2  # one batch a turn
+        assert nic_a.read32(R.TIPG) == n - 1
+    finally:
+        a.close()
+        b.close()
+        emu.close()
+
+
+def test_a_run_of_doorbells_is_bounded_by_the_turn_too(tmp_path, monkeypatch):
+    from nicemu.vfio_user.server import WORK_PER_TURN
+
+    emu = Emulator()
+    nic = Nic(DmaMemory(), mac=MAC, engine="python")
+    server = emu.add_device("a", nic, str(tmp_path / "a.sock"))
+    runs = _spy_write_tail(monkeypatch, nic)
+    a = socket.socket(socket.AF_UNIX)
+    try:
+        a.connect(server.socket_path)
+        a.sendall(p.pack_message(1, Command.VERSION, p.pack_version(0, 1, {})))
+        _turn_until(emu, lambda: server.messages == 1)
+        a.sendall(b"".join(_posted(R.TDT, 0, i) for i in range(WORK_PER_TURN + 10)))
+        emu.run_once(0.01)
+        assert [len(v) for _, v in runs] == [WORK_PER_TURN]
+        _turn_until(emu, lambda: server.messages == WORK_PER_TURN + 11)
+        assert [len(v) for _, v in runs] == [WORK_PER_TURN, 10]
+    finally:
+        a.close()
+        emu.close()
+
+
+class _FailingListener:
+    """Stands in for the listening socket: accept() fails with `err` while `failing`."""
+
+    def __init__(self, sock: socket.socket, err: int) -> None:
+        self.sock, self.err, self.failing, self.calls = sock, err, True, 0
+
+    def accept(self):
+        self.calls += 1
+        if self.failing:
+            raise OSError(self.err, os.strerror(self.err))
+        return self.sock.accept()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("err", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS])
+def test_a_failing_accept_backs_off_and_is_logged_once(tmp_path, caplog, err):
+    from conftest import FakeClock
+    from nicemu.vfio_user.server import ACCEPT_BACKOFF_MAX_NS, ACCEPT_BACKOFF_MIN_NS
+
+    clock = FakeClock()
+    emu = Emulator(clock=clock)
+    server = emu.add_device("a", Nic(DmaMemory(), mac=MAC, engine="python"), str(tmp_path / "a.sock"))
+    server.listener = listener = _FailingListener(server.listener, err)
+    client = socket.socket(socket.AF_UNIX)
+    try:
+        client.connect(server.socket_path)  # queued: the listening socket stays readable
+        for _ in range(50):
+            emu.run_once(0)
+        assert listener.calls == 1 and server.accept_errors == 1  # not polled again, not spinning
+        assert emu._timeout() == ACCEPT_BACKOFF_MIN_NS / 1e9  # the loop sleeps until the retry
+        waited = 0
+        for k in range(12):  # the backoff doubles up to its maximum
+            step = min(ACCEPT_BACKOFF_MAX_NS, ACCEPT_BACKOFF_MIN_NS << k)
+            clock.advance(step)
+            waited += step
+            emu.run_once(0)
+            emu.run_once(0)
+            assert listener.calls == k + 2
+        assert step == ACCEPT_BACKOFF_MAX_NS
+        listener.failing = False
+        clock.advance(ACCEPT_BACKOFF_MAX_NS)
+        emu.run_once(0)
+        emu.run_once(0)
+        assert server.connected and server.accept_errors == 13
+        text = caplog.text
+        assert text.count("a: accept failed") == 1 and text.count("accepting connections again") == 1
+    finally:
+        client.close()
+        emu.close()

@@ -20,8 +20,8 @@ from typing import Iterator, NamedTuple
 __all__ = [
     "Command", "MsgType", "Flags", "ProtocolError", "FramingError", "Message", "Decoder",
     "HEADER", "HEADER_SIZE", "MAX_DATA_XFER_SIZE", "MAX_MSG_SIZE", "MAX_MSG_FDS",
-    "VERSION_MAJOR", "VERSION_MINOR", "pack_message", "pack_error", "parse_version",
-    "pack_version",
+    "MAX_VERSION_JSON", "MAX_JSON_DEPTH", "VERSION_MAJOR", "VERSION_MINOR", "pack_message",
+    "pack_error", "parse_version", "pack_version", "json_depth",
 ]
 
 # --- header -------------------------------------------------------------------------------
@@ -36,6 +36,10 @@ VERSION_MINOR = 1
 MAX_DATA_XFER_SIZE = 1 << 20
 MAX_MSG_SIZE = MAX_DATA_XFER_SIZE + 64
 MAX_MSG_FDS = 8  # announced as max_msg_fds; the server's ancillary buffer holds this many
+# VERSION capabilities: at most this many bytes of JSON, nested at most this deep (a real
+# client sends a few hundred bytes, three levels); checked before parsing (parse_version)
+MAX_VERSION_JSON = 4096
+MAX_JSON_DEPTH = 8
 
 
 class Command(enum.IntEnum):
@@ -174,6 +178,7 @@ class Decoder:
         self.base = 0  # stream offset of buf[0]
         self._skip = 0  # bytes of an oversized message still to drop
         self.last_oversized = (0, 0, 0)  # (msg id, command, flags) of the last one refused
+        self.skip_start = -1  # stream offset of the last oversized message (being) skipped
 
     # --- input ------------------------------------------------------------------------
 
@@ -182,9 +187,26 @@ class Decoder:
         """Stream offset one past the last byte received."""
         return self.base + self.end
 
+    @property
+    def consumed_pos(self) -> int:
+        """Stream offset of the first byte not yet handed out (or skipped)."""
+        return self.base + self.start
+
+    @property
+    def skipping(self) -> bool:
+        """An oversized message is being dropped as its bytes arrive (it began at skip_start)."""
+        return self._skip > 0
+
     def pending(self) -> int:
         """Bytes of an incomplete message held (non-zero at EOF = the peer left mid-message)."""
         return self.end - self.start + self._skip
+
+    def peek_header(self) -> tuple[int, int, int, int, int] | None:
+        """The header of the next message (msg id, command, size, flags, error) once its 16
+        bytes are in, complete or not; None before."""
+        if self.end - self.start < HEADER_SIZE:
+            return None
+        return HEADER.unpack_from(self.buf, self.start)
 
     def writable(self) -> memoryview:
         """Free space at the end of the buffer to receive into (compacts first if needed)."""
@@ -238,6 +260,7 @@ class Decoder:
             raise FramingError(errno.EINVAL, f"message size {size} is smaller than the header")
         if size > self.max_msg_size:
             self.last_oversized = (msg_id, command, flags)
+            self.skip_start = self.base + start
             self._skip = size
             self._drop_skipped()
             raise ProtocolError(
@@ -273,20 +296,59 @@ def pack_version(major: int, minor: int, capabilities: dict) -> bytes:
 
 
 def parse_version(payload: bytes | memoryview) -> tuple[int, int, dict]:
-    """(major, minor, capabilities) from a VERSION payload; ProtocolError when malformed."""
+    """(major, minor, capabilities) from a VERSION payload; ProtocolError when malformed.
+
+    The capabilities are checked for size (MAX_VERSION_JSON), encoding (UTF-8) and nesting
+    (MAX_JSON_DEPTH) before the JSON parser sees them: json.loads recurses once per level, and
+    a peer must not be able to make it raise RecursionError or work on megabytes."""
     if len(payload) < VERSION.size:
         raise ProtocolError(errno.EINVAL, f"VERSION payload of {len(payload)} bytes, need {VERSION.size}")
     major, minor = VERSION.unpack_from(payload)
-    text = bytes(payload[VERSION.size :]).rstrip(b"\0")
+    raw = payload[VERSION.size :]
+    if len(raw) > MAX_VERSION_JSON + 1:  # + its NUL
+        raise ProtocolError(errno.EINVAL, f"VERSION capabilities of {len(raw)} bytes exceed "
+                                          f"the {MAX_VERSION_JSON}-byte limit")
     caps: dict = {}
+    try:
+        text = bytes(raw).rstrip(b"\0").decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(errno.EINVAL, "VERSION capabilities are not UTF-8") from None
     if text:
+        depth = json_depth(text)
+        if depth > MAX_JSON_DEPTH:
+            raise ProtocolError(errno.EINVAL, f"VERSION capabilities nest {depth} levels deep, "
+                                              f"more than {MAX_JSON_DEPTH}")
         try:
             caps = json.loads(text)
-        except (UnicodeDecodeError, ValueError) as e:
+        except (ValueError, RecursionError) as e:
             raise ProtocolError(errno.EINVAL, f"VERSION capabilities are not JSON: {e}") from None
         if not isinstance(caps, dict):
             raise ProtocolError(errno.EINVAL, "VERSION capabilities must be a JSON object")
     return major, minor, caps
+
+
+def json_depth(text: str) -> int:
+    """How deep the arrays and objects of JSON `text` nest, counted without parsing (brackets
+    inside strings do not count). Malformed text gets some number; json.loads refuses it."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch == "[" or ch == "{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+        elif ch == "]" or ch == "}":
+            depth -= 1
+    return deepest
 
 
 def server_capabilities() -> dict:
@@ -298,6 +360,13 @@ def expect_size(command: int, payload: memoryview | bytes, size: int) -> None:
     if len(payload) != size:
         raise ProtocolError(
             errno.EINVAL, f"{Command(command).name} payload is {len(payload)} bytes, expected {size}")
+
+
+def expect_argsz(command: int, argsz: int, size: int) -> None:
+    """Raise EINVAL when a request's argsz is smaller than its fixed part (as VFIO and
+    libvfio-user refuse it): argsz says how much the client provides."""
+    if argsz < size:
+        raise ProtocolError(errno.EINVAL, f"{command_name(command)} argsz {argsz} is smaller than {size}")
 
 
 def command_name(command: int) -> str:

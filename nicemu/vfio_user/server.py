@@ -3,8 +3,10 @@
 The server is driven by a `selectors` loop (nicemu.emulator.Emulator): `register(selector)`
 puts the listening socket in it, and every key's `data` is the callback to run when it is
 ready. Per readable event the server does one `recvmsg_into` straight into its decoder's
-buffer (SCM_RIGHTS fds come with it), then handles every complete message in order: a burst
-of posted MMIO writes costs one syscall, and 32-bit BAR0 reads and writes have a short path.
+buffer (SCM_RIGHTS fds come with it), then handles the complete messages in order, at most a
+turn's work of them (the rest in the next turns, through `next_deadline`/`run_timers`, the
+emulator's timer interface; nothing more is read until they are done): a burst of posted MMIO
+writes costs one syscall, and 32-bit BAR0 reads and writes have a short path.
 
 Lifecycle of a client (also after kill -9 of the driver): on disconnect the device is reset,
 every DMA region is unmapped, the INTx eventfd is closed and the next client is accepted.
@@ -15,16 +17,26 @@ Errors: a message the server refuses gets an Error reply with an errno and the s
 (posted No_reply commands get no reply: the failure is logged and counted in
 `posted_errors`). A broken stream (size field below 16), EOF mid-message or a socket error
 ends the connection, as above. Nothing a client sends can stop the emulator.
+
+Limits (a client is not trusted; docs/transport.md, "Limits"): fds per message
+(`max_msg_fds`; more drops the client), fds held for a message not yet complete (the same),
+fds with a message that takes none (closed as soon as its header shows it), messages handled
+per loop turn (`WORK_PER_TURN`: one device's client cannot starve another device), replies
+waiting (`OUTPUT_HIGH_WATER`), DMA regions (`MAX_DMA_REGIONS`), warnings a client can cause
+(`WARNINGS_PER_SECOND`). A failing accept() (EMFILE...) stops the listening socket from being
+polled for a while (`ACCEPT_BACKOFF_*`), logged once per episode.
 """
 from __future__ import annotations
 
 import errno
 import logging
 import os
+import select
 import selectors
 import socket
 import stat
 import struct
+import time
 from typing import Any, Callable
 
 from nicemu.dma import DmaError
@@ -39,6 +51,21 @@ log = logging.getLogger("nicemu.vfio_user")
 
 MAX_DMA_REGIONS = 64
 OUTPUT_HIGH_WATER = 4 << 20  # stop reading requests while this much reply data waits to be sent
+# Work done for one client per loop turn, in messages plus the dwords of multi-dword region
+# accesses: then the other devices and cables of the process get their turn, and the rest of
+# the buffer is handled in the next one (run_timers). 1024 posted writes are ~0.7 ms.
+WORK_PER_TURN = 1024
+# Commands that take fds; fds with any other are closed as soon as the header is seen
+FD_COMMANDS = frozenset({int(Command.DMA_MAP), int(Command.DEVICE_SET_IRQS)})
+# fds held at once for messages not yet handled: the incomplete message's (<= max_msg_fds, or
+# the client is dropped) plus one read's worth (the ancillary buffer holds max_msg_fds)
+MAX_HELD_FDS = 2 * p.MAX_MSG_FDS
+# A failed accept() (EMFILE, ENFILE, ENOBUFS, ENOMEM): stop polling the listening socket for
+# this long, doubling per failure in a row up to the maximum, instead of spinning on it
+ACCEPT_BACKOFF_MIN_NS = 10_000_000
+ACCEPT_BACKOFF_MAX_NS = 1_000_000_000
+# Warnings a client's messages can cause, per second (then counted and summarised)
+WARNINGS_PER_SECOND = 10
 _ANC_SIZE = socket.CMSG_SPACE(p.MAX_MSG_FDS * 4)
 _REPLY = int(p.MsgType.REPLY)
 _NO_REPLY = int(Flags.NO_REPLY)
@@ -54,6 +81,9 @@ _TAILS = (TDT, RDT)  # doorbells: a run of posted writes to one of them goes to 
 _HDR_ACCESS = struct.Struct("=HHIIIQII")  # a reply header + REGION_ACCESS in one pack
 _ACCESS_FIXED = p.HEADER_SIZE + p.REGION_ACCESS.size
 _READ32_REPLY = struct.Struct("=HHIIIQIII")  # the whole reply to a 32-bit read
+_BAR0_LAST32 = BAR0_SIZE - 4  # the last offset a 4-byte BAR0 access may start at
+_ACCEPT_TRANSIENT = (BlockingIOError, InterruptedError, ConnectionAbortedError)
+_HUNG_UP = select.POLLRDHUP | select.POLLHUP | select.POLLERR
 
 
 _SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
@@ -125,9 +155,11 @@ def _close_fds(fds: list[int]) -> None:
 class VfioUserServer:
     """One device (`nic`) on one socket (`socket_path`)."""
 
-    def __init__(self, nic: Any, socket_path: str, *, name: str = "nic") -> None:
+    def __init__(self, nic: Any, socket_path: str, *, name: str = "nic",
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.nic = nic
         self.name = name
+        self.clock = clock  # ns; the emulator's clock (deadlines go into its loop)
         self.socket_path = os.path.abspath(socket_path)
         self.listener, self._created_dir = listen_unix(self.socket_path)
         self._inode = os.stat(self.socket_path).st_ino
@@ -135,10 +167,21 @@ class VfioUserServer:
         self.conn: socket.socket | None = None
         self.decoder = p.Decoder()
         self.irq_fd: int | None = None
-        self._fds: list[tuple[int, list[int]]] = []  # (stream offset they came with, fds)
+        # fds received with messages not handled yet: (stream offset of the last byte that came
+        # with them, the fds, how many more came and were closed already: refused on arrival)
+        self._fds: list[tuple[int, list[int], int]] = []
+        self._skipped_fds = (-1, 0)  # (skip_start, fds) closed with an oversized message
         self._out = bytearray()
         self._negotiated = False
         self._signalled = False
+        self._more = False  # the work budget ran out with messages left: run_timers goes on
+        self._batch_done = False  # this turn's batch came from an event: run_timers waits a turn
+        self._work = 0  # dwords of multi-dword region accesses (they count against the budget)
+        self._accept_failures = 0  # failed accept() calls in a row (an episode)
+        self._accept_retry_at: int | None = None  # clock ns: poll the listening socket again
+        self._warn_window = -(1 << 62)  # clock ns the current second of warnings began
+        self._warn_count = 0
+        self._warn_suppressed = 0
         # counters (for tests, `show` and logs)
         self.clients_served = 0
         self.clients_refused = 0
@@ -146,6 +189,9 @@ class VfioUserServer:
         self.error_replies = 0
         self.posted_errors = 0
         self.irqs_signalled = 0
+        self.fds_refused = 0  # fds closed unused: with a message that takes none, too many, skipped
+        self.clients_dropped = 0  # connections closed for a protocol violation
+        self.accept_errors = 0  # failed accept() calls (each episode is logged once)
         nic.on_irq = self._on_irq
         self._handlers: dict[int, Callable[[Message, list[int]], bytes | None]] = {
             Command.VERSION: self._version,
@@ -170,18 +216,46 @@ class VfioUserServer:
     def connected(self) -> bool:
         return self.conn is not None
 
+    def next_deadline(self) -> int | None:
+        """When run_timers() has work: now, if a batch of messages is left over from the last
+        turn (and no replies are backed up: then the socket's writability resumes it); else
+        when the listening socket is to be polled again after a failed accept()."""
+        if self._more and not self._out:
+            return 0
+        return self._accept_retry_at
+
+    def run_timers(self) -> None:
+        """The emulator loop's timer: poll the listening socket again after a backoff, and
+        handle the next batch of buffered messages."""
+        if self._accept_retry_at is not None and self.clock() >= self._accept_retry_at:
+            self._accept_retry_at = None
+            if self.selector is not None:
+                try:
+                    self.selector.register(self.listener, selectors.EVENT_READ, self._on_accept)
+                except (KeyError, ValueError):
+                    pass  # registered already, or the listener is closed
+        if self._more and self.conn is not None and not self._out:
+            if self._batch_done:  # an event handler did this turn's batch already
+                self._batch_done = False
+            else:
+                self._serve()
+
     def _on_accept(self, _mask: int) -> None:
         try:
             conn, _ = self.listener.accept()
-        except (BlockingIOError, InterruptedError):
+        except _ACCEPT_TRANSIENT:
             return
-        except OSError as e:  # e.g. EMFILE: keep serving the current client
-            log.error("%s: accept failed: %s", self.name, e)
+        except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ENOMEM: keep serving the current client
+            self._accept_failed(e)
             return
+        if self._accept_failures:
+            log.warning("%s: accepting connections again (after %d failed accept() calls)",
+                        self.name, self._accept_failures)
+            self._accept_failures = 0
         # _client_gone(): the old client may have hung up (e.g. been killed) unnoticed so far
         if self.conn is not None and not self._client_gone():
             self.clients_refused += 1
-            log.warning("%s: refused a second client (device busy)", self.name)
+            self._warn("%s: refused a second client (device busy)", self.name)
             try:
                 conn.setblocking(False)
                 conn.send(p.pack_error(0, 0, errno.EBUSY))
@@ -198,34 +272,67 @@ class VfioUserServer:
             self.selector.register(conn, selectors.EVENT_READ, self._on_conn_event)
         log.info("%s: client connected", self.name)
 
-    def _client_gone(self) -> bool:
-        """Finish with the current client if it has hung up: handle what it sent before, then
-        the EOF (so a driver restarted right after kill -9 is not refused because the loop
-        happened to see its connect before the old connection's hang-up)."""
-        for _ in range(64):  # what a dead client left is bounded by its socket buffer
-            conn = self.conn
-            if conn is None:
-                return True
-            if self._out:
-                return False  # still owed replies: it is being served
+    def _accept_failed(self, e: OSError) -> None:
+        """accept() failed: the pending connection stays queued and the listening socket stays
+        readable, so polling it again at once would spin. Stop polling it for a backoff that
+        doubles while the failures go on; one log line per episode."""
+        self.accept_errors += 1
+        self._accept_failures += 1
+        backoff = min(ACCEPT_BACKOFF_MAX_NS, ACCEPT_BACKOFF_MIN_NS << min(self._accept_failures - 1, 20))
+        if self._accept_failures == 1:
+            log.error("%s: accept failed: %s; not accepting connections for a while (retrying "
+                      "every %d ms at most; logged once until it works again)", self.name,
+                      e.strerror or e, ACCEPT_BACKOFF_MAX_NS // 1_000_000)
+        if self.selector is not None:
             try:
-                data = conn.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return False  # nothing pending: alive as far as anyone can tell
-            except OSError:
-                data = b""
-            if not data:
-                self.disconnect("client hung up")
-                return True
-            self._receive()
-        return self.conn is None
+                self.selector.unregister(self.listener)
+            except (KeyError, ValueError):
+                pass
+        self._accept_retry_at = self.clock() + backoff
+
+    def _warn(self, fmt: str, *args: Any) -> None:
+        """A warning caused by what a client sent: at most WARNINGS_PER_SECOND a second, so a
+        client cannot fill the log; the rest are counted and the count logged later."""
+        now = self.clock()
+        if now - self._warn_window >= 1_000_000_000:
+            if self._warn_suppressed:
+                log.warning("%s: %d more warning(s) like the above were suppressed", self.name,
+                            self._warn_suppressed)
+            self._warn_window, self._warn_count, self._warn_suppressed = now, 0, 0
+        if self._warn_count < WARNINGS_PER_SECOND:
+            self._warn_count += 1
+            log.warning(fmt, *args)
+        else:
+            self._warn_suppressed += 1
+
+    def _client_gone(self) -> bool:
+        """Whether the current client has hung up (been killed, say) without the loop having
+        handled that yet; if so it is disconnected now, so that a driver restarted right after
+        kill -9 of its predecessor is not refused because the loop saw its connect first.
+
+        The socket says so (POLLRDHUP: the peer closed, even while data it sent is still
+        queued), so nothing a dead client left - unread requests, unsent replies, a batch in
+        progress - makes it look alive. What it left is not handled: the device is reset for
+        the next client anyway."""
+        conn = self.conn
+        if conn is None:
+            return True
+        poller = select.poll()
+        poller.register(conn, _HUNG_UP)
+        if not poller.poll(0):
+            return False
+        self.disconnect("client hung up")
+        return True
 
     def _on_conn_event(self, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self._flush()
             if self.conn is None or self._out:
                 return
-            self._process()  # requests held back while replies were pending
+            self._serve()  # requests held back while replies were pending
+            self._batch_done = self._more
+        if self._more:
+            return  # the rest of the buffer first (run_timers, next turn); then read more
         if mask & selectors.EVENT_READ and self.conn is not None and not self._out:
             self._receive()
 
@@ -242,9 +349,15 @@ class VfioUserServer:
             return
         if anc:
             self._take_ancillary(anc, dec.stream_pos + n - 1)
-        if msg_flags & _MSG_CTRUNC:
-            log.warning("%s: client sent more than %d fds in one message; the kernel dropped the rest",
-                        self.name, p.MAX_MSG_FDS)
+            if msg_flags & _MSG_CTRUNC:
+                # More than max_msg_fds with one sendmsg() (the kernel closed the rest), or no
+                # free descriptor here: either way a message lost fds it came with.
+                self._drop_for_fds(f"fds lost in transit (MSG_CTRUNC): more than max_msg_fds "
+                                   f"({p.MAX_MSG_FDS}) with one message, or no free descriptor")
+                return
+            if sum(len(b[1]) for b in self._fds) > MAX_HELD_FDS:  # not reachable: see _check_tail_fds
+                self._drop_for_fds(f"more than {MAX_HELD_FDS} fds held for unfinished messages")
+                return
         if n == 0:
             if dec.pending():
                 self.disconnect(f"client closed the connection mid-message ({dec.pending()} bytes pending)")
@@ -252,7 +365,8 @@ class VfioUserServer:
                 self.disconnect("client closed the connection")
             return
         dec.commit(n)
-        self._process()
+        self._serve()
+        self._batch_done = self._more
 
     def _take_ancillary(self, anc: list, tag: int) -> None:
         fds: list[int] = []
@@ -261,42 +375,96 @@ class VfioUserServer:
                 usable = len(data) - len(data) % 4
                 fds.extend(struct.unpack(f"{usable // 4}i", data[:usable]))
         if fds:
-            self._fds.append((tag, fds))
+            self._fds.append((tag, fds, 0))
 
-    def _fds_for(self, msg: Message) -> list[int]:
-        """The fds that arrived with `msg`.
+    def _serve(self) -> None:
+        """Handle the buffered messages (one turn's budget of them); once every complete one
+        is handled, hold the fds of the one still arriving to the limits."""
+        self._more = False
+        if self._process() and self._fds and self.conn is not None:
+            self._check_tail_fds()
+
+    def _check_tail_fds(self) -> None:
+        """Every complete message has been handled, and a read happens only then (see
+        _on_conn_event), so the fds still held all came with the message being received.
+        More than max_msg_fds for it (counting those closed already) drops the client. If its
+        header shows a command that takes no fds, they are closed now rather than held until
+        its last byte comes (which a client may never send); the message will be refused."""
+        total = 0
+        for _, fds, refused in self._fds:
+            total += len(fds) + refused
+        if total > p.MAX_MSG_FDS:
+            self._drop_for_fds(f"{total} fds sent with one message (max_msg_fds is {p.MAX_MSG_FDS})")
+            return
+        hdr = self.decoder.peek_header()
+        if hdr is None or hdr[1] in FD_COMMANDS:
+            return  # the message may take them: held, at most max_msg_fds
+        held = [fd for _, fds, _ in self._fds for fd in fds]
+        if held:
+            _close_fds(held)
+            self.fds_refused += len(held)
+            self._fds = [(self._fds[-1][0], [], total)]
+
+    def _drop_for_fds(self, why: str) -> None:
+        """The client broke the fd limits: its fds are closed (counted) and it is dropped."""
+        self.fds_refused += sum(len(b[1]) for b in self._fds)
+        self._drop_client(why)
+
+    def _drop_client(self, why: str) -> None:
+        """A protocol violation the stream cannot go on after: an Error reply with id 0 and
+        command 0 (it answers the connection, not a request), then the disconnect."""
+        self.clients_dropped += 1
+        self._warn("%s: %s; closing the connection", self.name, why)
+        self._send(p.pack_error(0, 0, errno.EINVAL))
+        self.disconnect(why)
+
+    def _fds_for(self, msg: Message) -> tuple[list[int], int]:
+        """The fds that arrived with `msg`, and how many more did and were closed on arrival.
 
         A chunk that carries fds ends with the sendmsg() they came with (the kernel stops a
         stream read right after such data), so its tag - its last byte - lies inside the
         message the fds belong to. Fds tagged before `msg` came with an earlier message that
         never reached a handler (refused unread as oversized): they are closed here, not handed
         to this one, which would then see too many."""
-        if not self._fds or self._fds[0][0] >= msg.end:
-            return []
         out: list[int] = []
+        refused = 0
         while self._fds and self._fds[0][0] < msg.end:
-            tag, fds = self._fds.pop(0)
+            tag, fds, closed = self._fds.pop(0)
             if tag < msg.start:
-                log.warning("%s: closing %d fd(s) sent with a message that was refused unread",
-                            self.name, len(fds))
-                _close_fds(fds)
+                self._close_skipped(fds, closed)
             else:
                 out.extend(fds)
-        return out
+                refused += closed
+        return out, refused
 
     def _drop_stale_fds(self) -> None:
         """Close fds whose bytes are consumed without a handler having claimed them (they came
-        with a message skipped as oversized), so they neither leak nor keep the short path off."""
-        consumed = self.decoder.base + self.decoder.start
+        with a message skipped as oversized), so they neither leak nor keep the short path off.
+        More than max_msg_fds with one skipped message drops the client."""
+        consumed = self.decoder.consumed_pos
         while self._fds and self._fds[0][0] < consumed:
-            log.warning("%s: closing %d fd(s) sent with a message that was refused unread",
-                        self.name, len(self._fds[0][1]))
-            _close_fds(self._fds.pop(0)[1])
+            _, fds, closed = self._fds.pop(0)
+            if self._close_skipped(fds, closed) > p.MAX_MSG_FDS:
+                self._drop_for_fds(f"more than max_msg_fds ({p.MAX_MSG_FDS}) fds sent with one message")
+                return
+
+    def _close_skipped(self, fds: list[int], closed: int) -> int:
+        """Close fds that came with a message refused unread; returns how many that message
+        has brought so far."""
+        _close_fds(fds)
+        self.fds_refused += len(fds)
+        self._warn("%s: closing %d fd(s) sent with a message that was refused unread", self.name, len(fds))
+        key = self.decoder.skip_start
+        count = (self._skipped_fds[1] if self._skipped_fds[0] == key else 0) + len(fds) + closed
+        self._skipped_fds = (key, count)
+        return count
 
     # --- message processing --------------------------------------------------------------
 
-    def _process(self) -> None:
-        """Handle every complete message, in order; stop early while replies are backed up.
+    def _process(self) -> bool:
+        """Handle the complete messages, in order; True when none is left. Stops early (False)
+        while replies are backed up, and once this turn's WORK_PER_TURN is done (`_more`: the
+        loop's next turn goes on, after the other devices had theirs).
 
         32-bit BAR0 accesses (posted writes and reads: what a driver does all the time) are
         decoded straight from the buffer without building a Message; everything else goes
@@ -314,12 +482,16 @@ class VfioUserServer:
         unpack_hdr = p.HEADER.unpack_from
         unpack_w = _POSTED32.unpack_from
         unpack_r = p.REGION_ACCESS.unpack_from
+        budget = self.messages + self._work + WORK_PER_TURN
         while self.conn is not None and len(self._out) <= OUTPUT_HIGH_WATER:
             start = dec.start
             end = dec.end
             avail = end - start
             if avail < p.HEADER_SIZE:
-                return
+                return True
+            if self.messages + self._work >= budget:
+                self._more = True
+                return False
             if self._negotiated and not self._fds:
                 if avail >= 36:  # header and access in one unpack
                     msg_id, cmd, size, flags, _, offset, region, count, value = unpack_w(buf, start)
@@ -329,11 +501,12 @@ class VfioUserServer:
                     region = count = -1  # not decoded yet
                 if size == 36 and cmd == _REGION_WRITE and flags == _NO_REPLY:
                     if avail < 36:
-                        return
-                    if region == 0 and count == 4 and offset < BAR0_SIZE:
+                        return True
+                    if region == 0 and count == 4 and offset <= _BAR0_LAST32:
                         nxt = start + 36
                         if offset in _TAILS and end - nxt >= 36:
-                            self._tail_run(start, end, offset, value)
+                            left = budget - self.messages - self._work
+                            self._tail_run(start, min(end, start + 36 * left), offset, value)
                             continue
                         dec.start = nxt
                         self.messages += 1
@@ -348,10 +521,10 @@ class VfioUserServer:
                         continue
                 elif size == 32 and cmd == _REGION_READ and flags == 0:
                     if avail < 32:
-                        return
+                        return True
                     if count < 0:
                         offset, region, count = unpack_r(buf, start + 16)
-                    if region == 0 and count == 4 and offset < BAR0_SIZE:
+                    if region == 0 and count == 4 and offset <= _BAR0_LAST32:
                         dec.start = start + 32
                         self.messages += 1
                         try:
@@ -366,30 +539,31 @@ class VfioUserServer:
             try:
                 msg = dec.next_message()
             except FramingError as e:
-                log.warning("%s: %s; closing the connection", self.name, e)
-                self._send(p.pack_error(0, 0, e.errno))
-                self.disconnect("broken message stream")
-                return
+                self._drop_client(f"broken message stream: {e}")
+                return False
             except ProtocolError as e:  # oversized: refused unread, the stream goes on
-                if self._fds:
-                    self._drop_stale_fds()
                 msg_id, cmd, flags = dec.last_oversized
                 if flags & _NO_REPLY:
                     self.posted_errors += 1
-                    log.warning("%s: posted %s", self.name, e)
+                    self._warn("%s: posted %s", self.name, e)
                 else:
                     self.error_replies += 1
-                    log.warning("%s: %s", self.name, e)
+                    self._warn("%s: %s", self.name, e)
                     self._send(p.pack_error(msg_id, cmd, e.errno))
+                self._work += 1  # refused unread, but it is work all the same
+                if self._fds:
+                    self._drop_stale_fds()
                 continue
             if msg is None:
-                return
+                return True
             self._handle(msg)
+        return False
 
     def _tail_run(self, start: int, end: int, offset: int, value: int) -> None:
         """The posted write to tail register `offset` at `start` and every identical posted
-        write (same command, flags, register; any data) right after it, up to `end`: consumed
-        from the decoder and given to the device together."""
+        write (same command, flags, register; any data) right after it, up to `end` (the end
+        of the buffer, or of this turn's budget): consumed from the decoder and given to the
+        device together."""
         dec = self.decoder
         buf = dec.buf
         unpack = _POSTED32_KEY.unpack_from
@@ -414,7 +588,12 @@ class VfioUserServer:
         """One message through its command handler; every failure becomes an Error reply."""
         self.messages += 1
         cmd = msg.command
-        fds = self._fds_for(msg) if self._fds else []
+        fds, refused = self._fds_for(msg) if self._fds else ([], 0)
+        if len(fds) + refused > p.MAX_MSG_FDS:
+            self._close_unused(fds)
+            self._drop_for_fds(f"{len(fds) + refused} fds sent with one message "
+                               f"(max_msg_fds is {p.MAX_MSG_FDS})")
+            return
         try:
             if msg.flags & p.TYPE_MASK:  # not a command (a reply, or a bad type)
                 raise ProtocolError(errno.EINVAL, f"message {msg.msg_id} is not a command "
@@ -424,23 +603,33 @@ class VfioUserServer:
                 raise ProtocolError(errno.ENOSYS, f"unknown command {cmd}")
             if not self._negotiated and cmd != _VERSION:
                 raise ProtocolError(errno.EINVAL, f"{p.command_name(cmd)} before VERSION")
+            if refused:
+                raise ProtocolError(errno.EINVAL, f"{p.command_name(cmd)} takes no fds; the "
+                                                  f"{refused} sent with it were closed")
             reply = handler(msg, fds)
         except ProtocolError as e:
-            _close_fds(fds)
+            self._close_unused(fds)
             self._refuse(msg, e.errno, str(e))
         except Exception as e:  # a device bug must not take the emulator down
-            _close_fds(fds)
+            self._close_unused(fds)
             log.exception("%s: %s failed", self.name, p.command_name(cmd))
             self._refuse(msg, errno.EIO, f"internal error: {e}")
         else:
+            if fds:  # a handler takes the fds it uses out of the list; none is left behind
+                self._close_unused(fds)
             if reply is not None and not msg.flags & _NO_REPLY:
                 self._send(reply)
+
+    def _close_unused(self, fds: list[int]) -> None:
+        if fds:
+            _close_fds(fds)
+            self.fds_refused += len(fds)
 
     def _refuse(self, msg: Message, err: int, why: str) -> None:
         if msg.flags & _NO_REPLY:
             self.posted_errors += 1
-            log.warning("%s: posted %s (msg id %d) failed: %s", self.name, p.command_name(msg.command),
-                        msg.msg_id, why)
+            self._warn("%s: posted %s (msg id %d) failed: %s", self.name, p.command_name(msg.command),
+                       msg.msg_id, why)
             return
         self.error_replies += 1
         log.info("%s: %s (msg id %d) refused: %s", self.name, p.command_name(msg.command), msg.msg_id, why)
@@ -534,6 +723,7 @@ class VfioUserServer:
     def _dma_map(self, msg: Message, fds: list[int]) -> bytes:
         p.expect_size(msg.command, msg.payload, p.DMA_MAP.size)
         argsz, flags, offset, address, size = p.DMA_MAP.unpack_from(msg.payload)
+        p.expect_argsz(msg.command, argsz, p.DMA_MAP.size)
         if len(fds) != 1:
             raise ProtocolError(errno.EINVAL, f"DMA_MAP needs exactly one fd, got {len(fds)}")
         if flags & (p.DMA_MAP_READ | p.DMA_MAP_WRITE) != p.DMA_MAP_READ | p.DMA_MAP_WRITE:
@@ -555,6 +745,9 @@ class VfioUserServer:
         self._no_fds(msg, fds)
         p.expect_size(msg.command, msg.payload, p.DMA_UNMAP.size)
         argsz, flags, address, size = p.DMA_UNMAP.unpack_from(msg.payload)
+        p.expect_argsz(msg.command, argsz, p.DMA_UNMAP.size)
+        if flags:  # GET_DIRTY_BITMAP, UNMAP_ALL: not in the subset; ignoring them would lie
+            raise ProtocolError(errno.EINVAL, f"DMA_UNMAP flags {flags:#x}: none are supported")
         try:
             self.nic.mem.unmap(address, size)
         except DmaError as e:
@@ -566,6 +759,7 @@ class VfioUserServer:
     def _device_get_info(self, msg: Message, fds: list[int]) -> bytes:
         self._no_fds(msg, fds)
         p.expect_size(msg.command, msg.payload, p.DEVICE_INFO.size)
+        p.expect_argsz(msg.command, p.DEVICE_INFO.unpack_from(msg.payload)[0], p.DEVICE_INFO.size)
         info = p.DEVICE_INFO.pack(p.DEVICE_INFO.size, p.DEVICE_FLAGS_RESET | p.DEVICE_FLAGS_PCI,
                                   p.NUM_REGIONS, p.NUM_IRQS)
         return p.pack_message(msg.msg_id, msg.command, info, flags=_REPLY)
@@ -575,7 +769,8 @@ class VfioUserServer:
         are (argsz, flags, index, ...) with no fds, for an index below the device's count."""
         self._no_fds(msg, fds)
         p.expect_size(msg.command, msg.payload, layout.size)
-        index = layout.unpack_from(msg.payload)[2]
+        argsz, _flags, index = layout.unpack_from(msg.payload)[:3]
+        p.expect_argsz(msg.command, argsz, layout.size)
         if index >= count:
             raise ProtocolError(errno.EINVAL, f"no {what} {index} (the device has {count})")
         return index
@@ -594,10 +789,11 @@ class VfioUserServer:
         return p.pack_message(msg.msg_id, msg.command, info, flags=_REPLY)
 
     def _device_set_irqs(self, msg: Message, fds: list[int]) -> bytes:
-        if len(msg.payload) < p.IRQ_SET.size:
-            raise ProtocolError(errno.EINVAL, f"DEVICE_SET_IRQS payload is {len(msg.payload)} bytes, "
-                                              f"need at least {p.IRQ_SET.size}")
+        # The data that may follow is DATA_BOOL's (not supported): DATA_NONE and DATA_EVENTFD
+        # carry none, so the payload is the fixed part alone.
+        p.expect_size(msg.command, msg.payload, p.IRQ_SET.size)
         argsz, flags, index, start, count = p.IRQ_SET.unpack_from(msg.payload)
+        p.expect_argsz(msg.command, argsz, p.IRQ_SET.size)
         if index != p.INTX_IRQ:
             raise ProtocolError(errno.EINVAL, f"IRQ index {index} has no interrupts (only INTx, index 0)")
         if start + count > 1:
@@ -653,6 +849,7 @@ class VfioUserServer:
         p.expect_size(msg.command, msg.payload, p.REGION_ACCESS.size)
         offset, region, count = p.REGION_ACCESS.unpack_from(msg.payload)
         self._check_access(region, offset, count)
+        self._work += count >> 2
         data = bytearray(count)
         if region == p.BAR0_REGION:
             for off in range(0, count, 4):
@@ -675,6 +872,7 @@ class VfioUserServer:
             raise ProtocolError(errno.EINVAL, f"REGION_WRITE says {count} data bytes, carries "
                                               f"{len(payload) - p.REGION_ACCESS.size}")
         self._check_access(region, offset, count)
+        self._work += count >> 2
         nic = self.nic
         if region == p.BAR0_REGION:
             for off in range(0, count, 4):
@@ -716,11 +914,17 @@ class VfioUserServer:
                 pass
         conn.close()
         self._out.clear()
-        for _, fds in self._fds:
+        for _, fds, _ in self._fds:
             _close_fds(fds)
         self._fds.clear()
+        self._skipped_fds = (-1, 0)
+        self._more = False
         self._close_irq_fd()
         self._negotiated = False
+        if self._warn_suppressed:
+            log.warning("%s: %d more warning(s) about this client were suppressed", self.name,
+                        self._warn_suppressed)
+            self._warn_suppressed = 0
         try:
             # First, so no DMA happens from here on. nic.reset() keeps config space (as a
             # function reset does); the next client gets a power-on device: bus master off.
@@ -729,7 +933,18 @@ class VfioUserServer:
         except Exception:
             log.exception("%s: reset after disconnect failed", self.name)
         self.nic.mem.close()
+        self._release_engine_memory()
         self.conn = None  # last: `connected` turns False once the device is clean
+
+    def _release_engine_memory(self) -> None:
+        """Let the client's memory go now. The Cython engine holds buffer exports of the DMA
+        regions (its raw pointers), which keep a closed region's mapping alive until the engine
+        next looks at the memory - the next doorbell, maybe never. drain_rx() with bus
+        mastering off (just cleared) does that look and nothing else."""
+        try:
+            self.nic.engine.drain_rx()
+        except Exception:
+            log.exception("%s: releasing the DMA memory failed", self.name)
 
     def close(self) -> None:
         """Stop serving: drop the client, close and unlink the socket (only if it is still ours)."""
