@@ -53,3 +53,15 @@ class SkbDropReason(enum.Enum):
     IP_FRAG_QUEUES = enum.auto()  # ours: too many reassembly queues at once
     ICMP_ERROR = enum.auto()  # ours: an ICMP error nobody could take (no socket, bad inner header)
     IP_SOURCE_ROUTE = enum.auto()  # ours: a source-routed datagram (accept_source_route=0)
+    TCP_INVALID_SEQUENCE = enum.auto()  # not within the receive window (RFC 9293 3.10.7.4)
+    TCP_RESET = enum.auto()  # a RST was taken (the connection ends)
+    TCP_FLAGS = enum.auto()  # no ACK, or flags that make no sense in the state
+    TCP_OLD_DATA = enum.auto()  # all the data was received before (a retransmission)
+    TCP_ZEROWINDOW = enum.auto()  # data while our window is zero
+    TCP_OVERWINDOW = enum.auto()  # data past the window we advertised
+    TCP_OFO_DROP = enum.auto()  # the out-of-order queue's memory limit
+    TCP_RFC7323_PAWS = enum.auto()  # an old timestamp (PAWS)
+    TCP_ACK_UNSENT_DATA = enum.auto()  # an ACK for data we never sent
+    TCP_TOO_OLD_ACK = enum.auto()  # an ACK below SND.UNA - MAX.SND.WND (RFC 5961 5.2)
+    TCP_CLOSE = enum.auto()  # data for a closed or closing connection
+    TCP_RFC5961_CHALLENGE = enum.auto()  # ours: answered with a challenge ACK (RST or SYN in window)
