@@ -96,6 +96,7 @@ class TcpConnection:
         self.snd_wl1 = 0
         self.snd_wl2 = 0
         self.max_snd_wnd = 0
+        self.snd_sml = iss  # the end of the last small segment sent (Nagle, Minshall)
         self.sndq = bytearray()  # unacknowledged and unsent data, from sndq_seq
         self.sndq_seq = (iss + 1) & SEQ_MASK
         self.fin_seq: int | None = None  # the FIN's sequence number once the sending side closed
@@ -1017,10 +1018,11 @@ class TcpConnection:
                         break
                     length = wnd_left
                     force = False
-                # Nagle (RFC 896, RFC 1122 4.2.3.4): a small segment waits while data is
-                # unacknowledged, unless TCP_NODELAY or it carries the FIN
+                # Nagle (RFC 896, RFC 1122 4.2.3.4) with Minshall's refinement as Linux
+                # (tcp_minshall_check): a small segment waits while an earlier small segment
+                # is unacknowledged, unless TCP_NODELAY or it carries the FIN
                 carries_fin = self.fin_seq is not None and (self.snd_nxt + length) & SEQ_MASK == self.fin_seq
-                if length < mss and not cfg.nodelay and self.snd_nxt != self.snd_una \
+                if length < mss and not cfg.nodelay and SEQ_GT(self.snd_sml, self.snd_una) \
                         and not carries_fin and length == unsent:
                     break
                 if length < mss and length < unsent and not window_blocked:
@@ -1029,6 +1031,8 @@ class TcpConnection:
             if used <= 0:
                 break
             self.snd_nxt = (self.snd_nxt + used) & SEQ_MASK
+            if length < mss:
+                self.snd_sml = self.snd_nxt
         # the persist timer (RFC 9293 3.8.6.1): data waits on a window that lets nothing out
         # and nothing is in flight to bring an ACK
         if window_blocked and self.snd_una == self.snd_nxt:
