@@ -9,8 +9,8 @@ af_inet.c inet_init + devinet.c + fib_frontend.c).
     inet.routes(), inet.addresses(), inet.neighbours()
 
 install registers ARP and IPv4 with dev_add_pack, ICMP and UDP as IP protocols
-(inet_add_protocol: TCP adds itself the same way), and the UDP and raw ICMP socket
-factories.
+(inet_add_protocol; TCP adds itself the same way through kstack.tcp_sock.install), and the
+UDP, raw ICMP and TCP socket factories.
 """
 from __future__ import annotations
 
@@ -80,6 +80,7 @@ class Inet:
         self.icmp = Icmp(self)
         self.udp = UdpTable(self)
         self.raw = RawTable(self)
+        self.tcp: Any = None  # kstack.tcp_sock.TcpTable, set by install
 
     # --- protocols --------------------------------------------------------------------------
 
@@ -267,6 +268,8 @@ class Inet:
         """Free everything held: sockets' queues, fragments, neighbour queues, loopback."""
         self.udp.flush()
         self.raw.flush()
+        if self.tcp is not None:
+            self.tcp.flush()
         self.frags.flush()
         for n in list(self.neigh.entries.values()):
             self.neigh.delete(n)
@@ -293,5 +296,7 @@ def install(stack: "NetStack", seed: int = 0) -> Inet:
     inet.add_protocol(IPPROTO_UDP, inet.udp.rcv, inet.udp.err)
     stack.register_socket(SOCK_DGRAM, IPPROTO_UDP, udp_socket)
     stack.register_socket(SOCK_RAW, IPPROTO_ICMP, raw_socket)
+    from kstack import tcp_sock  # TCP registers itself as UDP does (protocol 6, SOCK_STREAM)
+    tcp_sock.install(inet)
     stack.carrier_listeners.append(inet._carrier_changed)
     return inet

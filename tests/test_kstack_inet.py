@@ -31,8 +31,8 @@ def test_api(net):
     assert isinstance(a.socket(SOCK_DGRAM), UdpSock)
     assert isinstance(a.socket(SOCK_DGRAM, 17), UdpSock)
     assert isinstance(a.socket(SOCK_RAW, IPPROTO_ICMP), RawSock)
-    with pytest.raises(OSError):
-        a.socket(SOCK_STREAM)  # TCP comes with the next issue
+    from kstack.tcp_sock import TcpSock
+    assert isinstance(a.socket(SOCK_STREAM), TcpSock)  # issue 9: TCP registers with inet
     net.settle()
     assert a.inet.neighbours() == []
     assert set(a.inet.counters()) == {"neigh", "frag", "arp", "fib"}

@@ -1,0 +1,964 @@
+"""TCP sockets (Linux's net/ipv4/tcp_ipv4.c, inet_connection_sock.c, inet_hashtables.c,
+tcp_minisocks.c): the kernel side of SOCK_STREAM on the sans-IO engine in kstack.tcp.
+
+The engine (TcpConnection) owns one connection's TCB; this module owns what lies between
+connections and the IP layer:
+
+- demux (tcp_v4_rcv): the established hash by 4-tuple, then the listeners by port (bound to
+  the address beats a wildcard); no socket -> a RST (never for a RST, TcpOutRsts);
+- checksums: verified on input unless the device said CHECKSUM_UNNECESSARY (TcpInCsumErrors,
+  TcpInErrs, TCP_CSUM); computed on output, or left to the device (CHECKSUM_PARTIAL) when it
+  has NETIF_F_IP_CSUM, the route is not local and the segment fits the path MTU;
+- ports (inet_csk_get_port): bind conflicts as Linux has them (SO_REUSEADDR lets a socket
+  share a port with sockets that are not listening, TIME_WAIT included), ephemeral ports from
+  a random start in ip_local_port_range;
+- listen: a SYN queue (connections in SYN-RECEIVED) and an accept queue, both bounded by the
+  backlog (min(backlog, somaxconn)); a SYN or a handshake's last ACK that finds them full is
+  dropped (TcpExtListenOverflows, TcpExtListenDrops), as Linux does without syncookies;
+- the timers: one Timer per connection in stack.timers, re-armed from conn.next_deadline();
+- orphans: close() hands the connection to the stack, which finishes it (FIN-WAIT, TIME_WAIT)
+  with bounds on orphans (tcp_max_orphans) and TIME_WAIT entries (tcp_max_tw_buckets);
+- counters: TcpInSegs/TcpOutSegs for what this layer sees, TcpCurrEstab as a gauge, the
+  engine's own counters go into the same stack.snmp.
+
+TcpSock keeps Sock's contract: non-blocking, BlockingIOError (EAGAIN, EINPROGRESS, EALREADY)
+when a call must wait, wake() on every state edge, poll() as tcp_poll.
+"""
+from __future__ import annotations
+
+import errno
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kstack.dropreason import SkbDropReason
+from kstack.netdevice import NetdevFeatures
+from kstack.route import RTN_LOCAL
+from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, MAX_HEADER
+from kstack.sock import (IPPROTO_TCP, MSG_PEEK, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT,
+                         SHUT_RD, SHUT_RDWR, SHUT_WR, SO_ERROR, SO_KEEPALIVE, SO_LINGER, SO_RCVBUF,
+                         SO_SNDBUF, SOCK_STREAM, SOL_SOCKET, TCP_NODELAY, Address, Sock)
+from kstack.tcp import IsnGenerator, TcpConfig, TcpConnection, TcpEvent, TcpState, reset_for
+from kstack.tcp.config import S
+from kstack.tcp.ratelimit import ChallengeAckLimiter
+from wire import MalformedPacket
+from wire.checksum import fold
+from wire.ipv4 import IPV4_MIN_HLEN, aton, ntoa
+from wire.tcp import TH_ACK, TH_FIN, TH_RST, TH_SYN, TcpSegment
+
+if TYPE_CHECKING:
+    from kstack.inet import Inet
+
+__all__ = ["TcpSock", "TcpTable", "TcpSysctl", "tcp_socket", "install", "ss",
+           "TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT", "TCP_MAXSEG", "TCP_INFO"]
+
+TCP_MAXSEG = 2
+TCP_KEEPIDLE = 4
+TCP_KEEPINTVL = 5
+TCP_KEEPCNT = 6
+TCP_INFO = 11
+
+_ADDRS = struct.Struct("!II")
+_PORTS = struct.Struct("!HH")
+_ESTAB_LIKE = (TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)  # what TcpCurrEstab counts
+_CONNECTING = (TcpState.SYN_SENT, TcpState.SYN_RECEIVED)
+# tcp_close's wait for SO_LINGER: the states in which the FIN is not yet acknowledged
+LINGER_WAIT_STATES = (TcpState.FIN_WAIT_1, TcpState.CLOSING, TcpState.LAST_ACK)
+
+# socket->state (SS_*): what a repeated connect() answers (__inet_stream_connect)
+SS_UNCONNECTED, SS_CONNECTING, SS_CONNECTED = 0, 1, 2
+
+
+@dataclass
+class TcpSysctl:
+    """net.ipv4.tcp_* this layer has (the engine's are TcpConfig's). Linux sizes the first
+    two by memory; ours are fixed bounds."""
+
+    tcp_max_tw_buckets: int = 4096  # TIME_WAIT entries kept; more: TcpExtTCPTimeWaitOverflow
+    tcp_max_orphans: int = 4096  # closed-by-the-application connections still finishing
+    tcp_max_syn_backlog: int = 1024  # bounds every SYN queue, whatever the backlog
+    default_rcvbuf: int = 131072  # tcp_rmem[1]
+    default_sndbuf: int = 262144  # ours: tcp_wmem[1] is 16384 and grows by autotuning, which
+    #                               we do not model; a bulk flow needs this much from the start
+    max_connections: int = 65536  # ours: sockets of every kind in the table
+
+
+def _addr(addr: Any) -> tuple[int, int]:
+    """(ip int, port) from an (ip str, port) tuple; EINVAL as Linux answers."""
+    try:
+        host, port = addr
+        ip = 0 if host in ("", "0.0.0.0") else int.from_bytes(aton(host), "big")
+        port = int(port)
+    except (TypeError, ValueError):
+        raise OSError(errno.EINVAL, "bad address") from None
+    if not 0 <= port <= 0xFFFF:
+        raise OverflowError("port must be 0-65535")
+    return ip, port
+
+
+def _err(code: int) -> OSError:
+    return OSError(code, errno.errorcode.get(code, "error"))
+
+
+class TcpSock(Sock):
+    """One TCP socket: a listener, a connection (possibly an orphan after close), or neither
+    yet. `conn` is the engine's connection once connect() or a SYN made one."""
+
+    def __init__(self, stack: Any, family: int, type: int, protocol: int) -> None:
+        super().__init__(stack, family, type, protocol or IPPROTO_TCP)
+        self.inet: "Inet" = stack.protocols["inet"]
+        self.table: TcpTable = stack.protocols["tcp"]
+        self.rcvbuf = self.table.sysctl.default_rcvbuf
+        self.sndbuf = self.table.sysctl.default_sndbuf
+        self.config = TcpConfig(rcvbuf=self.rcvbuf, sndbuf=self.sndbuf,
+                                challenge_limiter=self.table.limiter)
+        self.conn: TcpConnection | None = None
+        self.saddr = 0  # bound (or chosen) local address; 0: any
+        self.sport = 0
+        self.daddr = 0
+        self.dport = 0
+        self.bound = False  # in the bind table (bhash)
+        self.user_bound = False  # by bind(): connect keeps the address
+        self.listening = False
+        self.backlog = 0
+        self.synq: list[TcpSock] = []  # children in SYN-RECEIVED (the request queue)
+        self.acceptq: list[TcpSock] = []  # children established, not accepted yet
+        self.parent: TcpSock | None = None  # the listener of a child not yet accepted
+        self.sock_state = SS_UNCONNECTED
+        self.linger: int = -1  # SO_LINGER: -1 off, else seconds
+        self.orphan = False  # closed by the application, finishing in the stack
+        self.hashed = False  # in the established hash
+        self.estab_counted = False  # counted in TcpCurrEstab
+        self.shut_rd = False
+        self.listen_shut = False
+        self.state_seen: TcpState | None = None
+        self.timer = stack.timers.timer(self._on_timer, "tcp")
+
+    # --- naming --------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> TcpState:
+        if self.listening:
+            return TcpState.LISTEN
+        return self.conn.state if self.conn is not None else TcpState.CLOSED
+
+    def _local(self) -> tuple[str, int]:
+        return (ntoa(self.saddr), self.sport)
+
+    def _remote(self) -> tuple[str, int]:
+        return (ntoa(self.daddr), self.dport)
+
+    def getsockname(self) -> Address:
+        return self._local()
+
+    def getpeername(self) -> Address:
+        if self.conn is None or self.listening or self.conn.state in (TcpState.SYN_SENT, TcpState.CLOSED):
+            raise OSError(errno.ENOTCONN, "not connected")
+        return self._remote()
+
+    # --- bind, listen, accept ------------------------------------------------------------------
+
+    def bind(self, addr: Address) -> None:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        ip, port = _addr(addr)
+        if self.bound or self.conn is not None:
+            raise OSError(errno.EINVAL, "already bound")
+        if ip and not self.inet.is_local(ip):
+            raise OSError(errno.EADDRNOTAVAIL, "cannot assign requested address")
+        self.table.get_port(self, ip, port)
+        self.user_bound = True
+
+    def listen(self, backlog: int) -> None:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        if self.conn is not None:
+            raise OSError(errno.EINVAL, "connected")
+        somaxconn = self.stack.sysctl.somaxconn
+        backlog = max(0, min(int(backlog), somaxconn))
+        if self.listening:
+            self.backlog = backlog  # listen() again changes the backlog, as Linux allows
+            return
+        if not self.bound:
+            self.table.get_port(self, 0, 0)
+        if self.table.listen_conflict(self):
+            raise OSError(errno.EADDRINUSE, "address already in use")
+        self.backlog = backlog
+        self.listening = True
+        self.listen_shut = False
+        self.table.listen_hash(self)
+        self.wake()
+
+    def accept(self) -> tuple["TcpSock", Address]:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        if not self.listening or self.listen_shut:
+            raise OSError(errno.EINVAL, "not listening")
+        if not self.acceptq:
+            raise BlockingIOError(errno.EAGAIN, "no connection to accept")
+        child = self.acceptq.pop(0)
+        child.parent = None
+        child.sock_state = SS_CONNECTED
+        return child, child._remote()
+
+    # --- connect -------------------------------------------------------------------------------
+
+    def connect(self, addr: Address) -> None:
+        """__inet_stream_connect: the first call starts the handshake and raises EINPROGRESS;
+        a later one answers EALREADY while it runs, 0 once when it completed (then EISCONN),
+        or the error it failed with."""
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        if self.listening:
+            raise OSError(errno.EINVAL, "listening")
+        if self.sock_state == SS_CONNECTED:
+            raise OSError(errno.EISCONN, "already connected")
+        if self.sock_state == SS_CONNECTING:
+            return self._connect_result()
+        if self.conn is not None:
+            raise OSError(errno.EISCONN, "already connected")
+        ip, port = _addr(addr)
+        res = self.inet.ip.route_output(ip)
+        if res is None:
+            raise OSError(errno.ENETUNREACH, "network is unreachable")
+        if self.err:
+            err, self.err = self.err, 0
+            raise _err(err)
+        self.table.connect(self, ip, port, res)
+        self.sock_state = SS_CONNECTING
+        raise BlockingIOError(errno.EINPROGRESS, "operation now in progress")
+
+    def _connect_result(self) -> None:
+        conn = self.conn
+        st = conn.state if conn is not None else TcpState.CLOSED
+        if st in _CONNECTING:
+            raise BlockingIOError(errno.EALREADY, "operation already in progress")
+        if st == TcpState.CLOSED:
+            self.sock_state = SS_UNCONNECTED
+            err = self.err or (conn.error if conn is not None else 0) or errno.ECONNABORTED
+            self.err = 0
+            if conn is not None:
+                conn.error = 0
+            raise _err(err)
+        self.sock_state = SS_CONNECTED
+
+    # --- data ----------------------------------------------------------------------------------
+
+    def sendmsg(self, data: bytes, addr: Address | None, flags: int = 0) -> int:
+        """tcp_sendmsg: what the send buffer takes (EAGAIN when it takes nothing); EPIPE
+        when the connection cannot send."""
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        conn = self.conn
+        if self.err:
+            err, self.err = self.err, 0
+            raise _err(err)
+        if conn is None or self.listening:
+            raise OSError(errno.EPIPE, "broken pipe")
+        if conn.state in _CONNECTING:
+            raise BlockingIOError(errno.EAGAIN, "connecting")
+        if not len(data):
+            return 0
+        now = self.stack.clock()
+        try:
+            n = conn.send(data, now)
+        except BlockingIOError:
+            raise
+        except OSError:
+            self._push(now)
+            raise
+        self._push(now)
+        if n == 0:
+            raise BlockingIOError(errno.EAGAIN, "send buffer full")
+        return n
+
+    def recvmsg(self, bufsize: int, flags: int = 0) -> tuple[bytes, Address | None]:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        conn = self.conn
+        if conn is None or self.listening:
+            if self.err:
+                err, self.err = self.err, 0
+                raise _err(err)
+            raise OSError(errno.ENOTCONN, "not connected")
+        if conn.state in _CONNECTING:
+            raise BlockingIOError(errno.EAGAIN, "connecting")
+        if bufsize <= 0:
+            return b"", None
+        if self.shut_rd and not conn.readable():
+            return b"", None
+        if self.err:
+            err, self.err = self.err, 0
+            raise _err(err)
+        data = conn.recv(bufsize, peek=bool(flags & MSG_PEEK))  # the engine's error once
+        if data and not flags & MSG_PEEK:
+            self._push(self.stack.clock())  # the window opened: maybe a window update
+        return bytes(data), None
+
+    def shutdown(self, how: int) -> None:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        if how not in (SHUT_RD, SHUT_WR, SHUT_RDWR):
+            raise OSError(errno.EINVAL, "how")
+        if self.listening:
+            if how != SHUT_WR:  # inet_shutdown: a listener stops; accept answers EINVAL
+                self.listen_shut = True
+                self.table.listen_stop(self)
+                self.wake()
+            return
+        conn = self.conn
+        if conn is None or conn.state in (TcpState.CLOSED, TcpState.SYN_SENT):
+            if conn is not None and conn.state == TcpState.SYN_SENT:
+                self._abort()
+                return
+            raise OSError(errno.ENOTCONN, "not connected")
+        now = self.stack.clock()
+        if how in (SHUT_RD, SHUT_RDWR):
+            self.shut_rd = True
+        conn.shutdown(how, now)
+        self._push(now)
+        self.wake()
+
+    # --- readiness -----------------------------------------------------------------------------
+
+    def poll(self) -> int:
+        """tcp_poll."""
+        if self.closed:
+            return POLLNVAL
+        conn = self.conn
+        mask = POLLERR if self.err or conn is not None and conn.error else 0
+        if self.listening:
+            return mask | (POLLIN if self.acceptq else 0)
+        if conn is None:
+            return mask | POLLOUT | POLLHUP
+        st = conn.state
+        if st in _CONNECTING:
+            return mask
+        if st == TcpState.CLOSED:
+            return mask | POLLIN | POLLHUP
+        if conn.readable() or self.shut_rd:
+            mask |= POLLIN
+        if conn.writable():
+            mask |= POLLOUT
+        return mask
+
+    # --- options -------------------------------------------------------------------------------
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        cfg = self.config
+        v = int(value)
+        if level == IPPROTO_TCP:
+            if option == TCP_NODELAY:
+                cfg.nodelay = bool(v)
+                if self.conn is not None:
+                    self.conn.config.nodelay = bool(v)
+                    self._push(self.stack.clock())  # Linux pushes pending data at once
+                return
+            if option in (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT):
+                if not 1 <= v <= (255 if option == TCP_KEEPCNT else 32767):
+                    raise OSError(errno.EINVAL, "keepalive option out of range")
+                name = {TCP_KEEPIDLE: "keepalive_time", TCP_KEEPINTVL: "keepalive_intvl",
+                        TCP_KEEPCNT: "keepalive_probes"}[option]
+                self._set_cfg(name, v if option == TCP_KEEPCNT else v * S)
+                return
+            raise OSError(errno.ENOPROTOOPT, "setsockopt")
+        if level == SOL_SOCKET:
+            if option == SO_KEEPALIVE:
+                if self.conn is not None:
+                    self.conn.set_keepalive(bool(v), self.stack.clock())
+                    self._push(self.stack.clock())
+                self._set_cfg("keepalive", bool(v))
+                return
+            if option == SO_LINGER:
+                self.linger = -1 if v < 0 else min(v, 0x7FFFFFFF)
+                return
+            if option in (SO_RCVBUF, SO_SNDBUF):
+                super().setsockopt(level, option, value)
+                self._set_cfg("rcvbuf" if option == SO_RCVBUF else "sndbuf",
+                              self.rcvbuf if option == SO_RCVBUF else self.sndbuf)
+                return
+        super().setsockopt(level, option, value)
+
+    def _set_cfg(self, name: str, value: Any) -> None:
+        setattr(self.config, name, value)
+        if self.conn is not None and self.conn.config is not self.config:
+            setattr(self.conn.config, name, value)
+
+    def getsockopt(self, level: int, option: int) -> int:
+        cfg = self.config
+        if level == IPPROTO_TCP:
+            if option == TCP_NODELAY:
+                return int(cfg.nodelay)
+            if option == TCP_KEEPIDLE:
+                return cfg.keepalive_time // S
+            if option == TCP_KEEPINTVL:
+                return cfg.keepalive_intvl // S
+            if option == TCP_KEEPCNT:
+                return cfg.keepalive_probes
+            if option == TCP_MAXSEG:
+                return cfg.mss
+            raise OSError(errno.ENOPROTOOPT, "getsockopt")
+        if level == SOL_SOCKET:
+            if option == SO_KEEPALIVE:
+                return int(cfg.keepalive)
+            if option == SO_LINGER:
+                return self.linger
+            if option == SO_ERROR:
+                err, self.err = self.err, 0
+                if not err and self.conn is not None:
+                    err, self.conn.error = self.conn.error, 0
+                return err
+        return super().getsockopt(level, option)
+
+    # --- close ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """tcp_close: a listener stops (its children are reset); a connection with SO_LINGER
+        0 is reset (TcpExtTCPAbortOnData); otherwise the engine closes (a FIN, or a RST with
+        unread data) and the connection becomes an orphan the stack finishes."""
+        if self.closed:
+            return
+        self.closed = True
+        table = self.table
+        if self.listening:
+            table.listen_stop(self)
+            table.listen_unhash(self)
+            self.listening = False
+            table.unbind(self)
+            self.wake()
+            return
+        conn = self.conn
+        if conn is None or conn.state == TcpState.CLOSED:
+            self._destroy()
+            self.wake()
+            return
+        now = self.stack.clock()
+        if conn.state in _CONNECTING:
+            conn.abort(now)
+        elif self.linger == 0:
+            self.stack.snmp["TcpExtTCPAbortOnData"] += 1
+            conn.abort(now)
+        else:
+            try:
+                conn.close(now)
+            except OSError:
+                pass  # already closing: the engine finishes what it started
+        self.orphan = True
+        table.orphans += 1
+        self._push(now)
+        if self.conn is not None and self.hashed and table.orphans > table.sysctl.tcp_max_orphans:
+            self.stack.snmp["TcpExtTCPAbortOnMemory"] += 1
+            self._abort()
+        self.wake()
+
+    def lingering(self) -> bool:
+        """True while a close with SO_LINGER > 0 must still wait (the FIN not acknowledged)."""
+        return (self.linger > 0 and self.conn is not None and self.hashed
+                and self.conn.state in LINGER_WAIT_STATES)
+
+    def _abort(self) -> None:
+        now = self.stack.clock()
+        if self.conn is not None and self.conn.state != TcpState.CLOSED:
+            self.conn.abort(now)
+        self._push(now)
+
+    # --- the engine's outputs --------------------------------------------------------------------
+
+    def _on_timer(self, now: int) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        conn.timer_expired(now)
+        self._push(now)
+
+    def _push(self, now: int) -> None:
+        """After every call into the engine: put its segments on the wire, act on its events,
+        follow its state, re-arm the timer."""
+        conn = self.conn
+        if conn is None:
+            return
+        table = self.table
+        for seg in conn.segments_to_send(now):
+            table.xmit(seg, self.saddr, self.daddr, self.tos, self.ttl)
+        ev = conn.take_events()
+        st = conn.state
+        edge = st != self.state_seen
+        self.state_seen = st
+        snmp = self.stack.snmp
+        estab = st in _ESTAB_LIKE
+        if estab != self.estab_counted:
+            self.estab_counted = estab
+            snmp["TcpCurrEstab"] += 1 if estab else -1
+        if ev & TcpEvent.ESTABLISHED and self.parent is not None:
+            table.child_established(self)
+        if st == TcpState.CLOSED:
+            self._finish()
+        elif st == TcpState.TIME_WAIT and self.orphan and id(self) not in table.tw:
+            table.time_wait_enter(self)
+        if self.conn is not None and self.hashed:
+            d = conn.next_deadline()
+            if d is None:
+                self.timer.delete()
+            elif d != self.timer.expires:
+                self.timer.mod(d)
+        if (ev or edge) and self._wakeups:
+            self.wake()
+
+    def _finish(self) -> None:
+        """The connection reached CLOSED: forget it in the hash; an orphan or a child no one
+        will accept goes entirely."""
+        self.timer.delete()
+        table = self.table
+        if self.hashed:
+            table.unhash(self)
+        parent = self.parent
+        if parent is not None and self in parent.synq:
+            parent.synq.remove(self)
+            self.parent = None
+            self._destroy()
+            return
+        if self.orphan or self.closed:
+            self._destroy()
+        elif not self.user_bound:
+            table.unbind(self)  # tcp_set_state(TCP_CLOSE) puts an autobound port back
+
+    def _destroy(self) -> None:
+        table = self.table
+        self.timer.delete()
+        if self.hashed:
+            table.unhash(self)
+        if self.orphan:
+            self.orphan = False
+            table.orphans -= 1
+        if self.estab_counted:
+            self.estab_counted = False
+            self.stack.snmp["TcpCurrEstab"] -= 1
+        table.time_wait_leave(self)
+        table.unbind(self)
+
+
+class TcpTable:
+    """tcp_hashinfo and the protocol handlers: the bind table, the established hash, the
+    listeners, TIME_WAIT accounting, segment input and output."""
+
+    def __init__(self, inet: "Inet", sysctl: TcpSysctl | None = None) -> None:
+        self.inet = inet
+        self.stack = inet.stack
+        self.snmp = inet.stack.snmp
+        self.sysctl = sysctl or TcpSysctl()
+        self.rng = inet.rng
+        self.isn = IsnGenerator()
+        self.limiter = ChallengeAckLimiter()
+        self.bhash: dict[int, list[TcpSock]] = {}  # port -> sockets bound to it
+        self.ehash: dict[tuple[int, int, int, int], TcpSock] = {}  # (laddr, lport, raddr, rport)
+        self.lhash: dict[int, list[TcpSock]] = {}  # port -> listeners
+        self.tw: OrderedDict[int, TcpSock] = OrderedDict()  # orphans in TIME_WAIT, oldest first
+        self.orphans = 0
+        self.count = 0  # sockets bound
+
+    # --- ports ------------------------------------------------------------------------------
+
+    def get_port(self, sk: TcpSock, ip: int, port: int) -> None:
+        """inet_csk_get_port: bind `sk` to (ip, port), port 0 an ephemeral one."""
+        if self.count >= self.sysctl.max_connections:
+            raise OSError(errno.ENOBUFS, "too many TCP sockets")
+        if port == 0:
+            port = self._ephemeral(lambda p: not self._bind_conflict(sk, ip, p))
+        elif self._bind_conflict(sk, ip, port):
+            raise OSError(errno.EADDRINUSE, "address already in use")
+        self._bind(sk, ip, port)
+
+    def _bind(self, sk: TcpSock, ip: int, port: int) -> None:
+        sk.saddr, sk.sport, sk.bound = ip, port, True
+        self.bhash.setdefault(port, []).append(sk)
+        self.count += 1
+
+    def _ephemeral(self, ok: Any) -> int:
+        lo, hi = self.stack.sysctl.ip_local_port_range
+        span = hi - lo + 1
+        start = self.rng.randrange(span)
+        for i in range(span):
+            p = lo + (start + i) % span
+            if ok(p):
+                return p
+        raise OSError(errno.EADDRNOTAVAIL, "no ephemeral port free")  # Linux's answer to connect
+
+    def _bind_conflict(self, sk: TcpSock, ip: int, port: int) -> bool:
+        """inet_csk_bind_conflict: another socket on the port whose address overlaps, unless
+        both set SO_REUSEADDR and it is not listening."""
+        for o in self.bhash.get(port, ()):
+            if o is sk:
+                continue
+            if o.saddr and ip and o.saddr != ip:
+                continue
+            if sk.reuseaddr and o.reuseaddr and not o.listening:
+                continue
+            return True
+        return False
+
+    def listen_conflict(self, sk: TcpSock) -> bool:
+        return any(o is not sk and o.listening and (not o.saddr or not sk.saddr or o.saddr == sk.saddr)
+                   for o in self.bhash.get(sk.sport, ()))
+
+    def unbind(self, sk: TcpSock) -> None:
+        if not sk.bound:
+            return
+        sk.bound = False
+        lst = self.bhash.get(sk.sport)
+        if lst and sk in lst:
+            lst.remove(sk)
+            self.count -= 1
+            if not lst:
+                del self.bhash[sk.sport]
+
+    # --- hashes -----------------------------------------------------------------------------
+
+    def listen_hash(self, sk: TcpSock) -> None:
+        self.lhash.setdefault(sk.sport, []).append(sk)
+
+    def listen_unhash(self, sk: TcpSock) -> None:
+        lst = self.lhash.get(sk.sport)
+        if lst and sk in lst:
+            lst.remove(sk)
+            if not lst:
+                del self.lhash[sk.sport]
+
+    def listen_stop(self, sk: TcpSock) -> None:
+        """inet_csk_listen_stop: every child not accepted is reset and freed."""
+        children = sk.synq + sk.acceptq
+        sk.synq, sk.acceptq = [], []
+        for child in children:
+            child.parent = None
+            child.closed = True
+            child.orphan = True
+            self.orphans += 1
+            child._abort()
+            if child.conn is None or child.conn.state == TcpState.CLOSED or not child.hashed:
+                child._destroy()
+
+    def hash(self, sk: TcpSock) -> None:
+        self.ehash[(sk.saddr, sk.sport, sk.daddr, sk.dport)] = sk
+        sk.hashed = True
+
+    def unhash(self, sk: TcpSock) -> None:
+        key = (sk.saddr, sk.sport, sk.daddr, sk.dport)
+        if self.ehash.get(key) is sk:
+            del self.ehash[key]
+        sk.hashed = False
+
+    def time_wait_enter(self, sk: TcpSock) -> None:
+        """An orphan entered TIME_WAIT: kept, unless tcp_max_tw_buckets are (then it goes,
+        TcpExtTCPTimeWaitOverflow, as Linux's inet_twsk_alloc failing)."""
+        if len(self.tw) >= self.sysctl.tcp_max_tw_buckets:
+            self.snmp["TcpExtTCPTimeWaitOverflow"] += 1
+            sk._destroy()
+            return
+        self.tw[id(sk)] = sk
+        self.snmp["TcpExtTW"] += 1
+
+    def time_wait_leave(self, sk: TcpSock) -> None:
+        self.tw.pop(id(sk), None)
+
+    # --- connect ----------------------------------------------------------------------------
+
+    def connect(self, sk: TcpSock, ip: int, port: int, res: Any) -> None:
+        """tcp_v4_connect: source from the route (or the bind), an ephemeral port unique for
+        the 4-tuple, the MSS from the path MTU, the ISN, SYN-SENT."""
+        src = sk.saddr or res.src
+        if not src:
+            raise OSError(errno.EADDRNOTAVAIL, "no source address")
+        if sk.bound:
+            if (src, sk.sport, ip, port) in self.ehash:
+                raise OSError(errno.EADDRNOTAVAIL, "4-tuple in use")
+            sk.saddr = src
+        else:
+            p = self._ephemeral(lambda p: not self.bhash.get(p) and not self.lhash.get(p)
+                                and (src, p, ip, port) not in self.ehash)
+            self._bind(sk, src, p)
+        sk.daddr, sk.dport = ip, port
+        self._set_mss(sk, res, ip)
+        now = self.stack.clock()
+        iss = self.isn.isn(sk._local(), sk._remote(), now)
+        sk.conn = TcpConnection(sk._local(), sk._remote(), sk.config, self.snmp, iss)
+        self.hash(sk)
+        sk.conn.open_active(now)
+        sk._push(now)
+
+    def _set_mss(self, sk: TcpSock, res: Any, dst: int) -> None:
+        mtu = self.inet.ip.path_mtu(res, dst) if res is not None else 1500
+        sk.config.mss = max(88, min(sk.config.mss, mtu - IPV4_MIN_HLEN - 20))
+
+    # --- output -----------------------------------------------------------------------------
+
+    def xmit(self, seg: TcpSegment, src: int, dst: int, tos: int = 0, ttl: int = 0,
+             count: bool = False) -> None:
+        """tcp_transmit_skb -> ip_queue_xmit: the segment with its checksum (or the device's
+        CHECKSUM_PARTIAL) to IP. The engine counts its own segments; `count` counts
+        TcpOutSegs and TcpOutRsts for this layer's RSTs."""
+        inet = self.inet
+        res = inet.ip.route_output(dst)
+        snmp = self.snmp
+        if res is None:
+            return  # IpOutNoRoutes counted; the retransmission timer tries again
+        offload = (res.type != RTN_LOCAL and res.dev.features & NetdevFeatures.IP_CSUM)
+        raw = seg.emit() if offload else seg.emit(src, dst)
+        n = len(raw)
+        skb = self.stack.pool.alloc(n, MAX_HEADER)
+        o = skb.put(n)
+        buf = skb.shinfo.buf
+        buf[o:o + n] = raw
+        self.stack.pool.bytes_copied += len(seg.payload)
+        if offload and n + IPV4_MIN_HLEN <= inet.ip.path_mtu(res, dst):
+            psum = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + IPPROTO_TCP + n
+            c = fold(psum)
+            buf[o + 16] = c >> 8
+            buf[o + 17] = c & 0xFF
+            skb.ip_summed = CHECKSUM_PARTIAL
+            skb.csum_start = o
+            skb.csum_offset = 16
+        elif offload:  # too big for the device to sum in one frame: software
+            from wire.tcp import tcp_checksum
+            c = tcp_checksum(memoryview(buf)[o:o + n], src, dst)
+            buf[o + 16] = c >> 8
+            buf[o + 17] = c & 0xFF
+        if count:
+            snmp["TcpOutSegs"] += 1
+            if seg.flags & TH_RST:
+                snmp["TcpOutRsts"] += 1
+        inet.ip.output(skb, src, dst, IPPROTO_TCP, res, tos=tos, ttl=ttl)
+
+    def send_reset(self, seg: TcpSegment, src: int, dst: int) -> None:
+        """tcp_v4_send_reset: answer a segment no socket takes (never a RST)."""
+        if seg.flags & TH_RST:
+            return
+        rst = reset_for(seg)
+        if rst is None:
+            return
+        self.xmit(rst, src, dst, count=True)
+
+    # --- input ------------------------------------------------------------------------------
+
+    def rcv(self, skb: Any) -> None:
+        """tcp_v4_rcv: `skb.data` at the TCP header."""
+        snmp = self.snmp
+        off = skb.data
+        n = skb.tail - off
+        buf = skb.shinfo.buf
+        if skb.cb and skb.cb.get("rt_broadcast"):
+            skb.drop(SkbDropReason.IP_INVALID_DEST)  # TCP is unicast only (pkt_type != HOST)
+            return
+        if n < 20:
+            snmp["TcpInSegs"] += 1
+            snmp["TcpInErrs"] += 1
+            skb.drop(SkbDropReason.PKT_TOO_SMALL)
+            return
+        saddr, daddr = _ADDRS.unpack_from(buf, skb.network_header + 12)
+        if skb.ip_summed != CHECKSUM_UNNECESSARY:
+            v = int.from_bytes(memoryview(buf)[off:off + n], "big")
+            if n & 1:
+                v <<= 8
+            if (v + (saddr >> 16) + (saddr & 0xFFFF) + (daddr >> 16) + (daddr & 0xFFFF)
+                    + IPPROTO_TCP + n) % 0xFFFF:
+                snmp["TcpInSegs"] += 1
+                snmp["TcpInCsumErrors"] += 1
+                snmp["TcpInErrs"] += 1
+                skb.drop(SkbDropReason.TCP_CSUM)
+                return
+        try:
+            seg = TcpSegment.parse(memoryview(buf)[off:off + n])
+        except MalformedPacket:
+            snmp["TcpInSegs"] += 1
+            snmp["TcpInErrs"] += 1
+            skb.drop(SkbDropReason.PKT_TOO_SMALL)  # a data offset or an option that lies
+            return
+        sport, dport = seg.sport, seg.dport
+        now = self.stack.clock()
+        sk = self.ehash.get((daddr, dport, saddr, sport))
+        if sk is not None and sk.conn is not None:
+            parent = sk.parent
+            if (parent is not None and sk.conn.state == TcpState.SYN_RECEIVED
+                    and seg.flags & TH_ACK and not seg.flags & (TH_RST | TH_SYN)
+                    and len(parent.acceptq) > parent.backlog):
+                # tcp_check_req -> syn_recv_sock fails: the accept queue is full; the ACK is
+                # dropped and the SYN-ACK retransmitted (tcp_abort_on_overflow = 0)
+                snmp["TcpInSegs"] += 1
+                snmp["TcpExtListenOverflows"] += 1
+                snmp["TcpExtListenDrops"] += 1
+                skb.drop(SkbDropReason.SOCKET_RCVBUFF)
+                return
+            try:
+                reason = sk.conn.segment_arrives(seg, now)
+            finally:
+                sk._push(now)
+            if reason is None:
+                skb.consume()
+            else:
+                skb.drop(reason)
+            return
+        lsk = self._listener(daddr, dport)
+        if lsk is not None:
+            self._listen_rcv(lsk, skb, seg, saddr, daddr, now)
+            return
+        snmp["TcpInSegs"] += 1  # the engine counts what reaches a connection
+        self.send_reset(seg, daddr, saddr)
+        skb.drop(SkbDropReason.NO_SOCKET)
+
+    def _listener(self, daddr: int, dport: int) -> TcpSock | None:
+        """__inet_lookup_listener: bound to the address beats a wildcard."""
+        lst = self.lhash.get(dport)
+        if not lst:
+            return None
+        best = None
+        for sk in lst:
+            if sk.listen_shut:
+                continue
+            if sk.saddr == daddr:
+                return sk
+            if not sk.saddr and best is None:
+                best = sk
+        return best
+
+    def _listen_rcv(self, lsk: TcpSock, skb: Any, seg: TcpSegment, saddr: int, daddr: int,
+                    now: int) -> None:
+        """tcp_rcv_state_process in LISTEN (RFC 9293 3.10.7.2) and tcp_conn_request."""
+        snmp = self.snmp
+        flags = seg.flags
+        if not flags & TH_SYN or flags & (TH_RST | TH_ACK | TH_FIN):
+            snmp["TcpInSegs"] += 1  # from_syn counts the SYNs it takes
+        if flags & TH_RST:
+            skb.drop(SkbDropReason.TCP_RESET)
+            return
+        if flags & TH_ACK:
+            self.send_reset(seg, daddr, saddr)
+            skb.drop(SkbDropReason.TCP_FLAGS)
+            return
+        if not flags & TH_SYN or flags & TH_FIN:
+            skb.drop(SkbDropReason.TCP_FLAGS)
+            return
+        limit = min(max(lsk.backlog, 1), self.sysctl.tcp_max_syn_backlog)
+        if len(lsk.acceptq) > lsk.backlog:
+            snmp["TcpInSegs"] += 1
+            snmp["TcpExtListenOverflows"] += 1
+            snmp["TcpExtListenDrops"] += 1
+            skb.drop(SkbDropReason.SOCKET_RCVBUFF)
+            return
+        if len(lsk.synq) >= limit or self.count >= self.sysctl.max_connections:
+            snmp["TcpInSegs"] += 1
+            snmp["TcpExtListenDrops"] += 1  # the request queue is full (no syncookies)
+            skb.drop(SkbDropReason.SOCKET_RCVBUFF)
+            return
+        child = TcpSock(self.stack, lsk.family, SOCK_STREAM, IPPROTO_TCP)
+        child.rcvbuf, child.sndbuf = lsk.rcvbuf, lsk.sndbuf
+        child.reuseaddr, child.tos, child.ttl, child.linger = lsk.reuseaddr, lsk.tos, lsk.ttl, lsk.linger
+        child.config = lsk.config.copy()
+        child.daddr, child.dport = saddr, seg.sport
+        self._bind(child, daddr, lsk.sport)
+        self._set_mss(child, self.inet.ip.route_output(saddr), saddr)
+        iss = self.isn.isn(child._local(), child._remote(), now)
+        try:
+            child.conn = TcpConnection.from_syn(child.config, seg, now, child._local(),
+                                                child._remote(), self.snmp, iss)
+        except Exception:
+            self.unbind(child)
+            raise
+        child.parent = lsk
+        lsk.synq.append(child)
+        self.hash(child)
+        child._push(now)
+        skb.consume()
+
+    def child_established(self, child: TcpSock) -> None:
+        """The handshake's last ACK: the child moves from the SYN queue to the accept queue."""
+        parent = child.parent
+        if parent is None:
+            return
+        if child in parent.synq:
+            parent.synq.remove(child)
+        if child not in parent.acceptq:
+            parent.acceptq.append(child)
+        parent.wake()
+
+    def err(self, isrc: int, idst: int, quote: bytes, type: int, code: int, info: int) -> None:
+        """tcp_v4_err: an ICMP error about a segment we sent. A hard error during the
+        handshake fails the connect (ECONNREFUSED for port unreachable, ...); later ones are
+        soft (Linux keeps them for the retransmission timer's report; we drop them)."""
+        from kstack.udp import ICMP_ERR_CONVERT
+        from wire.icmp import ICMP_DEST_UNREACH, NR_ICMP_UNREACH
+        sport, dport = _PORTS.unpack_from(quote, 0)
+        sk = self.ehash.get((isrc, sport, idst, dport))
+        if sk is None or sk.conn is None:
+            return
+        if type != ICMP_DEST_UNREACH or code > NR_ICMP_UNREACH or code == 4:
+            return  # fragmentation needed: the path MTU cache has it for the next segments
+        err, fatal = ICMP_ERR_CONVERT[code]
+        if fatal and sk.conn.state in _CONNECTING:
+            sk.err = err
+            sk._abort()
+            sk.wake()
+
+    # --- listing ----------------------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Free every socket and connection (the kernel is going down)."""
+        for lst in list(self.lhash.values()):
+            for sk in list(lst):
+                sk.close()
+        for sk in list(self.ehash.values()):
+            sk.closed = True
+            if sk.conn is not None and sk.conn.state != TcpState.CLOSED:
+                sk._abort()
+            sk.parent = None
+            sk._destroy()
+        for lst in list(self.bhash.values()):
+            for sk in list(lst):
+                sk._destroy()
+
+    def counters(self) -> dict[str, int]:
+        return {"established_hash": len(self.ehash), "listeners": sum(map(len, self.lhash.values())),
+                "bound": self.count, "orphans": self.orphans, "time_wait": len(self.tw)}
+
+
+def ss(stack: Any) -> list[dict[str, Any]]:
+    """`ss -tani`: one dict per listener and per connection (the engine's conn.info())."""
+    table: TcpTable | None = stack.protocols.get("tcp")
+    if table is None:
+        return []
+    out: list[dict[str, Any]] = []
+    for lst in table.lhash.values():
+        for sk in lst:
+            out.append({"state": "LISTEN", "local": f"{ntoa(sk.saddr)}:{sk.sport}",
+                        "remote": "0.0.0.0:*", "recv_q": len(sk.acceptq), "send_q": sk.backlog,
+                        "syn_q": len(sk.synq)})
+    for sk in list(table.ehash.values()):
+        conn = sk.conn
+        if conn is None:
+            continue
+        row: dict[str, Any] = {"state": conn.state.name, "local": f"{ntoa(sk.saddr)}:{sk.sport}",
+                               "remote": f"{ntoa(sk.daddr)}:{sk.dport}", "orphan": sk.orphan}
+        try:
+            info = conn.info()
+        except Exception:  # the listing must not fail on one connection
+            info = {}
+        row.update(info)
+        row["state"] = conn.state.name
+        out.append(row)
+    return out
+
+
+def tcp_socket(stack: Any, family: int, type: int, protocol: int) -> TcpSock:
+    """The factory registered for (SOCK_STREAM, IPPROTO_TCP)."""
+    return TcpSock(stack, family, type, protocol)
+
+
+def install(inet: "Inet") -> TcpTable:
+    """tcp_v4_init + inet_add_protocol(IPPROTO_TCP) + the SOCK_STREAM factory."""
+    stack = inet.stack
+    if "tcp" in stack.protocols:
+        return stack.protocols["tcp"]
+    table = TcpTable(inet)
+    stack.protocols["tcp"] = table
+    inet.tcp = table
+    inet.add_protocol(IPPROTO_TCP, table.rcv, table.err)
+    stack.register_socket(SOCK_STREAM, IPPROTO_TCP, tcp_socket)
+    return table
