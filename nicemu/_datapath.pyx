@@ -40,7 +40,7 @@ cdef extern from *:
     void nicemu_prefetch_r(const void *p) nogil
     void nicemu_prefetch_w(const void *p) nogil
 
-__all__ = ["Datapath", "crc32"]
+__all__ = ["Datapath", "crc32", "TX_BUDGET"]
 
 nicemu_crc32_init()
 
@@ -152,9 +152,23 @@ cdef enum:
 
     PREFETCH_AHEAD = 4  # descriptors
 
+    # TX descriptors one walk may fetch (datapath_ref.TX_BUDGET)
+    TX_WALK_BUDGET = 4096
+
+    # how fetching one packet's descriptors ended (datapath_ref._fetch_chain)
+    CH_OPEN = 0
+    CH_BUDGET = 1
+    CH_EOP = 2
+    CH_FAULT = 3
+    CH_LONE_DEXT = 4
+    CH_OVERSIZE = 5
+
+TX_BUDGET = TX_WALK_BUDGET
+
 cdef uint32_t RAH_AV = 0x80000000U
 cdef uint64_t EV_RX_DONE = 1ULL << 32
 cdef uint64_t EV_TX_IDE = 1ULL << 33
+cdef uint64_t EV_TX_MORE = 1ULL << 34
 cdef uint64_t U64_MAX = 0xFFFFFFFFFFFFFFFFULL
 
 
@@ -275,6 +289,11 @@ cdef inline uint64_t le64(const uint8_t *p) noexcept nogil:
     return v
 
 
+cdef inline bint ends_packet(const uint8_t *c) noexcept nogil:
+    """A legacy TX descriptor with CMD.EOP (a DEXT=1 descriptor's EOP is ignored)."""
+    return (c[11] & (CMD_EOP | CMD_DEXT)) == CMD_EOP
+
+
 cdef inline bint is_broadcast(const uint8_t *d) noexcept nogil:
     return (d[0] & d[1] & d[2] & d[3] & d[4] & d[5]) == 0xFF
 
@@ -332,7 +351,9 @@ cdef class Datapath:
     cdef public unsigned long long dma_errors
     cdef public unsigned long long tx_dropped
     cdef public unsigned long long tx_dext_skipped
+    cdef public unsigned long long tx_descs_fetched
     cdef public unsigned long long rx_dropped
+    cdef public unsigned long long rx_written
 
     cdef uint32_t *r  # the register file
     cdef Py_buffer _regs_buf
@@ -346,8 +367,14 @@ cdef class Datapath:
     cdef uint8_t *_tx_scratch  # a packet being built from its descriptors
     cdef uint8_t *_tx_flush  # a TX packet buffer record made contiguous
     cdef uint8_t *_rx_scratch  # an RX packet buffer record made contiguous
-    cdef uint8_t *_chain  # copies of the descriptors of one TX packet
+    cdef uint8_t *_chain  # copies of the descriptors of one TX packet, kept between walks
     cdef uint32_t _chain_cap
+    cdef uint32_t _chain_count  # descriptors fetched of the packet at TDH
+    cdef uint64_t _chain_len  # its data bytes so far
+    cdef uint64_t _chain_base  # the ring and TDH at the end of the last walk
+    cdef uint32_t _chain_n
+    cdef uint32_t _chain_head
+    cdef bint _discard  # dropping the rest of an oversize packet, up to its EOP
     cdef uint64_t _events
     cdef list _sent
     cdef bint _in_transmit  # a sink that calls back into transmit() gets a no-op
@@ -496,9 +523,21 @@ cdef class Datapath:
         self._sent = []
         return sent
 
+    @property
+    def rx_queued(self):
+        """Frames waiting in the RX packet buffer."""
+        return self._rxq.count
+
+    @property
+    def tx_queued(self):
+        """Frames waiting in the TX packet buffer."""
+        return self._txq.count
+
     def reset(self):
-        """Power-on reset: both packet buffers are emptied (the diagnostics counters stay)."""
+        """Power-on reset: both packet buffers and the packet being fetched are emptied (the
+        diagnostics counters stay)."""
         self._txq.head = self._txq.used = self._txq.count = 0
+        self._forget_chain()
         self._rxq.head = self._rxq.used = self._rxq.count = 0
         self._events = 0
         self._sent = []
@@ -548,7 +587,8 @@ cdef class Datapath:
         return 0
 
     cdef uint64_t _walk_tx(self) except? 0xFFFFFFFFFFFFFFFF:
-        """Walk the legacy TX descriptors from TDH to TDT (see RefDatapath._walk_tx)."""
+        """Walk the legacy TX descriptors from TDH to TDT, fetching at most TX_BUDGET (see
+        RefDatapath._walk_tx)."""
         cdef uint32_t *r = self.r
         if not (r[R_TCTL] & TCTL_EN) or not self.bus_master:
             return 0
@@ -561,74 +601,148 @@ cdef class Datapath:
             return 0
         cdef uint64_t base = (<uint64_t>r[R_TDBAH] << 32) | (r[R_TDBAL] & RING_BASE_MASK)
         self._grow_chain(n)
+        cdef uint32_t avail = tail - head if tail >= head else tail + n - head
+        if base != self._chain_base or n != self._chain_n or head != self._chain_head \
+                or self._chain_count > avail:
+            self._forget_chain()  # TDH, the ring or TDT moved under what was fetched
+        # budget: descriptors this walk may still fetch (what it fetched is counted at the end)
+        cdef uint32_t budget = TX_WALK_BUDGET
         cdef uint64_t events = 0
         cdef uint32_t consumed = 0
-        cdef uint32_t h, count, k, idx
-        cdef bint eop, fault, lone_dext
-        cdef const uint8_t *d
-        cdef uint8_t *c
-        cdef uint8_t *w
-        cdef int stop
-        while head != tail:
-            self._prefetch_tx(base, n, head, tail)
-            h = head
-            count = 0
-            eop = False
-            fault = False
-            while h != tail:
-                d = self._desc(base, h, False)
-                c = self._chain + count * DESC
-                count += 1
-                h = h + 1
-                if h == n:
-                    h = 0
-                if d == NULL:
-                    self.dma_errors += 1
-                    fault = True
+        cdef uint32_t count, k, idx, used
+        cdef int state
+        while avail:
+            if self._discard:
+                if budget == 0:
+                    events |= EV_TX_MORE
                     break
-                memcpy(c, d, DESC)
-                if c[11] & CMD_DEXT:
-                    if count == 1:
-                        break
-                    continue
-                if c[11] & CMD_EOP:
-                    eop = True
+                budget -= 1
+                events |= self._discard_one(base, head)
+                used = 1
+            else:
+                if self._chain_count == 0:
+                    self._prefetch_tx(base, n, head, tail)
+                state = self._fetch_chain(base, n, head, avail, &budget)
+                count = self._chain_count
+                if state == CH_EOP:
+                    if self._tx_packet(count):
+                        break  # no room in the TX packet buffer: after tx_resume()
+                elif state == CH_BUDGET:
+                    events |= EV_TX_MORE
                     break
-            lone_dext = count == 1 and not fault and (self._chain[11] & CMD_DEXT)
-            if not (eop or fault or lone_dext):
-                if count < n - 1:
-                    break
-                self.tx_dropped += 1
-            elif eop and not fault:
-                stop = self._tx_packet(count)
-                if stop:
-                    break
-            elif fault:
-                if count > 1:
+                elif state == CH_OPEN:
+                    if count < n - 1:
+                        break  # wait for TDT to move on: the chain stays fetched
                     self.tx_dropped += 1
-            # write back STA.DD where RS (the fetched copy's upper nibble is kept)
-            idx = head
-            for k in range(count):
-                if not (fault and k == count - 1):
-                    c = self._chain + k * DESC
-                    if c[11] & CMD_DEXT:
-                        self.tx_dext_skipped += 1
-                    if c[11] & CMD_RS:
-                        w = self._desc(base, idx, True)
-                        if w == NULL:
-                            self.dma_errors += 1
-                        else:
-                            nicemu_store_release_u8(w + 12, (c[12] & 0xF0) | STA_DD)
-                            events |= EV_TX_IDE if c[11] & CMD_IDE else ICR_TXDW
-                idx += 1
-                if idx == n:
-                    idx = 0
-            consumed += count
-            head = h
+                elif state == CH_OVERSIZE:
+                    self.tx_dropped += 1
+                    self._discard = True
+                elif state == CH_FAULT and count:
+                    self.tx_dropped += 1
+                idx = head
+                for k in range(count):
+                    events |= self._write_back(base, idx, self._chain + k * DESC)
+                    idx += 1
+                    if idx == n:
+                        idx = 0
+                used = count + (1 if state == CH_FAULT else 0)
+                self._chain_count = 0
+                self._chain_len = 0
+            consumed += used
+            avail -= used
+            head += used
+            if head >= n:
+                head -= n
             r[R_TDH] = head
+        self.tx_descs_fetched += TX_WALK_BUDGET - budget
+        self._chain_base = base
+        self._chain_n = n
+        self._chain_head = head
         if consumed and head == tail:
             events |= ICR_TXQE
         return events
+
+    cdef inline void _forget_chain(self) noexcept nogil:
+        self._chain_count = 0
+        self._chain_len = 0
+        self._discard = False
+
+    cdef inline int _fetch_chain(self, uint64_t base, uint32_t n, uint32_t head, uint32_t avail,
+                                 uint32_t *budget) noexcept nogil:
+        """Fetch the packet at TDH after what is already fetched, up to its EOP, TDT (`avail`
+        descriptors from TDH) or the end of the budget (see RefDatapath._fetch_chain); returns
+        how it ended."""
+        cdef uint32_t count = self._chain_count  # kept in locals: stored back on every exit
+        cdef uint32_t left = budget[0]
+        cdef uint32_t idx
+        cdef uint8_t *c
+        cdef const uint8_t *d
+        cdef int state = CH_OPEN
+        if count and ends_packet(self._chain + (count - 1) * DESC):
+            return CH_EOP  # fetched by an earlier walk, which found no room for it
+        while count < avail:
+            if left == 0:
+                state = CH_BUDGET
+                break
+            left -= 1
+            idx = head + count
+            if idx >= n:
+                idx -= n
+            d = self._desc(base, idx, False)
+            if d == NULL:
+                self.dma_errors += 1
+                state = CH_FAULT
+                break
+            c = self._chain + count * DESC
+            memcpy(c, d, DESC)
+            count += 1
+            if c[11] & CMD_DEXT:
+                if count == 1:
+                    state = CH_LONE_DEXT
+                    break
+                continue
+            if c[11] & CMD_EOP:
+                state = CH_EOP
+                break
+            self._chain_len += c[8] | (<uint32_t>c[9] << 8)
+            if self._tx_too_long(self._chain_len):
+                state = CH_OVERSIZE
+                break
+        self._chain_count = count
+        budget[0] = left
+        return state
+
+    cdef uint64_t _discard_one(self, uint64_t base, uint32_t idx) noexcept nogil:
+        """Consume descriptor `idx` of a packet dropped for its size (see
+        RefDatapath._discard_one)."""
+        cdef const uint8_t *d = self._desc(base, idx, False)
+        if d == NULL:
+            self.dma_errors += 1
+            self._discard = False
+            return 0
+        cdef uint8_t c[DESC]
+        memcpy(c, d, DESC)
+        if ends_packet(c):
+            self._discard = False
+        return self._write_back(base, idx, c)
+
+    cdef inline uint64_t _write_back(self, uint64_t base, uint32_t idx, const uint8_t *c) noexcept nogil:
+        """STA.DD into descriptor `idx` (fetched as `c`) if CMD.RS, with a release store (the
+        fetched copy's upper nibble kept); returns the event it raises."""
+        if c[11] & CMD_DEXT:
+            self.tx_dext_skipped += 1
+        if not (c[11] & CMD_RS):
+            return 0
+        cdef uint8_t *w = self._desc(base, idx, True)
+        if w == NULL:
+            self.dma_errors += 1
+            return 0
+        nicemu_store_release_u8(w + 12, (c[12] & 0xF0) | STA_DD)
+        return EV_TX_IDE if c[11] & CMD_IDE else ICR_TXDW
+
+    cdef inline bint _tx_too_long(self, uint64_t frame_len) noexcept nogil:
+        """Over MAX_FRAME, or larger than the whole TX packet buffer (see RefDatapath)."""
+        return frame_len > MAX_FRAME or pb_record_size(<uint32_t>frame_len) > self._pb_capacity(16)
 
     cdef inline void _prefetch_tx(self, uint64_t base, uint32_t n, uint32_t head,
                                   uint32_t tail) noexcept nogil:
@@ -666,7 +780,7 @@ cdef class Datapath:
         cdef uint64_t frame_len = data_len + (4 if cmd & CMD_IFCS else 0)
         cdef uint32_t cap = self._pb_capacity(16)
         if total == 0 or frame_len > MAX_FRAME or pb_record_size(<uint32_t>frame_len) > cap:
-            self.tx_dropped += 1
+            self.tx_dropped += 1  # _tx_too_long, with the capacity read once
             return 0
         cdef uint32_t rec = pb_record_size(<uint32_t>frame_len)
         if self._txq.used > cap or rec > cap - self._txq.used:
@@ -924,6 +1038,7 @@ cdef class Datapath:
         if head >= n:
             head -= n
         r[R_RDH] = head
+        self.rx_written += 1
         # hint the cache about a buffer a few frames on (written soon, if it is the device's)
         free_ = tail + n - head if tail < head else tail - head
         if free_ > PREFETCH_AHEAD:

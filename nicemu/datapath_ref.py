@@ -21,18 +21,31 @@ from typing import Callable
 from nicemu.dma import DmaMemory
 from nicemu.fcs import FCS_RESIDUE
 from nicemu.regs import (
-    BPRC, BPTC, CRCERRS, DESC_SIZE, EV_RX_DONE, EV_TX_IDE, GORCL, GOTCL, GPRC, GPTC, MPC, MPRC,
+    BPRC, BPTC, CRCERRS, DESC_SIZE, EV_RX_DONE, EV_TX_IDE, EV_TX_MORE, GORCL, GOTCL, GPRC, GPTC, MPC, MPRC,
     MPTC, MTA, PBA, PRC64, PTC64, RA, RA_ENTRIES, RAH_AS, RCTL, RDBAH, RDBAL, RDH, RDLEN, RDT,
     RING_BASE_MASK, RING_INDEX_MASK, RING_LEN_MASK, RNBC, ROC, RUC, RXCSUM, TCTL, TDBAH, TDBAL,
     TDH, TDLEN, TDT, TORL, TOTL, TPR, TPT, Icr, Rah, Rctl, RxdErrors, RxdStatus, Rxcsum, Tctl,
     TxdCmd, TxdSta, rx_buffer_size,
 )
 
-__all__ = ["RefDatapath", "pb_record_size", "ones_sum", "rx_checksum_offload", "MAX_FRAME", "PB_MAX"]
+__all__ = ["RefDatapath", "pb_record_size", "ones_sum", "rx_checksum_offload", "MAX_FRAME", "PB_MAX",
+           "TX_BUDGET"]
 
 MAX_FRAME = 16384  # the largest frame either direction handles (FCS included), SDM 3.3 / LPE
 PB_MAX = 64 * 1024  # the 82540EM's packet buffer memory: neither PBA part can be larger
 PB_LINE = 16  # the packet buffer is kept in 16-byte lines, plus one status line per frame
+# TX descriptors one walk (a TDT write, tx_resume, or the Nic continuing a walk) may fetch: the
+# work of one doorbell is bounded, so one device cannot keep its emulator process from serving
+# the others. A full ring of Linux's largest size (4096) still goes in one walk.
+TX_BUDGET = 4096
+
+# How fetching one packet's descriptors ended (RefDatapath._fetch_chain)
+_OPEN = 0  # TDT reached without EOP: the packet waits for more descriptors
+_BUDGET = 1  # the walk's TX_BUDGET ran out first: the next walk goes on from there
+_EOP = 2  # the chain is complete
+_FAULT = 3  # a descriptor outside memory ends the chain (it is not in the chain)
+_LONE_DEXT = 4  # a DEXT=1 descriptor at the start of a packet: consumed on its own
+_OVERSIZE = 5  # the data so far can never be sent: the packet is dropped at once
 U32 = 0xFFFFFFFF
 U64 = (1 << 64) - 1
 
@@ -152,6 +165,11 @@ def rx_checksum_offload(data: bytes | memoryview, rxcsum: int) -> tuple[int, int
     return status, errors, csum
 
 
+def _ends_packet(d: bytes) -> bool:
+    """A legacy descriptor with CMD.EOP (a DEXT=1 descriptor's EOP is ignored)."""
+    return d[11] & (TXD_CMD_EOP | TXD_CMD_DEXT) == TXD_CMD_EOP
+
+
 class _RxEntry:
     """A frame waiting in the RX packet buffer, with what the receive checks found."""
 
@@ -176,9 +194,19 @@ class RefDatapath:
         self.dma_errors = 0  # descriptor or buffer accesses outside mapped (writable) memory
         self.tx_dropped = 0  # TX packets not sent: too long, no EOP in a full ring, DMA fault, empty
         self.tx_dext_skipped = 0  # extended (DEXT=1) TX descriptors: not modeled, skipped
+        self.tx_descs_fetched = 0  # TX descriptors read from the ring (each once, see _walk_tx)
         self.rx_dropped = 0  # frames dropped with no SDM statistic: RCTL.EN clear, DMA fault, too many buffers
+        self.rx_written = 0  # frames written to the RX ring (with rx_dropped, MPC and rx_queued:
+        #                      where every frame that entered the RX packet buffer went)
         self._txq: deque[bytes] = deque()  # the TX packet buffer
         self._tx_used = 0
+        # The packet being fetched: copies of its descriptors from TDH on, kept from one walk
+        # to the next (a chain waiting for its EOP is read once, however many doorbells it
+        # takes), with the ring and TDH they were fetched for.
+        self._chain: list[bytes] = []
+        self._chain_len = 0  # its data bytes so far (before its EOP)
+        self._chain_ring = (0, 0, 0)  # (ring base, descriptors, TDH) at the end of the last walk
+        self._discard = False  # dropping the rest of an oversize packet, up to its EOP
         self._rxq: deque[_RxEntry] = deque()  # the RX packet buffer
         self._rx_used = 0
         self._events = 0  # raised by frames a linked peer delivered to us
@@ -203,10 +231,22 @@ class RefDatapath:
         sent, self._sent = self._sent, []
         return sent
 
+    @property
+    def rx_queued(self) -> int:
+        """Frames waiting in the RX packet buffer (for descriptors, RCTL.EN or bus mastering)."""
+        return len(self._rxq)
+
+    @property
+    def tx_queued(self) -> int:
+        """Frames waiting in the TX packet buffer (for the cable)."""
+        return len(self._txq)
+
     def reset(self) -> None:
-        """Power-on reset: both packet buffers are emptied (the diagnostics counters stay)."""
+        """Power-on reset: both packet buffers and the packet being fetched are emptied (the
+        diagnostics counters stay)."""
         self._txq.clear()
         self._tx_used = 0
+        self._forget_chain()
         self._rxq.clear()
         self._rx_used = 0
         self._events = 0
@@ -283,78 +323,146 @@ class RefDatapath:
         return self.transmit()
 
     def _walk_tx(self) -> int:
-        """Walk the legacy TX descriptors from TDH to TDT (SDM 3.3)."""
+        """Walk the legacy TX descriptors from TDH to TDT (SDM 3.3), fetching at most TX_BUDGET.
+
+        Packet by packet: fetch its descriptors up to the one with EOP (_fetch_chain), send it,
+        write back the descriptors (STA.DD where RS) and move TDH past them. A packet whose EOP
+        is not queued yet stays fetched (TDH at its start) and the next walk goes on after the
+        descriptors already fetched. When the budget runs out with descriptors left, the
+        events say EV_TX_MORE: the Nic walks again later, after its other work."""
         if not (self.regs[TCTL >> 2] & TCTL_EN) or not self.bus_master:
             return 0
         base, n, head, tail = self._ring(TDBAL, TDBAH, TDLEN, TDH, TDT)
         if n == 0:
             return 0
+        if self._chain_ring != (base, n, head) or len(self._chain) > (tail - head) % n:
+            # Software moved TDH, reprogrammed the ring, or moved TDT back over fetched
+            # descriptors (they are no longer the device's): what was fetched is stale.
+            self._forget_chain()
+        budget = TX_BUDGET
         events = 0
         consumed = 0
         while head != tail:
-            # Fetch the descriptors of one packet: up to the one with EOP. DEXT=1 descriptors
-            # are not modeled: one at the start of a packet is consumed on its own, one inside
-            # a chain adds no data (its EOP is ignored).
-            chain: list[tuple[int, bytes | None]] = []
-            h = head
-            eop = False
-            fault = False
-            while h != tail:
-                d = self._dma_read(base + h * DESC_SIZE, DESC_SIZE)
-                chain.append((h, d))
-                h = (h + 1) % n
-                if d is None:
-                    fault = True
+            if self._discard:
+                if budget == 0:
+                    events |= EV_TX_MORE
                     break
-                if d[11] & TXD_CMD_DEXT:
-                    if len(chain) == 1:
-                        break
-                    continue
-                if d[11] & TXD_CMD_EOP:
-                    eop = True
+                budget -= 1
+                events |= self._discard_one(base, head)
+                used = 1
+            else:
+                state, budget = self._fetch_chain(base, n, head, tail, budget)
+                chain = self._chain
+                if state == _BUDGET:
+                    events |= EV_TX_MORE
                     break
-            first = chain[0][1]
-            lone_dext = len(chain) == 1 and first is not None and first[11] & TXD_CMD_DEXT
-            if not (eop or fault or lone_dext):
-                if len(chain) < n - 1:
-                    break  # the rest of the packet is not queued yet: wait for TDT to move
-                # A whole ring of descriptors without EOP can never complete: drop it.
-                self.tx_dropped += 1
-            elif eop and not fault:
-                stop = self._tx_packet(chain)
-                if stop:
-                    break  # the TX packet buffer is full: fetch again after tx_resume()
-            elif fault:
-                if len(chain) > 1:
+                if state == _OPEN:
+                    if len(chain) < n - 1:
+                        break  # the rest of the packet is not queued yet: wait for TDT to move
+                    self.tx_dropped += 1  # n - 1 descriptors without EOP can never complete
+                elif state == _EOP:
+                    if self._tx_packet(chain):
+                        break  # the TX packet buffer is full: send it after tx_resume()
+                elif state == _OVERSIZE:
                     self.tx_dropped += 1
-            # Write back the descriptors the device is done with (STA.DD where RS).
-            for idx, d in chain:
-                if d is not None and d[11] & TXD_CMD_DEXT:
-                    self.tx_dext_skipped += 1
-                if d is not None and d[11] & TXD_CMD_RS:
-                    w = self._view(base + idx * DESC_SIZE, DESC_SIZE, True)
-                    if w is None:
-                        self.dma_errors += 1
-                        continue
-                    w[12] = (d[12] & 0xF0) | TXD_STA_DD
-                    events |= EV_TX_IDE if d[11] & TXD_CMD_IDE else ICR_TXDW
-            consumed += len(chain)
-            head = h
+                    self._discard = True  # its remaining descriptors are consumed unread
+                elif state == _FAULT and chain:
+                    self.tx_dropped += 1  # the packet the fault interrupts
+                for k, d in enumerate(chain):
+                    if d[11] & (TXD_CMD_RS | TXD_CMD_DEXT):  # else there is nothing to write or count
+                        events |= self._write_back(base, (head + k) % n, d)
+                used = len(chain) + (state == _FAULT)
+                chain.clear()
+                self._chain_len = 0
+            consumed += used
+            head = (head + used) % n
             self.regs[TDH >> 2] = head
+        self._chain_ring = (base, n, head)
         if consumed and head == tail:
             events |= ICR_TXQE
         return events
 
-    def _tx_packet(self, chain: list[tuple[int, bytes | None]]) -> bool:
+    def _forget_chain(self) -> None:
+        self._chain.clear()
+        self._chain_len = 0
+        self._discard = False
+
+    def _fetch_chain(self, base: int, n: int, head: int, tail: int, budget: int) -> tuple[int, int]:
+        """Fetch the descriptors of the packet at TDH, after those already fetched, until its
+        EOP, TDT, or the end of the budget; returns (how it ended, budget left).
+
+        Each descriptor is read once into the engine: a driver changing it afterwards cannot
+        change what was checked. DEXT=1 descriptors are not modeled: one at the start of a
+        packet is consumed on its own, one inside a chain adds no data (its EOP is ignored).
+        A packet is dropped as soon as its data can never be sent (_tx_too_long), as the
+        hardware can hold no more of it than its TX packet buffer."""
+        chain = self._chain
+        if chain and _ends_packet(chain[-1]):
+            return _EOP, budget  # fetched by an earlier walk, which found no room for it
+        avail = (tail - head) % n
+        while len(chain) < avail:
+            if budget == 0:
+                return _BUDGET, budget
+            budget -= 1
+            self.tx_descs_fetched += 1
+            d = self._dma_read(base + (head + len(chain)) % n * DESC_SIZE, DESC_SIZE)
+            if d is None:
+                return _FAULT, budget
+            chain.append(d)
+            cmd = d[11]
+            if cmd & TXD_CMD_DEXT:
+                if len(chain) == 1:
+                    return _LONE_DEXT, budget
+                continue
+            if cmd & TXD_CMD_EOP:
+                return _EOP, budget
+            self._chain_len += d[8] | d[9] << 8  # the data so far of a packet still open
+            if self._tx_too_long(self._chain_len):
+                return _OVERSIZE, budget
+        return _OPEN, budget
+
+    def _discard_one(self, base: int, idx: int) -> int:
+        """Consume descriptor `idx` of a packet dropped for its size; its EOP, or a descriptor
+        outside memory (which ends a chain), ends the drop. Returns the write-back's event."""
+        self.tx_descs_fetched += 1
+        d = self._dma_read(base + idx * DESC_SIZE, DESC_SIZE)
+        if d is None:
+            self._discard = False
+            return 0
+        if _ends_packet(d):
+            self._discard = False
+        return self._write_back(base, idx, d)
+
+    def _write_back(self, base: int, idx: int, d: bytes) -> int:
+        """The device is done with descriptor `idx` (fetched as `d`): STA.DD if CMD.RS (the
+        status nibble rewritten, the byte's upper nibble kept). Returns the event it raises."""
+        cmd = d[11]
+        if cmd & TXD_CMD_DEXT:
+            self.tx_dext_skipped += 1
+        if not cmd & TXD_CMD_RS:
+            return 0
+        w = self._view(base + idx * DESC_SIZE, DESC_SIZE, True)
+        if w is None:
+            self.dma_errors += 1
+            return 0
+        w[12] = (d[12] & 0xF0) | TXD_STA_DD
+        return EV_TX_IDE if cmd & TXD_CMD_IDE else ICR_TXDW
+
+    def _tx_too_long(self, frame_len: int) -> bool:
+        """A packet of this many bytes can never be sent: over MAX_FRAME, or larger than the
+        whole TX packet buffer (PBA bits 31:16)."""
+        return frame_len > MAX_FRAME or pb_record_size(frame_len) > self._pb_capacity(16)
+
+    def _tx_packet(self, chain: list[bytes]) -> bool:
         """Build one packet from its descriptors and queue it; True = no room: stop the walk."""
         parts = []
         total = 0
-        for _, d in chain:
+        for d in chain:
             if not d[11] & TXD_CMD_DEXT:
                 length = d[8] | (d[9] << 8)
                 parts.append((int.from_bytes(d[0:8], "little"), length))
                 total += length
-        last = chain[-1][1]  # the EOP descriptor: its CMD, CSO and CSS apply to the packet
+        last = chain[-1]  # the EOP descriptor: its CMD, CSO and CSS apply to the packet
         cmd, cso, css = last[11], last[10], last[13]
         frame_len = total
         if self.regs[TCTL >> 2] & TCTL_PSP and frame_len < 60:
@@ -363,7 +471,7 @@ class RefDatapath:
             frame_len += 4
         rec = pb_record_size(frame_len)
         cap = self._pb_capacity(16)
-        if total == 0 or frame_len > MAX_FRAME or rec > cap:
+        if total == 0 or frame_len > MAX_FRAME or rec > cap:  # _tx_too_long, PBA read once
             self.tx_dropped += 1
             return False
         if rec > cap - self._tx_used:
@@ -549,6 +657,7 @@ class RefDatapath:
                         desc[12] = status
                     head = (head + need) % n
                     self.regs[RDH >> 2] = head
+                    self.rx_written += 1
                     events |= EV_RX_DONE
                     free = (tail - head) % n
                     rdmts = (rctl >> 8) & 3

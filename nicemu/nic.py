@@ -17,7 +17,14 @@ How it is built
   `nicemu.datapath_ref.RefDatapath` (pure Python), see docs/architecture.md "Nic <-> datapath
   engine" and docs/datapath.md. The Nic calls it on the doorbells (TDT, RDT, TCTL/RCTL with EN)
   and on `receive()`; each call returns an event word: ICR causes to raise now, plus
-  EV_RX_DONE / EV_TX_IDE, which start the delay timers.
+  EV_RX_DONE / EV_TX_IDE, which start the delay timers, and EV_TX_MORE (below).
+- Bounded doorbells. One TX walk fetches at most TX_BUDGET (4096) descriptors, so a TDT write
+  costs a bounded amount of work whatever the ring holds (the largest ring has 65,528
+  descriptors). When a walk stops with descriptors left (EV_TX_MORE) the Nic arms a TX
+  continuation due at once: `next_deadline()` says "now", `run_timers()` walks again, and a
+  doorbell that comes meanwhile only stores TDT (the pending walk will reach it). In an event
+  loop the device's other work and other devices get their turn between two walks; a full
+  ring of up to 4096 descriptors still goes out before the TDT write returns.
 - Interrupts. ICR holds the pending causes, IMS the enabled ones; the INTx line (`irq`) is
   (ICR & IMS) != 0, except that with ITR set the line may not rise again until ITR * 256 ns
   after it last rose. `on_irq(level)` is called on every change of the line, and again with
@@ -70,6 +77,7 @@ _RCTL_EN = int(R.Rctl.EN)
 _TCTL_EN = int(R.Tctl.EN)
 _EV_RX_DONE = R.EV_RX_DONE
 _EV_TX_IDE = R.EV_TX_IDE
+_EV_TX_MORE = R.EV_TX_MORE
 _RING_LEN_MASK = R.RING_LEN_MASK
 _RING_INDEX_MASK = R.RING_INDEX_MASK
 _DESC_SIZE = R.DESC_SIZE
@@ -146,7 +154,8 @@ class Nic:
         self._tadv_at: int | None = None
         self._itr_at: int | None = None  # when a held-off interrupt may be signalled
         self._last_irq_at: int | None = None  # when the line last rose
-        # The earliest of the five, kept up to date by _timers_changed() at every change: an
+        self._tx_more_at: int | None = None  # a TX walk that ran out of budget continues then
+        # The earliest of the six, kept up to date by _timers_changed() at every change: an
         # event loop asks for it once or twice per turn, so it must cost one attribute read.
         self._deadline: int | None = None
         self._reset_device()
@@ -351,14 +360,19 @@ class Nic:
         """Recompute the earliest deadline; called wherever a timer is armed, moved or
         cancelled (a cancel while none runs needs no call: the earliest is None already)."""
         due = None
-        for t in (self._rdtr_at, self._radv_at, self._tidv_at, self._tadv_at, self._itr_at):
+        for t in (self._rdtr_at, self._radv_at, self._tidv_at, self._tadv_at, self._itr_at, self._tx_more_at):
             if t is not None and (due is None or t < due):
                 due = t
         self._deadline = due
 
     def run_timers(self) -> None:
-        """Fire the timers that are due by the clock."""
+        """Fire the timers that are due by the clock (and continue a TX walk that ran out of
+        budget: it is due at once)."""
         now = self.clock()
+        if _due(self._tx_more_at, now):
+            self._tx_more_at = None
+            self._timers_changed()
+            self._walk_tx()
         causes = 0
         if _due(self._rdtr_at, now) or _due(self._radv_at, now):
             self._rdtr_at = self._radv_at = None
@@ -388,6 +402,7 @@ class Nic:
         regs[R.RAH(0) >> 2] = rah
         self.engine.reset()
         self._rdtr_at = self._radv_at = self._tidv_at = self._tadv_at = self._itr_at = None
+        self._tx_more_at = None
         self._deadline = None
         self._last_irq_at = None
         if self.irq:
@@ -401,6 +416,9 @@ class Nic:
             self._rx_done()
         if ev & _EV_TX_IDE:
             self._tx_ide()
+        if ev & _EV_TX_MORE and self._tx_more_at is None:
+            self._tx_more_at = self.clock()  # due now: walk again at the next run_timers()
+            self._timers_changed()
         causes = ev & _M32
         if causes:
             self.regs[_ICR] |= causes
@@ -612,7 +630,7 @@ class Nic:
 
     def _write_tdt(self, i: int, value: int) -> None:
         """TDT (SDM "Transmit Descriptor Tail"): the doorbell. Descriptors from TDH to TDT are sent
-        before this returns (when TCTL.EN)."""
+        before this returns (when TCTL.EN), up to TX_BUDGET of them; the rest at run_timers()."""
         self.regs[i] = value & R.RING_INDEX_MASK
         self._transmit()
 
@@ -646,6 +664,12 @@ class Nic:
         self.regs[i] = value & R.RAH_MASK
 
     def _transmit(self) -> None:
+        """A doorbell (TDT, TCTL.EN, bus mastering on): walk the TX ring now, unless a walk that
+        ran out of budget is pending; that one goes on to the new TDT at run_timers()."""
+        if self._tx_more_at is None:
+            self._walk_tx()
+
+    def _walk_tx(self) -> None:
         ev = self.engine.transmit()
         if ev:
             self._service(ev)

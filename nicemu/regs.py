@@ -288,10 +288,11 @@ FCS_LEN = 4
 
 
 # --- Nic <-> datapath engine events (docs/architecture.md) -----------------------------------
-# An engine call returns ICR cause bits to raise now, plus these two bits above the ICR range
-# that start the Nic's delay timers.
+# An engine call returns ICR cause bits to raise now, plus these bits above the ICR range: two
+# start the Nic's delay timers, one asks it to continue a TX walk later.
 EV_RX_DONE = 1 << 32  # a frame was written to the RX ring: RDTR/RADV -> RXT0
 EV_TX_IDE = 1 << 33  # an RS|IDE TX descriptor was written back: TIDV/TADV -> TXDW
+EV_TX_MORE = 1 << 34  # the walk fetched its budget of TX descriptors and more wait: walk again
 EV_CAUSES = 0xFFFFFFFF  # the ICR part of an event word
 
 # --- more register bits -------------------------------------------------------------------

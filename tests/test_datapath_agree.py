@@ -7,6 +7,12 @@ wraparound, heads and tails anywhere) and random TX chains (several descriptors,
 no EOP, bad addresses), a cable that sometimes refuses frames. After every step the returned
 events must match; at the end the memory, every register word (statistics), the transmitted
 frames and the diagnostics counters must match. Fixed seeds: a failure reproduces.
+
+A second scenario drives TX chains across doorbells (docs/datapath.md "Transmit"): chains
+whose EOP comes with a later doorbell, EOP-less runs up to the n - 1 drop, chains over the
+frame or TX packet buffer limit, resets, TDH rewrites and TDT moved back in the middle of a
+chain, and walks longer than TX_BUDGET (EV_TX_MORE); here the descriptors each engine fetched
+must match too.
 """
 from __future__ import annotations
 
@@ -19,9 +25,10 @@ import pytest
 
 from nicemu import DmaMemory
 from nicemu import regs as R
-from nicemu.datapath_ref import RefDatapath
+from nicemu.datapath_ref import TX_BUDGET, RefDatapath
 
-Datapath = pytest.importorskip("nicemu._datapath").Datapath
+_datapath = pytest.importorskip("nicemu._datapath")
+Datapath = _datapath.Datapath
 
 MEM_SIZE = 1 << 19
 RX_BASE = 0x1000  # RX ring (up to 64 descriptors)
@@ -223,7 +230,8 @@ def compare(a: Side, b: Side, where: str) -> None:
     if ma != mb:
         first = next(i for i in range(MEM_SIZE) if ma[i] != mb[i])
         pytest.fail(f"memory differs {where} first at {first:#x}")
-    for attr in ("dma_errors", "tx_dropped", "tx_dext_skipped", "rx_dropped"):
+    for attr in ("dma_errors", "tx_dropped", "tx_dext_skipped", "rx_dropped", "rx_written",
+                 "tx_descs_fetched", "rx_queued", "tx_queued"):
         assert getattr(a.engine, attr) == getattr(b.engine, attr), f"{attr} differs {where}"
     assert a.log == b.log, f"cable traffic differs {where}"
 
@@ -377,6 +385,172 @@ def test_mixed_engines_linked(kinds) -> None:
         assert b.regs[R.GPRC >> 2] > 10
     finally:
         for s in (*ref_pair, a, b):
+            s.close()
+
+
+# --- TX chains across doorbells -------------------------------------------------------------------
+
+CH_RING = 0x44000  # the chain scenario's TX ring: up to 4200 descriptors (0x10680 bytes)
+CH_BUFS = 0x58000  # 8 buffers of 4 KiB (their contents: the seeded random memory)
+EOP, IFCS, RS, IDE, DEXT = (int(R.TxdCmd.EOP), int(R.TxdCmd.IFCS), int(R.TxdCmd.RS),
+                            int(R.TxdCmd.IDE), int(R.TxdCmd.DEXT))
+
+
+def test_both_engines_have_the_same_tx_budget() -> None:
+    assert _datapath.TX_BUDGET == TX_BUDGET
+
+
+def _chain_piece(rng: random.Random, n: int) -> list[bytes]:
+    """Descriptors of one kind of TX chain piece (a packet, or part of one)."""
+    kind = rng.choice(["packet", "packet", "no_eop", "no_eop", "eop", "oversize", "zero", "dext", "fault"])
+    count = {"packet": rng.randint(1, 4), "no_eop": rng.randint(1, 6), "eop": 1,
+             "oversize": rng.randint(3, 7), "zero": rng.randint(1, min(40, n)), "dext": 1, "fault": 1}[kind]
+    out = []
+    for k in range(count):
+        addr = CH_BUFS + rng.randrange(8) * 0x1000
+        length = rng.choice([0, rng.randrange(1, 64), rng.randrange(60, 1600), rng.randrange(1600, 4097)])
+        cmd = (RS if rng.random() < 0.7 else 0) | (IFCS if rng.random() < 0.8 else 0)
+        cmd |= IDE if rng.random() < 0.2 else 0
+        if kind == "packet" and k == count - 1 or kind == "eop":
+            cmd |= EOP
+        elif kind == "oversize":
+            length = rng.randrange(3000, 4097)
+        elif kind == "zero":
+            length = 0
+        elif kind == "dext":
+            cmd |= DEXT | (EOP if rng.random() < 0.5 else 0)
+        elif kind == "fault":
+            addr = rng.choice([MEM_SIZE - 2, 1 << 40])
+            cmd |= EOP if rng.random() < 0.5 else 0
+        out.append(R.TX_DESC.pack(addr, length, rng.randrange(80), cmd, rng.randrange(16) << 4,
+                                  rng.randrange(60), 0))
+    return out
+
+
+def run_tx_chains(seed: int, steps: int = 80) -> None:
+    rng = random.Random(seed)
+    seed_mem = random.Random(seed + 1).randbytes(MEM_SIZE)
+    answers = [random.Random(seed + 2).random() < 0.8 for _ in range(400)]
+    sides = [Side(RefDatapath, seed_mem, answers), Side(Datapath, seed_mem, answers)]
+    n = rng.choice([8, 16, 64, 256, 4200])
+    state = {"written": 0}
+
+    def setreg(off: int, value: int) -> None:
+        for s in sides:
+            s.w(off, value)
+
+    def run(method: str, where: str) -> None:
+        ev = [getattr(s.engine, method)() for s in sides]
+        assert ev[0] == ev[1], f"{where}: events {ev[0]:#x} != {ev[1]:#x}"
+        compare(sides[0], sides[1], where)
+
+    def reprogram(at: int) -> None:
+        setreg(R.TDBAL, CH_RING)
+        setreg(R.TDBAH, 0)
+        setreg(R.TDLEN, n * 16)
+        setreg(R.TDH, at)
+        setreg(R.TDT, at)
+        state["written"] = at
+
+    try:
+        setreg(R.TCTL, int(R.Tctl.EN) | (int(R.Tctl.PSP) if rng.random() < 0.5 else 0))
+        setreg(R.PBA, rng.choice([R.PBA_DEFAULT, 0x00300010, 0x00020002]))
+        reprogram(rng.randrange(n))
+        if rng.random() < 0.5:
+            for s in sides:
+                s.engine.sink = s.sink
+        for step in range(steps):
+            where = f"(seed {seed} step {step}, ring {n})"
+            head, tdt = sides[0].regs[R.TDH >> 2], sides[0].regs[R.TDT >> 2]
+            room = (head - 1 - state["written"]) % n  # slots the driver may still fill
+            op = rng.random()
+            if op < 0.35 and room:
+                for d in _chain_piece(rng, n)[:room]:
+                    for s in sides:
+                        s.mem.write(CH_RING + 16 * state["written"], d)
+                    state["written"] = (state["written"] + 1) % n
+                continue
+            if op < 0.65:  # a doorbell somewhere between TDT and what is written: maybe mid-chain
+                ahead = (state["written"] - tdt) % n
+                setreg(R.TDT, (tdt + rng.randint(0, ahead)) % n)
+                run("transmit", where)
+            elif op < 0.72:
+                run("transmit", where)  # as the Nic does after EV_TX_MORE
+            elif op < 0.77:
+                run("tx_resume", where)
+            elif op < 0.81:  # reset in the middle of whatever is fetched; software starts over
+                for s in sides:
+                    s.engine.reset()
+                reprogram(rng.randrange(n))
+                compare(sides[0], sides[1], where)
+            elif op < 0.85:  # misprogramming: TDH rewritten under a fetched chain
+                setreg(R.TDH, rng.randrange(n))
+                run("transmit", where)
+            elif op < 0.89:  # misprogramming: TDT moved back (over fetched descriptors, maybe)
+                back = (tdt - head) % n
+                setreg(R.TDT, (head + rng.randint(0, back)) % n)
+                run("transmit", where)
+            elif op < 0.92:
+                setreg(R.PBA, rng.choice([R.PBA_DEFAULT, 0x00010001, 0x00020002, 0x00400010, 0]))
+            elif op < 0.94:  # misprogramming: for one doorbell the ring runs past the end of memory
+                setreg(R.TDBAL, MEM_SIZE - 16 * rng.randrange(1, 8))
+                run("transmit", where)
+                setreg(R.TDBAL, CH_RING)
+            elif room > 8:  # a long run without EOP (the attack), then doorbells through it
+                k = room - rng.randrange(0, 3)
+                d = R.TX_DESC.pack(CH_BUFS, rng.choice([0, 0, 1]), 0, RS | IFCS, 0, 0, 0)
+                for j in range(k):
+                    for s in sides:
+                        s.mem.write(CH_RING + 16 * ((state["written"] + j) % n), d)
+                state["written"] = (state["written"] + k) % n
+                for _ in range(rng.randint(1, 4)):
+                    tdt = sides[0].regs[R.TDT >> 2]
+                    ahead = (state["written"] - tdt) % n
+                    setreg(R.TDT, (tdt + rng.randint(ahead // 2, ahead)) % n)
+                    run("transmit", where)
+            sent = [s.engine.take_transmitted() for s in sides]
+            assert sent[0] == sent[1], f"{where}: transmitted frames differ"
+    finally:
+        for s in sides:
+            s.close()
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_engines_agree_on_tx_chains_across_doorbells(seed: int) -> None:
+    run_tx_chains(seed)
+
+
+def test_engines_agree_on_walks_longer_than_the_budget() -> None:
+    """An EOP-less run and a run of frames, each longer than TX_BUDGET, on a 4200 ring."""
+    seed_mem = random.Random(7).randbytes(MEM_SIZE)
+    sides = [Side(RefDatapath, seed_mem, []), Side(Datapath, seed_mem, [])]
+    n = 4200
+    try:
+        for s in sides:
+            for off, v in ((R.TCTL, int(R.Tctl.EN)), (R.PBA, R.PBA_DEFAULT), (R.TDBAL, CH_RING),
+                           (R.TDLEN, n * 16), (R.TDH, 0), (R.TDT, 0)):
+                s.w(off, v)
+        for cmd, length in ((RS | IFCS, 0), (EOP | IFCS | RS, 60)):  # EOP-less, then frames
+            head = sides[0].regs[R.TDH >> 2]
+            for s in sides:
+                for k in range(n - 1):
+                    s.mem.write(CH_RING + 16 * ((head + k) % n), R.TX_DESC.pack(CH_BUFS, length, 0, cmd, 0, 0, 0))
+                s.w(R.TDT, (head + n - 1) % n)
+            walks = 0
+            while True:
+                ev = [s.engine.transmit() for s in sides]
+                assert ev[0] == ev[1]
+                compare(sides[0], sides[1], f"walk {walks}")
+                walks += 1
+                if not ev[0] & R.EV_TX_MORE:
+                    break
+            assert walks == 2 and sides[0].regs[R.TDH >> 2] == (head + n - 1) % n
+            assert sides[0].engine.tx_descs_fetched == (n - 1) * (1 if length == 0 else 2)
+        assert sides[0].engine.tx_dropped == 1  # the n - 1 EOP-less descriptors
+        sent = [s.engine.take_transmitted() for s in sides]
+        assert sent[0] == sent[1] and len(sent[0]) == n - 1
+    finally:
+        for s in sides:
             s.close()
 
 

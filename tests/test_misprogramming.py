@@ -14,6 +14,7 @@ from array import array
 
 import pytest
 from conftest import RxRing, TxRing, enable_bus_master, make_frame, sealed_memfd
+from test_emulator_process import procs  # noqa: F401  (the fixture: processes reaped, /dev/shm checked)
 
 from nicemu import DmaMemory
 from nicemu import regs as R
@@ -178,6 +179,101 @@ def test_tx_chain_without_eop_is_bounded(dev) -> None:
     assert dev.engine.tx_dropped == 1
     assert all(ring.sta(k) & R.TxdSta.DD for k in range(7))  # the driver gets its buffers back
     works_after_reset(dev)
+
+
+def test_eopless_chain_on_the_largest_ring_is_fetched_once(make_nic) -> None:
+    """The attack on a hostile peer's behalf (issue 7): a chain without EOP on the largest ring,
+    rung a few descriptors at a time. Each doorbell fetches only the new descriptors (it used
+    to walk the whole pending chain again: 65,526 descriptors, 35 ms a doorbell in Python)."""
+    for engine in ("python", "cython"):
+        mem = DmaMemory(2 << 20)
+        dev = make_nic(engine=engine, mem=mem)
+        n = R.RING_LEN_MASK // 16  # 65,528 descriptors
+        mem.write(0, R.TX_DESC.pack(0x100000, 0, 0, RS | IFCS, 0, 0, 0) * n)
+        dev.write32(R.TDBAL, 0)
+        dev.write32(R.TDLEN, R.RING_LEN_MASK)
+        dev.write32(R.TCTL, int(R.Tctl.EN))
+        per_doorbell = set()
+        for tail in range(7, n - 1, 7):
+            before = dev.engine.tx_descs_fetched
+            dev.write32(R.TDT, tail)
+            per_doorbell.add(dev.engine.tx_descs_fetched - before)
+            assert dev.read32(R.TDH) == 0  # nothing dropped while the chain may still end
+        assert per_doorbell == {7}
+        dev.write32(R.TDT, n - 1)  # n - 1 descriptors without EOP: this chain can never end
+        assert dev.engine.tx_descs_fetched == n - 1 and dev.engine.tx_dropped == 1
+        assert dev.read32(R.TDH) == n - 1 and dev.next_deadline() is None
+        assert all(mem.read(16 * k + 12, 1)[0] & R.TxdSta.DD for k in range(0, n - 1, 997))
+        works_after_reset(dev)
+        mem.close()
+
+
+def test_tx_chain_over_16384_bytes_is_dropped_as_soon_as_it_gets_there(dev) -> None:
+    """No need to wait for the EOP of a packet that can never be sent: the descriptors fetched
+    so far are written back and TDH moves on; the rest of the packet, up to its EOP, is consumed
+    as it comes (one drop in all), and the next packet goes out."""
+    ring = TxRing(dev, n=32).setup()
+    dev.write32(R.PBA, 0x00300010)  # 48 KB TX: only the 16384 limit applies
+    for k in range(12):  # 2000 bytes each, EOP on the last: 24000 bytes
+        dev.mem.write(ring.base + 16 * k, R.TX_DESC.pack(ring.buf_base, 2000, 0, RS | (EOP if k == 11 else 0), 0, 0, 0))
+    dev.write32(R.TDT, 9)  # 18000 bytes so far
+    assert dev.read32(R.TDH) == 9 and dev.engine.tx_dropped == 1
+    assert all(ring.sta(k) & R.TxdSta.DD for k in range(9))
+    dev.write32(R.TDT, 11)
+    assert dev.read32(R.TDH) == 11 and dev.engine.tx_descs_fetched == 11
+    frame = body(60)
+    dev.mem.write(ring.buf_base + 0x4000, frame)
+    dev.mem.write(ring.base + 16 * 12, R.TX_DESC.pack(ring.buf_base + 0x4000, 60, 0, EOP | IFCS | RS, 0, 0, 0))
+    dev.write32(R.TDT, 13)  # the dropped packet's EOP, then a good one
+    assert dev.read32(R.TDH) == 13 and dev.engine.tx_dropped == 1
+    assert [f[:-4] for f in dev.transmitted()] == [frame]
+    assert all(ring.sta(k) & R.TxdSta.DD for k in range(13))
+    works_after_reset(dev)
+
+
+def test_tx_chain_over_the_tx_packet_buffer_is_dropped_as_soon_as_it_gets_there(dev) -> None:
+    ring = TxRing(dev).setup()
+    dev.write32(R.PBA, (2 << 16) | 46)  # 2 KB TX packet buffer
+    for k in range(3):
+        dev.mem.write(ring.base + 16 * k, R.TX_DESC.pack(ring.buf_base, 1500, 0, RS, 0, 0, 0))
+    dev.write32(R.TDT, 1)
+    assert dev.read32(R.TDH) == 0  # 1500 bytes fit: it waits for its EOP
+    dev.write32(R.TDT, 3)
+    assert dev.read32(R.TDH) == 3 and dev.engine.tx_dropped == 1 and dev.transmitted() == []
+    works_after_reset(dev)
+
+
+def test_tx_chain_fetched_state_follows_the_ring(dev) -> None:
+    """What was fetched of a packet belongs to the ring and TDH it was fetched from: TDT moved
+    back over it, TDH rewritten or a reset make the device fetch again (within one walk's
+    budget); moving TDT back and forth costs no more than that."""
+    ring = TxRing(dev).setup()
+    frame = body(120)
+    for k in range(3):
+        put = frame[40 * k: 40 * k + 40]
+        dev.mem.write(ring.buf_base + 64 * k, put)
+        dev.mem.write(ring.base + 16 * k, R.TX_DESC.pack(ring.buf_base + 64 * k, 40, 0, RS | (EOP | IFCS if k == 2 else 0), 0, 0, 0))
+    eng = dev.engine
+    dev.write32(R.TDT, 2)
+    assert eng.tx_descs_fetched == 2
+    dev.write32(R.TDT, 1)  # back over a fetched descriptor: the device forgets the chain
+    assert eng.tx_descs_fetched == 3 and dev.read32(R.TDH) == 0
+    dev.write32(R.TDH, 0)  # the same TDH: nothing changes
+    dev.write32(R.TDT, 3)
+    assert eng.tx_descs_fetched == 5 and dev.read32(R.TDH) == 3
+    assert [f[:-4] for f in dev.transmitted()] == [frame]
+    for k in (3, 4, 5):  # a new chain without EOP
+        dev.mem.write(ring.base + 16 * k, R.TX_DESC.pack(ring.buf_base, 40, 0, RS, 0, 0, 0))
+    dev.write32(R.TDT, 5)
+    assert eng.tx_descs_fetched == 7
+    dev.write32(R.TDH, 4)  # TDH rewritten under it (misprogramming): fetched again from 4
+    dev.write32(R.TDT, 6)
+    assert eng.tx_descs_fetched == 9 and dev.read32(R.TDH) == 4 and dev.transmitted() == []
+    dev.write32(R.CTRL, int(R.Ctrl.RST))  # a reset in the middle of the chain
+    enable_bus_master(dev)
+    ring = TxRing(dev).setup()
+    ring.send([body(60)])
+    assert len(dev.transmitted()) == 1 and dev.read32(R.TDH) == 1
 
 
 def test_tx_packet_longer_than_16384_is_dropped(dev) -> None:
@@ -408,3 +504,59 @@ def test_nic_level_reset_keeps_the_engine_consistent(make_nic) -> None:
         frame = make_frame(size=100)
         nic.receive(frame)
         assert rx.data(0) == frame
+
+
+# --- the same attack on a real emulator process with two devices -------------------------------
+
+@pytest.mark.parametrize("engine", ["python", "cython"])
+def test_eopless_chain_on_one_device_does_not_starve_the_other(procs, tmp_path, engine) -> None:
+    """Device A's driver posts a chain without EOP on the largest ring and rings TDT 16,381
+    times, four descriptors further each time, in rounds of 256 doorbells and one read; device
+    B's driver, on the other device of the same process, asks for a register before each
+    round. A's rounds are answered within the driver's reply timeout (each doorbell costs the
+    four new descriptors, not the whole chain again), and every request of B is answered
+    while A's doorbells are being processed: B's request sent before round r is answered by
+    the time round r + 1 is (the emulator serves every ready client in each turn)."""
+    import socket
+
+    from driver.vfio_user_client import VfioUserBus
+    from nicemu.vfio_user import protocol as p
+    from nicemu.vfio_user.protocol import Command
+    from test_emulator_process import MAC_A, MAC_B, read_stats
+
+    sa, sb = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    proc = procs.serve("--engine", engine, "--socket", sa, "--mac", MAC_A, "--socket", sb, "--mac", MAC_B)
+    with VfioUserBus(sa, 2 << 20) as a, VfioUserBus(sb, 1 << 16) as b:
+        n = R.RING_LEN_MASK // 16  # 65,528 descriptors
+        a.mem.write(0, R.TX_DESC.pack(0x100000, 0, 0, RS | IFCS, 0, 0, 0) * n)
+        enable_bus_master(a)
+        a.write32(R.TDBAL, 0)
+        a.write32(R.TDLEN, R.RING_LEN_MASK)
+        a.write32(R.TCTL, int(R.Tctl.EN))
+        status = b.read32(R.STATUS)
+
+        def ask_b(msg_id: int) -> None:  # a REGION_READ of STATUS whose reply is read later
+            b.sock.sendall(p.HEADER.pack(msg_id, Command.REGION_READ, 32, 0, 0)
+                           + p.REGION_ACCESS.pack(R.STATUS, p.BAR0_REGION, 4))
+
+        def b_answered(msg_id: int) -> None:  # already in B's socket: no waiting
+            reply = b.sock.recv(36, socket.MSG_DONTWAIT)
+            hdr = p.HEADER.unpack_from(reply)
+            assert len(reply) == 36 and hdr[0] == msg_id and not hdr[3] & p.Flags.ERROR
+            assert int.from_bytes(reply[32:], "little") == status
+
+        tails = list(range(4, n - 1, 4))
+        rounds = [tails[r: r + 256] for r in range(0, len(tails), 256)]
+        for r, doorbells in enumerate(rounds):
+            ask_b(1000 + r)
+            for tail in doorbells:
+                a.write32(R.TDT, tail)
+            assert a.read32(R.TDH) == 0  # the chain waits for its EOP; nothing dropped
+            if r:
+                b_answered(1000 + r - 1)
+        a.write32(R.TDT, n - 1)  # n - 1 descriptors without EOP: dropped
+        assert a.read32(R.TDH) == n - 1
+        b_answered(1000 + len(rounds) - 1)
+        assert len(rounds) == 64
+    stats = read_stats(proc)["devices"]
+    assert stats["nic0"]["tx_dropped"] == 1 and stats["nic0"]["dma_errors"] == 0

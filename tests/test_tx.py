@@ -292,3 +292,78 @@ def test_a_sink_calling_back_into_the_device_is_harmless(dev) -> None:
     ring.send(frames)
     assert [f[:-4] for f in got] == frames and dev.read32(R.TDH) == 5
     assert all(ring.sta(k) & R.TxdSta.DD for k in range(5))
+
+
+# --- chains across doorbells, and the bound on one walk (docs/datapath.md "Transmit") ----------
+
+def test_chain_completed_by_later_doorbells_is_fetched_once(dev) -> None:
+    ring = TxRing(dev).setup()
+    frame = body(300)
+    parts = [frame[:100], frame[100:200], frame[200:]]
+    fetched = []
+    for k, part in enumerate(parts):
+        put_desc(dev, ring, k, ring.buf_base + k * 2048, part, RS | (EOP | IFCS if k == 2 else 0))
+        before = dev.engine.tx_descs_fetched
+        dev.write32(R.TDT, k + 1)
+        fetched.append(dev.engine.tx_descs_fetched - before)
+        assert dev.read32(R.TDH) == (3 if k == 2 else 0)  # TDH stays at the packet until its EOP
+    assert fetched == [1, 1, 1]  # each doorbell reads only the new descriptor
+    assert dev.transmitted() == [frame + struct.pack("<I", zlib.crc32(frame))]
+    assert all(ring.sta(k) & R.TxdSta.DD for k in range(3))
+
+
+def test_a_fetched_descriptor_is_not_read_again(dev) -> None:
+    """The device has its copy: a driver that rewrites a descriptor after handing it over
+    (a bug) cannot change the packet, as on hardware with its descriptor cache."""
+    ring = TxRing(dev).setup()
+    frame = body(200)
+    put_desc(dev, ring, 0, ring.buf_base, frame[:80], RS)
+    dev.write32(R.TDT, 1)
+    dev.mem.write(ring.base, R.TX_DESC.pack(ring.buf_base, 10, 0, RS, 0, 0, 0))  # too late
+    put_desc(dev, ring, 1, ring.buf_base + 2048, frame[80:], RS | EOP | IFCS)
+    dev.write32(R.TDT, 2)
+    assert dev.transmitted() == [frame + struct.pack("<I", zlib.crc32(frame))]
+
+
+def test_one_walk_fetches_at_most_the_budget_and_the_nic_continues(make_nic, clock) -> None:
+    from nicemu.datapath_ref import TX_BUDGET
+
+    for engine in ("python", "cython"):
+        dev = make_nic(engine=engine)
+        n = 2 * TX_BUDGET
+        ring = TxRing(dev, n=n).setup()
+        frame = body(60)
+        dev.mem.write(ring.buf_base, frame)
+        dev.mem.write(ring.base, R.TX_DESC.pack(ring.buf_base, 60, 0, EOP | IFCS, 0, 0, 0) * n)
+        dev.write32(R.TDT, n - 1)
+        assert dev.read32(R.TDH) == TX_BUDGET and dev.engine.tx_descs_fetched == TX_BUDGET
+        assert len(dev.transmitted()) == TX_BUDGET
+        assert dev.next_deadline() == clock()  # the rest is due at once, after other work
+        dev.write32(R.TDT, n - 1)  # a doorbell meanwhile: the pending walk will get there
+        assert dev.engine.tx_descs_fetched == TX_BUDGET
+        dev.run_timers()
+        assert dev.read32(R.TDH) == n - 1 and len(dev.transmitted()) == n - 1 - TX_BUDGET
+        assert dev.next_deadline() is None and dev.read32(R.ICR) & R.Icr.TXQE
+        # a reset forgets a pending walk
+        dev.write32(R.TDT, (n - 1 + TX_BUDGET + 8) % n)
+        assert dev.next_deadline() is not None and dev.read32(R.TDH) == TX_BUDGET - 1
+        dev.reset()
+        assert dev.next_deadline() is None
+
+
+def test_tx_continuation_comes_after_ring_work_in_order(dev) -> None:
+    """tx_ready() while a walk is pending flushes and walks on; nothing is sent twice."""
+    from nicemu.datapath_ref import TX_BUDGET
+
+    n = TX_BUDGET + 64
+    ring = TxRing(dev, n=n).setup()
+    frames = [body(60, dst=bytes([2, 0, 0, 0, k >> 8, k & 0xFF])) for k in range(n - 1)]
+    for k, f in enumerate(frames):
+        dev.mem.write(ring.buf_base + 64 * k, f)
+    dev.mem.write(ring.base, b"".join(R.TX_DESC.pack(ring.buf_base + 64 * k, 60, 0, EOP | IFCS, 0, 0, 0)
+                                      for k in range(n)))
+    dev.write32(R.TDT, n - 1)
+    dev.tx_ready()
+    dev.run_timers()
+    assert [f[:-4] for f in dev.transmitted()] == frames
+    assert dev.read32(R.TDH) == n - 1 and dev.next_deadline() is None
