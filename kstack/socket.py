@@ -34,6 +34,14 @@ non-blocking recv with nothing local makes one flush call before EAGAIN. select/
 datagrams already delivered here as readable. NICEMU_ASYNC_SEND=0 / NICEMU_MULTISHOT=0 turn
 either off (one synchronous call per send or receive, as before).
 
+Stream sockets (SOCK_STREAM, TCP) make one synchronous call per operation: connect waits in
+the kernel for the handshake (non-blocking: EINPROGRESS, then select/poll for POLLOUT and
+SO_ERROR), accept returns a new socket object, send copies in what the kernel's send buffer
+takes (a blocking send waits until all of it is taken; sendall sends max_payload bytes per
+call), recv waits for data, EOF (b"") or an error, close with SO_LINGER (struct linger
+bytes) waits for the FIN to be acknowledged. Every byte is copied once each way across the
+channel and counted.
+
 fileno() is the kernel's descriptor number in this process's table: it works with this
 module's select() and poll(), not with the operating system's.
 
@@ -51,15 +59,19 @@ import threading
 from collections import Counter
 from typing import Any, Iterable
 
-from kstack.sock import (AF_INET, IP_TOS, IP_TTL, IPPROTO_ICMP, IPPROTO_IP, IPPROTO_UDP,
-                         MSG_DONTWAIT, MSG_PEEK, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT,
-                         SHUT_RD, SHUT_RDWR, SHUT_WR, SO_BROADCAST, SO_ERROR, SO_RCVBUF,
-                         SO_REUSEADDR, SO_SNDBUF, SOCK_DGRAM, SOCK_RAW, SOL_SOCKET)
+from kstack.sock import (AF_INET, IP_TOS, IP_TTL, IPPROTO_ICMP, IPPROTO_IP, IPPROTO_TCP,
+                         IPPROTO_UDP, MSG_DONTWAIT, MSG_PEEK, POLLERR, POLLHUP, POLLIN, POLLNVAL,
+                         POLLOUT, SHUT_RD, SHUT_RDWR, SHUT_WR, SO_BROADCAST, SO_ERROR,
+                         SO_KEEPALIVE, SO_LINGER, SO_RCVBUF, SO_REUSEADDR, SO_SNDBUF, SOCK_DGRAM,
+                         SOCK_RAW, SOCK_STREAM, SOL_SOCKET, TCP_NODELAY)
+from kstack.tcp_sock import TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_MAXSEG
 from kstack.syscall.channel import POLLFD, Op
 from kstack.syscall.client import KernelChannel
 
 __all__ = ["socket", "select", "poll", "connect_kernel", "disconnect_kernel", "kernel", "costs", "timeout", "error",
            "getdefaulttimeout", "setdefaulttimeout", "AF_INET", "SOCK_DGRAM", "SOCK_RAW",
+           "SOCK_STREAM", "IPPROTO_TCP", "TCP_NODELAY", "TCP_KEEPIDLE", "TCP_KEEPINTVL",
+           "TCP_KEEPCNT", "TCP_MAXSEG", "SO_KEEPALIVE", "SO_LINGER",
            "IPPROTO_ICMP", "IPPROTO_UDP", "IPPROTO_IP", "SOL_SOCKET", "SO_RCVBUF", "SO_SNDBUF",
            "SO_REUSEADDR", "SO_ERROR", "SO_BROADCAST", "IP_TOS", "IP_TTL", "MSG_DONTWAIT",
            "MSG_PEEK", "SHUT_RD", "SHUT_WR", "SHUT_RDWR", "POLLIN", "POLLOUT", "POLLERR",
@@ -182,11 +194,15 @@ def _timeout_ns(t: float | None) -> int:
     return -1 if t is None else int(t * 1e9)
 
 
+_LINGER = struct.Struct("ii")  # struct linger: l_onoff, l_linger
+
+
 class socket:
-    """An AF_INET socket in the kstack kernel (SOCK_DGRAM, or SOCK_RAW with IPPROTO_ICMP)."""
+    """An AF_INET socket in the kstack kernel (SOCK_STREAM, SOCK_DGRAM, or SOCK_RAW with
+    IPPROTO_ICMP). `fileno` wraps a descriptor the kernel already gave (accept)."""
 
     def __init__(self, family: int = AF_INET, type: int = SOCK_DGRAM, proto: int = 0,
-                 *, channel: KernelChannel | None = None) -> None:
+                 fileno: int | None = None, *, channel: KernelChannel | None = None) -> None:
         self._ch = channel or kernel()
         self.family = family
         self.type = type
@@ -197,7 +213,11 @@ class socket:
         self.async_send = ASYNC_SEND and type == SOCK_DGRAM
         self.multishot = MULTISHOT and type in (SOCK_DGRAM, SOCK_RAW)
         self.rx_credit = RX_CREDIT
-        self._fd = self._call(Op.SOCKET, -1, family, type, proto).result
+        if fileno is not None:
+            self._fd = fileno
+            self._bound = self._connected = True
+        else:
+            self._fd = self._call(Op.SOCKET, -1, family, type, proto).result
 
     def _call(self, op: int, fd: int, a0: int = 0, a1: int = 0, a2: int = 0, payload: Any = b"",
               addr: tuple[str, int] | None = None):
@@ -221,8 +241,22 @@ class socket:
         self._bound = True
 
     def connect(self, address: tuple[str, int]) -> None:
-        self._call(Op.CONNECT, self._live(), addr=_addr(address))
+        """On SOCK_STREAM the kernel waits for the handshake (the socket's timeout;
+        non-blocking: BlockingIOError EINPROGRESS, then EALREADY until it is done)."""
+        tmo = _timeout_ns(self._timeout) if self.type == SOCK_STREAM else 0
+        self._call(Op.CONNECT, self._live(), 0, 0, tmo, addr=_addr(address))
         self._bound = self._connected = True
+
+    def listen(self, backlog: int = 128) -> None:
+        self._call(Op.LISTEN, self._live(), max(0, int(backlog)))
+        self._bound = True
+
+    def accept(self) -> tuple["socket", tuple[str, int]]:
+        """A new socket for the next connection (waits up to the timeout), and its peer."""
+        c = self._call(Op.ACCEPT, self._live(), 0, 0, _timeout_ns(self._timeout))
+        conn = socket(self.family, self.type, self.proto, fileno=c.result, channel=self._ch)
+        conn._timeout = _default_timeout  # as Python: the new socket follows the default
+        return conn, c.addr
 
     def _pending_error(self, fd: int) -> None:
         """Raise (and clear) the error an async completion left on this socket."""
@@ -242,10 +276,27 @@ class socket:
         return self._send(data, flags, _addr(addr))
 
     def send(self, data: bytes, flags: int = 0) -> int:
+        if self.type == SOCK_STREAM:
+            view = data if type(data) is bytes else memoryview(data).cast("B")
+            return self._stream_send(view[:self._ch.layout.max_payload], flags)
         return self._send(data, flags, None)
 
     def sendall(self, data: bytes, flags: int = 0) -> None:
-        self._send(data, flags, None)
+        if self.type != SOCK_STREAM:
+            self._send(data, flags, None)
+            return
+        view = memoryview(data).cast("B")
+        step = self._ch.layout.max_payload
+        off = 0
+        while off < len(view):
+            off += self._stream_send(view[off:off + step], flags)
+
+    def _stream_send(self, view: Any, flags: int) -> int:
+        """One SENDTO: the kernel copies in what the send buffer takes (all of it unless
+        non-blocking or timed out)."""
+        n = self._call(Op.SENDTO, self._live(), flags, 0, self._tmo(flags), view).result
+        _copies["bytes_sent"] += n
+        return n
 
     def _send(self, data: Any, flags: int, addr: tuple[str, int] | None) -> int:
         view = data if type(data) is bytes else memoryview(data).cast("B")
@@ -271,6 +322,10 @@ class socket:
             raise ValueError("negative buffersize in recvfrom")
         fd = self._live()
         ch = self._ch
+        if self.type == SOCK_STREAM:
+            c = self._call(Op.RECVFROM, fd, bufsize, flags, self._tmo(flags))
+            _copies["bytes_received"] += len(c.payload)
+            return c.payload, None
         if not flags and ch.rx:  # the fast path: a datagram already here
             st = ch.rx.get(fd)
             if st is not None and st.queue and not ch.errors:
@@ -312,7 +367,13 @@ class socket:
         return self.recvfrom_into(buffer, nbytes, flags)[0]
 
     def setsockopt(self, level: int, option: int, value: int | bytes) -> None:
-        if isinstance(value, (bytes, bytearray)):
+        if level == SOL_SOCKET and option == SO_LINGER:
+            # struct linger crosses as one word: -1 off, else the seconds
+            if not isinstance(value, (bytes, bytearray)) or len(value) < _LINGER.size:
+                raise OSError(errno.EINVAL, os.strerror(errno.EINVAL))
+            onoff, secs = _LINGER.unpack_from(bytes(value))
+            value = max(0, secs) if onoff else -1
+        elif isinstance(value, (bytes, bytearray)):
             value = int.from_bytes(bytes(value)[:4], "little")
         self._call(Op.SETSOCKOPT, self._live(), level, option, int(value))
 
@@ -320,6 +381,8 @@ class socket:
         v = self._call(Op.GETSOCKOPT, self._live(), level, option).result
         if level == SOL_SOCKET and option == SO_ERROR:  # an async completion's error first
             v = self._ch.errors.pop(self._fd, 0) or v
+        if level == SOL_SOCKET and option == SO_LINGER:
+            return _LINGER.pack(v >> 32 & 1, v & 0x7FFFFFFF)[:buflen or _LINGER.size]
         return struct.pack("i", v)[:buflen] if buflen else v
 
     def getsockname(self) -> tuple[str, int]:

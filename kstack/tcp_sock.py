@@ -402,8 +402,8 @@ class TcpSock(Sock):
         if level == SOL_SOCKET:
             if option == SO_KEEPALIVE:
                 return int(cfg.keepalive)
-            if option == SO_LINGER:
-                return self.linger
+            if option == SO_LINGER:  # l_onoff in bit 32 (a result must not look like -errno)
+                return 0 if self.linger < 0 else (1 << 32) | self.linger
             if option == SO_ERROR:
                 err, self.err = self.err, 0
                 if not err and self.conn is not None:

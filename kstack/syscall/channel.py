@@ -26,11 +26,21 @@ Call records (see ring.py for the record header). The argument words per op:
     POLL        a2 timeout, payload: POLLFD entries (fd, events)    -> ready count, payload:
                                                                        the entries with revents
     SHUTDOWN    fd, a0 how                                          -> 0
+    LISTEN      fd, a0 backlog                                      -> 0
+    ACCEPT      fd, a2 timeout                                      -> the new fd, addr (the peer)
     RECV_MULTISHOT fd, a0 credit (datagrams)                        -> with F_ASYNC: no
                 completion; each datagram then comes as its own completion (op
                 RECV_MULTISHOT, the arming call's id, F_MORE, a0 = its length, payload,
                 addr) while credit lasts; a later call with the same id adds credit. Without
                 F_ASYNC (a flush): deliver what is queued now, then complete with 0.
+
+On a SOCK_STREAM socket: CONNECT takes a2 timeout too; it waits until the handshake ends
+(a non-blocking one answers EINPROGRESS, a second one EALREADY, as Linux's). SENDTO copies
+in what the send buffer takes; a blocking one waits until the kernel has taken all of its
+payload (on its timeout: the bytes taken so far, or ETIMEDOUT if none); a non-blocking one
+answers what was taken (EAGAIN if nothing). RECVFROM waits for data, EOF (0 bytes) or an
+error. CLOSE with SO_LINGER > 0 completes when the FIN is acknowledged or the linger time
+passed.
 
 A SENDTO with F_ASYNC completes only if it fails (its completion then has F_ASYNC too and the
 application keeps the errno as the socket's pending error). It never times out in the kernel.
@@ -70,6 +80,8 @@ class Op(enum.IntEnum):
     POLL = 11
     SHUTDOWN = 12
     RECV_MULTISHOT = 13
+    LISTEN = 14
+    ACCEPT = 15
 
 
 # record flags (the header's u16 flags word)

@@ -29,7 +29,7 @@ import struct
 from collections import Counter, deque
 from typing import Any, Callable
 
-from kstack.sock import MSG_DONTWAIT, POLLERR, POLLHUP, POLLIN, POLLNVAL
+from kstack.sock import MSG_DONTWAIT, POLLERR, POLLHUP, POLLIN, POLLNVAL, SOCK_STREAM
 from kstack.syscall.channel import (F_ASYNC, F_MORE, MAX_CREDIT, MAX_POLL_FDS, POLLFD, Layout,
                                     Op, create_shared, recv_hello, send_accept, send_refuse)
 from kstack.syscall.ring import Record, Ring, RingCorrupt, int_to_ip, ip_to_int
@@ -43,6 +43,7 @@ MAX_REFUSED = 16  # refused connections kept until they said hello (so the answe
 _OP_NAMES = {int(op): op.name.lower() for op in Op}
 _SENDTO = int(Op.SENDTO)
 _RECV_MS = int(Op.RECV_MULTISHOT)
+_WAITING_OPS = (Op.SENDTO, Op.RECVFROM, Op.POLL, Op.CONNECT, Op.ACCEPT)  # a2 is their timeout
 _PEERCRED = struct.Struct("3i")
 
 
@@ -94,6 +95,8 @@ class _App:
         self.ms_starved = False  # a delivery stopped for want of CQ room: resume on release
         self.hello_timer: Timer | None = None
         self.syscalls = 0
+        self.partial: dict[int, int] = {}  # call id -> bytes of a stream send taken so far
+        self.lingering: dict[int, tuple[Any, Callable[[Any], None]]] = {}  # call id -> (sock, wake-up)
 
 
 class SyscallServer:
@@ -320,6 +323,10 @@ class SyscallServer:
         app.parked.clear()
         app.backlog.clear()
         app.ms.clear()
+        app.partial.clear()
+        for sock, fn in app.lingering.values():
+            sock.remove_wakeup(fn)
+        app.lingering.clear()
         for fd, sock in list(app.socks.items()):
             self._release_sock(app, fd, sock)
         if app.hello_timer is not None:
@@ -456,13 +463,16 @@ class SyscallServer:
             if rec.op == Op.RECV_MULTISHOT:
                 self._multishot(app, rec)
                 return
+            if rec.op == Op.CLOSE:
+                self._close_call(app, rec)
+                return
             result, payload, addr = self._call(app, rec)
-        except BlockingIOError:
+        except BlockingIOError as e:
             if self._timeout(rec) == 0:
                 if rec.op == Op.POLL:  # poll(0) with nothing ready: 0, not an error
                     self._complete(app, rec, 0, rec.payload)
-                else:
-                    self._complete(app, rec, -errno.EAGAIN)
+                else:  # EAGAIN, or a connect's EINPROGRESS / EALREADY
+                    self._complete(app, rec, -(e.errno or errno.EAGAIN))
             else:
                 self._park(app, rec)
             return
@@ -488,7 +498,7 @@ class SyscallServer:
         done here, with no completion to post, when the Sock takes it at once; otherwise it
         parks or fails as _submit would. False: no such socket, _submit answers EBADF."""
         sock = app.socks.get(r[3])
-        if sock is None:
+        if sock is None or sock.type == SOCK_STREAM:  # a stream send keeps its progress: _submit
             return False
         app.syscalls += 1
         self._async_sends += 1
@@ -607,7 +617,7 @@ class SyscallServer:
             return -1  # already returned to the application: waits for room, never times out
         if rec.op == Op.SENDTO and rec.a0 & MSG_DONTWAIT or rec.op == Op.RECVFROM and rec.a1 & MSG_DONTWAIT:
             return 0
-        if rec.op in (Op.SENDTO, Op.RECVFROM, Op.POLL):
+        if rec.op in _WAITING_OPS:
             return rec.a2
         return 0
 
@@ -628,14 +638,18 @@ class SyscallServer:
             data = bytes(data[:n])
             return len(data), data, addr
         if op == Op.SENDTO:
-            return self._sock(app, rec.fd).sendmsg(rec.payload, rec.addr, rec.a0 & ~MSG_DONTWAIT), b"", None
+            sock = self._sock(app, rec.fd)
+            if sock.type == SOCK_STREAM:
+                return self._stream_send(app, rec, sock), b"", None
+            return sock.sendmsg(rec.payload, rec.addr, rec.a0 & ~MSG_DONTWAIT), b"", None
+        if op == Op.ACCEPT:
+            return self._accept_call(app, rec)
         if op == Op.POLL:
             return self._poll(app, rec)
         if op == Op.SOCKET:
             return self._socket(app, rec), b"", None
-        if op == Op.CLOSE:
-            self._close(app, rec.fd)
-            return 0, b"", None
+        if op == Op.CLOSE:  # only a lingering close comes back here (see _close_call)
+            return self._linger_done(app, rec), b"", None
         if op == Op.BIND:
             self._sock(app, rec.fd).bind(_need_addr(rec))
         elif op == Op.CONNECT:
@@ -650,6 +664,8 @@ class SyscallServer:
             return 0, b"", self._sock(app, rec.fd).getpeername()
         elif op == Op.SHUTDOWN:
             self._sock(app, rec.fd).shutdown(rec.a0)
+        elif op == Op.LISTEN:
+            self._sock(app, rec.fd).listen(rec.a0)
         else:
             raise OSError(errno.ENOSYS, "unknown call")
         return 0, b"", None
@@ -658,7 +674,10 @@ class SyscallServer:
         if len(app.socks) >= self.layout.max_fds:
             self.counters["emfile"] += 1
             raise OSError(errno.EMFILE, "too many open files")
-        sock = self.stack.socket(rec.a0, rec.a1, rec.a2)
+        return self._install(app, self.stack.socket(rec.a0, rec.a1, rec.a2))
+
+    def _install(self, app: _App, sock: Any) -> int:
+        """A new descriptor for `sock` in the application's table (the lowest free one)."""
         if app.free_fds:
             app.free_fds.sort()
             fd = app.free_fds.pop(0)  # the lowest free number, as Linux gives
@@ -670,14 +689,16 @@ class SyscallServer:
         sock.add_wakeup(fn)
         return fd
 
-    def _close(self, app: _App, fd: int) -> None:
+    def _close(self, app: _App, fd: int) -> Any:
         sock = self._sock(app, fd)
         for p in list(app.parked.get(fd, ())):
             if p.rec.op != Op.POLL:  # a poll sees POLLNVAL on its next look
                 self._unpark(p)
+                app.partial.pop(p.rec.call_id, None)
                 self._complete(app, p.rec, -errno.EBADF)
         self._release_sock(app, fd, sock)
         self._sock_woken(app, fd)  # polls that included fd look again
+        return sock
 
     def _poll(self, app: _App, rec: Record) -> tuple[int, bytes, None]:
         payload = rec.payload
@@ -701,10 +722,80 @@ class SyscallServer:
             raise BlockingIOError(errno.EAGAIN, "nothing ready")
         return ready, bytes(out), None
 
+    # --- stream sockets ----------------------------------------------------------------------
+
+    def _stream_send(self, app: _App, rec: Record, sock: Any) -> int:
+        """tcp_sendmsg across the channel: copy in what the send buffer takes; a blocking send
+        keeps its progress (app.partial) and waits until all of its payload is taken."""
+        cid = rec.call_id
+        done = app.partial.get(cid, 0)
+        payload = rec.payload
+        total = len(payload)
+        try:
+            n = sock.sendmsg(memoryview(payload)[done:], None, rec.a0 & ~MSG_DONTWAIT) if done < total else 0
+        except BlockingIOError:
+            if done and self._timeout(rec) == 0:
+                app.partial.pop(cid, None)
+                return done
+            raise
+        except OSError:
+            if done:  # what was taken was sent: report it; the error comes with the next call
+                app.partial.pop(cid, None)
+                return done
+            raise
+        done += n
+        if done < total and self._timeout(rec) != 0:
+            app.partial[cid] = done
+            raise BlockingIOError(errno.EAGAIN, "send buffer full")
+        app.partial.pop(cid, None)
+        return done
+
+    def _accept_call(self, app: _App, rec: Record) -> tuple[int, bytes, tuple[str, int] | None]:
+        """accept(2): the connection gets the lowest free descriptor (EMFILE is checked first,
+        so a full table leaves the connection in the accept queue)."""
+        sock = self._sock(app, rec.fd)
+        if len(app.socks) >= self.layout.max_fds:
+            self.counters["emfile"] += 1
+            raise OSError(errno.EMFILE, "too many open files")
+        child, addr = sock.accept()
+        return self._install(app, child), b"", addr
+
+    def _close_call(self, app: _App, rec: Record) -> None:
+        """close(2); a stream socket with SO_LINGER > 0 that has not had its FIN acknowledged
+        completes later (tcp_close's sk_stream_wait_close), the descriptor already free."""
+        sock = self._close(app, rec.fd)
+        lingering = getattr(sock, "lingering", None)
+        if lingering is None or not lingering():
+            self._complete(app, rec, 0)
+            return
+        key = -1 - rec.call_id  # a parking key no descriptor has
+        fn = lambda s, a=app, k=key: self._sock_woken(a, k)  # noqa: E731
+        sock.add_wakeup(fn)
+        app.lingering[rec.call_id] = (sock, fn)
+        self.counters["linger_waits"] += 1
+        self._park(app, rec, key=key, timeout=sock.linger * 1_000_000_000)
+
+    def _linger_done(self, app: _App, rec: Record) -> int:
+        entry = app.lingering.get(rec.call_id)
+        if entry is not None and entry[0].lingering():
+            raise BlockingIOError(errno.EAGAIN, "lingering")
+        self._linger_forget(app, rec.call_id)
+        return 0
+
+    def _linger_forget(self, app: _App, call_id: int) -> None:
+        entry = app.lingering.pop(call_id, None)
+        if entry is not None:
+            entry[0].remove_wakeup(entry[1])
+
     # --- parked calls ----------------------------------------------------------------------
 
-    def _park(self, app: _App, rec: Record) -> None:
-        if rec.op == Op.POLL:
+    def _park(self, app: _App, rec: Record, key: int | None = None,
+              timeout: int | None = None) -> None:
+        """Wait for a wake-up of the call's fds (or of `key`, a lingering close's) or the
+        timeout (the record's unless given)."""
+        if key is not None:
+            fds = [key]
+        elif rec.op == Op.POLL:
             fds = sorted({POLLFD.unpack_from(rec.payload, i)[0]
                           for i in range(0, len(rec.payload), POLLFD.size)} & app.socks.keys())
         else:
@@ -712,7 +803,7 @@ class SyscallServer:
         p = _Parked(app, rec, fds)
         for fd in fds:
             app.parked.setdefault(fd, []).append(p)
-        timeout = self._timeout(rec)
+        timeout = self._timeout(rec) if timeout is None else timeout
         if timeout > 0:
             p.timer = self.timers.timer(lambda now, p=p: self._expire(p), "syscall")
             p.timer.mod(self.clock() + timeout)
@@ -735,8 +826,14 @@ class SyscallServer:
         self._unpark(p)
         self.counters["timeouts"] += 1
         try:
+            done = app.partial.pop(p.rec.call_id, 0)
             if p.rec.op == Op.POLL:
                 self._complete(app, p.rec, 0, p.rec.payload)  # nothing ready: revents as sent
+            elif p.rec.op == Op.CLOSE:  # the linger time passed: close returns, the stack finishes
+                self._linger_forget(app, p.rec.call_id)
+                self._complete(app, p.rec, 0)
+            elif done:  # a stream send that timed out after taking some: what it took
+                self._complete(app, p.rec, done)
             else:
                 self._complete(app, p.rec, -errno.ETIMEDOUT)
         except RingCorrupt:
@@ -788,12 +885,14 @@ class SyscallServer:
             return
         except OSError as e:
             self._unpark(p)
+            app.partial.pop(p.rec.call_id, None)
             self._complete(app, p.rec, -(e.errno or errno.EIO))
             return
         except RingCorrupt:
             raise
         except Exception:
             self._unpark(p)
+            app.partial.pop(p.rec.call_id, None)
             self.counters["sock_errors"] += 1
             self._complete(app, p.rec, -errno.EIO)
             return
