@@ -184,3 +184,111 @@ def test_bulk_over_a_lossy_reordering_corrupting_cable(klab):
     crc = sum(find_key(sa, "rx_crc_errors")) + sum(find_key(sb, "rx_crc_errors"))
     assert corrupted > 0 and crc > 0
     stop_all(ka, kb)
+
+
+# Errors and readiness through the channel as Linux gives them, on one kernel (its own
+# address: the loopback path). One JSON line of what each step saw.
+ERRORS_APP = textwrap.dedent(
+    """
+    import errno, json, struct, sys
+    from kstack import socket as ks
+    ks.connect_kernel(sys.argv[1])
+    me = sys.argv[2]
+    out = {}
+    L = ks.socket(ks.AF_INET, ks.SOCK_STREAM)
+    L.bind((me, 9000)); L.listen(4)
+    L2 = ks.socket(ks.AF_INET, ks.SOCK_STREAM)
+    try:
+        L2.bind((me, 9000))
+    except OSError as e:
+        out["bind_again"] = errno.errorcode[e.errno]
+    L2.close()
+    L.settimeout(0.1)
+    try:
+        L.accept()
+    except TimeoutError:
+        out["accept_timeout"] = True
+    c = ks.socket(ks.AF_INET, ks.SOCK_STREAM)
+    c.setblocking(False)
+    try:
+        c.connect((me, 9000))
+    except BlockingIOError as e:
+        out["connect"] = errno.errorcode[e.errno]
+    r, w, x = ks.select([], [c], [], 5)
+    out["writable"] = w == [c]
+    out["so_error"] = c.getsockopt(ks.SOL_SOCKET, ks.SO_ERROR)
+    L.settimeout(5)
+    s, peer = L.accept()
+    out["peer_ok"] = peer == c.getsockname()
+    try:
+        c.recv(10)
+    except BlockingIOError:
+        out["recv_nonblocking"] = "EAGAIN"
+    s.settimeout(0.1)
+    try:
+        s.recv(10)
+    except TimeoutError:
+        out["recv_timeout"] = True
+    c.setblocking(True)
+    c.sendall(b"ping")
+    p = ks.poll(); p.register(s, ks.POLLIN)
+    p.poll(5000)  # waits in the kernel until "ping" is there
+    p.register(c, ks.POLLIN | ks.POLLOUT)
+    ready = dict(p.poll(5000))
+    out["poll"] = [ready.get(s.fileno(), 0), ready.get(c.fileno(), 0)]
+    s.settimeout(5)
+    out["recv"] = s.recv(10).decode()
+    s.setsockopt(ks.SOL_SOCKET, ks.SO_LINGER, struct.pack("ii", 1, 0))
+    out["linger"] = list(struct.unpack("ii", s.getsockopt(ks.SOL_SOCKET, ks.SO_LINGER, 8)))
+    s.close()  # linger 0: a RST
+    c.settimeout(5)
+    try:
+        c.recv(10)
+    except ConnectionResetError:
+        out["reset"] = True
+    try:
+        c.send(b"x")
+    except OSError as e:
+        out["send_after_reset"] = errno.errorcode[e.errno]
+    c.close()
+    # linger > 0: close waits for the FIN's ACK
+    c = ks.socket(ks.AF_INET, ks.SOCK_STREAM); c.settimeout(5)
+    c.connect((me, 9000)); s, _ = L.accept()
+    c.setsockopt(ks.SOL_SOCKET, ks.SO_LINGER, struct.pack("ii", 1, 5))
+    c.sendall(b"x" * 100000)
+    s.settimeout(5)
+    got = 0
+    c.close()
+    while True:
+        b = s.recv(65536)
+        if not b:
+            break
+        got += len(b)
+    out["linger_close_delivered"] = got
+    s.close()
+    r = ks.socket(ks.AF_INET, ks.SOCK_STREAM); r.setblocking(False)
+    try:
+        r.connect((me, 9001))
+    except BlockingIOError:
+        pass
+    ks.select([r], [r], [], 5)
+    out["refused_so_error"] = errno.errorcode.get(r.getsockopt(ks.SOL_SOCKET, ks.SO_ERROR))
+    r.close()
+    L.close()
+    print(json.dumps(out), flush=True)
+    """
+)
+
+
+def test_errors_and_readiness_through_the_channel(klab):
+    ka, kb, ka_sock, kb_sock = two_kernels(klab)
+    got = run_py(ERRORS_APP, ka_sock, "198.18.0.1")
+    assert got == {
+        "bind_again": "EADDRINUSE", "accept_timeout": True, "connect": "EINPROGRESS",
+        "writable": True, "so_error": 0, "peer_ok": True, "recv_nonblocking": "EAGAIN",
+        "recv_timeout": True, "recv": "ping", "poll": [1, 4],  # s: POLLIN, c: POLLOUT only
+        "linger": [1, 0], "reset": True, "send_after_reset": "EPIPE",
+        "linger_close_delivered": 100000, "refused_so_error": "ECONNREFUSED"}, got
+    sa = ka.stats()
+    assert sa["snmp"]["TcpExtTCPAbortOnData"] == 1
+    stop_all(ka, kb)
