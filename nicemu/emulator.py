@@ -46,7 +46,8 @@ log = logging.getLogger("nicemu.emulator")
 STATS_PREFIX = "nicemu: stats "  # then one JSON object (SIGUSR1)
 DMA_ERROR_LOG_INTERVAL = 1_000_000_000  # ns between two DMA-error warnings of one device
 # Data-path counters with no SDM register (nicemu.datapath_ref.RefDatapath documents them)
-ENGINE_COUNTERS = ("dma_errors", "tx_dropped", "rx_dropped", "tx_dext_skipped")
+ENGINE_COUNTERS = ("dma_errors", "tx_dropped", "rx_dropped", "tx_dext_skipped", "tx_descs_fetched",
+                   "rx_written")
 SERVER_COUNTERS = ("clients_served", "clients_refused", "messages", "error_replies", "posted_errors",
                    "irqs_signalled", "fds_refused", "clients_dropped", "accept_errors")
 CABLE_COUNTERS = ("tx_dropped", "rx_errors", "rx_foreign", "tx_bad_fcs")

@@ -42,6 +42,7 @@ from typing import Any, Callable
 from nicemu.dma import DmaError
 from nicemu.pci import COMMAND as PCI_COMMAND, CONFIG_SIZE
 from nicemu.regs import BAR0_SIZE, ICR, IMS, RDT, TDT
+from nicemu.private_dir import check_private_dir
 from nicemu.vfio_user import protocol as p
 from nicemu.vfio_user.protocol import Command, Flags, FramingError, Message, ProtocolError
 
@@ -110,6 +111,9 @@ def listen_unix(path: str) -> tuple[socket.socket, str | None]:
         os.mkdir(directory, mode=0o700)
         os.chmod(directory, 0o700)  # mode is filtered by the umask; make it exact
         created = directory
+    # A directory another user owns or can write to lets them rename our socket away and bind
+    # their own (docs/security.md): refused here too, not only by the CLI.
+    check_private_dir(directory)
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise FileExistsError(f"{path} exists and is not a socket; refusing to replace it")
