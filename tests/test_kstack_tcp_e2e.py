@@ -292,3 +292,22 @@ def test_errors_and_readiness_through_the_channel(klab):
     sa = ka.stats()
     assert sa["snmp"]["TcpExtTCPAbortOnData"] == 1
     stop_all(ka, kb)
+
+
+def test_kill_9_of_a_sender_mid_transfer_leaves_nothing(klab):
+    ka, kb, ka_sock, kb_sock = two_kernels(klab)
+    sink = klab.app_bg("kstack.apps.tcp_bulk", "sink", "--port", str(BULK_PORT), "-i", "0",
+                       "--kernel", kb_sock, name="sink", ready="tcp_bulk: listening")
+    sender = klab.app_bg("kstack.apps.tcp_bulk", "send", "198.18.0.2", "--port", str(BULK_PORT),
+                         "--bytes", str(10 ** 9), "-i", "0.2", "--kernel", ka_sock, name="sender",
+                         ready="[send]")
+    sender.kill9()
+    sink.p.wait(timeout=APP_TIMEOUT)  # the kernel closed the dead sender's socket: EOF or RST
+    sink._t.join(timeout=5)
+    while not sink.lines.empty():
+        sink.seen.append(sink.lines.get())
+    flow = last_json("\n".join(sink.seen))["flows"][0]
+    assert 0 < flow["bytes"] < 10 ** 9
+    for k in (ka, kb):  # the orphan finished (FIN or RST) and nothing is held
+        k.wait_stats(lambda s: s["snmp"].get("TcpCurrEstab", 0) == 0 and s["skb"]["skb_live"] == 0)
+    stop_all(ka, kb)
