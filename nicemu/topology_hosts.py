@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from nicemu.topology import Topology, _Checker
 
 __all__ = ["APPS", "AppKind", "AppSpec", "HostSpec", "InterfaceSpec", "RouteSpec", "check_sections",
-           "kernel_command", "app_command", "host_problems", "MODES", "SAFE_NETWORK"]
+           "kernel_command", "app_command", "host_problems", "MODES", "SAFE_NETWORK", "ENV_KERNEL"]
 
 # Limits (docs/topology.md, "Limits"): each host and each application is a Python process.
 MAX_HOSTS = 16
@@ -44,6 +44,7 @@ INTERFACE_KEYS = ("device", "mode", "addresses")
 ROUTE_KEYS = ("to", "via", "dev")
 APP_KEYS = ("name", "host", "run", "args", "wait", "timeout")
 
+ENV_KERNEL = "NICEMU_KERNEL"  # kstack.socket.ENV: where an application finds its kernel
 SAFE_NETWORK = (0xC6120000, 15)  # 198.18.0.0/15 (RFC 2544): the only addresses hosts may use
 _CIDR_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")
 _ADDR_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
@@ -215,8 +216,6 @@ def _check_hosts(c: "_Checker", data: dict, devices: Mapping[str, Mapping[str, A
         why = T.socket_path_problem(sock)
         if why:
             c.err(path, f"its syscall socket {why}; use a shorter runtime_dir or host name", hosts, name)
-        if not ifaces and "interfaces" in h:
-            pass  # (reported by _check_interfaces)
         out[name] = HostSpec(name, ifaces, sock, routes, forward, capture)
     return out
 
@@ -538,5 +537,3 @@ def app_command(app: AppSpec) -> list[str]:
     """`python -m kstack.apps.X ARGS...` (the kernel comes from NICEMU_KERNEL)."""
     return [sys.executable, "-m", APPS[app.run].module, *app.args]
 
-
-ENV_KERNEL = "NICEMU_KERNEL"  # kstack.socket.ENV: where an application finds its kernel

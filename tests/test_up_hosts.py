@@ -392,3 +392,42 @@ def test_a_dying_kernel_stops_the_topology(start_up) -> None:
     assert "was killed by SIGKILL; stopping the others" in up.err
     assert_nothing_left(up)  # its syscall socket too, removed by the supervisor
     assert not up.rt.exists()
+
+
+# --- the seams --------------------------------------------------------------------------------
+
+
+def test_the_supervisor_and_the_schema_import_neither_kstack_nor_driver() -> None:
+    import ast
+
+    for name in ("topology.py", "topology_hosts.py", "supervisor.py", "supervisor_hosts.py"):
+        tree = ast.parse((ROOT / "nicemu" / name).read_text())
+        for node in ast.walk(tree):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for m in mods:
+                assert m.split(".")[0] not in ("kstack", "driver"), f"nicemu/{name} imports {m}"
+
+
+def test_the_relay_shows_lines_with_their_owner_and_bounds_a_long_one(monkeypatch) -> None:
+    import io
+
+    from nicemu import supervisor_hosts
+    from nicemu.supervisor_hosts import LineRelay
+
+    MAX_LINE = 1000  # (the real bound is 1 MiB, more than a pipe holds)
+    monkeypatch.setattr(supervisor_hosts, "MAX_LINE", MAX_LINE)
+
+    r, w = os.pipe()
+    out, seen = io.StringIO(), []
+    relay = LineRelay(r, "[x] ", out, seen.append)
+    os.write(w, b"one\ntw")
+    assert relay.pump()
+    os.write(w, b"o\n" + b"z" * (MAX_LINE + 5))
+    relay.pump()
+    os.close(w)
+    assert not relay.pump() and relay.fd is None
+    lines = out.getvalue().splitlines()
+    assert lines[:2] == ["[x] one", "[x] two"]
+    assert [len(x) for x in lines[2:]] == [4 + MAX_LINE, 4 + 5]  # in pieces, never held whole
+    assert seen[:2] == ["one", "two"]
