@@ -80,3 +80,26 @@ def test_lengths_that_lie():
         TcpSegment.parse(b[:12] + b"\x40" + b[13:])
     with pytest.raises(MalformedPacket, match="past"):
         TcpSegment.parse(b[:12] + b"\xf0" + b[13:])
+
+
+def test_timestamp_only_fast_layout_matches_the_option_walk():
+    # emit: the one-pack layout is NOP NOP TS as options_bytes lays it out
+    s = TcpSegment(1, 2, 0xFFFFFFF0, 9, TH_ACK | TH_PSH, 77, b"abc", tsval=0xDEADBEEF, tsecr=5)
+    b = s.emit(SRC, DST)
+    assert b[20:32] == s.options_bytes() and b[12] == 0x80 and naive_csum(pseudo(b) + b) == 0
+    assert b[32:] == b"abc" and s.emit()[:16] == b[:16]
+    # parse: the same fields as the walk gives for an equivalent layout (TS then NOP NOP)
+    fast = TcpSegment.parse(b, SRC, DST)
+    walked = TcpSegment.parse(b[:20] + b[22:32] + b"\x01\x01" + b[32:])
+    for f in ("sport", "dport", "seq", "ack", "flags", "window", "tsval", "tsecr", "mss", "sack"):
+        assert getattr(fast, f) == getattr(walked, f)
+    assert bytes(fast.payload) == bytes(walked.payload) == b"abc"
+    # no options: one pack, odd payload padded for the checksum
+    b = TcpSegment(1, 2, 3, 4, TH_ACK, 5, b"odd").emit(SRC, DST)
+    assert len(b) == 23 and naive_csum(pseudo(b) + b + b"\x00") == 0
+
+
+def test_checksum_error_after_header_errors():
+    b = TcpSegment(1, 2, 3, 4, TH_ACK, 5, tsval=1, tsecr=2).emit(SRC, DST)
+    with pytest.raises(MalformedPacket, match="past"):
+        TcpSegment.parse(b[:12] + b"\xf0" + b[13:], SRC, DST)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 
 from wire import MalformedPacket
-from wire.checksum import fold, ones_sum, pseudo_header_sum
+from wire.checksum import fold, ones_sum
 from wire.ipv4 import IPPROTO_TCP
 
 __all__ = [
@@ -56,6 +56,12 @@ TCP_DEFAULT_MSS = 536  # RFC 9293 3.7.1: "the default send MSS is 536" when no o
 HDR = struct.Struct("!HHIIBBHHH")
 _U16 = struct.Struct("!H")
 _U32x2 = struct.Struct("!II")
+# The common data/ACK segment with timestamps (RFC 7323 appendix A's layout, Linux's on every
+# segment after the handshake): the header, NOP NOP TS(8, 10), TSval, TSecr: 32 bytes that
+# pack and unpack in one call.
+HDR_TS = struct.Struct("!HHIIBBHHHIII")
+TS_PREFIX = 0x0101080A  # NOP, NOP, kind 8, length 10
+_TS_OFF_BYTE = (32 // 4) << 4
 
 _FLAG_NAMES = ((TH_FIN, "F"), (TH_SYN, "S"), (TH_RST, "R"), (TH_PSH, "P"), (TH_ACK, "."),
                (TH_URG, "U"), (TH_ECE, "E"), (TH_CWR, "W"))
@@ -66,10 +72,15 @@ def flags_str(flags: int) -> str:
     return "".join(n for f, n in _FLAG_NAMES if flags & f) or "none"
 
 
+def _pseudo_sum(src: int, dst: int, length: int) -> int:
+    """The pseudo-header's unfolded sum from the addresses as ints (RFC 9293 3.1): the same
+    one's complement sum as wire.checksum.pseudo_header_sum without building its 12 bytes."""
+    return (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + IPPROTO_TCP + length
+
+
 def tcp_checksum(segment: bytes | bytearray | memoryview, src: int, dst: int) -> int:
     """The checksum field for `segment` (its checksum field zero)."""
-    start = pseudo_header_sum(src.to_bytes(4, "big"), dst.to_bytes(4, "big"), IPPROTO_TCP, len(segment))
-    return ~fold(ones_sum(segment, start)) & 0xFFFF
+    return ~fold(ones_sum(segment, _pseudo_sum(src, dst, len(segment)))) & 0xFFFF
 
 
 class TcpSegment:
@@ -129,25 +140,44 @@ class TcpSegment:
     def parse(cls, data: bytes | bytearray | memoryview, src: int | None = None,
               dst: int | None = None) -> "TcpSegment":
         """Parse and check a segment (`data` is exactly the IP payload). The checksum is checked
-        when src and dst are given. The payload is a memoryview of `data` (no copy)."""
+        when src and dst are given. The payload is a memoryview of `data` (no copy).
+
+        The common segments, no options or exactly NOP NOP TS (what every segment of a
+        timestamped connection carries), are read with one unpack; any other layout goes
+        through the option walk."""
         n = len(data)
         if n < TCP_MIN_HLEN:
             raise MalformedPacket(f"{n} bytes are shorter than the TCP header")
-        sport, dport, seq, ack, off, flags, window, csum, urg = HDR.unpack_from(data, 0)
-        hlen = (off >> 4) * 4
-        if hlen < TCP_MIN_HLEN:
-            raise MalformedPacket(f"TCP data offset {hlen // 4} is below 5")
-        if hlen > n:
-            raise MalformedPacket(f"TCP data offset {hlen // 4} is past the {n} bytes there")
         if src is not None and dst is not None:
-            start = pseudo_header_sum(src.to_bytes(4, "big"), dst.to_bytes(4, "big"), IPPROTO_TCP, n)
-            if fold(ones_sum(data, start)) != 0xFFFF:
+            if fold(ones_sum(data, _pseudo_sum(src, dst, n))) != 0xFFFF:
+                # the header is checked first so that its errors keep their names
+                cls._check_offset(data, n)
                 raise MalformedPacket("TCP checksum is wrong")
+        off = data[12]
+        if off == _TS_OFF_BYTE and n >= 32:
+            (sport, dport, seq, ack, off, flags, window, csum, urg, prefix, tsval,
+             tsecr) = HDR_TS.unpack_from(data, 0)
+            if prefix == TS_PREFIX:
+                seg = cls(sport, dport, seq, ack, flags, window, memoryview(data)[32:],
+                          urgent=urg, tsval=tsval, tsecr=tsecr, checksum=csum)
+                return seg
+        hlen = cls._check_offset(data, n)
+        sport, dport, seq, ack, off, flags, window, csum, urg = HDR.unpack_from(data, 0)
         seg = cls(sport, dport, seq, ack, flags, window, memoryview(data)[hlen:], urgent=urg,
                   checksum=csum)
         if hlen > TCP_MIN_HLEN:
             seg._parse_options(bytes(data[TCP_MIN_HLEN:hlen]))
         return seg
+
+    @staticmethod
+    def _check_offset(data, n: int) -> int:
+        """The header length from the data offset, or MalformedPacket."""
+        hlen = (data[12] >> 4) * 4
+        if hlen < TCP_MIN_HLEN:
+            raise MalformedPacket(f"TCP data offset {hlen // 4} is below 5")
+        if hlen > n:
+            raise MalformedPacket(f"TCP data offset {hlen // 4} is past the {n} bytes there")
+        return hlen
 
     def _parse_options(self, opts: bytes) -> None:
         i = 0
@@ -216,13 +246,34 @@ class TcpSegment:
 
     def emit(self, src: int | None = None, dst: int | None = None) -> bytes:
         """Header + options + payload; with src and dst the checksum is computed, else the
-        field is zero (checksum offload fills it)."""
+        field is zero (checksum offload fills it).
+
+        A segment whose only option is the timestamp (or none) is packed in one call (HDR_TS
+        or HDR) and joined to its payload; the checksum is summed over the header with a zero
+        field and the payload, then packed in (the header is 4-byte aligned, so the two sums
+        add)."""
+        payload = self.payload
+        if self.mss is None and self.wscale is None and not self.sack_permitted and not self.sack:
+            if self.tsval is not None:
+                args = (self.sport, self.dport, self.seq, self.ack, _TS_OFF_BYTE, self.flags,
+                        self.window, 0, self.urgent, TS_PREFIX, self.tsval, self.tsecr)
+                hdr_struct = HDR_TS
+            else:
+                args = (self.sport, self.dport, self.seq, self.ack, (TCP_MIN_HLEN // 4) << 4,
+                        self.flags, self.window, 0, self.urgent)
+                hdr_struct = HDR
+            if src is None or dst is None:
+                return hdr_struct.pack(*args) + payload
+            hdr = hdr_struct.pack(*args)
+            total = ones_sum(payload, ones_sum(hdr, _pseudo_sum(src, dst, len(hdr) + len(payload))))
+            args = args[:7] + (~fold(total) & 0xFFFF,) + args[8:]
+            return hdr_struct.pack(*args) + payload
         opts = self.options_bytes()
         hlen = TCP_MIN_HLEN + len(opts)
         seg = bytearray(HDR.pack(self.sport, self.dport, self.seq, self.ack, (hlen // 4) << 4,
                                  self.flags, self.window, 0, self.urgent))
         seg += opts
-        seg += self.payload
+        seg += payload
         if src is not None and dst is not None:
             c = tcp_checksum(seg, src, dst)
             seg[16] = c >> 8

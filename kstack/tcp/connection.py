@@ -55,6 +55,11 @@ CLOSE_WAIT, LAST_ACK, CLOSING = ST.CLOSE_WAIT, ST.LAST_ACK, ST.CLOSING
 _SENDING = frozenset({ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, CLOSING, LAST_ACK})
 _RECEIVING = frozenset({ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2})
 DR = SkbDropReason
+# TcpEvent by value: `_EVENTS[e._value_ | READABLE]` sets a bit without IntFlag's Python-level
+# __or__ (about 1.5 µs a call on CPython 3.11), for the per-segment paths
+_EVENTS = tuple(TcpEvent(v) for v in range(2 * max(TcpEvent)))
+_READABLE = TcpEvent.READABLE._value_
+_WRITABLE = TcpEvent.WRITABLE._value_
 
 
 def reset_for(seg: TcpSegment) -> TcpSegment | None:
@@ -72,7 +77,13 @@ def reset_for(seg: TcpSegment) -> TcpSegment | None:
 
 class TcpConnection:
     """The TCB and its machine. Attributes the socket layer reads: state, error (errno or 0),
-    events, local, remote, config, and the RFC's variables (snd_una, snd_nxt, rcv_nxt, ...)."""
+    events, local, remote, config, and the RFC's variables (snd_una, snd_nxt, rcv_nxt, ...).
+
+    `fast_path` (True) enables header prediction on input and the full-segment loop on
+    output; False sends every segment through the full path (the agreement tests compare
+    the two)."""
+
+    fast_path = True
 
     def __init__(self, local: tuple[str, int], remote: tuple[str, int], config: TcpConfig,
                  counters: collections.Counter, iss: int) -> None:
@@ -229,6 +240,8 @@ class TcpConnection:
         counters are incremented here. `seg.payload` is copied if kept."""
         self.counters["TcpInSegs"] += 1
         state = self.state
+        if state is ESTABLISHED and self.fast_path and self._rcv_predicted(seg, now):
+            return None
         if state == SYN_SENT:
             return self._syn_sent(seg, now)
         if state == CLOSED or state == ST.LISTEN:
@@ -352,6 +365,92 @@ class TcpConnection:
             elif state in _RECEIVING:
                 self.ofo_fin = fin_at
         return reason
+
+    def _rcv_predicted(self, seg: TcpSegment, now: int) -> bool:
+        """Header prediction (Van Jacobson's, Linux's tcp_rcv_established fast path): in
+        ESTABLISHED, with nothing unusual pending on our side (loss recovery, SACK
+        scoreboard, out-of-order data, FIN, shutdown), a segment that carries only ACK (PSH
+        allowed), no option but the timestamp, passes PAWS, starts at RCV.NXT and either
+        brings in-window data or acknowledges new data. Such a segment would pass every check
+        of the full path with nothing to say; this path makes the full path's state changes
+        in its order (sequence checks pass by construction, the window update, _new_ack, the
+        TS.Recent update, the receive queue and the delayed ACK) and returns True, counting
+        TcpExtTCPHPHits (data) or TcpExtTCPHPAcks (pure ACK) as Linux does. Anything else
+        returns False having changed nothing, and the full path runs."""
+        flags = seg.flags
+        seq = seg.seq
+        if (flags & ~TH_PSH) != TH_ACK or seq != self.rcv_nxt or seg.sack \
+                or seg.mss is not None or seg.wscale is not None or seg.sack_permitted:
+            return False
+        if self.ca_state is not CA_OPEN or self.sb.intervals or self.ofo.blocks \
+                or self.ofo_fin is not None or self.fin_seq is not None:
+            return False
+        tsval = seg.tsval
+        ts_ok = self.ts_ok
+        if ts_ok:
+            # PAWS (RFC 7323 5.3 R1) must pass: SEG.TSval >= TS.Recent
+            if tsval is None or 0 < ((self.ts_recent - tsval) & SEQ_MASK) < 0x80000000:
+                return False
+        ack = seg.ack
+        una = self.snd_una
+        acked = (ack - una) & SEQ_MASK
+        if acked > ((self.snd_nxt - una) & SEQ_MASK):
+            return False  # not within SND.UNA..SND.NXT: the full path's ACK checks
+        # RFC 5961 5.2's lower bound (SND.UNA - MAX.SND.WND) holds for any ACK at or above
+        # SND.UNA while MAX.SND.WND plus the flight stays below 2^31; checked, not assumed
+        if self.max_snd_wnd + acked >= 0x80000000:
+            return False
+        payload = seg.payload
+        plen = len(payload)
+        if plen:
+            if self.orphan or self.rd_shut:
+                return False
+            rcv_nxt = seq
+            wnd = (self.rcv_adv - rcv_nxt) & SEQ_MASK
+            if wnd >= 0x80000000 or plen > wnd:
+                return False  # zero window or past it: the full path trims and counts
+        elif not acked:
+            return False  # a duplicate ACK or a bare window update
+        c = self.counters
+        self.last_recv = now
+        self.ka_probes_out = 0
+        # the send window (RFC 9293 3.10.7.4 fifth, as _ack): SND.UNA =< SEG.ACK holds
+        wl1 = self.snd_wl1
+        d = (seq - wl1) & SEQ_MASK
+        if (0 < d < 0x80000000) or (d == 0 and ((ack - self.snd_wl2) & SEQ_MASK) < 0x80000000):
+            wnd = seg.window << self.snd_wscale
+            self.snd_wnd = wnd
+            self.snd_wl1 = seq
+            self.snd_wl2 = ack
+            if wnd > self.max_snd_wnd:
+                self.max_snd_wnd = wnd
+            if wnd:
+                self.t_persist = None
+                self.probes_out = 0
+        if acked:
+            self._new_ack(ack, now, seg)
+        # RFC 7323 4.3 (2): TS.Recent (SEG.SEQ = RCV.NXT here)
+        if ts_ok and ((self.rcv_wup - seq) & SEQ_MASK) < 0x80000000 \
+                and ((tsval - self.ts_recent) & SEQ_MASK) < 0x80000000:
+            self.ts_recent = tsval
+            self.ts_recent_stamp = now
+        if not plen:
+            c["TcpExtTCPHPAcks"] += 1
+            return True
+        # in-order data into the receive queue (_data with rel == 0, no out-of-order queue)
+        if plen > self.rcv_mss:
+            self.rcv_mss = min(plen, self.config.mss)
+        self.rcvq += payload
+        self.rcv_nxt = (seq + plen) & SEQ_MASK
+        self.events = _EVENTS[self.events._value_ | _READABLE]
+        self.delack_bytes += plen
+        if not self.ack_now:
+            if self.delack_bytes >= 2 * self.rcv_mss:
+                self.ack_now = True
+            elif self.t_delack is None:
+                self.t_delack = now + self.config.delack_min
+        c["TcpExtTCPHPHits"] += 1
+        return True
 
     def _disordered_ack(self, seg: TcpSegment) -> bool:
         """Linux's tcp_disordered_ack: a pure duplicate ACK at RCV.NXT that changes no window
@@ -987,6 +1086,12 @@ class TcpConnection:
             self.cwnd = min(self.cwnd, cfg.init_cwnd * self.mss)
         force = self._force_send
         self._force_send = False
+        if self.fast_path and not force and self.fin_seq is None and self.ca_state is CA_OPEN \
+                and not self.sb.intervals and self.t_persist is None:
+            if self.sndq_seq + len(self.sndq) & SEQ_MASK == self.snd_nxt:
+                return  # nothing unsent: the loop below would stop at once and change nothing
+            if not sack:
+                self._xmit_full_segments(now, out, mss)
         window_blocked = False
         while True:
             data_end = (self.sndq_seq + len(self.sndq)) & SEQ_MASK
@@ -1040,6 +1145,62 @@ class TcpConnection:
                 self.t_persist = now + min(self.rtt.rto << self.probes_out, cfg.rto_max)
         elif self.t_persist is not None and not window_blocked:
             self.t_persist = None
+
+    def _xmit_full_segments(self, now: int, out: list, mss: int) -> None:
+        """The common case of the loop in _write_xmit, in OPEN with no SACK scoreboard, no FIN
+        and no SACK blocks to carry: as many full-sized segments as the data, cwnd (with
+        pipe = the flight) and the peer's window all allow, built without recomputing what
+        does not change between them (the window field: _select_window gives the same field
+        again until RCV.NXT or the queues move; the timestamp). The same segments, counters
+        and timers as the loop; whatever remains (a partial segment, Nagle, SWS, a blocked
+        window and the persist timer) is left to it."""
+        sndq = self.sndq
+        qlen = len(sndq)
+        nxt = self.snd_nxt
+        off = (nxt - self.sndq_seq) & SEQ_MASK
+        if off >= 0x80000000 or qlen - off < mss or mss <= 0:
+            return
+        una = self.snd_una
+        flight = (nxt - una) & SEQ_MASK
+        wnd_left = (una + self.snd_wnd - nxt) & SEQ_MASK
+        if wnd_left >= 0x80000000:
+            wnd_left = 0
+        k = min((qlen - off) // mss, wnd_left // mss)
+        cwnd = self.cwnd
+        if flight:
+            k = min(k, max(0, (cwnd - flight) // mss))  # each needs flight + mss <= cwnd
+        elif k:
+            k = min(k, 1 + max(0, (cwnd - mss) // mss))  # the first goes with nothing in flight
+        if k <= 0:
+            return
+        field = self._select_window()
+        lport, rport, rcv_nxt = self.lport, self.rport, self.rcv_nxt
+        ts = self.ts_ok
+        if ts:
+            tsval, tsecr = self._ts_now(now), self.ts_recent
+        append = out.append
+        for _ in range(k):
+            end = off + mss
+            seg = TcpSegment(lport, rport, nxt, rcv_nxt, TH_ACK | TH_PSH if end == qlen else TH_ACK,
+                             field, sndq[off:end])
+            if ts:
+                seg.tsval = tsval
+                seg.tsecr = tsecr
+            append(seg)
+            off = end
+            nxt = (nxt + mss) & SEQ_MASK
+        # _emit_range's and _segment's state changes, once for the k segments
+        self.counters["TcpOutSegs"] += k
+        if self.rtt_seq is None:
+            self.rtt_seq = (self.snd_nxt + mss) & SEQ_MASK  # the first of them is timed
+            self.rtt_time = now
+        self.last_send = now
+        if self.t_rtx is None:
+            self.t_rtx = now + self.rtt.rto
+        self.snd_nxt = nxt
+        self.ack_now = False
+        self.delack_bytes = 0
+        self.t_delack = None
 
     def _pipe(self, holes: list, hr: int) -> int:
         """RFC 6675's pipe from the holes (offsets from SND.UNA) and HighRxt's offset."""

@@ -1,0 +1,175 @@
+"""The sans-IO TCP engine alone: what one bulk segment costs the sender and the receiver.
+
+    python benchmarks/bench_tcp_engine.py [--mbytes 10] [--repeat 3] [--slow]
+                                          [--profile [--profile-wire csum|offload|none]]
+
+Two TcpConnections joined by a fake link (1 ms each way, a fake clock, no loss), as
+tests/test_tcp_link.py builds them: A sends --mbytes to B, B reads everything as it arrives.
+Every engine call is timed with perf_counter_ns and charged to its side: the sender's
+send(), segments_to_send() and segment_arrives() of the ACKs; the receiver's
+segment_arrives() of the data, recv() and segments_to_send() of the ACKs. With the wire, each
+side also pays for emitting what it sends (TcpSegment.emit with the checksum) and parsing what
+it receives (TcpSegment.parse, checksum checked), as the stack does without checksum offload.
+Rows: with the software checksum (computed on emit, checked on parse), with the checksum
+offloaded (what kstack's TCP does on the 82540EM: emit and parse without it), and without
+the wire (the segment objects go across as they are). The sender calls send() when
+writable() and the receiver recv() while readable(), as poll-driven sockets do.
+--slow turns the fast paths off (TcpConnection.fast_path = False): the full path's figures.
+
+Printed per side: µs per data segment and segments/s that one core could sustain at that
+cost (1e6 / µs). Target (issue 9): 1 Gbit/s with a 1500-byte MTU is about 83k segments/s,
+12 µs per segment for each side. Repeats: median (min-max, n). The machine is shared (2 CPUs,
+other work running): read the figures with the load printed beside them.
+--profile runs one transfer with the wire under cProfile and prints the top functions.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import cProfile
+import heapq
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from _common import machine_line, spread  # noqa: E402
+from kstack.tcp import TcpConfig, TcpConnection  # noqa: E402
+from test_tcp_link import A_INT, B_INT, MS, established_pair  # noqa: E402
+from wire.tcp import TcpSegment  # noqa: E402
+
+clock = time.perf_counter_ns
+
+
+def transfer(nbytes: int, wire: str) -> dict:
+    """One bulk transfer A -> B; returns the ns charged to each side and the segment count.
+    wire: "csum" (emit and parse with the software checksum), "offload" (emit and parse, the
+    checksum left to the NIC as the stack does with the 82540EM's offloads) or "none"."""
+    cfg = dict(rcvbuf=262144, sndbuf=262144)
+    link, counters = established_pair(cfg_a=TcpConfig(**cfg), cfg_b=TcpConfig(**cfg))
+    a, b = link.a, link.b
+    ns = {"a_eng": 0, "a_wire": 0, "b_eng": 0, "b_wire": 0}
+    side = {id(a): "a", id(b): "b"}
+    ends = {id(a): (A_INT, B_INT, b), id(b): (B_INT, A_INT, a)}
+    data = memoryview(bytes(range(256)) * (nbytes // 256 + 1))[:nbytes]
+    now = link.now
+    q: list = []
+    n = 0
+    sent = got = 0
+    data_segs = 0
+    hits0 = counters["TcpExtTCPHPHits"], counters["TcpExtTCPHPAcks"]
+    while got < nbytes:
+        t0 = clock()
+        if sent < nbytes and a.writable():  # as a blocked send() waits for POLLOUT
+            sent += a.send(data[sent:sent + 65536], now)
+        t1 = clock()
+        while b.readable():  # as a reader waits for POLLIN
+            chunk = b.recv(1 << 20)
+            if not chunk:
+                break
+            got += len(chunk)
+        t2 = clock()
+        ns["a_eng"] += t1 - t0
+        ns["b_eng"] += t2 - t1
+        for c in (a, b):
+            s = side[id(c)]
+            t0 = clock()
+            segs = c.segments_to_send(now)
+            ns[s + "_eng"] += clock() - t0
+            src, dst, peer = ends[id(c)]
+            for seg in segs:
+                if c is a and seg.payload:
+                    data_segs += 1
+                if wire != "none":
+                    s_, d_ = (src, dst) if wire == "csum" else (None, None)
+                    t0 = clock()
+                    raw = seg.emit(s_, d_)
+                    t1 = clock()
+                    seg = TcpSegment.parse(raw, s_, d_)
+                    t2 = clock()
+                    ns[s + "_wire"] += t1 - t0
+                    ns[side[id(peer)] + "_wire"] += t2 - t1
+                n += 1
+                heapq.heappush(q, (now + MS, n, peer, seg))
+        deadlines = [d for d in (a.next_deadline(), b.next_deadline()) if d is not None]
+        t_timer = min(deadlines) if deadlines else None
+        if q and (t_timer is None or q[0][0] <= t_timer):
+            t, _, conn, seg = heapq.heappop(q)
+            now = max(now, t)
+            t0 = clock()
+            conn.segment_arrives(seg, now)
+            ns[side[id(conn)] + "_eng"] += clock() - t0
+        elif t_timer is not None:
+            now = max(now, t_timer)
+            for c in (a, b):
+                d = c.next_deadline()
+                if d is not None and d <= now:
+                    t0 = clock()
+                    c.timer_expired(now)
+                    ns[side[id(c)] + "_eng"] += clock() - t0
+        elif sent >= nbytes and not q:
+            break
+    ns["segs"] = data_segs
+    ns["hp_hits"] = counters["TcpExtTCPHPHits"] - hits0[0]
+    ns["hp_acks"] = counters["TcpExtTCPHPAcks"] - hits0[1]
+    ns["retrans"] = counters["TcpRetransSegs"]
+    return ns
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mbytes", type=float, default=10)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-wire", default="offload", choices=("csum", "offload", "none"))
+    ap.add_argument("--slow", action="store_true", help="fast_path off: every segment takes the full path")
+    args = ap.parse_args()
+    nbytes = int(args.mbytes * 1e6)
+    print(machine_line())
+    print("note: the machine is shared with other work; figures are CPU-bound wall time per call")
+    try:
+        from kstack.tcp import fast_path_kind
+        print(f"engine fast path: {fast_path_kind()}")
+    except ImportError:
+        print("engine fast path: none")
+    if args.profile:
+        pr = cProfile.Profile()
+        pr.enable()
+        transfer(nbytes, args.profile_wire)
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+        return
+    if args.slow:
+        TcpConnection.fast_path = False
+        print("fast path OFF (TcpConnection.fast_path = False)")
+    labels = {"csum": "emit/parse included, software checksum",
+              "offload": "emit/parse included, checksum offloaded (as the stack with the 82540EM)",
+              "none": "emit/parse excluded"}
+    for wire in ("csum", "offload", "none"):
+        rows = collections.defaultdict(list)
+        info = None
+        for _ in range(args.repeat):
+            r = transfer(nbytes, wire)
+            segs = r["segs"]
+            info = r
+            for s in ("a", "b"):
+                us = (r[s + "_eng"] + r[s + "_wire"]) / segs / 1000
+                rows[s].append(us)
+        label = labels[wire]
+        print(f"\n{args.mbytes:g} MB A->B, {info['segs']} data segments, {label}; header prediction "
+              f"hits {info['hp_hits']} data, {info['hp_acks']} ACKs; retransmissions {info['retrans']}")
+        for s, name in (("a", "sender"), ("b", "receiver")):
+            us = rows[s]
+            print(f"  {name:8s} µs/segment {spread(us, '{:.1f}')}   segments/s "
+                  f"{spread([1e6 / u for u in us], '{:.0f}')}")
+    print("\ntarget: 12 µs/segment per side (83k segments/s, 1 Gbit/s at MTU 1500)")
+    print(machine_line())
+
+
+if __name__ == "__main__":
+    main()
