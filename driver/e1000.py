@@ -45,6 +45,7 @@ from driver.dma_alloc import DmaAllocator, DmaBufferPool
 from driver.rings import RxRing, TxRing
 from kstack.dropreason import SkbDropReason
 from kstack.netdevice import NETDEV_TX_BUSY, NETDEV_TX_OK, NetDevice, NetDeviceHooks, NetdevFeatures
+from kstack.rxfast import select as rxfast_select
 from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, SkBuff
 from nicemu import regs
 from nicemu.regs import DESC_SIZE, RXD_STATUS, Icr, RxdErrors, RxdStatus, TxdCmd
@@ -303,6 +304,9 @@ class E1000(NetDevice):
         self.tx_desc_needed = -(-cfg.max_frame // cfg.tx_buffer_len) + 2
         self.tx_wake_threshold = min(max(cfg.tx_wake_threshold, self.tx_desc_needed), cfg.tx_ring_size - 1)
         self._txd_cmd = _TXD_IFCS | _TXD_EOP_RS | (_TXD_IDE if cfg.tidv else 0)
+        # the receive fast path (kstack.rxfast: compiled, its Python twin, or None for this
+        # file's own loop), used once the device is registered with a stack
+        self.rx_fast: Callable[["E1000", int], int] | None = rxfast_select()
 
     def set_callbacks(self, *, receive: Callable[[SkBuff], None] | None = None,
                       on_carrier: Callable[[bool], None] | None = None,
@@ -593,7 +597,11 @@ class E1000(NetDevice):
 
     def clean_rx_irq(self, budget: int) -> int:
         """e1000_clean_rx_irq: hand up each frame whose descriptor has DD, at most `budget`;
-        give buffers back to the device every rx_write_batch descriptors and at the end."""
+        give buffers back to the device every rx_write_batch descriptors and at the end.
+        With a stack above and a fast path chosen (rx_fast), kstack.rxfast runs this same
+        loop and takes the common UDP case through the stack in one step."""
+        if self.rx_fast is not None and self.stack is not None:
+            return self.rx_fast(self, budget)
         ring = self.rx_ring
         desc = ring.desc
         count = ring.count

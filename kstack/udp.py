@@ -27,6 +27,7 @@ from kstack.dropreason import SkbDropReason
 from kstack.neighbour import SKB_TRUESIZE_OVERHEAD, skb_truesize
 from kstack.netdevice import NetdevFeatures
 from kstack.route import RTN_BROADCAST, RTN_LOCAL
+from kstack.rxfast import ms_deliver
 from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, MAX_HEADER, SkBuff
 from kstack.sock import (IPPROTO_UDP, MSG_PEEK, POLLERR, POLLIN, POLLNVAL, POLLOUT,
                          SO_BROADCAST, SOL_SOCKET, Address, Sock)
@@ -87,6 +88,7 @@ class UdpSock(Sock):
         self.queue: deque[SkBuff] = deque()
         self.rmem = 0  # sk_rmem_alloc: truesize of what is queued
         self.drops = 0  # sk_drops
+        self.ms: Any = None  # the syscall server's armed multishot receive (copy_to_user)
 
     # --- binding ------------------------------------------------------------------------------
 
@@ -209,6 +211,18 @@ class UdpSock(Sock):
             self.drops += 1
             skb.drop(SkbDropReason.SOCKET_RCVBUFF)
             return
+        ms = self.ms
+        if ms is not None and not self.queue and not self.err:
+            # an armed multishot receive with nothing queued before this datagram: copy it
+            # to the user's completion ring now (softirq context), as kstack.rxfast does
+            buf = skb.shinfo.buf
+            d = skb.data
+            if ms_deliver(ms, self, buf, d + UDP_HLEN, skb.tail - d - UDP_HLEN,
+                          _U32.unpack_from(buf, skb.network_header + 12)[0],
+                          buf[d] << 8 | buf[d + 1]):
+                self.stack.snmp["UdpInDatagrams"] += 1
+                skb.consume()
+                return
         self.rmem += len(skb.shinfo.buf) + SKB_TRUESIZE_OVERHEAD  # skb_truesize, inlined
         self.queue.append(skb)
         if self._wakeups:

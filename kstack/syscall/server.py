@@ -60,15 +60,44 @@ class _Parked:
 
 
 class _Multishot:
-    """A standing receive on one socket: each datagram goes into the CQ while credit lasts."""
+    """A standing receive on one socket: each datagram goes into the CQ while credit lasts.
 
-    __slots__ = ("call_id", "credit", "last_end", "delivered")
+    The socket holds it (sock.ms) so that its receive path copies a datagram straight into
+    the CQ when nothing is queued before it (kstack.rxfast.ms_deliver, in softirq context):
+    a bottom half that takes thousands of frames at once does not overflow SO_RCVBUF while
+    the application waits. Those deliveries are counted in `direct`/`direct_bytes` and
+    folded into the server's counters when the server publishes them (_ms_drain)."""
 
-    def __init__(self, call_id: int) -> None:
+    __slots__ = ("call_id", "credit", "last_end", "delivered", "server", "app", "fd", "cq",
+                 "max_payload", "direct", "direct_bytes", "notified")
+
+    def __init__(self, call_id: int, server: "SyscallServer | None" = None,
+                 app: "_App | None" = None, fd: int = -1) -> None:
         self.call_id = call_id
         self.credit = 0  # datagrams the application still takes (it grants more as it reads)
         self.last_end = 0  # CQ position after the last datagram delivered (for POLL)
         self.delivered = 0
+        self.server = server
+        self.app = app
+        self.fd = fd
+        self.cq = app.cq if app is not None else None
+        self.max_payload = server.layout.max_payload if server is not None else 0
+        self.direct = self.direct_bytes = 0  # delivered by the socket, not yet folded in
+        self.notified = False  # the server was told (once per batch) to publish
+
+    def notify(self) -> None:
+        """The first direct delivery since the last publish: have the server publish the CQ
+        (and wake pollers of fd) after the current handler, as a Sock's wake-up does."""
+        self.notified = True
+        self.server._sock_woken(self.app, self.fd)
+
+    def ring_full(self) -> None:
+        """A direct delivery found the CQ full: resume when the application frees room."""
+        self.app.ms_starved = True
+        self.server.counters["multishot_cq_full"] += 1
+        self.cq.want_space(self.max_payload)
+        if not self.notified:
+            self.notify()
 
 
 class _App:
@@ -350,6 +379,8 @@ class SyscallServer:
     def _release_sock(self, app: _App, fd: int, sock: Any) -> None:
         app.socks.pop(fd, None)
         app.ms.pop(fd, None)
+        if getattr(sock, "ms", None) is not None:
+            sock.ms = None  # no more direct deliveries into this application's CQ
         fn = app.wakeups.pop(fd, None)
         if fn is not None:
             sock.remove_wakeup(fn)
@@ -535,7 +566,10 @@ class SyscallServer:
         ms = app.ms.get(fd)
         if rec.flags & F_ASYNC:
             if ms is None or ms.call_id != rec.call_id:
-                ms = app.ms[fd] = _Multishot(rec.call_id)
+                ms = app.ms[fd] = _Multishot(rec.call_id, self, app, fd)
+                sock = app.socks[fd]
+                if hasattr(sock, "ms"):  # a socket that delivers straight into the CQ
+                    sock.ms = ms
                 self.counters["multishot_armed"] += 1
             ms.credit = min(ms.credit + rec.a0, MAX_CREDIT)
             app.inflight -= 1  # a standing call is bounded by sockets, not by calls in flight
@@ -552,6 +586,14 @@ class SyscallServer:
         sock = app.socks.get(fd)
         if ms is None or sock is None:
             return
+        if ms.notified or ms.direct:  # what the socket delivered itself since the last time
+            ms.notified = False
+            if ms.direct:
+                ms.last_end = app.cq.tail
+                ms.delivered += ms.direct
+                self.counters["multishot_delivered"] += ms.direct
+                self.counters["bytes_copied_out"] += ms.direct_bytes
+                ms.direct = ms.direct_bytes = 0
         cq = app.cq
         push = cq.push
         call_id = ms.call_id
@@ -573,6 +615,8 @@ class SyscallServer:
                 self.counters["sock_errors"] += 1
                 self._ms_post(app, ms, fd, -errno.EIO, b"", None, F_ASYNC)
                 del app.ms[fd]
+                if getattr(sock, "ms", None) is ms:
+                    sock.ms = None
                 break
             if type(data) is not bytes or len(data) > maxp:
                 data = bytes(data[:maxp])
