@@ -27,7 +27,7 @@ from kstack.dropreason import SkbDropReason
 from kstack.route import RTN_BROADCAST, RTN_LOCAL, RTN_UNICAST, FibResult
 from kstack.skbuff import (CHECKSUM_COMPLETE, CHECKSUM_NONE, CHECKSUM_PARTIAL,
                            CHECKSUM_UNNECESSARY, MAX_HEADER, SkBuff)
-from kstack.neighbour import NUD_CONNECTED
+from kstack.neighbour import NUD_CONNECTED, SKB_TRUESIZE_OVERHEAD
 from kstack.stack import PACKET_HOST, PACKET_OTHERHOST
 from wire.checksum import fold, ones_sum, internet_checksum
 from wire.ethernet import ETH_HLEN, EtherType
@@ -411,6 +411,10 @@ class Ipv4:
             f.protocol = _ETH_IP
             f.priority = skb.priority
             f.mark = skb.mark
+            if skb.destructor is not None:  # skb_set_owner_w: each fragment is charged
+                sk = f.sk = skb.sk
+                f.destructor = skb.destructor
+                sk.wmem += len(fb) + SKB_TRUESIZE_OVERHEAD
             snmp["IpFragCreates"] += 1
             self.neigh_output(f, res, now)
             pos += ln
@@ -463,6 +467,11 @@ class Ipv4:
             return
         skb.dev = res.dev
         skb.pkt_type = PACKET_HOST
+        d = skb.destructor
+        if d is not None:  # skb_orphan (loopback_xmit): the sender's memory is given back
+            skb.destructor = None
+            d(skb)
+            skb.sk = None
         if skb.ip_summed == CHECKSUM_PARTIAL:
             skb.ip_summed = CHECKSUM_UNNECESSARY  # lo: the data never left memory
         self._lo_queue.append(skb)

@@ -138,6 +138,7 @@ class Fib:
         self.main = _Table("main")
         self._cache: dict[int, FibResult | None] = {}
         self.stats = {"lookups": 0, "cache_hits": 0}
+        self.genid = 0  # rt_genid: bumped on every change, so cached dsts (sockets') expire
 
     def add(self, r: Route) -> None:
         if not 0 <= r.plen <= 32:
@@ -145,10 +146,12 @@ class Fib:
         r.dst &= prefix_mask(r.plen)
         (self.local if r.type in (RTN_LOCAL, RTN_BROADCAST) else self.main).add(r)
         self._cache.clear()
+        self.genid += 1
 
     def remove(self, pred) -> int:
         n = self.local.remove(pred) + self.main.remove(pred)
         self._cache.clear()
+        self.genid += 1
         return n
 
     def routes(self, table: str = "main") -> list[Route]:

@@ -63,7 +63,7 @@ class SkBuff:
     __slots__ = (
         "pool", "shinfo", "head", "data", "tail", "end", "mac_header", "network_header",
         "transport_header", "protocol", "dev", "tstamp", "priority", "mark", "ip_summed", "csum",
-        "csum_start", "csum_offset", "pkt_type", "cb", "sk", "freed", "cloned",
+        "csum_start", "csum_offset", "pkt_type", "cb", "sk", "freed", "cloned", "destructor",
     )
 
     def __init__(self, pool: "SkbPool", shinfo: _SharedInfo) -> None:
@@ -87,6 +87,7 @@ class SkBuff:
         self.pkt_type = 0  # PACKET_HOST etc. (kstack.stack)
         self.cb: dict[str, Any] = {}  # skb->cb: per-layer scratch (e.g. IP fragment info)
         self.sk: Any = None  # owning socket on transmit
+        self.destructor: Any = None  # skb->destructor: called once when freed (sock_wfree)
         self.freed = False
         self.cloned = False
 
@@ -324,6 +325,10 @@ class SkbPool:
         if skb.freed:
             raise RuntimeError("double free of an sk_buff")
         skb.freed = True
+        d = skb.destructor
+        if d is not None:  # skb->destructor (sock_wfree gives the socket its wmem back)
+            skb.destructor = None
+            d(skb)
         self.frees += 1
         self.live -= 1
         if reason is not None:

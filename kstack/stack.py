@@ -91,6 +91,10 @@ class NetStack:
         self.socket_factories: dict[tuple[int, int], Callable[..., Any]] = {}
         self._taps: dict[int, list[Tap]] = {}
         self.carrier_listeners: list[Callable[[NetDevice, bool], None]] = []
+        # a batch of sends (the syscall layer's batch of submissions): frames go to the
+        # driver with xmit_more and each device's doorbell is rung once at the end
+        self.xmit_batch_devs: list[NetDevice] | None = None
+        self._xmit_batch_depth = 0
 
     # --- time -----------------------------------------------------------------------------------
 
@@ -210,6 +214,21 @@ class NetStack:
             self._run_taps(dev, skb, True)
         if dev.qdisc.enqueue(skb):
             dev.qdisc.run()
+
+    def xmit_batch_begin(self) -> None:
+        """Start (or nest in) a batch of sends: see xmit_batch_devs."""
+        if not self._xmit_batch_depth:
+            self.xmit_batch_devs = []
+        self._xmit_batch_depth += 1
+
+    def xmit_batch_end(self) -> None:
+        """End the batch: ring each device's doorbell deferred by xmit_more (ndo_flush_xmit)."""
+        self._xmit_batch_depth -= 1
+        if self._xmit_batch_depth:
+            return
+        devs, self.xmit_batch_devs = self.xmit_batch_devs, None
+        for dev in devs or ():
+            dev.ndo_flush_xmit()
 
     def _queue_woken(self, dev: NetDevice) -> None:
         """netif_wake_queue -> __netif_schedule: the qdisc dequeues again."""

@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any
 from kstack.dropreason import SkbDropReason
 from kstack.neighbour import SKB_TRUESIZE_OVERHEAD, skb_truesize
 from kstack.netdevice import NetdevFeatures
-from kstack.route import RTN_BROADCAST, RTN_LOCAL
+from kstack.route import RTN_BROADCAST, RTN_LOCAL, RTN_UNICAST
 from kstack.rxfast import ms_deliver
 from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, MAX_HEADER, SkBuff
+from kstack.txfast import UdpDst, select as txfast_select, sock_wfree
 from kstack.sock import (IPPROTO_UDP, MSG_PEEK, POLLERR, POLLIN, POLLNVAL, POLLOUT,
                          SO_BROADCAST, SOL_SOCKET, Address, Sock)
 from wire.checksum import fold, ones_sum
@@ -88,6 +89,10 @@ class UdpSock(Sock):
         self.queue: deque[SkBuff] = deque()
         self.rmem = 0  # sk_rmem_alloc: truesize of what is queued
         self.drops = 0  # sk_drops
+        self.wmem = 0  # sk_wmem_alloc: truesize of sent skbs the driver has not freed yet
+        self.nospace = False  # SOCK_NOSPACE: a sender found SO_SNDBUF full (wake on room)
+        self._dst: UdpDst | None = None  # sk_dst_cache (connected sockets)
+        self._tx_fast = txfast_select()  # the send fast path: compiled, its twin, or None
         self.ms: Any = None  # the syscall server's armed multishot receive (copy_to_user)
 
     # --- binding ------------------------------------------------------------------------------
@@ -121,6 +126,7 @@ class UdpSock(Sock):
         self.saddr = self.rcv_saddr
         self.daddr, self.dport = ip, port
         self.connected = True
+        self._dst = None  # sk_dst_reset: the next send routes afresh
 
     def getsockname(self) -> Address:
         return (ntoa(self.rcv_saddr), self.sport)
@@ -152,28 +158,52 @@ class UdpSock(Sock):
         n = len(data)
         if n > UDP_MAX_PAYLOAD:
             raise OSError(errno.EMSGSIZE, "message too long")
+        inet = self.inet
+        d = None
         if addr is not None:
             dst, dport = _addr(addr)
             if dport == 0:
                 raise OSError(errno.EINVAL, "port 0")
         elif self.connected:
             dst, dport = self.daddr, self.dport
+            d = self._dst
+            if d is not None and d.genid != inet.fib.genid:
+                d = self._dst = None  # sk_dst_check: the routes changed
         else:
             raise OSError(errno.EDESTADDRREQ, "destination address required")
-        inet = self.inet
-        res = inet.ip.route_output(dst)
-        if res is None:
-            raise OSError(errno.ENETUNREACH, "network is unreachable")
-        if (res.type == RTN_BROADCAST or is_lbcast(dst)) and not self.broadcast:
-            raise OSError(errno.EACCES, "permission denied (SO_BROADCAST)")
-        if not self.sport:
-            self.table.get_port(self, 0, 0)
-        src = self.saddr or self.rcv_saddr or res.src
-        if not src:
-            raise OSError(errno.EADDRNOTAVAIL, "no source address")
+        if d is None:
+            res = inet.ip.route_output(dst)
+            if res is None:
+                raise OSError(errno.ENETUNREACH, "network is unreachable")
+            if (res.type == RTN_BROADCAST or is_lbcast(dst)) and not self.broadcast:
+                raise OSError(errno.EACCES, "permission denied (SO_BROADCAST)")
+            if not self.sport:
+                self.table.get_port(self, 0, 0)
+            src = self.saddr or self.rcv_saddr or res.src
+            if not src:
+                raise OSError(errno.EADDRNOTAVAIL, "no source address")
+            if addr is None and res.type == RTN_UNICAST and not is_lbcast(res.nexthop):
+                # sk_dst_set: a connected socket keeps its route (ip4_datagram_connect's)
+                d = self._dst = UdpDst(inet.fib.genid, dst, res, src, inet)
+        else:
+            res, src = d.res, d.src
+        if self.wmem >= self.sndbuf:
+            # sock_alloc_send_skb: the send memory is full until the driver frees skbs; the
+            # syscall layer parks the call (or answers EAGAIN to MSG_DONTWAIT)
+            self.nospace = True
+            raise BlockingIOError(errno.EAGAIN, "send buffer full")
+        if d is not None:
+            nb = d.neigh
+            if nb is None or nb.dead:
+                nb = d.neigh = inet.neigh.entries.get(d.key)
+            if nb is not None and self._tx_fast is not None and self._tx_fast(self, d, data, dport):
+                return n
         ulen = UDP_HLEN + n
         stack = self.stack
         skb = stack.pool.alloc(ulen, MAX_HEADER)
+        skb.sk = self
+        skb.destructor = sock_wfree  # skb_set_owner_w: charged until freed
+        self.wmem += len(skb.shinfo.buf) + SKB_TRUESIZE_OVERHEAD
         o = skb.put(ulen)
         buf = skb.shinfo.buf
         buf[o + UDP_HLEN:o + ulen] = data
@@ -195,7 +225,6 @@ class UdpSock(Sock):
             c = c or 0xFFFF  # RFC 768: a computed zero is sent as all ones
             buf[o + 6] = c >> 8
             buf[o + 7] = c & 0xFF
-        skb.sk = self
         stack.snmp["UdpOutDatagrams"] += 1
         inet.ip.output(skb, src, dst, IPPROTO_UDP, res, tos=self.tos, ttl=self.ttl)
         return n
@@ -258,7 +287,11 @@ class UdpSock(Sock):
     def poll(self) -> int:
         if self.closed:
             return POLLNVAL
-        mask = POLLOUT
+        if self.wmem << 1 < self.sndbuf:  # sock_writeable: half of SO_SNDBUF free
+            mask = POLLOUT
+        else:
+            mask = 0
+            self.nospace = True  # sock_def_write_space wakes the poller when room comes
         if self.queue:
             mask |= POLLIN
         if self.err:
@@ -274,6 +307,7 @@ class UdpSock(Sock):
         if self.closed:
             return
         self.closed = True
+        self._dst = None
         self.table.unhash(self)
         while self.queue:
             self.queue.popleft().drop(SkbDropReason.SOCKET_CLOSE)

@@ -407,15 +407,19 @@ class SyscallServer:
                         self._ms_drain(app, fd)
                 copied = 0
                 pop = sq.pop_raw
-                while budget and app.inflight < lim and not app.backlog:
-                    r = pop()
-                    if r is None:
-                        break
-                    budget -= 1
-                    copied += len(r[10])
-                    if r[0] == _SENDTO and r[1] == F_ASYNC and self._send_async(app, r):
-                        continue
-                    self._submit(app, Record(*r[:7], (int_to_ip(r[7]), r[8]) if r[9] else None, r[10]))
+                self.stack.xmit_batch_begin()  # one doorbell per device for the batch (xmit_more)
+                try:
+                    while budget and app.inflight < lim and not app.backlog:
+                        r = pop()
+                        if r is None:
+                            break
+                        budget -= 1
+                        copied += len(r[10])
+                        if r[0] == _SENDTO and r[1] == F_ASYNC and self._send_async(app, r):
+                            continue
+                        self._submit(app, Record(*r[:7], (int_to_ip(r[7]), r[8]) if r[9] else None, r[10]))
+                finally:
+                    self.stack.xmit_batch_end()
                 self.counters["bytes_copied_in"] += copied
                 if sq.release():  # the application waits for room in the SQ
                     self._ring(app)
@@ -534,6 +538,13 @@ class SyscallServer:
         app.syscalls += 1
         self._async_sends += 1
         addr = (int_to_ip(r[7]), r[8]) if r[9] else None
+        ps = app.parked.get(r[3])
+        if ps and any(p.rec.op == Op.SENDTO for p in ps):
+            # an earlier send on this socket waits for SO_SNDBUF room: this one queues behind
+            # it, in order, as a blocked sender's next call would
+            app.inflight += 1
+            self._park(app, Record(*r[:7], addr, r[10]))
+            return True
         try:
             sock.sendmsg(r[10], addr, r[4] & ~MSG_DONTWAIT)
             return True
@@ -896,6 +907,13 @@ class SyscallServer:
             os.eventfd_write(self.wake_efd, 1)
 
     def _run_woken(self) -> None:
+        self.stack.xmit_batch_begin()  # retried sends share one doorbell per device
+        try:
+            self._run_woken_batch()
+        finally:
+            self.stack.xmit_batch_end()
+
+    def _run_woken_batch(self) -> None:
         for _ in range(16):  # wakes caused by these retries come round again, a bounded number
             if not self._woken:
                 return

@@ -1,0 +1,174 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True
+"""The UDP send fast path, compiled. kstack/txfast.py is the readable twin with the same
+steps, conditions and counters (tests/test_kstack_txfast.py holds them equal); read the
+why there. Here the header building, the payload copy into the sk_buff and the checksums are
+C over the skb's buffer; the objects of the model (sk_buff, counters, driver) are the same."""
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from libc.stdint cimport uint8_t, uint32_t, uint64_t
+from libc.string cimport memcpy
+
+from kstack.netdevice import NETDEV_TX_BUSY, IFF_UP, NetdevFeatures
+from kstack.qdisc import IP_TOS2PRIO, PFifoFast
+from kstack.neighbour import SKB_TRUESIZE_OVERHEAD
+from kstack.skbuff import CHECKSUM_PARTIAL, MAX_HEADER
+from kstack.txfast import FAST_NUD, sock_wfree
+
+cdef int _FAST_NUD = FAST_NUD
+cdef int _IFF_UP = IFF_UP
+cdef int _IP_CSUM = NetdevFeatures.IP_CSUM
+cdef int _TX_BUSY = NETDEV_TX_BUSY
+cdef int _PARTIAL = CHECKSUM_PARTIAL
+cdef Py_ssize_t _MAX_HEADER = MAX_HEADER
+cdef Py_ssize_t _OVERHEAD = SKB_TRUESIZE_OVERHEAD
+cdef object _PFifoFast = PFifoFast
+cdef tuple _TOS2PRIO = tuple(IP_TOS2PRIO)
+cdef object _wfree = sock_wfree
+
+
+cdef inline uint32_t _fold(uint64_t s) noexcept nogil:
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return <uint32_t>s
+
+
+cdef inline uint64_t _sum16(const uint8_t* p, Py_ssize_t n) noexcept nogil:
+    """The unfolded sum of big-endian 16-bit words (an odd byte padded with zero)."""
+    cdef uint64_t s = 0
+    cdef Py_ssize_t i = 0
+    while i + 1 < n:
+        s += (<uint32_t>p[i] << 8) | p[i + 1]
+        i += 2
+    if n & 1:
+        s += <uint32_t>p[n - 1] << 8
+    return s
+
+
+cdef inline void _put16(uint8_t* p, uint32_t v) noexcept nogil:
+    p[0] = (v >> 8) & 0xFF
+    p[1] = v & 0xFF
+
+
+cdef inline void _put32(uint8_t* p, uint32_t v) noexcept nogil:
+    p[0] = (v >> 24) & 0xFF
+    p[1] = (v >> 16) & 0xFF
+    p[2] = (v >> 8) & 0xFF
+    p[3] = v & 0xFF
+
+
+def udp_send(sk, d, data, int dport):
+    """See kstack.txfast.udp_send."""
+    cdef const uint8_t[::1] dv
+    cdef const uint8_t* src_p
+    cdef Py_ssize_t nlen
+    if type(data) is bytes:
+        src_p = <const uint8_t*>PyBytes_AS_STRING(data)
+        nlen = PyBytes_GET_SIZE(data)
+    else:
+        dv = data
+        nlen = dv.shape[0]
+        src_p = &dv[0] if nlen else NULL
+    n = d.neigh
+    dev = d.dev
+    qd = dev.qdisc
+    cdef Py_ssize_t ulen = 8 + nlen
+    cdef Py_ssize_t tot = ulen + 20
+    ha = n.ha
+    if (not (<int>n.nud_state & _FAST_NUD) or n.dead or ha is None
+            or not (<int>dev.flags & _IFF_UP) or dev.queue_stopped
+            or type(qd) is not _PFifoFast or qd._qlen or qd._requeued is not None
+            or tot > <Py_ssize_t>dev.mtu or d.ip.pmtu or d.taps.get(dev.ifindex)):
+        return False
+    stack = d.stack
+    now = stack.clock()
+    pool = d.pool
+    skb = pool.alloc(ulen, _MAX_HEADER)
+    buf = skb.shinfo.buf
+    if type(buf) is not bytearray:
+        raise TypeError("sk_buff buffers are bytearrays")
+    sk.wmem += PyByteArray_GET_SIZE(buf) + _OVERHEAD
+    skb.sk = sk
+    skb.destructor = _wfree
+    cdef uint8_t* b = <uint8_t*>PyByteArray_AS_STRING(buf)
+    cdef Py_ssize_t o = _MAX_HEADER
+    if nlen:
+        memcpy(b + o + 8, src_p, nlen)
+    pool.bytes_copied += nlen
+    cdef uint32_t src = d.src
+    cdef uint32_t dst = d.daddr
+    idents = d.idents
+    i = d.ident_i
+    cdef uint32_t ident = (<uint32_t>idents[i] + 1) & 0xFFFF
+    idents[i] = ident
+    cdef int tos = sk.tos
+    ttl = sk.ttl or stack.sysctl.ip_default_ttl
+    cdef uint64_t psum = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + 17 + ulen
+    cdef uint8_t* ip = b + o - 20
+    ip[0] = 0x45
+    ip[1] = tos
+    _put16(ip + 2, <uint32_t>tot)
+    _put16(ip + 4, ident)
+    _put16(ip + 6, 0x4000)
+    ip[8] = <uint8_t>(<int>ttl)
+    ip[9] = 17
+    ip[10] = 0
+    ip[11] = 0
+    _put32(ip + 12, src)
+    _put32(ip + 16, dst)
+    _put16(ip + 10, ~_fold(_sum16(ip, 20)) & 0xFFFF)
+    cdef uint8_t* uh = b + o
+    _put16(uh, <uint32_t>(<int>sk.sport))
+    _put16(uh + 2, <uint32_t>dport)
+    _put16(uh + 4, <uint32_t>ulen)
+    cdef uint32_t c
+    if <int>dev.features & _IP_CSUM:
+        c = _fold(psum)
+        skb.ip_summed = _PARTIAL
+        skb.csum_start = o
+        skb.csum_offset = 6
+    else:
+        uh[6] = 0
+        uh[7] = 0
+        c = ~_fold(_sum16(uh, ulen) + psum) & 0xFFFF
+        if c == 0:
+            c = 0xFFFF
+    _put16(uh + 6, c)
+    cdef Py_ssize_t mh = o - 34
+    cdef const uint8_t* hap
+    cdef const uint8_t* sap
+    dev_addr = dev.dev_addr
+    if type(ha) is not bytes or type(dev_addr) is not bytes or PyBytes_GET_SIZE(ha) != 6 \
+            or PyBytes_GET_SIZE(dev_addr) != 6:
+        raise TypeError("link-layer addresses are 6 bytes")
+    memcpy(b + mh, PyBytes_AS_STRING(ha), 6)
+    memcpy(b + mh + 6, PyBytes_AS_STRING(dev_addr), 6)
+    b[mh + 12] = 0x08
+    b[mh + 13] = 0x00
+    skb.data = mh
+    skb.tail = o + ulen
+    skb.transport_header = o
+    skb.network_header = o - 20
+    skb.mac_header = mh
+    skb.protocol = 0x0800
+    skb.priority = _TOS2PRIO[(tos & 0x1E) >> 1]
+    skb.dev = dev
+    skb.tstamp = now
+    skb.pkt_type = 4  # PACKET_OUTGOING
+    snmp = d.snmp
+    snmp["UdpOutDatagrams"] += 1
+    snmp["IpOutRequests"] += 1
+    ns = d.nstats
+    ns["lookups"] += 1
+    ns["hits"] += 1
+    n.used = now
+    qd.runs += 1
+    batch = d.batch.xmit_batch_devs
+    more = batch is not None
+    if dev.ndo_start_xmit(skb, more) == _TX_BUSY:
+        qd._requeue(skb)
+        return True
+    qd.packets += 1
+    qd.bytes += tot + 14
+    if more and dev not in batch:
+        batch.append(dev)
+    return True

@@ -1,0 +1,192 @@
+"""The UDP send fast path, readable twin of kstack/_txfast.pyx (tests hold them equal).
+
+Why: a connected UDP socket whose route and neighbour are resolved sends every datagram the
+same way, through five layers of method calls (udp_sendmsg, ip_output, ip_finish_output2,
+dev_queue_xmit, qdisc_run). Linux keeps that cheap with a cached dst and the qdisc bypass
+(TCQ_F_CAN_BYPASS: an empty pfifo_fast hands the frame straight to the driver, counted in the
+qdisc's statistics as if it had gone through). Here the same steps run in one function, with
+every counter the layered path increments, and anything unusual falls back to that path.
+
+    udp_send(sk, d, data, dport, more) -> bool
+        True: sent (or handed to the driver, which may still drop and count it).
+        False: not for the fast path; nothing was changed, the caller takes the slow path.
+
+`d` is the socket's UdpDst (the dst cache: route, source address, neighbour, device). The
+fast path needs: the neighbour CONNECTED, DELAY or PROBE with an address (__neigh_event_send
+changes nothing else then; STALE, INCOMPLETE, FAILED go the slow way to run the state
+machine), the device up with no tap, a pfifo_fast qdisc with nothing queued and the driver's
+queue awake, no learned path MTU, and the datagram within the device MTU.
+"""
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+from kstack.qdisc import IP_TOS2PRIO, PFifoFast
+from kstack.neighbour import NUD_CONNECTED, NUD_DELAY, NUD_PROBE, SKB_TRUESIZE_OVERHEAD
+from kstack.netdevice import NETDEV_TX_BUSY, IFF_UP, NetdevFeatures
+from kstack.skbuff import CHECKSUM_PARTIAL, MAX_HEADER
+
+__all__ = ["UdpDst", "udp_send", "sock_wfree", "FAST_NUD", "IP_IDENTS_MUL"]
+
+FAST_NUD = NUD_CONNECTED | NUD_DELAY | NUD_PROBE
+IP_IDENTS_MUL = 2654435761  # ip_select_ident's hash (kstack.ipv4.Ipv4.select_ident)
+_PACKET_OUTGOING = 4
+_IP_CSUM = NetdevFeatures.IP_CSUM
+_ETH = struct.Struct("!6s6sH")
+_IPUDP = struct.Struct("!BBHHHBBHIIHHHH")  # IPv4 header (20) + UDP header (8)
+_ETH_HLEN = 14
+_IP_HLEN = 20
+_UDP_HLEN = 8
+
+
+class UdpDst:
+    """sk_dst_cache of a connected UDP socket: valid while the FIB's generation is the one it
+    was made under (a route or address change bumps it) and its neighbour entry lives."""
+
+    __slots__ = ("genid", "daddr", "res", "dev", "src", "neigh", "key", "stack", "pool", "snmp",
+                 "nstats", "idents", "ident_i", "ip", "taps", "batch")
+
+    def __init__(self, genid: int, daddr: int, res: Any, src: int, inet: Any) -> None:
+        self.genid = genid
+        self.daddr = daddr
+        self.res = res
+        self.dev = res.dev
+        self.src = src
+        self.neigh: Any = None  # looked up when first needed, dropped when it dies
+        self.key = (res.dev.ifindex, res.nexthop)
+        self.stack = inet.stack
+        self.pool = inet.stack.pool
+        self.snmp = inet.stack.snmp
+        self.nstats = inet.neigh.stats
+        self.ip = inet.ip
+        self.idents = inet.ip.idents
+        self.ident_i = (daddr * IP_IDENTS_MUL ^ 17) % len(inet.ip.idents)
+        self.taps = inet.stack._taps
+        self.batch = inet.stack  # xmit_batch_devs: the syscall layer's batch (xmit_more)
+
+
+def sock_wfree(skb: Any) -> None:
+    """sock_wfree, the destructor of an skb charged to a socket's send memory: give its
+    truesize back, and wake a writer that found SO_SNDBUF full once half is free again
+    (sock_def_write_space)."""
+    sk = skb.sk
+    sk.wmem -= len(skb.shinfo.buf) + SKB_TRUESIZE_OVERHEAD
+    if sk.nospace and sk.wmem << 1 <= sk.sndbuf:
+        sk.nospace = False
+        sk.wake()
+
+
+def _fold(s: int) -> int:
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int) -> bool:
+    """udp_sendmsg -> ip_output -> neigh_output -> dev_queue_xmit (bypass) -> ndo_start_xmit,
+    in one step for the common case. See the module docstring."""
+    n = d.neigh
+    dev = d.dev
+    qd = dev.qdisc
+    nlen = len(data)
+    ulen = _UDP_HLEN + nlen
+    tot = ulen + _IP_HLEN
+    ha = n.ha
+    if (not n.nud_state & FAST_NUD or n.dead or ha is None or not dev.flags & IFF_UP
+            or dev.queue_stopped or type(qd) is not PFifoFast or qd._qlen or qd._requeued is not None
+            or tot > dev.mtu or d.ip.pmtu or d.taps.get(dev.ifindex)):
+        return False
+    stack = d.stack
+    now = stack.clock()
+    pool = d.pool
+    # sock_alloc_send_skb: the buffer, charged to the socket's send memory (sock_wfree gives
+    # it back when the driver frees the skb after DD)
+    skb = pool.alloc(ulen, MAX_HEADER)
+    buf = skb.shinfo.buf
+    sk.wmem += len(buf) + SKB_TRUESIZE_OVERHEAD
+    skb.sk = sk
+    skb.destructor = sock_wfree
+    o = MAX_HEADER  # the UDP header; IP 20 and Ethernet 14 bytes in front
+    buf[o + _UDP_HLEN:o + ulen] = data  # copy_from_user into the skb
+    pool.bytes_copied += nlen
+    src = d.src
+    dst = d.daddr
+    idents = d.idents
+    i = d.ident_i
+    ident = idents[i] = (idents[i] + 1) & 0xFFFF
+    tos = sk.tos
+    ttl = sk.ttl or stack.sysctl.ip_default_ttl
+    psum = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + 17 + ulen
+    ih = o - _IP_HLEN
+    _IPUDP.pack_into(buf, ih, 0x45, tos, tot, ident, 0x4000, ttl, 17, 0, src, dst,
+                     sk.sport, dport, ulen, 0)
+    c = ~_fold(int.from_bytes(buf[ih:ih + _IP_HLEN], "big") % 0xFFFF or 0xFFFF) & 0xFFFF
+    buf[ih + 10] = c >> 8
+    buf[ih + 11] = c & 0xFF
+    if dev.features & _IP_CSUM:
+        c = _fold(psum)  # udp4_hwcsum: the device finishes it (CHECKSUM_PARTIAL)
+        skb.ip_summed = CHECKSUM_PARTIAL
+        skb.csum_start = o
+        skb.csum_offset = 6
+    else:
+        v = int.from_bytes(buf[o:o + ulen], "big")
+        if ulen & 1:
+            v <<= 8
+        s = v % 0xFFFF
+        if s == 0 and v:
+            s = 0xFFFF
+        c = (~_fold(s + psum) & 0xFFFF) or 0xFFFF
+    buf[o + 6] = c >> 8
+    buf[o + 7] = c & 0xFF
+    mh = ih - _ETH_HLEN
+    _ETH.pack_into(buf, mh, ha, dev.dev_addr, 0x0800)
+    skb.data = mh
+    skb.tail = o + ulen
+    skb.transport_header = o
+    skb.network_header = ih
+    skb.mac_header = mh
+    skb.protocol = 0x0800
+    skb.priority = IP_TOS2PRIO[(tos & 0x1E) >> 1]
+    skb.dev = dev
+    skb.tstamp = now
+    skb.pkt_type = _PACKET_OUTGOING
+    snmp = d.snmp
+    snmp["UdpOutDatagrams"] += 1
+    snmp["IpOutRequests"] += 1
+    ns = d.nstats
+    ns["lookups"] += 1
+    ns["hits"] += 1
+    n.used = now
+    # __dev_xmit_skb with TCQ_F_CAN_BYPASS: qdisc_run_begin, bstats, sch_direct_xmit
+    qd.runs += 1
+    flen = tot + _ETH_HLEN
+    batch = d.batch.xmit_batch_devs
+    more = batch is not None
+    if dev.ndo_start_xmit(skb, more) == NETDEV_TX_BUSY:
+        qd._requeue(skb)  # as qdisc_run would: first out when the driver wakes the queue
+        return True
+    qd.packets += 1
+    qd.bytes += flen
+    if more and dev not in batch:
+        batch.append(dev)
+    return True
+
+
+def select(kind: str | None = None) -> Any:
+    """The udp_send to use: "c" (compiled; this twin when it is not built), "py" (this twin)
+    or "off" (None: every datagram takes the layered path). Default: $KSTACK_TXFAST, else "c"."""
+    import os
+
+    kind = kind or os.environ.get("KSTACK_TXFAST", "c")
+    if kind == "off":
+        return None
+    if kind == "py":
+        return udp_send
+    if kind != "c":
+        raise ValueError(f"KSTACK_TXFAST={kind!r}: c, py or off")
+    try:
+        from kstack._txfast import udp_send as c_udp_send
+    except ImportError:
+        return udp_send
+    return c_udp_send
