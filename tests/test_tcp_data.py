@@ -93,7 +93,7 @@ def test_sack_recovery_of_several_holes():
     data = random.Random(4).randbytes(30 * 1448)
     assert transfer(link, a, data) == data
     assert dropped == holes
-    assert counters["TcpExtTCPSACKRecovery"] == 1 and counters["TcpExtTCPTimeouts"] == 0
+    assert counters["TcpExtTCPSackRecovery"] == 1 and counters["TcpExtTCPTimeouts"] == 0
     assert counters["TcpRetransSegs"] == 3
     assert any(s.sack for f, s in link.log if f == "b")
 

@@ -662,7 +662,7 @@ class TcpConnection:
         self.high_rxt = self.snd_una
         self.lost_end = (self.snd_una + min(mss, flight)) & SEQ_MASK
         self.rtt_seq = None
-        self.counters["TcpExtTCPSACKRecovery" if self.sack_ok else "TcpExtTCPRenoRecovery"] += 1
+        self.counters["TcpExtTCPSackRecovery" if self.sack_ok else "TcpExtTCPRenoRecovery"] += 1
 
     def _data(self, payload, seq: int, now: int) -> SkbDropReason | None:
         """Segment text in ESTABLISHED, FIN-WAIT-1, FIN-WAIT-2: in order to the receive queue
