@@ -2,7 +2,9 @@
 
 One function builds each subcommand's parser (`_add_<name>`) and one runs it (`cmd_<name>`);
 `SUBCOMMANDS` lists them in the order `--help` shows them, so adding a command is adding a pair
-and a row. Exit status: 0 success, 1 runtime failure, 2 bad usage or bad input.
+and a row. These are the device commands; the commands that run drivers and a stack over the devices
+belong to the lab package (lab.cli builds the installed `nicemu` from both), since this
+package imports neither driver/ nor kstack/. Exit status: 0 success, 1 runtime failure, 2 bad usage or bad input.
 """
 from __future__ import annotations
 
@@ -362,28 +364,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         raise CliError(e.render(), 2) from None
 
 
-# --- demo (nicemu.demo) ------------------------------------------------------------------
-
-def _add_demo(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from nicemu.demo import add_arguments
-
-    ps = sub.add_parser(
-        "demo", help="two NICs back to back: interrupt mode, NAPI and a PMD, measured",
-        description="Start an emulator with two devices back to back, a traffic generator on one "
-                    "and, in turn, the kernel-style driver in interrupt mode, in NAPI mode and the "
-                    "kernel-bypass PMD on the other, each in its own process; narrate what happens "
-                    "and end with tables of rate, latency, interrupts, doorbells and register reads "
-                    "per packet and context switches. Ctrl-C or SIGTERM stops everything cleanly.")
-    add_arguments(ps)
-    return ps
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from nicemu.demo import main as demo_main
-
-    return demo_main(args)
-
-
 # --- the command ---------------------------------------------------------------------------
 
 # (name, add parser, run): add a row to add a subcommand.
@@ -392,7 +372,6 @@ SUBCOMMANDS: list[tuple[str, Callable[[argparse._SubParsersAction], argparse.Arg
     ("show", _add_show, cmd_show),
     ("serve", _add_serve, cmd_serve),
     ("up", _add_up, cmd_up),
-    ("demo", _add_demo, cmd_demo),
 ]
 
 
@@ -406,8 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> int:
+    """Parse and run; `parser` is a larger parser built on build_parser() (lab.cli adds the
+    lab's commands to it), run with the same error handling."""
+    args = (parser or build_parser()).parse_args(argv)
     level = getattr(args, "log_level", "warning")
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(name)s %(levelname)s: %(message)s",
                         stream=sys.stderr)

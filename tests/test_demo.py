@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from nicemu import demo
+from lab import l2demo as demo
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -137,7 +137,7 @@ def test_demo_exchanges_every_frame_in_every_mode_and_leaves_nothing() -> None:
     shm_before = _dev_shm()
     parent = Path(f"/tmp/nicemu-{os.getuid()}")
     parent_before = parent.exists()
-    p = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--frames", str(FRAMES),
+    p = subprocess.run([sys.executable, "-m", "lab", "demo", "--frames", str(FRAMES),
                         "--pings", str(PINGS), "--json"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     out = p.stdout
@@ -204,7 +204,7 @@ def test_demo_exchanges_every_frame_in_every_mode_and_leaves_nothing() -> None:
 def test_short_phases_get_no_cpu_figure_and_no_conclusion(tmp_path: Path) -> None:
     """20 pings take a few ms: CPU time in 10 ms ticks says nothing about them, so the table
     prints n/a and the lesson says the CPU cost was not measured instead of "0% vs 100%"."""
-    p = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--frames", "0", "--pings", "20",
+    p = subprocess.run([sys.executable, "-m", "lab", "demo", "--frames", "0", "--pings", "20",
                         "--modes", "irq,pmd"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, f"{p.stdout}\n{p.stderr}"
@@ -296,7 +296,7 @@ def test_run_directory_removes_the_parent_it_made_only_when_empty(tmp_path: Path
 
 
 def test_quiet_prints_only_the_tables(tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--quiet", "--modes", "pmd,irq",
+    p = subprocess.run([sys.executable, "-m", "lab", "demo", "--quiet", "--modes", "pmd,irq",
                         "--frames", "500", "--pings", "0", "--size", "1518", "--window", "64"],
                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -310,7 +310,7 @@ def test_quiet_prints_only_the_tables(tmp_path: Path) -> None:
 
 def test_shm_cable_puts_each_device_in_its_own_emulator() -> None:
     shm_before = _dev_shm()
-    p = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--cable", "shm", "--modes", "napi",
+    p = subprocess.run([sys.executable, "-m", "lab", "demo", "--cable", "shm", "--modes", "napi",
                         "--frames", "1000", "--pings", "50", "--json"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, f"{p.stdout}\n{p.stderr}"
@@ -329,7 +329,7 @@ def test_signal_mid_run_stops_everything(sig: int, mode: str) -> None:
     """Ctrl-C while the interrupt-mode driver works, SIGTERM while the PMD spins: exit 128 +
     signal, every process gone, the sockets and the run directory removed."""
     shm_before = _dev_shm()
-    p = subprocess.Popen([sys.executable, "-m", "nicemu", "demo", "--modes", mode,
+    p = subprocess.Popen([sys.executable, "-m", "lab", "demo", "--modes", mode,
                           "--frames", "5000000", "--pings", "0"],
                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -358,7 +358,7 @@ def test_kill_9_of_the_controller_takes_the_children_down() -> None:
     controller; the emulator unlinks its sockets; the next demo removes the dead run's
     directory."""
     shm_before = _dev_shm()
-    p = subprocess.Popen([sys.executable, "-m", "nicemu", "demo", "--modes", "napi",
+    p = subprocess.Popen([sys.executable, "-m", "lab", "demo", "--modes", "napi",
                           "--frames", "5000000", "--pings", "0"],
                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -382,7 +382,7 @@ def test_kill_9_of_the_controller_takes_the_children_down() -> None:
     assert _dev_shm() - shm_before == set()
     # the next demo sweeps the dead run's directory away
     made_parent = (Path(run_dir) / demo.PARENT_MARK).exists()
-    q = subprocess.run([sys.executable, "-m", "nicemu", "demo", "--quiet", "--modes", "irq",
+    q = subprocess.run([sys.executable, "-m", "lab", "demo", "--quiet", "--modes", "irq",
                         "--frames", "100", "--pings", "0"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert q.returncode == 0, q.stderr
@@ -409,7 +409,7 @@ def test_bad_options_exit_2_with_a_message(args: list[str], message: str, capsys
 @pytest.mark.parametrize("args", [["--modes", "irq,dpdk"], ["--modes", ""], ["--frames", "-1"],
                                   ["--frames", "many"], ["--cable", "udp"]])
 def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
-    p = subprocess.run([sys.executable, "-m", "nicemu", "demo", *args], cwd=ROOT, env=ENV,
+    p = subprocess.run([sys.executable, "-m", "lab", "demo", *args], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2
     assert "usage: nicemu demo" in p.stderr
