@@ -1,6 +1,6 @@
 """The sans-IO TCP engine alone: what one bulk segment costs the sender and the receiver.
 
-    python benchmarks/bench_tcp_engine.py [--mbytes 10] [--repeat 3] [--slow]
+    python benchmarks/bench_tcp_engine.py [--mbytes 10] [--repeat 5] [--wire csum,offload,none]
                                           [--profile [--profile-wire csum|offload|none]]
 
 Two TcpConnections joined by a fake link (1 ms each way, a fake clock, no loss), as
@@ -16,7 +16,9 @@ the wire (the segment objects go across as they are). The sender calls send() wh
 writable() and the receiver recv() while readable(), as poll-driven sockets do.
 Per-side figures are wall time inside the calls (a preempted call counts its wait); the
 thread CPU time of the whole run, both sides and the harness together, is printed beside them
-as the load-proof figure. --slow turns the fast paths off (TcpConnection.fast_path = False): the full path's figures.
+as the load-proof figure. Three variants run interleaved (so that a changing load falls on each alike): the full path
+(TcpConnection.fast_path = False, what the engine did before header prediction), the fast path
+in Python, and the fast path in C (kstack/tcp/_fast.pyx) when it is built.
 
 Printed per side: µs per data segment and segments/s that one core could sustain at that
 cost (1e6 / µs). Target (issue 9): 1 Gbit/s with a 1500-byte MTU is about 83k segments/s,
@@ -42,11 +44,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from _common import machine_line, run_delay_ns, spread  # noqa: E402
-from kstack.tcp import TcpConfig, TcpConnection  # noqa: E402
+from kstack.tcp import TcpConfig, TcpConnection, fast_path_kind  # noqa: E402
+from kstack.tcp import connection as conn_mod  # noqa: E402
 from test_tcp_link import A_INT, B_INT, MS, established_pair  # noqa: E402
 from wire.tcp import TcpSegment  # noqa: E402
 
 clock = time.perf_counter_ns
+PY_IMPL = (TcpConnection._rcv_predicted, TcpConnection._xmit_full_segments)
+try:
+    from kstack.tcp import _fast
+    C_IMPL = (_fast.rcv_predicted, _fast.xmit_full_segments)
+except ImportError:
+    C_IMPL = None
+
+
+def use(fast: bool, impl) -> None:
+    """Choose the path: the full one (fast_path off), or the common path in C or Python."""
+    TcpConnection.fast_path = fast
+    if impl is not None:
+        conn_mod._rcv_predicted, conn_mod._xmit_full_segments = impl
 
 
 def transfer(nbytes: int, wire: str) -> dict:
@@ -130,12 +146,12 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-wire", default="offload", choices=("csum", "offload", "none"))
-    ap.add_argument("--slow", action="store_true", help="fast_path off: every segment takes the full path")
+    ap.add_argument("--wire", default="csum,offload,none", help="rows: csum, offload, none")
     args = ap.parse_args()
     nbytes = int(args.mbytes * 1e6)
     print(machine_line())
     print("note: the machine is shared with other work; figures are CPU-bound wall time per call")
-    print("engine: pure Python (header prediction and the full-segment loop; no Cython twin yet)")
+    print(f"engine common path: {fast_path_kind()} (NICEMU_PY_TCP=1 forces the Python twin)")
     if args.profile:
         pr = cProfile.Profile()
         pr.enable()
@@ -143,36 +159,41 @@ def main() -> None:
         pr.disable()
         pstats.Stats(pr).sort_stats("tottime").print_stats(25)
         return
-    if args.slow:
-        TcpConnection.fast_path = False
-        print("fast path OFF (TcpConnection.fast_path = False)")
     labels = {"csum": "emit/parse included, software checksum",
               "offload": "emit/parse included, checksum offloaded (as the stack with the 82540EM)",
               "none": "emit/parse excluded"}
-    for wire in ("csum", "offload", "none"):
-        rows = collections.defaultdict(list)
-        info = None
-        delays, cpu = [], []
+    variants = {"full path": (False, None), "fast, Python twin": (True, PY_IMPL)}
+    if C_IMPL is not None:
+        variants["fast, C (_fast.pyx)"] = (True, C_IMPL)
+    for wire in args.wire.split(","):
+        # the variants run interleaved, repeat after repeat, so that a changing load falls
+        # on all of them alike
+        rows = {v: collections.defaultdict(list) for v in variants}
+        info = {}
         for _ in range(args.repeat):
-            rd0, c0 = run_delay_ns(), time.thread_time_ns()
-            r = transfer(nbytes, wire)
-            cpu.append((time.thread_time_ns() - c0) / r["segs"] / 1000)
-            delays.append((run_delay_ns() - rd0) / 1e6)
-            segs = r["segs"]
-            info = r
-            for s in ("a", "b"):
-                us = (r[s + "_eng"] + r[s + "_wire"]) / segs / 1000
-                rows[s].append(us)
-        label = labels[wire]
-        print(f"\n{args.mbytes:g} MB A->B, {info['segs']} data segments, {label}; header prediction "
-              f"hits {info['hp_hits']} data, {info['hp_acks']} ACKs; retransmissions {info['retrans']}; "
-              f"ms runnable but waiting for a CPU per run {spread(delays, '{:.0f}')}")
-        for s, name in (("a", "sender"), ("b", "receiver")):
-            us = rows[s]
-            print(f"  {name:8s} µs/segment {spread(us, '{:.1f}')}   segments/s "
-                  f"{spread([1e6 / u for u in us], '{:.0f}')}")
-        print(f"  CPU time of the whole run (both sides, the harness and the set-up; thread "
-              f"CPU clock, not disturbed by waiting): µs/segment {spread(cpu, '{:.1f}')}")
+            for v, (fast, impl) in variants.items():
+                use(fast, impl)
+                rd0, c0 = run_delay_ns(), time.thread_time_ns()
+                r = transfer(nbytes, wire)
+                segs = r["segs"]
+                rows[v]["cpu"].append((time.thread_time_ns() - c0) / segs / 1000)
+                rows[v]["delay"].append((run_delay_ns() - rd0) / 1e6)
+                for s in ("a", "b"):
+                    rows[v][s].append((r[s + "_eng"] + r[s + "_wire"]) / segs / 1000)
+                info[v] = r
+        use(True, C_IMPL or PY_IMPL)
+        print(f"\n{args.mbytes:g} MB A->B, {r['segs']} data segments, {labels[wire]}")
+        for v in variants:
+            i = info[v]
+            print(f"  {v}: header prediction hits {i['hp_hits']} data, {i['hp_acks']} ACKs; "
+                  f"retransmissions {i['retrans']}; ms waiting for a CPU per run "
+                  f"{spread(rows[v]['delay'], '{:.0f}')}")
+            for s, name in (("a", "sender"), ("b", "receiver")):
+                us = rows[v][s]
+                print(f"    {name:8s} µs/segment {spread(us, '{:.1f}')}   segments/s "
+                      f"{spread([1e6 / u for u in us], '{:.0f}')}")
+            print(f"    thread CPU of the whole run (both sides + harness) µs/segment "
+                  f"{spread(rows[v]['cpu'], '{:.1f}')}")
     print("\ntarget: 12 µs/segment per side (83k segments/s, 1 Gbit/s at MTU 1500)")
     print(machine_line())
 

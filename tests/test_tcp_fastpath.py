@@ -1,17 +1,46 @@
 """The TCP fast paths (header prediction on input, the full-segment loop on output) are taken
 on bulk traffic and agree with the full path: the same segments out, the same state, the same
-counters, over random transfers with loss, duplication and reordering."""
+counters, over random transfers with loss, duplication and reordering. The C common path
+(kstack/tcp/_fast.pyx) and its Python twin are each held to the full path, and to each other
+with the header-prediction counters included."""
 import random
 
 import pytest
 
 from kstack.tcp import TcpConfig, TcpConnection
+from kstack.tcp import connection as conn_mod
 from test_tcp_link import MS, established_pair, transfer
+
+try:
+    from kstack.tcp import _fast
+except ImportError:  # not built: the Python twin alone
+    _fast = None
+
+IMPLS = {"python": (TcpConnection._rcv_predicted, TcpConnection._xmit_full_segments)}
+if _fast is not None:
+    IMPLS["cython"] = (_fast.rcv_predicted, _fast.xmit_full_segments)
+
+
+@pytest.fixture(params=sorted(IMPLS))
+def impl(request, monkeypatch):
+    """Run the test with one implementation of the common path."""
+    rcv, xmit = IMPLS[request.param]
+    monkeypatch.setattr(conn_mod, "_rcv_predicted", rcv)
+    monkeypatch.setattr(conn_mod, "_xmit_full_segments", xmit)
+    return request.param
+
+
+def test_the_c_path_is_built_and_chosen():
+    # setup.py builds every kstack/**/_*.pyx; NICEMU_PY_TCP=1 forces the twin
+    import os
+    if os.environ.get("NICEMU_PY_TCP") == "1" or _fast is None:
+        pytest.skip("the Python twin runs here")
+    assert conn_mod.fast_path_kind() == "cython"
 
 HP_COUNTERS = ("TcpExtTCPHPHits", "TcpExtTCPHPAcks")
 
 
-def test_header_prediction_is_taken_on_bulk_data(monkeypatch):
+def test_header_prediction_is_taken_on_bulk_data(impl):
     link, counters = established_pair()
     data = bytes(range(256)) * 800
     assert transfer(link, link.a, data) == data
@@ -29,7 +58,7 @@ def test_no_prediction_when_turned_off(monkeypatch):
     assert counters["TcpExtTCPHPHits"] == counters["TcpExtTCPHPAcks"] == 0
 
 
-def test_out_of_order_data_takes_the_full_path():
+def test_out_of_order_data_takes_the_full_path(impl):
     link, counters = established_pair()
     assert transfer(link, link.a, b"w" * 3000) == b"w" * 3000
     hits = counters["TcpExtTCPHPHits"]
@@ -53,6 +82,16 @@ def _state(c: TcpConnection) -> dict:
     return d
 
 
+SCENARIOS = [
+    {},
+    {"sack": False},
+    {"timestamps": False, "window_scaling": False},
+    {"rcvbuf": 20000, "sndbuf": 8000, "nodelay": True},
+]
+SCENARIO_IDS = ["defaults", "nosack", "nots-nows", "small-buffers"]
+FAULTS = [(0.0, 0.0, 0.0), (0.02, 0.0, 0.0), (0.02, 0.05, 0.01)]
+
+
 def _run(fast: bool, seed: int, cfg: dict, loss: float, reorder: float, dup: float):
     TcpConnection.fast_path = fast
     try:
@@ -74,14 +113,9 @@ def _run(fast: bool, seed: int, cfg: dict, loss: float, reorder: float, dup: flo
 
 
 @pytest.mark.parametrize("seed", range(6))
-@pytest.mark.parametrize("cfg", [
-    {},
-    {"sack": False},
-    {"timestamps": False, "window_scaling": False},
-    {"rcvbuf": 20000, "sndbuf": 8000, "nodelay": True},
-], ids=["defaults", "nosack", "nots-nows", "small-buffers"])
-def test_fast_path_agrees_with_full_path(seed, cfg):
-    loss, reorder, dup = [(0.0, 0.0, 0.0), (0.02, 0.0, 0.0), (0.02, 0.05, 0.01)][seed % 3]
+@pytest.mark.parametrize("cfg", SCENARIOS, ids=SCENARIO_IDS)
+def test_fast_path_agrees_with_full_path(seed, cfg, impl):
+    loss, reorder, dup = FAULTS[seed % 3]
     ok_f, segs_f, a_f, b_f, c_f = _run(True, seed, cfg, loss, reorder, dup)
     ok_s, segs_s, a_s, b_s, c_s = _run(False, seed, cfg, loss, reorder, dup)
     assert ok_f and ok_s
@@ -89,3 +123,19 @@ def test_fast_path_agrees_with_full_path(seed, cfg):
     assert a_f == a_s and b_f == b_s
     assert {k: v for k, v in c_f.items() if k not in HP_COUNTERS} == dict(c_s)
     assert c_f["TcpExtTCPHPHits"] > 0 and not any(c_s[k] for k in HP_COUNTERS)
+
+
+@pytest.mark.skipif(_fast is None, reason="kstack/tcp/_fast.pyx is not built")
+@pytest.mark.parametrize("seed", range(100, 106))
+@pytest.mark.parametrize("cfg", SCENARIOS, ids=SCENARIO_IDS)
+def test_c_path_agrees_with_its_python_twin(seed, cfg, monkeypatch):
+    """Same segments, state and counters, the header-prediction counters included."""
+    runs = []
+    for rcv, xmit in (IMPLS["cython"], IMPLS["python"]):
+        monkeypatch.setattr(conn_mod, "_rcv_predicted", rcv)
+        monkeypatch.setattr(conn_mod, "_xmit_full_segments", xmit)
+        runs.append(_run(True, seed, cfg, *FAULTS[seed % 3]))
+    (ok_c, segs_c, a_c, b_c, c_c), (ok_p, segs_p, a_p, b_p, c_p) = runs
+    assert ok_c and ok_p
+    assert segs_c == segs_p and a_c == a_p and b_c == b_p and c_c == c_p
+    assert c_c["TcpExtTCPHPHits"] > 0

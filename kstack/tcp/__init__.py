@@ -13,9 +13,10 @@ the socket layer feeds segments and `now` in and puts what comes out on the wire
     connection.py  TcpConnection: the TCB, input, output, timers
 """
 from kstack.tcp.config import TcpConfig
-from kstack.tcp.connection import SHUT_RD, SHUT_RDWR, SHUT_WR, TcpConnection, reset_for
+from kstack.tcp.connection import (SHUT_RD, SHUT_RDWR, SHUT_WR, TcpConnection, fast_path_kind,
+                                   reset_for)
 from kstack.tcp.isn import IsnGenerator
 from kstack.tcp.state import TcpEvent, TcpState
 
 __all__ = ["TcpConfig", "TcpConnection", "TcpEvent", "TcpState", "IsnGenerator", "reset_for",
-           "SHUT_RD", "SHUT_WR", "SHUT_RDWR"]
+           "SHUT_RD", "SHUT_WR", "SHUT_RDWR", "fast_path_kind"]

@@ -39,7 +39,7 @@ from kstack.tcp.seq import SEQ_GEQ, SEQ_GT, SEQ_LEQ, SEQ_LT, SEQ_MASK
 from kstack.tcp.state import SYNCHRONIZED, TcpEvent, TcpState
 
 __all__ = ["TcpConnection", "SHUT_RD", "SHUT_WR", "SHUT_RDWR", "reset_for",
-           "CA_OPEN", "CA_RECOVERY", "CA_LOSS"]
+           "CA_OPEN", "CA_RECOVERY", "CA_LOSS", "fast_path_kind"]
 
 SHUT_RD, SHUT_WR, SHUT_RDWR = 0, 1, 2
 CA_OPEN, CA_RECOVERY, CA_LOSS = "open", "recovery", "loss"  # Linux's TCP_CA_Open/Recovery/Loss
@@ -240,7 +240,7 @@ class TcpConnection:
         counters are incremented here. `seg.payload` is copied if kept."""
         self.counters["TcpInSegs"] += 1
         state = self.state
-        if state is ESTABLISHED and self.fast_path and self._rcv_predicted(seg, now):
+        if state is ESTABLISHED and self.fast_path and _rcv_predicted(self, seg, now):
             return None
         if state == SYN_SENT:
             return self._syn_sent(seg, now)
@@ -1091,7 +1091,7 @@ class TcpConnection:
             if self.sndq_seq + len(self.sndq) & SEQ_MASK == self.snd_nxt:
                 return  # nothing unsent: the loop below would stop at once and change nothing
             if not sack:
-                self._xmit_full_segments(now, out, mss)
+                _xmit_full_segments(self, now, out, mss)
         window_blocked = False
         while True:
             data_end = (self.sndq_seq + len(self.sndq)) & SEQ_MASK
@@ -1433,3 +1433,24 @@ class TcpConnection:
             "recv_q": len(self.rcvq),
             "ofo_bytes": self.ofo.bytes,
         }
+
+
+# The common path's two steps: kstack/tcp/_fast.pyx (C) when it is built, else the Python
+# methods above, its twin. NICEMU_PY_TCP=1 forces the Python twin (the tests run both).
+_rcv_predicted = TcpConnection._rcv_predicted
+_xmit_full_segments = TcpConnection._xmit_full_segments
+_FAST_KIND = "python"
+if os.environ.get("NICEMU_PY_TCP") != "1":
+    try:
+        from kstack.tcp import _fast
+    except ImportError:
+        pass
+    else:
+        _rcv_predicted = _fast.rcv_predicted
+        _xmit_full_segments = _fast.xmit_full_segments
+        _FAST_KIND = "cython"
+
+
+def fast_path_kind() -> str:
+    """Which common path runs: "cython" (kstack/tcp/_fast.pyx) or "python" (its twin)."""
+    return _FAST_KIND if _rcv_predicted is not TcpConnection._rcv_predicted else "python"
