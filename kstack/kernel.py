@@ -217,6 +217,7 @@ class Kernel:
         from kstack.syscall.server import SyscallServer
 
         self.server = SyscallServer(self.stack, path)
+        self.server.stats_provider = self.stats_query
         self._sync_server_fds()
 
     def open_devices(self) -> None:
@@ -318,6 +319,18 @@ class Kernel:
             out["pcap"] = {t.dev.name: t.stats() for t in self.taps}
         out["loop"] = {"turns": self.loops, "sleeps": self.sleeps}
         out["process"] = process_costs()
+        return out
+
+    def stats_query(self) -> dict:
+        """What a STATS call on the syscall channel answers (`nicemu stats`): report() and
+        the TCP connections (`ss -tani`)."""
+        from kstack.tcp_sock import ss
+
+        out = self.report()
+        out["tcp"] = ss(self.stack)
+        tcp = self.stack.protocols.get("tcp")
+        if tcp is not None:
+            out["tcp_table"] = tcp.counters()
         return out
 
     def close(self, device_gone: bool = False) -> None:

@@ -9,4 +9,5 @@ from __future__ import annotations
 # name -> module, in the order `nicemu --help` lists them
 COMMANDS: dict[str, str] = {
     "demo": "lab.demo",
+    "stats": "lab.stats",
 }

@@ -54,6 +54,7 @@ from typing import Any, Callable, TextIO
 import nicemu
 from nicemu import topology as T
 from nicemu import topology_hosts as H
+from nicemu.control import ENV_CONTROL_SOCKET, control_path
 from nicemu.supervisor_hosts import LineRelay, host_summary
 
 __all__ = ["Supervisor", "SupervisorError", "describe", "run_up"]
@@ -247,6 +248,9 @@ class Supervisor:
                        "--process", pname]
                 if self.log_level:
                     cmd += ["--log-level", self.log_level]
+                ctl = self._control_path(pname)
+                if ctl is not None:  # `nicemu stats` asks it for counters (nicemu/control.py)
+                    env[ENV_CONTROL_SOCKET] = ctl
                 ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
                 env[T.ENV_READY_FD] = str(ready_w)
                 try:
@@ -372,9 +376,17 @@ class Supervisor:
         python_path = str(Path(nicemu.__file__).resolve().parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (python_path, env.get("PYTHONPATH", "")) if p)
-        for key in (T.ENV_CABLE_ENDS, T.ENV_READY_FD, H.ENV_KERNEL):
+        for key in (T.ENV_CABLE_ENDS, T.ENV_READY_FD, H.ENV_KERNEL, ENV_CONTROL_SOCKET):
             env.pop(key, None)
         return env
+
+    def _control_path(self, pname: str) -> str | None:
+        """An emulator process's control socket, unless it would collide with a socket of
+        the topology or not fit sun_path."""
+        path = control_path(self.topo.runtime_dir, pname)
+        if path is None or Path(path) in set(self.topo.socket_paths()):
+            return None
+        return path
 
     def _counts(self) -> str:
         """"2 processes" / "1 process, 2 hosts, 1 application" for the "is up" line."""
@@ -519,7 +531,8 @@ class Supervisor:
         Only dead sockets go: one still bound by a live process belongs to someone else (say,
         the copy of this topology that made our start fail)."""
         bound = _unix_paths(listening_only=False)
-        for p in self.topo.socket_paths() if self.children else []:
+        controls = [Path(c) for c in map(self._control_path, self.topo.processes) if c is not None]
+        for p in [*self.topo.socket_paths(), *controls] if self.children else []:
             if bound is not None and str(p) in bound:
                 continue
             try:

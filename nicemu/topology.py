@@ -1531,10 +1531,26 @@ def build_emulator(config_path: str | os.PathLike, process: str | None = None, *
             if topo.cable_of(name) is None:  # no cable plugged in: link down, frames go nowhere
                 nics[name].attach(unplugged)
                 nics[name].set_link(False)
+        _control_socket(emu)
     except BaseException:
         emu.close()
         raise
     return emu
+
+
+def _control_socket(emu: "Emulator") -> None:
+    """The control socket `nicemu up` asks for (NICEMU_CONTROL_SOCKET: `nicemu stats` queries
+    it, nicemu/control.py); one that cannot be bound is a warning, not a failed start."""
+    from nicemu.control import ENV_CONTROL_SOCKET, ControlSocket
+
+    path = os.environ.pop(ENV_CONTROL_SOCKET, None)
+    if path:
+        try:
+            ControlSocket(emu, path)
+        except OSError as e:
+            import logging
+
+            logging.getLogger("nicemu.control").warning("no control socket %s: %s", path, e)
 
 
 def _under(path: Path, directory: Path) -> bool:

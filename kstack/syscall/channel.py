@@ -28,6 +28,8 @@ Call records (see ring.py for the record header). The argument words per op:
     SHUTDOWN    fd, a0 how                                          -> 0
     LISTEN      fd, a0 backlog                                      -> 0
     ACCEPT      fd, a2 timeout                                      -> the new fd, addr (the peer)
+    STATS       (no fd)                                             -> payload length, payload:
+                the kernel's counters as JSON (`nicemu stats`; EMSGSIZE if over max_payload)
     RECV_MULTISHOT fd, a0 credit (datagrams)                        -> with F_ASYNC: no
                 completion; each datagram then comes as its own completion (op
                 RECV_MULTISHOT, the arming call's id, F_MORE, a0 = its length, payload,
@@ -82,6 +84,7 @@ class Op(enum.IntEnum):
     RECV_MULTISHOT = 13
     LISTEN = 14
     ACCEPT = 15
+    STATS = 16
 
 
 # record flags (the header's u16 flags word)

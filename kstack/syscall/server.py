@@ -146,6 +146,7 @@ class SyscallServer:
         self.counters: Counter[str] = Counter()  # wakeups, copies, limits, disconnects
         self.syscalls: Counter[str] = Counter()  # by op
         self.on_fds_changed: Callable[[], None] | None = None
+        self.stats_provider: Callable[[], dict] | None = None  # what a STATS call answers
         self.fds_generation = 0
         self._apps: list[_App] = []
         self._by_fd: dict[int, tuple[int, Any]] = {}
@@ -701,6 +702,8 @@ class SyscallServer:
             return self._accept_call(app, rec)
         if op == Op.POLL:
             return self._poll(app, rec)
+        if op == Op.STATS:
+            return self._stats_call()
         if op == Op.SOCKET:
             return self._socket(app, rec), b"", None
         if op == Op.CLOSE:  # only a lingering close comes back here (see _close_call)
@@ -724,6 +727,18 @@ class SyscallServer:
         else:
             raise OSError(errno.ENOSYS, "unknown call")
         return 0, b"", None
+
+    def _stats_call(self) -> tuple[int, bytes, None]:
+        """STATS: the kernel's counters as JSON (stats_provider, set by the kernel process;
+        this server's own stats() without one), as `cat /proc/net/snmp` reads them."""
+        import json
+
+        provider = self.stats_provider
+        data = json.dumps(provider() if provider is not None else {"syscall": self.stats()},
+                          default=str, separators=(",", ":")).encode()
+        if len(data) > self.layout.max_payload:
+            raise OSError(errno.EMSGSIZE, "stats larger than the channel's payload")
+        return len(data), data, None
 
     def _socket(self, app: _App, rec: Record) -> int:
         if len(app.socks) >= self.layout.max_fds:
