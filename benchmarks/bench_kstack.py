@@ -253,12 +253,13 @@ def _delta(a: dict, b: dict, *path: str) -> int:
     return b.get(path[-1], 0) - a.get(path[-1], 0)
 
 
-def kstack_rate(lab: Lab, seconds: float, warmup: float, port: int) -> dict:
-    """udp_send on A as fast as it goes, udp_sink on B; the window's figures and costs."""
+def kstack_rate(lab: Lab, seconds: float, warmup: float, port: int, payload: int = PAYLOAD) -> dict:
+    """udp_send on A as fast as it goes, udp_sink on B; the window's figures and costs
+    (`payload` UDP bytes: the frame is payload + 46 bytes with the FCS)."""
     sink = lab.app("kstack.apps.udp_sink", "--port", str(port), "--idle", "1.5",
                    "--duration", str(warmup + seconds + 20), "--kernel", lab.kb_sock, name="udp_sink")
     sink.line(lambda ln: ln.startswith("udp_sink: listening"))
-    send = lab.app("kstack.apps.udp_send", IP_B, str(port), "--size", str(PAYLOAD), "--count", "0",
+    send = lab.app("kstack.apps.udp_send", IP_B, str(port), "--size", str(payload), "--count", "0",
                    "--duration", str(warmup + seconds + 0.5), "--kernel", lab.ka_sock, name="udp_send")
     time.sleep(warmup)
     pids = {"emulator": lab.emu.pid, "kernel A": lab.ka.pid, "kernel B": lab.kb.pid,
@@ -339,14 +340,14 @@ def linux_run(what: str, *args: str) -> dict:
 
 # --- 2: ping-pong ---------------------------------------------------------------------------------
 
-def kstack_pingpong(lab: Lab, rounds: int, port: int) -> dict:
+def kstack_pingpong(lab: Lab, rounds: int, port: int, payload: int = PAYLOAD) -> dict:
     echo = lab.app("kstack.apps.udp_echo", "--port", str(port), "--kernel", lab.kb_sock, name="udp_echo")
     echo.line(lambda ln: ln.startswith("udp_echo: listening"))
     try:
         costs = Costs({"emulator": lab.emu.pid, "kernel A": lab.ka.pid, "kernel B": lab.kb.pid,
                        "udp_echo": echo.pid})
         c = lab.start([sys.executable, "-c", PING_CLIENT, lab.ka_sock, IP_B, str(port), str(rounds),
-                       str(PAYLOAD)], "ping-client")
+                       str(payload)], "ping-client")
         out = c.json(lambda d: "p50_us" in d, timeout=60 + rounds * 0.01)
         costs.stop()
         # whole client run (start-up and 100 warm-up rounds included): an upper bound
