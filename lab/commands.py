@@ -9,7 +9,6 @@ from __future__ import annotations
 # name -> module, in the order `nicemu --help` lists them
 COMMANDS: dict[str, str] = {
     "demo": "lab.demo",
-    "drivers": "lab.drivers",
     "stats": "lab.stats",
     "bench": "lab.bench",
 }
