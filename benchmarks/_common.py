@@ -1,107 +1,13 @@
-"""What every benchmark prints about the machine and measures about a process.
-
-Honest figures: the CPU count and load average with every table, CPU time in nanoseconds from
-/proc/PID/schedstat (not 10 ms ticks), context switches from /proc/PID/status, repetitions
-summarised as median and spread.
-"""
+"""The benchmarks' machine line and process measurements: they live in lab.measure (shared
+with `nicemu demo`, so the demo and the benchmarks measure the same way); re-exported here."""
 from __future__ import annotations
 
 import os
-import platform
-import statistics
-from dataclasses import dataclass
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lab.measure import (ProcCost, cpu_ns, ctx_switches, machine_line, percentile,  # noqa: E402,F401
+                         run_delay_ns, spread)
 
 __all__ = ["machine_line", "cpu_ns", "run_delay_ns", "ctx_switches", "ProcCost", "spread", "percentile"]
-
-
-def machine_line() -> str:
-    """One line: CPUs, load average, kernel, Python."""
-    la = os.getloadavg()
-    return (f"machine: {os.cpu_count()} CPUs, load average {la[0]:.2f} {la[1]:.2f} {la[2]:.2f}, "
-            f"Linux {platform.release()}, Python {platform.python_version()}")
-
-
-def cpu_ns(pid: int | str = "self") -> int:
-    """CPU time the process has run, in ns (first field of /proc/PID/schedstat; threads of a
-    multi-threaded process are summed from /proc/PID/task/*/schedstat). -1 if it is gone."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return -1
-    total = 0
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
-
-
-def run_delay_ns(pid: int | str = "self") -> int:
-    """Time the process was runnable but waited for a CPU, in ns (second field of
-    /proc/PID/schedstat, threads summed): on a shared machine, what the load took from it.
-    -1 if it is gone."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return -1
-    total = 0
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
-
-
-def ctx_switches(pid: int | str = "self") -> int:
-    """Voluntary + involuntary context switches so far; -1 if the process is gone."""
-    total = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                    total += int(line.split()[1])
-    except OSError:
-        return -1
-    return total
-
-
-@dataclass
-class ProcCost:
-    """CPU ns, context switches and run-queue wait of one process between two readings."""
-
-    pid: int | str
-    cpu0: int = 0
-    cs0: int = 0
-    rd0: int = 0
-    cpu: int = 0
-    cs: int = 0
-    run_delay: int = 0  # ns runnable but waiting for a CPU
-
-    def start(self) -> "ProcCost":
-        self.cpu0, self.cs0, self.rd0 = cpu_ns(self.pid), ctx_switches(self.pid), run_delay_ns(self.pid)
-        return self
-
-    def stop(self) -> "ProcCost":
-        c, s, r = cpu_ns(self.pid), ctx_switches(self.pid), run_delay_ns(self.pid)
-        self.cpu, self.cs, self.run_delay = max(0, c - self.cpu0), max(0, s - self.cs0), max(0, r - self.rd0)
-        return self
-
-
-def percentile(values: list[float], p: float) -> float:
-    if not values:
-        return float("nan")
-    v = sorted(values)
-    k = min(len(v) - 1, max(0, round(p / 100 * (len(v) - 1))))
-    return v[k]
-
-
-def spread(values: list[float], fmt: str = "{:.0f}") -> str:
-    """'median (min-max, n=N)' of repetitions."""
-    if not values:
-        return "-"
-    med = statistics.median(values)
-    return f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))}, n={len(values)})"

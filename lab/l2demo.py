@@ -76,7 +76,8 @@ MODE_STORIES = {
         "The top half reads ICR - a round trip to the device that also acknowledges the "
         "interrupt - and the bottom half takes every completed RX descriptor, copies each frame "
         "into an sk_buff, hands it to the echo application, gives buffers back to the device "
-        "(one RDT write per 16) and cleans TX. Interrupts stay enabled throughout: one "
+        "(one RDT write per 16, and one at the end of each round, so one frame at a time costs one) "
+        "and cleans TX. Interrupts stay enabled throughout: one "
         "interrupt per packet when packets come one at a time; under load each bottom half "
         "takes whatever piled up, but frames landing meanwhile interrupt again."
     ),
@@ -177,7 +178,7 @@ class Demo:
                 self._print_tables()
                 rc = 0 if all(r.complete for r in self.results) else 1
             except Interrupted as e:
-                print(f"nicemu demo: {signal.Signals(e.signum).name}: stopping", file=sys.stderr, flush=True)
+                print(f"nicemu drivers: {signal.Signals(e.signum).name}: stopping", file=sys.stderr, flush=True)
                 rc = 128 + e.signum
             except DemoError as e:
                 reason = str(e)
@@ -186,7 +187,7 @@ class Demo:
                         self._check_alive()
                     except DemoError as why:  # a dead emulator explains the drivers' complaints
                         reason = f"{why}; {e}" if str(why) != reason else reason
-                print(f"nicemu demo: {reason}", file=sys.stderr, flush=True)
+                print(f"nicemu drivers: {reason}", file=sys.stderr, flush=True)
                 rc = 1
             finally:
                 self._cleanup()
@@ -202,11 +203,15 @@ class Demo:
         phases = [f"a stream of {o.frames} frames with up to {o.window} in flight (throughput)"] if o.frames else []
         if o.pings:
             phases.append(f"a ping-pong of {o.pings} frames one at a time (latency)")
-        self.say(f"nicemu demo: two emulated Intel 82540EM NICs joined back to back; every device "
-                 f"and every driver runs in a process of its own. nic0 is driven by a traffic "
+        where = ("both devices in one emulator process (a pair cable)" if o.cable == "pair" else
+                 "each device in an emulator process of its own (an shm cable)")
+        self.say(f"nicemu drivers: two emulated Intel 82540EM NICs joined back to back, {where}; "
+                 f"every driver runs in a process of its own. nic0 is driven by a traffic "
                  f"generator, nic1 by the driver under test, which echoes every frame back. In each "
                  f"mode ({', '.join(o.modes)}) the generator sends {' and '.join(phases)}, "
-                 f"{o.size}-byte frames, and we count what it costs nic1's driver.")
+                 f"{o.size}-byte frames, and we count what it costs nic1's driver. The link rate is not "
+                 f"modeled: frames cross the cable as fast as the processes move them, so a rate in "
+                 f"bits per second can exceed the 1 Gbit/s the device reports.")
         self.say("")
 
     def _start_emulator(self) -> None:
@@ -440,13 +445,13 @@ class Demo:
             try:
                 child.stop(kill_now=self.signals_seen > 1)
             except Exception as e:  # keep cleaning whatever happens
-                print(f"nicemu demo: stopping {child.name}: {e}", file=sys.stderr)
+                print(f"nicemu drivers: stopping {child.name}: {e}", file=sys.stderr)
         self.children.clear()
         if self.sup is not None:
             try:
                 self.sup.stop()
             except Exception as e:
-                print(f"nicemu demo: stopping the emulator: {e}", file=sys.stderr)
+                print(f"nicemu drivers: stopping the emulator: {e}", file=sys.stderr)
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             if self.created_parent:
@@ -519,7 +524,7 @@ def run(opts: argparse.Namespace, out: TextIO | None = None) -> int:
     """Run the demo with parsed options; returns the exit status (2: bad options)."""
     problem = _check_options(opts)
     if problem:
-        print(f"nicemu demo: {problem}", file=sys.stderr)
+        print(f"nicemu drivers: {problem}", file=sys.stderr)
         return 2
     return Demo(opts, out).run()
 

@@ -89,7 +89,7 @@ def _run_child(args: argparse.Namespace) -> int:
         if args.role == "generator":
             return _generate(raw, args, sig)
         if args.mode == "pmd":
-            return _respond_pmd(raw, sig)
+            return _respond_pmd(raw, sig, getattr(args, "udp", None))
         return _respond_kernel(raw, args.mode, sig)
     except BusError as e:
         _emit({"event": "error", "message": f"device gone: {e}"})
@@ -140,8 +140,11 @@ def _respond_kernel(raw: Any, mode: str, sig: _Signals) -> int:
     return 0
 
 
-def _respond_pmd(raw: Any, sig: _Signals) -> int:
-    """driver.pmd busy-polling nic1: each burst turned around in place and sent back."""
+def _respond_pmd(raw: Any, sig: _Signals, udp_ip: str | None = None) -> int:
+    """driver.pmd busy-polling nic1: each burst turned around in place and sent back. With
+    `udp_ip` it is a UDP echo server at that address (`nicemu demo`'s bypass path): addresses
+    and ports swapped too (checksum-neutral: the same 16-bit words, summed in another order),
+    and ARP requests for the address answered in place."""
     from driver.pmd import Pmd
 
     pmd = Pmd(raw, RING_SIZE, RING_SIZE, mode="poll", burst=BURST)
@@ -155,6 +158,8 @@ def _respond_pmd(raw: Any, sig: _Signals) -> int:
     rx_burst = pmd.rx_burst_idx
     tx_burst = pmd.tx_burst_idx
     dropped = 0
+    mac = parse_mac(pmd.mac)
+    udp = bytes(int(x) for x in udp_ip.split(".")) if udp_ip else None
 
     def counters() -> dict:
         return {
@@ -171,6 +176,9 @@ def _respond_pmd(raw: Any, sig: _Signals) -> int:
                 for k in range(n):  # swap destination and source MAC (the application's work)
                     i = out[k]
                     off = i * buf_size + data_off[i]
+                    if udp is not None:
+                        udp_turn(view, off, mac, udp)
+                        continue
                     h = view[off : off + 12].tobytes()
                     view[off : off + 12] = h[6:] + h[:6]
                 sent = tx_burst(out, n)
@@ -186,6 +194,19 @@ def _respond_pmd(raw: Any, sig: _Signals) -> int:
     finally:
         pmd.close()
     return 0
+
+
+def udp_turn(view: Any, off: int, mac: bytes, ip: bytes) -> None:
+    """Turn a frame around in place as a UDP echo server at `ip` answers it: Ethernet, IPv4
+    (20-byte header) and UDP addresses swapped; an ARP request for `ip` becomes the reply."""
+    h = view[off : off + 42].tobytes()
+    if h[12:14] == b"\x08\x06" and h[20:22] == b"\x00\x01" and h[38:42] == ip:  # ARP request for us
+        view[off : off + 12] = h[6:12] + mac
+        view[off + 20 : off + 42] = b"\x00\x02" + mac + ip + h[22:28] + h[28:32]
+        return
+    view[off : off + 12] = h[6:12] + h[0:6]
+    if h[12:14] == b"\x08\x00" and h[14] == 0x45:
+        view[off + 26 : off + 38] = h[30:34] + h[26:30] + h[36:38] + h[34:36]
 
 
 def _generate(raw: Any, args: argparse.Namespace, sig: _Signals) -> int:
@@ -348,6 +369,7 @@ def _child_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("responder", help="the driver under test: echo every frame back")
     r.add_argument("--socket", required=True)
     r.add_argument("--mode", choices=MODES, required=True)
+    r.add_argument("--udp", metavar="IP", help="pmd mode: be a UDP echo server at IP (answers ARP)")
     g = sub.add_parser("generator", help="the traffic generator (a PMD that sleeps when it waits)")
     g.add_argument("--socket", required=True)
     g.add_argument("--dst", required=True, help="the responder's MAC")

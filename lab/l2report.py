@@ -97,8 +97,8 @@ def lesson_sentences(results: Sequence["Measurement"]) -> list[str]:
     if napi and irq:
         a, b = napi.per_packet(napi.interrupts), irq.per_packet(irq.interrupts)
         sentence = (f"Under load NAPI took {_plural(napi.interrupts, 'interrupt')} for {napi.echoed:,} "
-                    f"frames ({a:.3f} per packet) against {irq.interrupts:,} for {irq.echoed:,} "
-                    f"({b:.3f}) in interrupt mode: {_compare(a, b)} per packet")
+                    f"frames ({_pp(a)} per packet) against {irq.interrupts:,} for {irq.echoed:,} "
+                    f"({_pp(b)}) in interrupt mode: {_compare(a, b)} per packet")
         if a < 0.95 * b:
             sentence += ", as it keeps interrupts masked while its polls fill their budget."
         elif a <= 1.05 * b:
@@ -143,6 +143,12 @@ def lesson_sentences(results: Sequence["Measurement"]) -> list[str]:
                 parts.append(f"Waiting for those frames one at a time, {shares}: no price of polling "
                              f"shows in this run.")
     return parts
+
+
+def _pp(v: float) -> str:
+    """A per-packet figure with enough digits: 12 interrupts in 100,000 frames is 0.00012,
+    not 0.000."""
+    return f"{v:.3f}" if v == 0 or v >= 0.001 else f"{v:.2g}"
 
 
 def _plural(n: int, word: str) -> str:
@@ -195,8 +201,8 @@ def format_tables(results: Sequence[Measurement], size: int = DEFAULT_SIZE) -> s
                 row.append(f"{m.rate:,.0f}")
             else:
                 row += [f"{m.rtt_us.get('p50', 0):,.0f}", f"{m.rtt_us.get('p99', 0):,.0f}"]
-            row += [f"{m.per_packet(m.interrupts):.3f}", f"{m.per_packet(m.doorbells):.3f}",
-                    f"{m.per_packet(m.mmio_reads):.3f}", f"{m.ctx.get('driver', 0):,}",
+            row += [_pp(m.per_packet(m.interrupts)), _pp(m.per_packet(m.doorbells)),
+                    _pp(m.per_packet(m.mmio_reads)), f"{m.ctx.get('driver', 0):,}",
                     f"{m.ctx.get('generator', 0):,}", f"{m.ctx.get('emulator', 0):,}",
                     _share(m.cpu.get("driver", 0.0), m.wall) if cpu_measurable(m) else "n/a"]
             rows.append(row)

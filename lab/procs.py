@@ -69,6 +69,7 @@ class Child:
             os.set_blocking(fd, False)
         self.events: deque[dict] = deque()
         self.stderr_tail: deque[str] = deque(maxlen=15)
+        self.text: deque[str] = deque(maxlen=200)  # stdout lines that are not events
         self.info: dict = {}  # its "up" event
 
     @property
@@ -108,6 +109,10 @@ class Child:
             if isinstance(ev, dict) and "event" in ev:
                 self.events.append(ev)
                 return
+            if isinstance(ev, dict):  # an application's closing report
+                self.events.append({"event": "report", **ev})
+                return
+            self.text.append(text)
         if text:
             self.stderr_tail.append(text)
 
