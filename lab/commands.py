@@ -9,6 +9,7 @@ from __future__ import annotations
 # name -> module, in the order `nicemu --help` lists them
 COMMANDS: dict[str, str] = {
     "demo": "lab.demo",
+    "drivers": "lab.drivers",
     "stats": "lab.stats",
     "bench": "lab.bench",
 }
