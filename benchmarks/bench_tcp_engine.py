@@ -50,10 +50,11 @@ from test_tcp_link import A_INT, B_INT, MS, established_pair  # noqa: E402
 from wire.tcp import TcpSegment  # noqa: E402
 
 clock = time.perf_counter_ns
-PY_IMPL = (TcpConnection._rcv_predicted, TcpConnection._xmit_full_segments)
+NAMES = ("_rcv_predicted", "_xmit_full_segments", "_output_predicted")
+PY_IMPL = tuple(getattr(TcpConnection, n) for n in NAMES)
 try:
     from kstack.tcp import _fast
-    C_IMPL = (_fast.rcv_predicted, _fast.xmit_full_segments)
+    C_IMPL = (_fast.rcv_predicted, _fast.xmit_full_segments, _fast.output_predicted)
 except ImportError:
     C_IMPL = None
 
@@ -62,7 +63,8 @@ def use(fast: bool, impl) -> None:
     """Choose the path: the full one (fast_path off), or the common path in C or Python."""
     TcpConnection.fast_path = fast
     if impl is not None:
-        conn_mod._rcv_predicted, conn_mod._xmit_full_segments = impl
+        for name, f in zip(NAMES, impl):
+            setattr(conn_mod, name, f)
 
 
 def transfer(nbytes: int, wire: str) -> dict:

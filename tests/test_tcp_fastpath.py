@@ -16,17 +16,17 @@ try:
 except ImportError:  # not built: the Python twin alone
     _fast = None
 
-IMPLS = {"python": (TcpConnection._rcv_predicted, TcpConnection._xmit_full_segments)}
+NAMES = ("_rcv_predicted", "_xmit_full_segments", "_output_predicted")
+IMPLS = {"python": tuple(getattr(TcpConnection, n) for n in NAMES)}
 if _fast is not None:
-    IMPLS["cython"] = (_fast.rcv_predicted, _fast.xmit_full_segments)
+    IMPLS["cython"] = (_fast.rcv_predicted, _fast.xmit_full_segments, _fast.output_predicted)
 
 
 @pytest.fixture(params=sorted(IMPLS))
 def impl(request, monkeypatch):
     """Run the test with one implementation of the common path."""
-    rcv, xmit = IMPLS[request.param]
-    monkeypatch.setattr(conn_mod, "_rcv_predicted", rcv)
-    monkeypatch.setattr(conn_mod, "_xmit_full_segments", xmit)
+    for name, f in zip(NAMES, IMPLS[request.param]):
+        monkeypatch.setattr(conn_mod, name, f)
     return request.param
 
 
@@ -131,11 +131,32 @@ def test_fast_path_agrees_with_full_path(seed, cfg, impl):
 def test_c_path_agrees_with_its_python_twin(seed, cfg, monkeypatch):
     """Same segments, state and counters, the header-prediction counters included."""
     runs = []
-    for rcv, xmit in (IMPLS["cython"], IMPLS["python"]):
-        monkeypatch.setattr(conn_mod, "_rcv_predicted", rcv)
-        monkeypatch.setattr(conn_mod, "_xmit_full_segments", xmit)
+    for impl in (IMPLS["cython"], IMPLS["python"]):
+        for name, f in zip(NAMES, impl):
+            monkeypatch.setattr(conn_mod, name, f)
         runs.append(_run(True, seed, cfg, *FAULTS[seed % 3]))
     (ok_c, segs_c, a_c, b_c, c_c), (ok_p, segs_p, a_p, b_p, c_p) = runs
     assert ok_c and ok_p
     assert segs_c == segs_p and a_c == a_p and b_c == b_p and c_c == c_p
     assert c_c["TcpExtTCPHPHits"] > 0
+
+
+def test_output_prediction_is_taken_on_bulk_data(impl, monkeypatch):
+    """Most output calls of a bulk transfer end in _output_predicted, not the full loop."""
+    calls = {"full": 0, "all": 0}
+    full, outer = TcpConnection._write_xmit, TcpConnection.segments_to_send
+
+    def counted_full(self, *a):
+        calls["full"] += 1
+        return full(self, *a)
+
+    def counted_all(self, now):
+        calls["all"] += 1
+        return outer(self, now)
+
+    monkeypatch.setattr(TcpConnection, "_write_xmit", counted_full)
+    monkeypatch.setattr(TcpConnection, "segments_to_send", counted_all)
+    link, counters = established_pair()
+    data = bytes(range(256)) * 1000
+    assert transfer(link, link.a, data) == data
+    assert calls["full"] < calls["all"] // 4

@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
 """The TCP engine's per-segment common path in C: TcpConnection._rcv_predicted (with
-_new_ack's OPEN case it calls) and TcpConnection._xmit_full_segments, step for step (their
-docstrings say what and why). Sequence numbers are uint32_t, so RFC 9293's arithmetic modulo
+_new_ack's OPEN case it calls), _output_predicted (with _select_window and the pure ACK of
+_segment) and _xmit_full_segments, step for step (their docstrings say what and why). Sequence numbers are uint32_t, so RFC 9293's arithmetic modulo
 2^32 is the machine's; the connection and the segments stay the Python objects the socket
 layer sees (TcpConnection's attributes, wire.tcp.TcpSegment). tests/test_tcp_fastpath.py holds
 this module, its Python twin and the full path to the same segments, state and counters.
@@ -208,12 +208,13 @@ def xmit_full_segments(conn, int64_t now, list out, Py_ssize_t mss):
             k = i
     if k <= 0:
         return
-    field = conn._select_window()
+    field = _select_window(conn)
     lport, rport, rcv_nxt = conn.lport, conn.rport, conn.rcv_nxt
     cdef bint ts = conn.ts_ok
     tsval = tsecr = None
     if ts:
-        tsval, tsecr = conn._ts_now(now), conn.ts_recent
+        tsval, tsecr = conn._ts_now(now) if now < 0 else \
+            (now // 1000000 + <int64_t>conn.ts_offset) & 0xFFFFFFFF, conn.ts_recent
     first = nxt
     for i in range(k):
         end = off + mss
@@ -247,3 +248,107 @@ def xmit_full_segments(conn, int64_t now, list out, Py_ssize_t mss):
     conn.ack_now = False
     conn.delack_bytes = 0
     conn.t_delack = None
+
+
+cdef object _select_window(conn):
+    """TcpConnection._select_window in C: the window field, RCV.ADV and RCV.WUP moved."""
+    cdef int ws = conn.rcv_wscale
+    cdef uint32_t rcv_nxt = conn.rcv_nxt
+    cdef uint32_t cur32 = <uint32_t>conn.rcv_adv - rcv_nxt
+    cdef int64_t cur = cur32 if cur32 < HALF else 0
+    cfg = conn.config
+    cdef int64_t rcvbuf = cfg.rcvbuf
+    cdef int64_t free = rcvbuf - len(conn.rcvq) - <int64_t>conn.ofo.bytes
+    cdef int64_t thresh = conn.rcv_mss
+    cdef int64_t win, field
+    if free < 0:
+        free = 0
+    if rcvbuf // 2 < thresh:
+        thresh = rcvbuf // 2
+    win = free if free - cur >= thresh else cur
+    field = (win + (<int64_t>1 << ws) - 1) >> ws
+    if field > 65535:
+        field = 65535
+    conn.rcv_adv = <uint32_t>(rcv_nxt + <uint32_t>(field << ws))
+    conn.rcv_wup = rcv_nxt
+    return field
+
+
+def output_predicted(conn, int64_t now):
+    """TcpConnection._output_predicted in C: the segments, or None with nothing changed."""
+    if conn.ctl or conn._send_syn or conn._send_probe or conn._force_send \
+            or conn.ca_state != CA_OPEN or conn.sb.intervals or conn.fin_seq is not None \
+            or conn.t_persist is not None or (conn.sack_ok and conn.ofo.blocks):
+        return None
+    cdef int64_t mss = conn.mss
+    if mss <= 0 or now < 0:
+        return None
+    cdef uint32_t una = conn.snd_una, nxt = conn.snd_nxt, u32, flight, wnd_left
+    cfg = conn.config
+    cdef int64_t cwnd = conn.cwnd, unsent, k, rest, pipe, init
+    cdef bint restart = False
+    if una == nxt and cfg.slow_start_after_idle:
+        last_send = conn.last_send
+        if last_send and now - last_send > conn.rtt.rto:
+            restart = True
+            init = cfg.init_cwnd * mss
+            if init < cwnd:
+                cwnd = init
+    u32 = <uint32_t>(<uint32_t>conn.sndq_seq + <uint32_t>len(conn.sndq) - nxt)
+    unsent = u32 if u32 < HALF else 0
+    if unsent:
+        flight = nxt - una
+        wnd_left = <uint32_t>(una + <uint32_t>conn.snd_wnd - nxt)
+        if wnd_left >= HALF:
+            wnd_left = 0
+        k = unsent // mss
+        if wnd_left // mss < k:
+            k = wnd_left // mss
+        if flight:
+            rest = (cwnd - flight) // mss if cwnd > flight else 0
+        else:
+            rest = 1 + ((cwnd - mss) // mss if cwnd > mss else 0)
+        if (flight or k) and rest < k:
+            k = rest
+        rest = unsent - k * mss
+        if rest:
+            pipe = flight + k * mss
+            if not ((rest if rest < mss else mss) > cwnd - pipe and pipe > 0):
+                return None
+    if restart:
+        conn.cwnd = cwnd
+    cdef list out = []
+    if unsent:
+        xmit_full_segments(conn, now, out, mss)
+    if conn.ack_now:
+        out.append(_ack_segment(conn, now))
+        conn.counters["TcpOutSegs"] += 1
+    return out
+
+
+cdef object _ack_segment(conn, int64_t now):
+    """TcpConnection._segment(SND.NXT, 0, b"", now, ()) in C: a pure ACK."""
+    seg = _new_segment(_Segment)
+    seg.sport = conn.lport
+    seg.dport = conn.rport
+    seg.seq = conn.snd_nxt
+    seg.ack = conn.rcv_nxt
+    seg.flags = TH_ACK
+    seg.window = _select_window(conn)
+    seg.urgent = 0
+    seg.mss = None
+    seg.wscale = None
+    seg.sack_permitted = False
+    seg.sack = ()
+    if conn.ts_ok:
+        seg.tsval = (now // 1000000 + <int64_t>conn.ts_offset) & 0xFFFFFFFF
+        seg.tsecr = conn.ts_recent
+    else:
+        seg.tsval = None
+        seg.tsecr = 0
+    seg.payload = b""
+    seg.checksum = 0
+    conn.ack_now = False
+    conn.delack_bytes = 0
+    conn.t_delack = None
+    return seg

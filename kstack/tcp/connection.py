@@ -1016,6 +1016,10 @@ class TcpConnection:
     def segments_to_send(self, now: int) -> list[TcpSegment]:
         """What to put on the wire now: retransmissions, new data within the windows (Nagle,
         SWS avoidance), FIN, probes, ACKs, RSTs."""
+        if self.state is ESTABLISHED and self.fast_path:
+            out = _output_predicted(self, now)
+            if out is not None:
+                return out
         out = self.ctl
         if out:
             self.ctl = []
@@ -1145,6 +1149,57 @@ class TcpConnection:
                 self.t_persist = now + min(self.rtt.rto << self.probes_out, cfg.rto_max)
         elif self.t_persist is not None and not window_blocked:
             self.t_persist = None
+
+    def _output_predicted(self, now: int) -> list | None:
+        """segments_to_send's common case in ESTABLISHED, decided before anything changes:
+        no RST, SYN or probe queued, OPEN with no SACK scoreboard or SACK blocks to carry, no
+        FIN, no persist timer, and what the loop of _write_xmit would do after the
+        full-sized segments is to stop without a change (nothing left, or cwnd-limited with
+        data in flight). Then: the restart-after-idle cwnd, the full-sized segments
+        (_xmit_full_segments), the ACK owed. Otherwise None with nothing changed, and the
+        full path runs (partial segments, Nagle, SWS, a blocked window)."""
+        if self.ctl or self._send_syn or self._send_probe or self._force_send \
+                or self.ca_state is not CA_OPEN or self.sb.intervals or self.fin_seq is not None \
+                or self.t_persist is not None or (self.sack_ok and self.ofo.blocks):
+            return None
+        mss = self.mss
+        if mss <= 0:
+            return None
+        una, nxt = self.snd_una, self.snd_nxt
+        cfg = self.config
+        cwnd = self.cwnd
+        # RFC 5681 4.1 as _write_xmit applies it, computed first: it bounds what follows
+        restart = una == nxt and cfg.slow_start_after_idle and self.last_send \
+            and now - self.last_send > self.rtt.rto
+        if restart:
+            cwnd = min(cwnd, cfg.init_cwnd * mss)
+        unsent = (self.sndq_seq + len(self.sndq) - nxt) & SEQ_MASK
+        if unsent >= 0x80000000:
+            unsent = 0
+        if unsent:
+            flight = (nxt - una) & SEQ_MASK
+            wnd_left = (una + self.snd_wnd - nxt) & SEQ_MASK
+            if wnd_left >= 0x80000000:
+                wnd_left = 0
+            k = min(unsent // mss, wnd_left // mss)
+            if flight:
+                k = min(k, max(0, (cwnd - flight) // mss))
+            elif k:
+                k = min(k, 1 + max(0, (cwnd - mss) // mss))
+            rest = unsent - k * mss
+            if rest:
+                pipe = flight + k * mss
+                if not (min(rest, mss) > cwnd - pipe and pipe > 0):
+                    return None  # the loop would go on: the full path decides
+        if restart:
+            self.cwnd = cwnd
+        out: list = []
+        if unsent:
+            _xmit_full_segments(self, now, out, mss)
+        if self.ack_now:
+            out.append(self._segment(self.snd_nxt, 0, b"", now, ()))
+            self.counters["TcpOutSegs"] += 1
+        return out
 
     def _xmit_full_segments(self, now: int, out: list, mss: int) -> None:
         """The common case of the loop in _write_xmit, in OPEN with no SACK scoreboard, no FIN
@@ -1439,6 +1494,7 @@ class TcpConnection:
 # methods above, its twin. NICEMU_PY_TCP=1 forces the Python twin (the tests run both).
 _rcv_predicted = TcpConnection._rcv_predicted
 _xmit_full_segments = TcpConnection._xmit_full_segments
+_output_predicted = TcpConnection._output_predicted
 _FAST_KIND = "python"
 if os.environ.get("NICEMU_PY_TCP") != "1":
     try:
@@ -1448,6 +1504,7 @@ if os.environ.get("NICEMU_PY_TCP") != "1":
     else:
         _rcv_predicted = _fast.rcv_predicted
         _xmit_full_segments = _fast.xmit_full_segments
+        _output_predicted = _fast.output_predicted
         _FAST_KIND = "cython"
 
 
