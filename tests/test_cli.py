@@ -356,3 +356,26 @@ def test_every_cable_end_knows_its_yaml_kind() -> None:
     finally:
         for e in (a, b, u, w, q):
             e.close()
+
+
+def test_lab_cli_has_the_device_commands_and_every_lab_command(capsys) -> None:
+    """The installed `nicemu` (lab.cli): nicemu's device commands plus one per lab.commands row."""
+    from lab.cli import main
+    from lab.commands import COMMANDS
+    from nicemu.cli import SUBCOMMANDS
+
+    for name in [n for n, _a, _r in SUBCOMMANDS] + list(COMMANDS):
+        with pytest.raises(SystemExit) as ei:
+            main([name, "--help"])
+        assert ei.value.code == 0, name
+        assert f"usage: nicemu {name}" in capsys.readouterr().out
+
+
+def test_the_device_package_does_not_know_the_lab() -> None:
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "nicemu"
+    for f in root.glob("*.py"):
+        text = f.read_text()
+        assert "import lab" not in text and "from lab" not in text, f
+    assert "demo" not in (root / "cli.py").read_text()

@@ -137,7 +137,7 @@ def test_demo_exchanges_every_frame_in_every_mode_and_leaves_nothing() -> None:
     shm_before = _dev_shm()
     parent = Path(f"/tmp/nicemu-{os.getuid()}")
     parent_before = parent.exists()
-    p = subprocess.run([sys.executable, "-m", "lab", "demo", "--frames", str(FRAMES),
+    p = subprocess.run([sys.executable, "-m", "lab", "drivers", "--frames", str(FRAMES),
                         "--pings", str(PINGS), "--json"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=240)
     out = p.stdout
@@ -204,7 +204,7 @@ def test_demo_exchanges_every_frame_in_every_mode_and_leaves_nothing() -> None:
 def test_short_phases_get_no_cpu_figure_and_no_conclusion(tmp_path: Path) -> None:
     """20 pings take a few ms: CPU time in 10 ms ticks says nothing about them, so the table
     prints n/a and the lesson says the CPU cost was not measured instead of "0% vs 100%"."""
-    p = subprocess.run([sys.executable, "-m", "lab", "demo", "--frames", "0", "--pings", "20",
+    p = subprocess.run([sys.executable, "-m", "lab", "drivers", "--frames", "0", "--pings", "20",
                         "--modes", "irq,pmd"], cwd=tmp_path, env=ENV, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0, f"{p.stdout}\n{p.stderr}"
@@ -296,7 +296,7 @@ def test_run_directory_removes_the_parent_it_made_only_when_empty(tmp_path: Path
 
 
 def test_quiet_prints_only_the_tables(tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "lab", "demo", "--quiet", "--modes", "pmd,irq",
+    p = subprocess.run([sys.executable, "-m", "lab", "drivers", "--quiet", "--modes", "pmd,irq",
                         "--frames", "500", "--pings", "0", "--size", "1518", "--window", "64"],
                        cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
@@ -310,7 +310,7 @@ def test_quiet_prints_only_the_tables(tmp_path: Path) -> None:
 
 def test_shm_cable_puts_each_device_in_its_own_emulator() -> None:
     shm_before = _dev_shm()
-    p = subprocess.run([sys.executable, "-m", "lab", "demo", "--cable", "shm", "--modes", "napi",
+    p = subprocess.run([sys.executable, "-m", "lab", "drivers", "--cable", "shm", "--modes", "napi",
                         "--frames", "1000", "--pings", "50", "--json"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, f"{p.stdout}\n{p.stderr}"
@@ -329,7 +329,7 @@ def test_signal_mid_run_stops_everything(sig: int, mode: str) -> None:
     """Ctrl-C while the interrupt-mode driver works, SIGTERM while the PMD spins: exit 128 +
     signal, every process gone, the sockets and the run directory removed."""
     shm_before = _dev_shm()
-    p = subprocess.Popen([sys.executable, "-m", "lab", "demo", "--modes", mode,
+    p = subprocess.Popen([sys.executable, "-m", "lab", "drivers", "--modes", mode,
                           "--frames", "5000000", "--pings", "0"],
                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -358,7 +358,7 @@ def test_kill_9_of_the_controller_takes_the_children_down() -> None:
     controller; the emulator unlinks its sockets; the next demo removes the dead run's
     directory."""
     shm_before = _dev_shm()
-    p = subprocess.Popen([sys.executable, "-m", "lab", "demo", "--modes", "napi",
+    p = subprocess.Popen([sys.executable, "-m", "lab", "drivers", "--modes", "napi",
                           "--frames", "5000000", "--pings", "0"],
                          cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
@@ -382,7 +382,7 @@ def test_kill_9_of_the_controller_takes_the_children_down() -> None:
     assert _dev_shm() - shm_before == set()
     # the next demo sweeps the dead run's directory away
     made_parent = (Path(run_dir) / demo.PARENT_MARK).exists()
-    q = subprocess.run([sys.executable, "-m", "lab", "demo", "--quiet", "--modes", "irq",
+    q = subprocess.run([sys.executable, "-m", "lab", "drivers", "--quiet", "--modes", "irq",
                         "--frames", "100", "--pings", "0"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
     assert q.returncode == 0, q.stderr
@@ -409,10 +409,10 @@ def test_bad_options_exit_2_with_a_message(args: list[str], message: str, capsys
 @pytest.mark.parametrize("args", [["--modes", "irq,dpdk"], ["--modes", ""], ["--frames", "-1"],
                                   ["--frames", "many"], ["--cable", "udp"]])
 def test_bad_arguments_are_usage_errors(args: list[str]) -> None:
-    p = subprocess.run([sys.executable, "-m", "lab", "demo", *args], cwd=ROOT, env=ENV,
+    p = subprocess.run([sys.executable, "-m", "lab", "drivers", *args], cwd=ROOT, env=ENV,
                        capture_output=True, text=True, timeout=30)
     assert p.returncode == 2
-    assert "usage: nicemu demo" in p.stderr
+    assert "usage: nicemu drivers" in p.stderr
 
 
 def test_proc_sample_reads_context_switches_and_cpu_time() -> None:
@@ -455,3 +455,62 @@ def test_parsed_namespace_from_the_cli_runs_the_same_checks(capsys) -> None:
     opts = ap.parse_args(["--size", "20"])
     assert demo.main(opts) == 2
     assert "--size 20" in capsys.readouterr().err
+
+
+# --- nicemu demo: kstack (irq, NAPI), bypass and Linux on one UDP echo ------------------------
+
+NEW_SOCKETS = re.compile(r"Sockets: (/\S+)/nic0\.sock")
+
+
+def test_demo_compares_four_paths_with_every_figure_and_leaves_nothing() -> None:
+    shm_before = _dev_shm()
+    p = subprocess.run([sys.executable, "-m", "lab", "demo", "--rounds", "200", "--pings", "30",
+                        "--repeat", "2", "--json"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=300)
+    out = p.stdout
+    assert p.returncode == 0, f"{out}\n{p.stderr}"
+    assert "machine: " in out and "load average" in out and "CPUs" in out
+    assert "link rate is not modeled" in out
+    header = next(ln for ln in out.splitlines() if ln.strip().startswith("kstack irq"))
+    assert header.split() == ["kstack", "irq", "kstack", "napi", "bypass", "pmd", "linux"]
+    for row in ("echoes/s", "round trip p50 us", "interrupts", "context switches", "syscalls",
+                "bytes copied", "sk_buff allocations", "register reads", "doorbells (RDT+TDT)",
+                "echo side (driver, stack, app)", "client side (kernel A + client)", "emulator"):
+        assert any(ln.strip().startswith(row) for ln in out.splitlines()), row
+    assert "[why]" in out and "[ping]" in out and "[tcp]" in out and "[note]" in out
+    assert "3 received" in out
+    samples = json.loads(out.strip().splitlines()[-1])
+    assert {s["path"] for s in samples} == {"kstack irq", "kstack napi", "bypass pmd", "linux"}
+    assert len(samples) == 4 * 2 * 2  # paths x repetitions x phases
+    for s in samples:
+        assert s["client"]["echoed"] + s["client"]["lost"] == (30 if s["window"] == 1 else 200), s
+        if s["path"] == "bypass pmd":
+            assert s["counters"]["interrupts"] == 0 and s["counters"]["mmio_reads"] == 0
+        elif s["path"].startswith("kstack"):
+            assert s["counters"]["syscall.syscalls_total"] > 0 and s["counters"]["skb.skb_allocs"] > 0
+        assert all(v >= 0 for v in s["cpu_ns"].values())
+    run_dir = NEW_SOCKETS.search(" ".join(out.split())).group(1)
+    _assert_nothing_left(run_dir, [], shm_before)
+
+
+def test_demo_sigterm_mid_run_leaves_nothing() -> None:
+    shm_before = _dev_shm()
+    p = subprocess.Popen([sys.executable, "-m", "lab", "demo", "--rounds", "100000", "--pings", "10",
+                          "--repeat", "1"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        r = _Reader(p)
+        r.until(r"ping-pong: ", 120)
+        time.sleep(0.5)  # the stream is running
+        run_dir = NEW_SOCKETS.search(" ".join("".join(r.seen).split())).group(1)
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=30)
+        out, err = r.rest(), p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert rc == 128 + signal.SIGTERM, f"{out}\n{err}"
+    assert "SIGTERM" in err and "Traceback" not in err
+    assert "Stopped every process" in out
+    _assert_nothing_left(run_dir, [], shm_before)
