@@ -350,6 +350,60 @@ def test_linked_pairs_agree(seed: int) -> None:
             s.close()
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_linked_pairs_agree_on_the_owed_fcs(seed: int) -> None:
+    """A Cython engine sends an IFCS frame to its linked Cython peer without writing the FCS
+    (docs/datapath.md, "Deferred FCS"); the peer writes it when the bytes can be seen. Frames
+    DMA'd with and without SECRC, frames that wait in the RX packet buffer (ring full, bus
+    mastering off) and are stored after SECRC changed: memory, registers, events and counters
+    as the reference pair's, which computes and checks every FCS."""
+    rng = random.Random(seed)
+    seed_mem = random.Random(seed + 7).randbytes(MEM_SIZE)
+    ref_pair, cy_pair = _pair(RefDatapath, seed_mem), _pair(Datapath, seed_mem)
+    sides = [*ref_pair, *cy_pair]
+    try:
+        geo = program(rng, sides)
+        rctl = int(R.Rctl.EN | R.Rctl.UPE | R.Rctl.MPE | R.Rctl.BAM)
+        rctl |= int(R.Rctl.SECRC) if rng.random() < 0.5 else 0
+        for s in sides:
+            s.w(R.RCTL, rctl)
+            s.w(R.PBA, R.PBA_DEFAULT)
+            s.w(R.RDBAL, RX_BASE)
+            s.w(R.RDBAH, 0)
+            s.w(R.TDBAL, TX_BASE)
+            s.w(R.TDBAH, 0)
+        write_rx_descs(random.Random(seed), sides, geo)
+        rx_n = geo["rx_n"]
+        tail = ref_pair[0].regs[R.TDT >> 2]
+        for step in range(60):
+            roll = rng.random()
+            rx_sides = (ref_pair[1], cy_pair[1])
+            if roll < 0.15:  # SECRC flips while frames may wait in the packet buffer
+                for s in rx_sides:
+                    s.w(R.RCTL, s.regs[R.RCTL >> 2] ^ int(R.Rctl.SECRC))
+            elif roll < 0.25:
+                bm = rng.random() < 0.6
+                for s in rx_sides:
+                    s.engine.bus_master = bm
+            elif roll < 0.45:
+                new = (ref_pair[1].regs[R.RDH >> 2] + rng.randrange(rx_n)) % rx_n
+                for s in rx_sides:
+                    s.w(R.RDT, new)
+                assert ref_pair[1].engine.drain_rx() == cy_pair[1].engine.drain_rx()
+            else:
+                tail = queue_tx(rng, [ref_pair[0], cy_pair[0]], geo, tail)
+                for s in (ref_pair[0], cy_pair[0]):
+                    s.w(R.TDT, tail)
+                assert ref_pair[0].engine.transmit() == cy_pair[0].engine.transmit()
+            assert ref_pair[1].engine.take_events() == cy_pair[1].engine.take_events()
+            for k in range(2):
+                compare(ref_pair[k], cy_pair[k], f"(seed {seed} step {step} side {k})")
+        assert ref_pair[1].regs[R.GPRC >> 2] > 0
+    finally:
+        for s in sides:
+            s.close()
+
+
 @pytest.mark.parametrize("kinds", [(RefDatapath, Datapath), (Datapath, RefDatapath)])
 def test_mixed_engines_linked(kinds) -> None:
     """A Cython engine linked to a Python one hands frames over through peer.deliver()."""
