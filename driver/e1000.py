@@ -48,6 +48,7 @@ from kstack.netdevice import NETDEV_TX_BUSY, NETDEV_TX_OK, NetDevice, NetDeviceH
 from kstack.rxfast import select as rxfast_select
 from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, SkBuff
 from nicemu import regs
+from nicemu import tracepoint
 from nicemu.regs import DESC_SIZE, RXD_STATUS, Icr, RxdErrors, RxdStatus, TxdCmd
 from wire.checksum import internet_checksum
 from wire.ethernet import ETH_FCS_LEN, ETH_HLEN
@@ -505,6 +506,8 @@ class E1000(NetDevice):
         """Top half (e1000_intr). Reading ICR returns the causes and acknowledges them all.
         Returns False for an interrupt that was not ours (ICR 0)."""
         icr = self.bus.read32(_ICR)
+        if tracepoint.enabled:
+            tracepoint.emit("drv.top_half", ICR=hex(icr), mode=self.config.mode.value, interrupts=self.stats.interrupts + 1)
         if not icr:
             self.stats.spurious_interrupts += 1
             return False
@@ -527,6 +530,8 @@ class E1000(NetDevice):
         so a frame that completes meanwhile raises the next interrupt. Returns frames taken."""
         self.bh_scheduled = False
         self.stats.bottom_halves += 1
+        if tracepoint.enabled:
+            tracepoint.emit("drv.bottom_half", next_to_clean=self.rx_ring.next_to_clean, bottom_halves=self.stats.bottom_halves)
         total = 0
         for _ in range(E1000_MAX_INTR):
             tx_done = self.clean_tx_irq()
@@ -542,6 +547,8 @@ class E1000(NetDevice):
         """NAPI poll (e1000_clean): TX without a budget, at most `budget` RX frames. Under
         budget (and TX clean): leave polling and re-enable interrupts. Returns RX work done."""
         budget = self.config.budget if budget is None else budget
+        if tracepoint.enabled:
+            tracepoint.emit("drv.napi_poll", budget=budget, next_to_clean=self.rx_ring.next_to_clean, polls=self.stats.polls + 1)
         tx_clean_complete = self.clean_tx_irq()
         work_done = self.clean_rx_irq(budget)
         st = self.stats
@@ -624,6 +631,8 @@ class E1000(NetDevice):
                 break
             work_done += 1
             length, _csum, status, errors, _special = ring.writeback(i)
+            if tracepoint.enabled:
+                tracepoint.emit("drv.rx.desc_dd", idx=i, len=length, status=hex(status))
             if not status & _RXD_EOP:
                 # The frame did not fit one buffer: drop it and every piece up to its EOP.
                 self._discarding = True
@@ -651,6 +660,8 @@ class E1000(NetDevice):
                         # netdev_alloc_skb_ip_align + the copybreak copy out of the DMA buffer
                         skb = self.netdev_alloc_skb(length)
                         skb.put_data(mem.view(ring.buffer_addr[i], length))
+                        if tracepoint.enabled:
+                            tracepoint.emit("drv.skb_alloc", idx=i, len=length, copied_bytes=length)
                         st.rx_copied_bytes += length
                         skb.protocol = skb.buf[skb.data + 12] << 8 | skb.buf[skb.data + 13]
                         skb.ip_summed = ip_summed
@@ -717,6 +728,8 @@ class E1000(NetDevice):
             ring.next_to_use = i
             # The descriptors are in memory before the doorbell: the posted register write
             # travels after our stores to shared memory (wmb() in Linux).
+            if tracepoint.enabled:
+                tracepoint.emit("drv.rx.refill", RDT=i, rx_doorbells=self.stats.rx_doorbells + 1)
             self.bus.write32(_RDT, i)
             self.stats.rx_doorbells += 1
 
@@ -782,6 +795,8 @@ class E1000(NetDevice):
             i += 1
             if i == n:
                 i = 0
+        if tracepoint.enabled:
+            tracepoint.emit("drv.xmit", first=first, last=last, len=length, ic=bool(ic))
         st.tx_copied_bytes += length
         ring.next_to_watch[first] = last
         ring.skb[first] = skb
@@ -804,6 +819,8 @@ class E1000(NetDevice):
         # Buffers and descriptors are in shared memory before the posted TDT write leaves
         # (the socket send is the wmb() of Linux's e1000_tx_queue).
         self._tx_doorbell_pending = False
+        if tracepoint.enabled:
+            tracepoint.emit("drv.tx.doorbell", TDT=self.tx_ring.next_to_use, tx_doorbells=self.stats.tx_doorbells + 1)
         self.bus.write32(_TDT, self.tx_ring.next_to_use)
         self.stats.tx_doorbells += 1
 
@@ -832,6 +849,8 @@ class E1000(NetDevice):
             eop = ring.next_to_watch[i]
             if eop is None or not ring.done(eop):  # DD of the frame's last descriptor
                 break
+            if tracepoint.enabled:
+                tracepoint.emit("drv.tx.clean", idx=eop, status="DD", tx_packets=self.stats.tx_packets + 1)
             skb = ring.skb[i]
             ring.next_to_watch[i] = None
             ring.skb[i] = None

@@ -28,6 +28,7 @@ from driver.bus import Bus, BusError
 from driver.dma_alloc import DmaAllocator
 from driver.mempool import DATA_ROOM, Mbuf, Mempool
 from driver.pmd_ref import RefCore
+from nicemu import tracepoint
 from nicemu import regs
 from nicemu.regs import Icr
 from wire.ethernet import ETH_FCS_LEN, EtherType
@@ -300,6 +301,8 @@ class Pmd:
             woke = self.bus.wait_irq(timeout)
             if woke:
                 self.interrupts += 1
+                if tracepoint.enabled:
+                    tracepoint.emit("pmd.irq.wake", interrupts=self.interrupts)
         w(regs.IMC, Icr.RXT0)  # back to polling: masked
         self.bus.wait_irq(0)  # drop a signal raised while we were looking (no spurious wake later)
         return woke or self.core.rx_ready()
@@ -451,6 +454,8 @@ def _swap_macs(burst: Burst) -> None:
     for i in range(len(burst)):
         d = burst.data(i)
         d[0:6], d[6:12] = bytes(d[6:12]), bytes(d[0:6])
+        if tracepoint.enabled:
+            tracepoint.emit("pmd.app.echo", mbuf=burst.indices[i], len=len(d), swapped="dst<->src", copied_bytes=0)
 
 
 FCS_LEN = ETH_FCS_LEN  # the device appends it (TX descriptors carry IFCS) and strips it on RX (SECRC)

@@ -24,6 +24,7 @@ import struct
 from array import array
 
 from driver.mempool import Mempool
+from nicemu import tracepoint
 from nicemu.regs import (DESC_SIZE, RDT, RXD_ERRORS, RXD_LENGTH, RXD_STATUS, TDT, TXD_STA,
                          RxdErrors, RxdStatus, TxdCmd, TxdSta)
 
@@ -170,6 +171,8 @@ class RefCore:
                 self.ibytes += length
                 out[got] = idx
                 got += 1
+                if tracepoint.enabled:
+                    tracepoint.emit("pmd.rx_burst.dd", idx=i, len=length, mbuf=idx, zero_copy=True)
                 self._rx_attach(i, self._get())
             taken += 1
             i = (i + 1) % self.rx_count
@@ -181,6 +184,8 @@ class RefCore:
         return got
 
     def _rx_doorbell(self) -> None:
+        if tracepoint.enabled:
+            tracepoint.emit("pmd.rx.refill", RDT=(self.rx_next - 1) % self.rx_count, rx_doorbells=self.rx_doorbells + 1)
         self.write32(RDT, (self.rx_next - 1) % self.rx_count)  # one behind next_to_clean
         self.rx_doorbells += 1
         self.rx_hold = 0
@@ -225,10 +230,14 @@ class RefCore:
             _QQ.pack_into(self.mm, self.txd + t * DESC_SIZE, addr, p.data_len[j] | int(cmd) << 24)
             self.tx_slot[t] = j
             self.obytes += p.data_len[j]
+            if tracepoint.enabled:
+                tracepoint.emit("pmd.tx_burst", idx=t, mbuf=j, len=p.data_len[j], rs=bool(cmd & TxdCmd.RS))
             t = (t + 1) % self.tx_count
         if sent:
             self.tx_next = t
             self.opackets += sent
+            if tracepoint.enabled:
+                tracepoint.emit("pmd.tx.doorbell", TDT=t, tx_doorbells=self.tx_doorbells + 1)
             self.write32(TDT, t)
             self.tx_doorbells += 1
         return sent

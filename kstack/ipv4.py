@@ -23,6 +23,7 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING, Callable
 
+from nicemu import tracepoint
 from kstack.dropreason import SkbDropReason
 from kstack.route import RTN_BROADCAST, RTN_LOCAL, RTN_UNICAST, FibResult
 from kstack.skbuff import (CHECKSUM_COMPLETE, CHECKSUM_NONE, CHECKSUM_PARTIAL,
@@ -121,6 +122,8 @@ class Ipv4:
                 # 3.2.2.5), and IpInHdrErrors
                 self.inet.icmp.send(skb, ICMP_PARAMETERPROB, 0, bad)
                 return self._hdr_error(skb)
+        if tracepoint.enabled:
+            tracepoint.emit("l3.ip_rcv", tot_len=tot, proto=buf[off + 9], csum="ok", IpInReceives=snmp["IpInReceives"])
         self._rcv_finish(skb, False)
 
     def _hdr_error(self, skb: SkBuff) -> None:
@@ -310,6 +313,8 @@ class Ipv4:
         skb.network_header = off
         skb.protocol = _ETH_IP
         skb.priority = self.rt_tos2priority(tos)
+        if tracepoint.enabled:
+            tracepoint.emit("l3.ip_output", tot_len=tot, dev=res.dev.name, IpOutRequests=self.snmp["IpOutRequests"])
         self.snmp["IpOutRequests"] += 1
         now = self.stack.clock()
         if res.type == RTN_LOCAL:
@@ -357,6 +362,8 @@ class Ipv4:
     def _eth_xmit(self, skb: SkBuff, dev, ha: bytes) -> None:
         off = skb.push(ETH_HLEN)
         _ETH.pack_into(skb.shinfo.buf, off, ha, dev.dev_addr, _ETH_IP)
+        if tracepoint.enabled:
+            tracepoint.emit("l2.neigh_output", dst=ha.hex(":"), dev=dev.name)
         skb.mac_header = off
         skb.dev = dev
         self.stack.dev_queue_xmit(skb)

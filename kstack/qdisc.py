@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, Callable
 
+from nicemu import tracepoint
 from kstack.dropreason import SkbDropReason
 from kstack.netdevice import NETDEV_TX_BUSY
 
@@ -112,6 +113,8 @@ class Qdisc:
             skb.drop(SkbDropReason.QDISC_DROP)
             return False
         self.backlog += skb.len
+        if tracepoint.enabled:
+            tracepoint.emit("qdisc.enqueue", qdisc=type(self).__name__, qlen=self.qlen, backlog=self.backlog)
         return True
 
     def _take(self) -> "SkBuff | None":
@@ -147,6 +150,8 @@ class Qdisc:
                 break
             more = sent + 1 < quota and self._more()
             n = skb.len
+            if tracepoint.enabled:
+                tracepoint.emit("qdisc.dequeue", qdisc=type(self).__name__, qlen=self.qlen, xmit_more=more)
             if dev.ndo_start_xmit(skb, xmit_more=more) == NETDEV_TX_BUSY:
                 self._requeue(skb)
                 break

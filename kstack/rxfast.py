@@ -30,6 +30,7 @@ from typing import Any
 from kstack.netdevice import NetdevFeatures
 from kstack.syscall.channel import F_MORE, Op
 from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_UNNECESSARY, SkBuff, _SharedInfo, _align
+from nicemu import tracepoint
 from nicemu.regs import DESC_SIZE, RxdErrors, RxdStatus
 from wire.ethernet import ETH_HLEN
 
@@ -148,6 +149,8 @@ def udp_fast(ctx: BatchCtx, buf: bytearray, length: int, ip_summed: int) -> bool
         return False
     if (buf[d + 12] << 8 | buf[d + 13]) != ETH_P_IP:
         return False
+    if tracepoint.enabled:
+        tracepoint.emit("l2.eth_type_trans", path="rxfast", dst=bytes(buf[d:d + 6]).hex(":"), proto="IPv4")
     # ip_rcv_core
     off = d + ETH_HLEN
     n = length - ETH_HLEN
@@ -162,6 +165,8 @@ def udp_fast(ctx: BatchCtx, buf: bytearray, length: int, ip_summed: int) -> bool
         return False
     if buf[off + 9] != IPPROTO_UDP:
         return False
+    if tracepoint.enabled:
+        tracepoint.emit("l3.ip_rcv", path="rxfast", tot_len=tot, proto="UDP", csum="ok")
     src = int.from_bytes(buf[off + 12:off + 16], "big")
     dst = int.from_bytes(buf[off + 16:off + 20], "big")
     hi = src >> 24
@@ -193,6 +198,8 @@ def udp_fast(ctx: BatchCtx, buf: bytearray, length: int, ip_summed: int) -> bool
         sk = ctx.udp.lookup(src, sport, dst, dport)
         if sk is None:
             return False
+    if tracepoint.enabled:
+        tracepoint.emit("l4.udp_rcv", path="rxfast", dport=dport, ulen=ulen, rmem=sk.rmem, rcvbuf=sk.rcvbuf)
     ms = sk.ms
     if ms is None or sk.queue or sk.err or sk.closed:
         return False  # no multishot, or datagrams before this one: the socket queue keeps order
@@ -220,6 +227,8 @@ def ms_deliver(ms: Any, sk: Any, buf: bytearray, off: int, n: int, saddr: int, s
     sk.rmem += truesize
     ok = ms.cq.push(RECV_MULTISHOT, ms.call_id, ms.fd, n, 0, 0, bytes(buf[off:off + n]),
                     (saddr, sport), F_MORE)
+    if tracepoint.enabled and ok:
+        tracepoint.emit("sock.copy_to_user", path="multishot CQ", bytes=n, call_id=ms.call_id, credit=ms.credit - 1)
     sk.rmem -= truesize
     if not ok:
         ms.ring_full()
@@ -265,6 +274,8 @@ def clean_rx(drv: Any, budget: int) -> int:
                 break
             work_done += 1
             length = desc[o + 8] | desc[o + 9] << 8
+            if tracepoint.enabled:
+                tracepoint.emit("drv.rx.desc_dd", idx=i, len=length, status=hex(status), path="rxfast")
             errors = desc[o + 13]
             if not status & _EOP:
                 drv._discarding = True
@@ -298,6 +309,8 @@ def clean_rx(drv: Any, budget: int) -> int:
                         buf = alloc_rx_buf(skpool, length)
                         buf[RX_HEADROOM:RX_HEADROOM + length] = mem.view(ring.buffer_addr[i], length)
                         skpool.bytes_copied += length
+                        if tracepoint.enabled:
+                            tracepoint.emit("drv.skb_alloc", idx=i, len=length, copied_bytes=length, allocs=skpool.allocs)
                         st.rx_copied_bytes += length
                         if ctx is not None and udp_fast(ctx, buf, length, ip_summed):
                             free_rx_buf(skpool, buf)  # consume_skb after copy_to_user

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from nicemu import tracepoint
 from kstack.dropreason import SkbDropReason
 from kstack.netdevice import IFF_UP, NetDevice, NetDeviceHooks
 from kstack.skbuff import SkBuff, SkbPool
@@ -176,6 +177,8 @@ class NetStack:
             return
         self.eth_type_trans(skb, dev)
         handler = self.ptype.get(skb.protocol)
+        if tracepoint.enabled:
+            tracepoint.emit("l2.eth_type_trans", dev=dev.name, proto=hex(skb.protocol), pkt_type=skb.pkt_type)
         if handler is None:
             skb.drop(SkbDropReason.UNHANDLED_PROTO)
             return

@@ -26,6 +26,7 @@ from kstack.qdisc import IP_TOS2PRIO, PFifoFast
 from kstack.neighbour import NUD_CONNECTED, NUD_DELAY, NUD_PROBE, SKB_TRUESIZE_OVERHEAD
 from kstack.netdevice import NETDEV_TX_BUSY, IFF_UP, NetdevFeatures
 from kstack.skbuff import CHECKSUM_PARTIAL, MAX_HEADER
+from nicemu import tracepoint
 
 __all__ = ["UdpDst", "udp_send", "sock_wfree", "FAST_NUD", "IP_IDENTS_MUL"]
 
@@ -109,6 +110,8 @@ def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int) -> bool:
     skb.destructor = sock_wfree
     o = MAX_HEADER  # the UDP header; IP 20 and Ethernet 14 bytes in front
     buf[o + _UDP_HLEN:o + ulen] = data  # copy_from_user into the skb
+    if tracepoint.enabled:
+        tracepoint.emit("sock.copy_from_user", path="txfast", bytes=nlen, wmem=sk.wmem)
     pool.bytes_copied += nlen
     src = d.src
     dst = d.daddr
@@ -162,6 +165,8 @@ def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int) -> bool:
     qd.runs += 1
     flen = tot + _ETH_HLEN
     batch = d.batch.xmit_batch_devs
+    if tracepoint.enabled:
+        tracepoint.emit("qdisc.bypass", path="txfast", qdisc="pfifo_fast (empty: TCQ_F_CAN_BYPASS)", len=flen)
     more = batch is not None
     if dev.ndo_start_xmit(skb, more) == NETDEV_TX_BUSY:
         qd._requeue(skb)  # as qdisc_run would: first out when the driver wakes the queue

@@ -23,6 +23,7 @@ import struct
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
+from nicemu import tracepoint
 from kstack.dropreason import SkbDropReason
 from kstack.neighbour import SKB_TRUESIZE_OVERHEAD, skb_truesize
 from kstack.netdevice import NetdevFeatures
@@ -208,6 +209,8 @@ class UdpSock(Sock):
         buf = skb.shinfo.buf
         buf[o + UDP_HLEN:o + ulen] = data
         stack.pool.bytes_copied += n
+        if tracepoint.enabled:
+            tracepoint.emit("sock.copy_from_user", bytes=n, wmem=self.wmem, sndbuf=self.sndbuf)
         # pseudo-header (RFC 768): source, destination, zero, protocol, UDP length
         psum = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + IPPROTO_UDP + ulen
         dev = res.dev
@@ -225,6 +228,8 @@ class UdpSock(Sock):
             c = c or 0xFFFF  # RFC 768: a computed zero is sent as all ones
             buf[o + 6] = c >> 8
             buf[o + 7] = c & 0xFF
+        if tracepoint.enabled:
+            tracepoint.emit("l4.udp_output", sport=self.sport, dport=dport, ulen=ulen, csum="offload" if skb.ip_summed == CHECKSUM_PARTIAL else "sw")
         stack.snmp["UdpOutDatagrams"] += 1
         inet.ip.output(skb, src, dst, IPPROTO_UDP, res, tos=self.tos, ttl=self.ttl)
         return n
@@ -256,6 +261,8 @@ class UdpSock(Sock):
         self.queue.append(skb)
         if self._wakeups:
             self.wake()
+        if tracepoint.enabled:
+            tracepoint.emit("sock.queue", qlen=len(self.queue), rmem=self.rmem, rcvbuf=self.rcvbuf)
 
     def recvmsg(self, bufsize: int, flags: int = 0) -> tuple[bytes, Address | None]:
         if self.err or self.closed:
@@ -268,6 +275,8 @@ class UdpSock(Sock):
         d = skb.data
         o = d + UDP_HLEN
         data = bytes(memoryview(buf)[o:min(skb.tail, o + max(bufsize, 0))])  # the one copy out
+        if tracepoint.enabled:
+            tracepoint.emit("sock.copy_to_user", path="recvmsg", bytes=len(data), qlen=len(queue))
         src = _U32.unpack_from(buf, skb.network_header + 12)[0]
         sport = buf[d] << 8 | buf[d + 1]
         if not flags & MSG_PEEK:
@@ -450,6 +459,8 @@ class UdpTable:
             sk = lst[0]  # the common case: one wildcard socket on the port
         else:
             sk = self.lookup(saddr, sport, daddr, dport)
+        if tracepoint.enabled:
+            tracepoint.emit("l4.udp_rcv", dport=dport, ulen=ulen, socket=sk is not None, UdpNoPorts=snmp["UdpNoPorts"])
         if sk is None:
             snmp["UdpNoPorts"] += 1
             self.inet.icmp.send(skb, ICMP_DEST_UNREACH, ICMP_PORT_UNREACH, 0)

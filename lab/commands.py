@@ -12,4 +12,5 @@ COMMANDS: dict[str, str] = {
     "drivers": "lab.drivers",
     "stats": "lab.stats",
     "bench": "lab.bench",
+    "trace": "lab.trace",
 }

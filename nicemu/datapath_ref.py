@@ -18,6 +18,7 @@ import zlib
 from collections import deque
 from typing import Callable
 
+from nicemu import tracepoint
 from nicemu.dma import DmaMemory
 from nicemu.fcs import FCS_RESIDUE
 from nicemu.regs import (
@@ -163,6 +164,11 @@ def rx_checksum_offload(data: bytes | memoryview, rxcsum: int) -> tuple[int, int
     if not checked:
         status |= RXD_STA_IXSM
     return status, errors, csum
+
+
+def _trace_dev(regs) -> str:
+    """The device's MAC (RAL0/RAH0) for a trace event: which device of an emulator it was."""
+    return (regs[RA >> 2] | (regs[(RA >> 2) + 1] & 0xFFFF) << 32).to_bytes(6, "little").hex(":")
 
 
 def _ends_packet(d: bytes) -> bool:
@@ -446,6 +452,8 @@ class RefDatapath:
             self.dma_errors += 1
             return 0
         w[12] = (d[12] & 0xF0) | TXD_STA_DD
+        if tracepoint.enabled:
+            tracepoint.emit("dev.tx.writeback", idx=idx, status="DD", TDH=self.regs[TDH >> 2])
         return EV_TX_IDE if cmd & TXD_CMD_IDE else ICR_TXDW
 
     def _tx_too_long(self, frame_len: int) -> bool:
@@ -484,6 +492,8 @@ class RefDatapath:
                     self.tx_dropped += 1
                     return False
                 data += chunk
+        if tracepoint.enabled:
+            tracepoint.emit("dev.tx.dma", dev=_trace_dev(self.regs), TDH=self.regs[TDH >> 2], descs=len(chain), len=total)
         if cmd & TXD_CMD_IC and css < total and cso + 2 <= total:
             s = ones_sum(data[css:]) ^ 0xFFFF
             data[cso] = s >> 8
@@ -492,6 +502,8 @@ class RefDatapath:
             data += bytes(frame_len - (4 if cmd & TXD_CMD_IFCS else 0) - len(data))
         if cmd & TXD_CMD_IFCS:
             data += (zlib.crc32(data) & U32).to_bytes(4, "little")
+        if tracepoint.enabled:
+            tracepoint.emit("dev.tx.fcs", len=len(data), fcs=data[-4:].hex() if cmd & TXD_CMD_IFCS else "none (no IFCS)")
         self._txq.append(bytes(data))
         self._tx_used += rec
         self._flush_tx()
@@ -503,6 +515,8 @@ class RefDatapath:
         The sender raises no event here: a linked peer keeps its receive events itself."""
         while self._txq:
             frame = self._txq[0]
+            if tracepoint.enabled:
+                tracepoint.emit("dev.tx.wire", len=len(frame), GPTC=self.regs[GPTC >> 2] + 1)
             if self.peer is not None:
                 self.peer.deliver(frame)
             elif self.sink is not None:
@@ -537,6 +551,8 @@ class RefDatapath:
         frame = bytes(frame)
         n = len(frame)
         self._count(TPR)
+        if tracepoint.enabled:
+            tracepoint.emit("dev.rx.wire", dev=_trace_dev(self.regs), len=n, TPR=self.regs[TPR >> 2])
         self._count64(TORL, n)
         if n < 64:
             self._count(RUC)
@@ -550,8 +566,12 @@ class RefDatapath:
             if not rctl & RCTL_SBP:
                 return 0
             errors = RXD_ERR_CE
+        if tracepoint.enabled:
+            tracepoint.emit("dev.rx.fcs", ok=not errors, CRCERRS=self.regs[CRCERRS >> 2])
         if not self._accept(frame, rctl):
             return 0
+        if tracepoint.enabled:
+            tracepoint.emit("dev.rx.filter", verdict="accept", dst=frame[:6].hex(":"), RCTL=hex(rctl))
         rec = pb_record_size(n)
         if rec > self._pb_capacity(0) - self._rx_used:
             self._count(MPC)
@@ -568,6 +588,8 @@ class RefDatapath:
         entry = _RxEntry(frame, status, errors | err2, csum)
         self._rxq.append(entry)
         self._rx_used += rec
+        if tracepoint.enabled:
+            tracepoint.emit("dev.rx.pktbuf", bytes_used=self._rx_used, GPRC=self.regs[GPRC >> 2])
         events, no_desc = self._drain()
         if no_desc and self._rxq and self._rxq[-1] is entry:
             self._count(RNBC)
@@ -645,6 +667,8 @@ class RefDatapath:
                     self.dma_errors += 1
                     self.rx_dropped += 1
                 else:
+                    if tracepoint.enabled:
+                        tracepoint.emit("dev.rx.dma", idx=head, len=len(data), buffers=need)
                     for k, (desc, buf) in enumerate(descs):
                         buf[:] = data[k * bufsize : k * bufsize + len(buf)]
                         if k < need - 1:
@@ -655,6 +679,8 @@ class RefDatapath:
                         desc[8:12] = (len(buf) | csum << 16).to_bytes(4, "little")
                         desc[13:16] = bytes((errors, 0, 0))
                         desc[12] = status
+                    if tracepoint.enabled:
+                        tracepoint.emit("dev.rx.writeback", idx=(head + need - 1) % n, status="DD|EOP", RDH=(head + need) % n, RDT=tail)
                     head = (head + need) % n
                     self.regs[RDH >> 2] = head
                     self.rx_written += 1

@@ -48,6 +48,7 @@ import warnings
 from array import array
 from typing import Callable, Sequence
 
+from nicemu import tracepoint
 from nicemu import regs as R
 from nicemu.dma import DmaMemory
 from nicemu.eeprom import Eeprom, format_mac
@@ -422,6 +423,8 @@ class Nic:
         causes = ev & _M32
         if causes:
             self.regs[_ICR] |= causes
+        if tracepoint.enabled:
+            tracepoint.emit("dev.icr.cause", ICR=hex(self.regs[_ICR]), IMS=hex(self.regs[_IMS]))
         self._update_irq()
 
     def _service_events(self) -> None:
@@ -501,6 +504,8 @@ class Nic:
 
     def _set_line(self, level: bool) -> None:
         self.irq = level
+        if tracepoint.enabled and level:
+            tracepoint.emit("dev.irq.raise", ICR=hex(self.regs[_ICR]), IMS=hex(self.regs[_IMS]))
         self.pci.set_interrupt_status(level)
         if self.on_irq is not None:
             self.on_irq(level)
@@ -519,6 +524,8 @@ class Nic:
         """ICR (SDM "Interrupt Cause Read Register"): return the pending causes, clearing them."""
         regs = self.regs
         value = regs[i]
+        if tracepoint.enabled and value:
+            tracepoint.emit("dev.icr.read", ICR=hex(value))
         if value:
             regs[i] = 0
             self._update_irq(resignal=True)
@@ -632,6 +639,8 @@ class Nic:
         """TDT (SDM "Transmit Descriptor Tail"): the doorbell. Descriptors from TDH to TDT are sent
         before this returns (when TCTL.EN), up to TX_BUDGET of them; the rest at run_timers()."""
         self.regs[i] = value & R.RING_INDEX_MASK
+        if tracepoint.enabled:
+            tracepoint.emit("dev.tdt.doorbell", TDT=self.regs[i], TDH=self.regs[i - 2])
         self._transmit()
 
     def _write_rdtr(self, i: int, value: int) -> None:

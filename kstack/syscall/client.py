@@ -40,6 +40,7 @@ import time
 from collections import Counter, deque
 from typing import NamedTuple
 
+from nicemu import tracepoint
 from kstack.syscall.channel import F_ASYNC, F_MORE, MAX_CREDIT, Op, connect
 from kstack.syscall.ring import Ring, RingCorrupt, int_to_ip, ip_to_int
 
@@ -123,6 +124,8 @@ class KernelChannel:
                 self._sleep(None)
                 self._take(block=False)
         self.syscalls[_OP_NAMES.get(op, "unknown")] += 1
+        if tracepoint.enabled:
+            tracepoint.emit("app.syscall", op=_OP_NAMES.get(op, "unknown"), fd=fd, bytes=n)
         self._bytes_in += n
         if self.sq.publish():
             os.eventfd_write(self.sq_efd, 1)
@@ -173,6 +176,8 @@ class KernelChannel:
                 self._push(op, cid, fd, a0, a1, a2, payload, addr, F_ASYNC)  # the full-ring path
             else:
                 self.syscalls[_OP_NAMES.get(op, "unknown")] += 1
+                if tracepoint.enabled:
+                    tracepoint.emit("app.syscall", op=_OP_NAMES.get(op, "unknown"), fd=fd, bytes=n, mode="async")
                 self._bytes_in += n
                 if sq.publish():
                     os.eventfd_write(self.sq_efd, 1)
@@ -347,6 +352,8 @@ class KernelChannel:
                             raise RingCorrupt("multishot datagram beyond the credit or its length")
                         st.delivered += 1
                         st.queue.append((payload, (int_to_ip(ip), port) if has_addr else None))
+                        if tracepoint.enabled:
+                            tracepoint.emit("app.recv", fd=fd, bytes=n, via="multishot CQ", delivered=st.delivered)
                     elif flags & F_MORE:
                         st = rx.get(fd)
                         if flags != F_MORE | F_ASYNC or op != _RECV_MS or st is None or st.call_id != cid:

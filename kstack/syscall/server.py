@@ -29,6 +29,7 @@ import struct
 from collections import Counter, deque
 from typing import Any, Callable
 
+from nicemu import tracepoint
 from kstack.sock import MSG_DONTWAIT, POLLERR, POLLHUP, POLLIN, POLLNVAL, SOCK_STREAM
 from kstack.syscall.channel import (F_ASYNC, F_MORE, MAX_CREDIT, MAX_POLL_FDS, POLLFD, Layout,
                                     Op, create_shared, recv_hello, send_accept, send_refuse)
@@ -416,6 +417,8 @@ class SyscallServer:
                             break
                         budget -= 1
                         copied += len(r[10])
+                        if tracepoint.enabled:
+                            tracepoint.emit("sys.enter", op=r[0], fd=r[3], bytes=len(r[10]), copy_from_user="SQ ring (shared memory)")
                         if r[0] == _SENDTO and r[1] == F_ASYNC and self._send_async(app, r):
                             continue
                         self._submit(app, Record(*r[:7], (int_to_ip(r[7]), r[8]) if r[9] else None, r[10]))
@@ -448,6 +451,8 @@ class SyscallServer:
         if cq.publish():
             self._ring(app)
             self.counters["wakeups_sent"] += 1
+            if tracepoint.enabled:
+                tracepoint.emit("sys.cq.wakeup", pid=app.pid, wakeups_sent=self.counters["wakeups_sent"])
         else:
             self.counters["wakeups_suppressed"] += 1
 
