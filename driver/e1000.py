@@ -341,7 +341,10 @@ class E1000(NetDevice):
         self.close()
 
     def ndo_start_xmit(self, skb: SkBuff, xmit_more: bool = False) -> int:
-        return self.xmit(skb, xmit_more)
+        c = self.tx_c
+        if c is not None:
+            return c.xmit(self, skb, xmit_more)
+        return self.xmit_py(skb, xmit_more)
 
     def ndo_flush_xmit(self) -> None:
         self.flush_tx()
@@ -735,7 +738,18 @@ class E1000(NetDevice):
 
     # --- transmit ------------------------------------------------------------------------------
 
+    # The compiled transmit and TX clean (driver/_e1000tx.pyx), or None for this file's own
+    # xmit_py / clean_tx_irq_py, their readable twins. Per instance: tests drive both.
+    tx_c = None
+
     def xmit(self, skb: SkBuff, xmit_more: bool = False) -> int:
+        """e1000_xmit_frame, compiled (tx_c) or xmit_py."""
+        c = self.tx_c
+        if c is not None:
+            return c.xmit(self, skb, xmit_more)
+        return self.xmit_py(skb, xmit_more)
+
+    def xmit_py(self, skb: SkBuff, xmit_more: bool = False) -> int:
         """e1000_xmit_frame: queue one frame (FCS added by the device: IFCS).
 
         `xmit_more`: more frames follow at once, so the TDT doorbell waits for the last one
@@ -836,6 +850,13 @@ class E1000(NetDevice):
         return True
 
     def clean_tx_irq(self) -> bool:
+        """e1000_clean_tx_irq, compiled (tx_c) or clean_tx_irq_py."""
+        c = self.tx_c
+        if c is not None:
+            return c.clean_tx(self)
+        return self.clean_tx_irq_py()
+
+    def clean_tx_irq_py(self) -> bool:
         """e1000_clean_tx_irq: free every sent frame whose EOP descriptor has DD (only then:
         before DD the device may still be reading the buffer). Wakes the queue when enough
         descriptors are free. Returns False if a whole ring was cleaned (more may be done)."""
@@ -949,3 +970,24 @@ def _bucket(work: int, budget: int) -> int:
         if work <= hi:
             return k
     return len(POLL_BUCKETS)
+
+
+def tx_select(kind: str | None = None):
+    """The transmit to use: "c" (driver/_e1000tx.pyx; the Python twins when it is not built)
+    or "py" (xmit_py / clean_tx_irq_py). Default: $KSTACK_E1000TX, else "c"."""
+    import os
+
+    kind = kind or os.environ.get("KSTACK_E1000TX", "c")
+    if kind == "py":
+        return None
+    if kind != "c":
+        raise ValueError(f"KSTACK_E1000TX={kind!r}: c or py")
+    try:
+        from driver import _e1000tx
+    except ImportError:
+        return None
+    _e1000tx._set_checksum_help(_checksum_help)
+    return _e1000tx
+
+
+E1000.tx_c = tx_select()
