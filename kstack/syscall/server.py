@@ -60,6 +60,19 @@ class _Parked:
         self.timer: Timer | None = None
 
 
+class _SendQueue(_Parked):
+    """Async datagram sends on one socket that wait for SO_SNDBUF room, in their order: one
+    parked position for all of them. A wake-up of the socket sends from the front while the
+    socket takes them, so a full send buffer costs one attempt per wake-up, not one per call
+    (each record is still a call in flight, counted as parked, and completes only on error)."""
+
+    __slots__ = ("recs",)
+
+    def __init__(self, app: "_App", fd: int) -> None:
+        super().__init__(app, None, [fd])  # type: ignore[arg-type]
+        self.recs: deque[Record] = deque()
+
+
 class _Multishot:
     """A standing receive on one socket: each datagram goes into the CQ while credit lasts.
 
@@ -121,6 +134,7 @@ class _App:
         self.inflight = 0  # accepted calls not yet completed (parked or in the backlog)
         self.backlog: deque[tuple] = deque()  # completions waiting for room in the CQ
         self.parked: dict[int, list[_Parked]] = {}
+        self.sendq: dict[int, _SendQueue] = {}  # fd -> its async sends waiting for room (in parked too)
         self.ms: dict[int, _Multishot] = {}  # armed multishot receives by fd
         self.ms_starved = False  # a delivery stopped for want of CQ room: resume on release
         self.hello_timer: Timer | None = None
@@ -214,7 +228,8 @@ class SyscallServer:
             self.wake_efd = -1
 
     def stats(self) -> dict[str, Any]:
-        parked = sum(len({id(p) for ps in a.parked.values() for p in ps}) for a in self._apps)
+        parked = sum(len(p.recs) if type(p) is _SendQueue else 1
+                     for a in self._apps for p in {id(p): p for ps in a.parked.values() for p in ps}.values())
         syscalls = self.syscalls.copy()
         if self._async_sends:
             syscalls["sendto"] += self._async_sends
@@ -352,6 +367,7 @@ class SyscallServer:
                 if p.timer is not None:
                     p.timer.delete()
         app.parked.clear()
+        app.sendq.clear()
         app.backlog.clear()
         app.ms.clear()
         app.partial.clear()
@@ -544,12 +560,17 @@ class SyscallServer:
         app.syscalls += 1
         self._async_sends += 1
         addr = (int_to_ip(r[7]), r[8]) if r[9] else None
-        ps = app.parked.get(r[3])
-        if ps and any(p.rec.op == Op.SENDTO for p in ps):
+        q = app.sendq.get(r[3])
+        if q is None:
+            ps = app.parked.get(r[3])
+            if ps and any(p.rec is not None and p.rec.op == Op.SENDTO for p in ps):
+                q = self._sendq(app, r[3])  # behind a parked blocking send, in order
+        if q is not None:
             # an earlier send on this socket waits for SO_SNDBUF room: this one queues behind
             # it, in order, as a blocked sender's next call would
             app.inflight += 1
-            self._park(app, Record(*r[:7], addr, r[10]))
+            q.recs.append(Record(*r[:7], addr, r[10]))
+            self.counters["parked"] += 1
             return True
         try:
             sock.sendmsg(r[10], addr, r[4] & ~MSG_DONTWAIT)
@@ -568,8 +589,47 @@ class SyscallServer:
         if err:
             self._complete(app, rec, -err)
         else:
-            self._park(app, rec)
+            self._sendq(app, r[3]).recs.append(rec)
+            self.counters["parked"] += 1
         return True
+
+    def _sendq(self, app: _App, fd: int) -> _SendQueue:
+        """fd's queue of async sends waiting for room, parked on fd (no timeout)."""
+        q = app.sendq[fd] = _SendQueue(app, fd)
+        app.parked.setdefault(fd, []).append(q)
+        return q
+
+    def _retry_sendq(self, q: _SendQueue) -> None:
+        """The socket woke: send the queued datagrams in order until it is full again (one
+        EAGAIN per wake-up); an error completes that call (async_errors). Empty: unparked."""
+        app, fd, recs = q.app, q.fds[0], q.recs
+        sock = app.socks.get(fd)
+        while recs:
+            rec = recs[0]
+            err = 0
+            try:
+                if sock is None:
+                    raise OSError(errno.EBADF, "bad file descriptor")
+                sock.sendmsg(rec.payload, rec.addr, rec.a0 & ~MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError as e:
+                err = e.errno or errno.EIO
+            except RingCorrupt:
+                raise
+            except (ValueError, TypeError, OverflowError, struct.error):
+                err = errno.EINVAL
+            except Exception:
+                self.counters["sock_errors"] += 1
+                err = errno.EIO
+            recs.popleft()
+            if err:
+                self._complete(app, rec, -err)
+            else:  # a send that waited for room: done, nothing to post
+                app.inflight -= 1
+        self._unpark(q)
+        if app.sendq.get(fd) is q:
+            del app.sendq[fd]
 
     # --- multishot receive -----------------------------------------------------------------
 
@@ -767,7 +827,12 @@ class SyscallServer:
     def _close(self, app: _App, fd: int) -> Any:
         sock = self._sock(app, fd)
         for p in list(app.parked.get(fd, ())):
-            if p.rec.op != Op.POLL:  # a poll sees POLLNVAL on its next look
+            if type(p) is _SendQueue:  # each queued send fails as a parked one would
+                self._unpark(p)
+                app.sendq.pop(fd, None)
+                for rec in p.recs:
+                    self._complete(app, rec, -errno.EBADF)
+            elif p.rec.op != Op.POLL:  # a poll sees POLLNVAL on its next look
                 self._unpark(p)
                 app.partial.pop(p.rec.call_id, None)
                 self._complete(app, p.rec, -errno.EBADF)
@@ -949,7 +1014,10 @@ class SyscallServer:
                         for p in list(app.parked.get(fd, ())):
                             if id(p) not in seen:
                                 seen.add(id(p))
-                                self._retry(p)
+                                if type(p) is _SendQueue:
+                                    self._retry_sendq(p)
+                                else:
+                                    self._retry(p)
                 except RingCorrupt:
                     self.counters["corrupt"] += 1
                     self._teardown(app, "corrupt")
