@@ -49,7 +49,7 @@ class Netns:
 
 @pytest.fixture
 def tap():
-    """A TAP (opened here) moved into a fresh namespace, 198.18.0.1/24, up. Always removed."""
+    """A TAP (opened here) created inside a fresh namespace, 198.18.0.1/24, up. Always removed."""
     ns = Netns()
     end = None
     try:
@@ -184,13 +184,44 @@ def test_make_cable_tap_and_bad_names() -> None:
         TapCableEnd(name="a/b")
 
 
-def test_moving_into_a_missing_namespace_fails_cleanly() -> None:
+def test_creating_in_a_missing_namespace_fails_cleanly() -> None:
     from nicemu.cable.base import CableError
 
     before = ip("-br", "link").stdout
-    with pytest.raises(CableError, match="cannot move"):
+    with pytest.raises(CableError, match="no such network namespace"):
         TapCableEnd(name=f"nmt{uuid.uuid4().hex[:8]}", netns=f"nicemu-test-missing-{uuid.uuid4().hex[:6]}")
     assert ip("-br", "link").stdout == before  # the TAP went away with its fd
+
+
+def test_tap_in_a_namespace_never_appears_in_ours() -> None:
+    """Created inside the namespace, not created here and moved: a netlink listener on our
+    namespace's link group, bound before the TAP is made, hears nothing about it."""
+    import socket
+
+    ns = Netns()
+    name = f"nmt{uuid.uuid4().hex[:8]}"
+    mon = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    end = None
+    try:
+        mon.bind((0, 1))  # RTMGRP_LINK: every RTM_NEWLINK/DELLINK of this namespace from now on
+        mon.setblocking(False)
+        end = TapCableEnd(name=name, netns=ns.name)
+        assert end.ifname == name and end.netns == ns.name
+        assert name in ns.run("ip", "-br", "link").stdout
+        assert name not in ip("-br", "link").stdout
+        heard = b""
+        while True:
+            try:
+                heard += mon.recv(65536)
+            except BlockingIOError:
+                break
+        assert name.encode() not in heard
+    finally:
+        mon.close()
+        if end is not None:
+            end.close()
+        ns.delete()
+    assert ns.name not in ip("netns", "list").stdout
 
 
 HOLDER = textwrap.dedent(

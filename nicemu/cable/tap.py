@@ -12,8 +12,10 @@ MAC would, and count it: `tx_bad_fcs`).
 Options (YAML keys of a `tap` cable end):
     name    interface name; "%d" lets the kernel pick a number (`end.ifname` is the name
             the kernel gave)                                        (default "nicemu%d")
-    netns   move the interface into this existing network namespace (`ip link set ... netns`);
-            the descriptor keeps working from here                   (default None)
+    netns   create the interface inside this existing network namespace (`ip netns add NAME`):
+            a short-lived thread enters the namespace (setns), opens /dev/net/tun there and
+            leaves; the interface never appears in the caller's namespace, and the descriptor
+            keeps working from here                                  (default None)
 
 The interface is created down; configure it with iproute2 (addresses in tests come from
 198.18.0.0/15). Needs CAP_NET_ADMIN (root) and /dev/net/tun.
@@ -24,7 +26,7 @@ import errno
 import fcntl
 import os
 import struct
-import subprocess
+import threading
 
 from nicemu.cable.base import CableError, Poller, Timer
 from nicemu.fcs import FCS_LEN, append_fcs, check_fcs
@@ -36,6 +38,84 @@ IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFNAMSIZ = 16
 ETH_ZLEN = 60  # minimum frame without FCS
+CLONE_NEWNET = 0x40000000
+NETNS_RUN_DIR = "/run/netns"  # where `ip netns add NAME` keeps the namespace
+
+
+def _setns(fd: int) -> None:
+    """setns(fd, CLONE_NEWNET) for the calling thread (os.setns is Python 3.12+)."""
+    if hasattr(os, "setns"):
+        os.setns(fd, CLONE_NEWNET)
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.setns(fd, CLONE_NEWNET) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+def _create_tap(name_b: bytes, ifname: str) -> tuple[int, bytes]:
+    """Open /dev/net/tun and attach a TAP in the calling thread's network namespace."""
+    try:
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise CableError(e.errno, f"tap cable: cannot open /dev/net/tun: {e.strerror}") from None
+    try:
+        ifr = struct.pack("16sH22x", name_b, IFF_TAP | IFF_NO_PI)
+        res = fcntl.ioctl(fd, TUNSETIFF, ifr)
+    except OSError as e:
+        os.close(fd)
+        raise CableError(e.errno, f"tap cable: TUNSETIFF {ifname!r} failed: {e.strerror}") from None
+    return fd, res
+
+
+def _create_tap_in_netns(name_b: bytes, ifname: str, netns: str) -> tuple[int, bytes]:
+    """Create the TAP inside `netns`: a thread of its own enters the namespace (setns changes
+    only the calling thread's), opens /dev/net/tun there (the tun file binds to the opener's
+    namespace), returns to ours and ends. The fd keeps working from any namespace."""
+    if not netns or "/" in netns or netns in (".", ".."):
+        raise CableError(errno.EINVAL, f"tap cable: bad network namespace name {netns!r}")
+    path = os.path.join(NETNS_RUN_DIR, netns)
+    try:
+        target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise CableError(e.errno, f"tap cable: cannot create {ifname} in netns {netns!r}: "
+                                  f"no such network namespace ({path}: {e.strerror})") from None
+    out: dict = {}
+
+    def work() -> None:
+        try:
+            home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            out["error"] = e
+            return
+        try:
+            _setns(target)
+            try:
+                out["tap"] = _create_tap(name_b, ifname)
+            finally:
+                _setns(home)  # the thread ends anyway; return for good measure
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out["error"] = e
+        finally:
+            os.close(home)
+
+    try:
+        t = threading.Thread(target=work, name="nicemu-tap-netns", daemon=True)
+        t.start()
+        t.join()
+    finally:
+        os.close(target)
+    err = out.get("error")
+    if err is not None:
+        if "tap" in out:
+            os.close(out["tap"][0])
+        if isinstance(err, CableError):
+            raise err
+        raise CableError(getattr(err, "errno", None) or errno.EINVAL,
+                         f"tap cable: cannot create {ifname} in netns {netns!r}: {err}")
+    return out["tap"]
 
 
 def tap_available() -> str | None:
@@ -61,19 +141,13 @@ class TapCableEnd:
         name_b = ifname.encode()
         if not name_b or len(name_b) >= IFNAMSIZ or b"/" in name_b or b" " in name_b:
             raise ValueError(f"tap name must be 1..15 characters without '/' or spaces, got {ifname!r}")
-        try:
-            fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as e:
-            raise CableError(e.errno, f"tap cable: cannot open /dev/net/tun: {e.strerror}") from None
-        try:
-            ifr = struct.pack("16sH22x", name_b, IFF_TAP | IFF_NO_PI)
-            res = fcntl.ioctl(fd, TUNSETIFF, ifr)
-        except OSError as e:
-            os.close(fd)
-            raise CableError(e.errno, f"tap cable: TUNSETIFF {ifname!r} failed: {e.strerror}") from None
+        if netns is None:
+            fd, res = _create_tap(name_b, ifname)
+        else:
+            fd, res = _create_tap_in_netns(name_b, ifname, netns)
         self.fd = fd
         self.ifname = res[:IFNAMSIZ].rstrip(b"\0").decode()
-        self.netns = None
+        self.netns = netns
         self._closed = False
         self._blocked = False
         self._timer = Timer()
@@ -85,21 +159,6 @@ class TapCableEnd:
         self.tx_bad_fcs = 0  # frames from the NIC whose FCS was wrong: not given to the kernel
         self.tx_dropped = 0  # runts or write errors
         self.last_error: str | None = None
-        if netns is not None:
-            try:
-                self.move_to_netns(netns)
-            except BaseException:
-                self.close()
-                raise
-
-    def move_to_netns(self, netns: str) -> None:
-        """Move the interface into an existing network namespace; our fd keeps working."""
-        r = subprocess.run(
-            ["ip", "link", "set", "dev", self.ifname, "netns", netns], capture_output=True, text=True
-        )
-        if r.returncode != 0:
-            raise CableError(errno.EINVAL, f"tap cable: cannot move {self.ifname} to netns {netns}: {r.stderr.strip()}")
-        self.netns = netns
 
     @property
     def link_up(self) -> bool:
