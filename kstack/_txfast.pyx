@@ -23,7 +23,21 @@ cdef Py_ssize_t _MAX_HEADER = MAX_HEADER
 cdef Py_ssize_t _OVERHEAD = SKB_TRUESIZE_OVERHEAD
 cdef object _PFifoFast = PFifoFast
 cdef tuple _TOS2PRIO = tuple(IP_TOS2PRIO)
-cdef object _wfree = sock_wfree
+
+
+def sock_wfree_c(skb):
+    """kstack.txfast.sock_wfree compiled (the destructor the compiled udp_send sets): the
+    skb's truesize back to the socket, and a writer woken once half of SO_SNDBUF is free."""
+    sk = skb.sk
+    cdef object buf = skb.shinfo.buf
+    cdef Py_ssize_t w = <Py_ssize_t>sk.wmem - (len(buf) + _OVERHEAD)
+    sk.wmem = w
+    if sk.nospace and w << 1 <= <Py_ssize_t>sk.sndbuf:
+        sk.nospace = False
+        sk.wake()
+
+
+cdef object _wfree = sock_wfree_c
 
 
 cdef inline uint32_t _fold(uint64_t s) noexcept nogil:
