@@ -217,7 +217,8 @@ FIELDS = ["ip.src", "tcp.srcport", "tcp.dstport", "tcp.flags.syn", "tcp.flags.ac
 
 def tcp_segments(pcap) -> list[dict[str, str]]:
     """One dict per TCP segment of the capture: FIELDS (first occurrence; '' when absent)."""
-    cmd = ["tshark", "-n", "-r", str(pcap), "-Y", "tcp", "-T", "fields", "-E", "occurrence=f",
+    cmd = ["tshark", "-n", "-r", str(pcap), "-o", "tcp.analyze_sequence_numbers:FALSE",
+           "-o", "tcp.desegment_tcp_streams:FALSE", "-Y", "tcp", "-T", "fields", "-E", "occurrence=f",
            "-E", "separator=\t"]
     for f in FIELDS:
         cmd += ["-e", f]
@@ -231,7 +232,8 @@ def bad_segments(pcap, flt: str = "") -> str:
     expr = "_ws.malformed || tcp.checksum.status == 2"
     if flt:
         expr = f"({expr}) && {flt}"
-    r = subprocess.run(["tshark", "-n", "-r", str(pcap), "-o", "tcp.check_checksum:TRUE", "-Y", expr],
+    r = subprocess.run(["tshark", "-n", "-r", str(pcap), "-o", "tcp.check_checksum:TRUE",
+                        "-o", "tcp.analyze_sequence_numbers:FALSE", "-Y", expr],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     return r.stdout
