@@ -76,7 +76,8 @@ def _create_tap_in_netns(name_b: bytes, ifname: str, netns: str) -> tuple[int, b
     namespace), returns to ours and ends. The fd keeps working from any namespace."""
     if not netns or "/" in netns or netns in (".", ".."):
         raise CableError(errno.EINVAL, f"tap cable: bad network namespace name {netns!r}")
-    path = os.path.join(NETNS_RUN_DIR, netns)
+    # a name from `ip netns add`, or a process id (as `ip link set ... netns PID` takes it)
+    path = f"/proc/{netns}/ns/net" if netns.isdigit() else os.path.join(NETNS_RUN_DIR, netns)
     try:
         target = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
