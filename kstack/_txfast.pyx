@@ -11,7 +11,7 @@ from libc.string cimport memcpy
 from kstack.netdevice import NETDEV_TX_BUSY, IFF_UP, NetdevFeatures
 from kstack.qdisc import IP_TOS2PRIO, PFifoFast
 from kstack.neighbour import SKB_TRUESIZE_OVERHEAD
-from kstack.skbuff import CHECKSUM_PARTIAL, MAX_HEADER
+from kstack.skbuff import CHECKSUM_PARTIAL, MAX_HEADER, SKB_DATA_ALIGN, SkBuff, SkbPool, _SharedInfo
 from kstack.txfast import FAST_NUD, sock_wfree
 
 cdef int _FAST_NUD = FAST_NUD
@@ -38,6 +38,32 @@ def sock_wfree_c(skb):
 
 
 cdef object _wfree = sock_wfree_c
+cdef object _SkbPool = SkbPool
+cdef object _SkBuff = SkBuff
+cdef object _Shinfo = _SharedInfo
+cdef Py_ssize_t _ALIGN = SKB_DATA_ALIGN
+
+
+cdef object _alloc(object pool, Py_ssize_t size, Py_ssize_t headroom):
+    """SkbPool.alloc(size, headroom) (alloc_skb + skb_reserve) with the pool's bookkeeping
+    done here for the pool class itself: a cached buffer or a new one, allocs, cache_hits,
+    live; any other pool (or a subclass) is asked the usual way."""
+    if type(pool) is not _SkbPool:
+        return pool.alloc(size, headroom)
+    cdef Py_ssize_t need = (size + headroom + _ALIGN - 1) & ~(_ALIGN - 1)
+    cdef Py_ssize_t bsize = pool.buffer_size
+    cache = pool._cache
+    if need <= bsize and cache:
+        buf = cache.pop()
+        pool.cache_hits += 1
+    else:
+        buf = bytearray(bsize if need <= bsize else need)
+    pool.live += 1
+    skb = _SkBuff(pool, _Shinfo(buf))
+    pool.allocs += 1
+    skb.data = headroom  # skb_reserve on the empty buffer
+    skb.tail = headroom
+    return skb
 
 
 cdef inline uint32_t _fold(uint64_t s) noexcept nogil:
@@ -96,7 +122,7 @@ def udp_send(sk, d, data, int dport):
     stack = d.stack
     now = stack.clock()
     pool = d.pool
-    skb = pool.alloc(ulen, _MAX_HEADER)
+    skb = _alloc(pool, ulen, _MAX_HEADER)
     buf = skb.shinfo.buf
     if type(buf) is not bytearray:
         raise TypeError("sk_buff buffers are bytearrays")
