@@ -1,6 +1,7 @@
 """The sans-IO TCP engine alone: what one bulk segment costs the sender and the receiver.
 
     python benchmarks/bench_tcp_engine.py [--mbytes 10] [--repeat 5] [--wire csum,offload,none]
+                                          [--instructions]
                                           [--profile [--profile-wire csum|offload|none]]
 
 Two TcpConnections joined by a fake link (1 ms each way, a fake clock, no loss), as
@@ -16,7 +17,8 @@ the wire (the segment objects go across as they are). The sender calls send() wh
 writable() and the receiver recv() while readable(), as poll-driven sockets do.
 Per-side figures are wall time inside the calls (a preempted call counts its wait); the
 thread CPU time of the whole run, both sides and the harness together, is printed beside them
-as the load-proof figure. Three variants run interleaved (so that a changing load falls on each alike): the full path
+as the load-proof figure. --instructions counts instructions per segment under callgrind instead: the figure to compare
+on a loaded machine. Three variants run interleaved (so that a changing load falls on each alike): the full path
 (TcpConnection.fast_path = False, what the engine did before header prediction), the fast path
 in Python, and the fast path in C (kstack/tcp/_fast.pyx) when it is built.
 
@@ -33,8 +35,12 @@ import argparse
 import collections
 import cProfile
 import heapq
+import os
 import pstats
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -142,6 +148,38 @@ def transfer(nbytes: int, wire: str) -> dict:
     return ns
 
 
+VARIANTS = {"full": (False, None), "python": (True, PY_IMPL), "c": (True, C_IMPL)}
+
+
+def instructions(args) -> None:
+    """Instructions per data segment, both sides and the harness together, counted by
+    callgrind: the difference between a transfer of --mbytes and one of twice that, divided
+    by the difference in segments, so that start-up and set-up cancel. Independent of the
+    machine's load (the one figure here that is)."""
+    vg = shutil.which("valgrind")
+    if vg is None:
+        sys.exit("valgrind is not installed")
+    print(machine_line())
+    print("instructions per data segment (callgrind; both sides + the harness loop; "
+          f"marginal between {args.mbytes:g} and {2 * args.mbytes:g} MB)")
+    variants = ["full", "python"] + (["c"] if C_IMPL is not None else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        for wire in args.wire.split(","):
+            for v in variants:
+                counts = []
+                for mb in (args.mbytes, 2 * args.mbytes):
+                    out = os.path.join(tmp, "cg.out")
+                    r = subprocess.run([vg, "--tool=callgrind", f"--callgrind-out-file={out}",
+                                        sys.executable, __file__, "--mbytes", str(mb), "--one", v, wire],
+                                       capture_output=True, text=True, check=True)
+                    segs = int(r.stdout.split()[-1])
+                    with open(out) as f:
+                        ir = next(int(line.split()[1]) for line in f if line.startswith("summary:"))
+                    counts.append((segs, ir))
+                (s1, i1), (s2, i2) = counts
+                print(f"  {wire:8s} {v:7s} {(i2 - i1) / (s2 - s1):9.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mbytes", type=float, default=10)
@@ -149,8 +187,19 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-wire", default="offload", choices=("csum", "offload", "none"))
     ap.add_argument("--wire", default="csum,offload,none", help="rows: csum, offload, none")
+    ap.add_argument("--instructions", action="store_true",
+                    help="count instructions under valgrind's callgrind instead (load-proof, slow)")
+    ap.add_argument("--one", nargs=2, metavar=("VARIANT", "WIRE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     nbytes = int(args.mbytes * 1e6)
+    if args.one:
+        v = VARIANTS[args.one[0]]
+        use(v[0], v[1])
+        print("segs", transfer(nbytes, args.one[1])["segs"])
+        return
+    if args.instructions:
+        instructions(args)
+        return
     print(machine_line())
     print("note: the machine is shared with other work; figures are CPU-bound wall time per call")
     print(f"engine common path: {fast_path_kind()} (NICEMU_PY_TCP=1 forces the Python twin)")
@@ -164,9 +213,9 @@ def main() -> None:
     labels = {"csum": "emit/parse included, software checksum",
               "offload": "emit/parse included, checksum offloaded (as the stack with the 82540EM)",
               "none": "emit/parse excluded"}
-    variants = {"full path": (False, None), "fast, Python twin": (True, PY_IMPL)}
+    variants = {"full path": VARIANTS["full"], "fast, Python twin": VARIANTS["python"]}
     if C_IMPL is not None:
-        variants["fast, C (_fast.pyx)"] = (True, C_IMPL)
+        variants["fast, C (_fast.pyx)"] = VARIANTS["c"]
     for wire in args.wire.split(","):
         # the variants run interleaved, repeat after repeat, so that a changing load falls
         # on all of them alike

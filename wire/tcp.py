@@ -158,8 +158,15 @@ class TcpSegment:
             (sport, dport, seq, ack, off, flags, window, csum, urg, prefix, tsval,
              tsecr) = HDR_TS.unpack_from(data, 0)
             if prefix == TS_PREFIX:
-                seg = cls(sport, dport, seq, ack, flags, window, memoryview(data)[32:],
-                          urgent=urg, tsval=tsval, tsecr=tsecr, checksum=csum)
+                # every slot stored here, without __init__'s keyword parsing
+                seg = cls.__new__(cls)
+                seg.sport, seg.dport, seg.seq, seg.ack = sport, dport, seq, ack
+                seg.flags, seg.window, seg.urgent, seg.checksum = flags, window, urg, csum
+                seg.mss = seg.wscale = None
+                seg.sack_permitted = False
+                seg.sack = ()
+                seg.tsval, seg.tsecr = tsval, tsecr
+                seg.payload = memoryview(data)[32:]
                 return seg
         hlen = cls._check_offset(data, n)
         sport, dport, seq, ack, off, flags, window, csum, urg = HDR.unpack_from(data, 0)

@@ -1311,10 +1311,19 @@ class TcpConnection:
     def next_deadline(self) -> int | None:
         """The earliest armed timer (retransmit/SYN, persist, delayed ACK, keepalive,
         TIME_WAIT, FIN-WAIT-2) in ns, or None."""
-        d = None
-        for t in (self.t_rtx, self.t_persist, self.t_delack, self.t_keepalive, self.t_close):
-            if t is not None and (d is None or t < d):
-                d = t
+        d = self.t_rtx
+        t = self.t_persist
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self.t_delack
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self.t_keepalive
+        if t is not None and (d is None or t < d):
+            d = t
+        t = self.t_close
+        if t is not None and (d is None or t < d):
+            d = t
         return d
 
     def timer_expired(self, now: int) -> None:
