@@ -7,7 +7,7 @@ which keeps polling without interrupts while traffic fills its budget.
 
 Above the driver sits a small application in place of the network stack (`python -m
 kstack.kernel` runs the modeled stack over the same driver instead):
-  --app count   count received frames (default)
+  --app count   count received frames (default; `sink` is another name for it)
   --app echo    send every frame back to its sender (source and destination MAC swapped)
   --app gen     transmit --count frames (0: without end) of --size bytes to --dst as fast
                 as the TX queue takes them (stop/wake flow control) or at --rate frames/s,
@@ -25,6 +25,8 @@ Output: one JSON object per line on stdout:
   {"event": "carrier", "up": true|false}                   link changes
   {"event": "stats", ...}                                  on SIGUSR1, every --stats-interval
                                                            seconds, and once at exit
+--app, --seconds and --stats-interval are named as in `python -m driver.pmd`; the older
+spellings --role, --duration and --interval are accepted too.
   {"event": "error", "message": ...}                       the device went away (exit 1)
 SIGTERM / SIGINT: bring the interface down cleanly and exit 0.
 """
@@ -196,44 +198,67 @@ class DriverApp:
         return out
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Every option with its default; the description as written."""
+
+
+APPS = ("count", "sink", "echo", "gen")  # "sink" is python -m driver.pmd's name for "count"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The options; the same names as `python -m driver.pmd` for the same ideas (--app,
+    --seconds, --stats-interval), the older spellings (--role, --duration, --interval) kept."""
     ap = argparse.ArgumentParser(prog="python -m driver.kernel", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--socket", required=True, help="the device's vfio-user socket")
+                                 formatter_class=_HelpFormatter)
+    ap.add_argument("--socket", required=True, default=argparse.SUPPRESS, metavar="PATH",
+                    help="the device's vfio-user socket")
     ap.add_argument("--mode", choices=("interrupt", "napi"), default="napi",
                     help="interrupt: top half + bottom half per interrupt; napi: poll with "
-                         "interrupts masked while polls fill --budget (default)")
-    ap.add_argument("--app", choices=("count", "echo", "gen"), default="count",
-                    help="what sits above the driver (default count)")
-    ap.add_argument("--dst", type=_mac_bytes, default=b"\xff" * 6,
-                    help="gen: destination MAC (default broadcast)")
+                         "interrupts masked while polls fill --budget")
+    ap.add_argument("--app", "--role", dest="app", choices=APPS, default="count",
+                    help="what sits above the driver: count (or sink) counts and drops, echo "
+                         "sends every frame back, gen transmits frames")
+    ap.add_argument("--dst", type=_mac_bytes, default="ff:ff:ff:ff:ff:ff", metavar="MAC",
+                    help="gen: destination MAC")
     ap.add_argument("--size", type=int, default=64, metavar="BYTES",
                     help="gen: frame size on the wire including the 4-byte FCS, 64..1518 "
-                         "(default 64: 60 bytes of header and payload + FCS)")
+                         "(64: 60 bytes of header and payload + FCS)")
     ap.add_argument("--count", type=int, default=0, metavar="N",
-                    help="gen: frames to send, then keep counting what arrives (default 0: without end)")
-    ap.add_argument("--rate", type=float, default=0.0, help="gen: frames per second (0: as fast as possible)")
-    ap.add_argument("--duration", type=float, default=0.0, help="exit after this many seconds (0: run until signalled)")
-    ap.add_argument("--rx-ring", type=int, default=256)
-    ap.add_argument("--tx-ring", type=int, default=256)
-    ap.add_argument("--budget", type=int, default=64)
+                    help="gen: frames to send, then keep counting what arrives (0: without end)")
+    ap.add_argument("--rate", type=float, default=0.0, metavar="FPS",
+                    help="gen: frames per second (0: as fast as the TX queue takes them)")
+    ap.add_argument("--seconds", "--duration", dest="duration", type=float, default=0.0, metavar="S",
+                    help="exit after this many seconds (0: run until SIGTERM/SIGINT)")
+    ap.add_argument("--rx-ring", type=int, default=256, metavar="N", help="RX descriptors (RDLEN / 16)")
+    ap.add_argument("--tx-ring", type=int, default=256, metavar="N", help="TX descriptors (TDLEN / 16)")
+    ap.add_argument("--budget", type=int, default=64, metavar="N",
+                    help="napi: frames one poll may take before it yields (NAPI weight)")
     ap.add_argument("--itr", default="0",
                     help="interrupts/s cap (ITR), 0 = off, or 'dynamic' / 'conservative' (Linux's adaptive ITR)")
-    ap.add_argument("--rdtr", type=int, default=0)
-    ap.add_argument("--radv", type=int, default=8)
-    ap.add_argument("--tidv", type=int, default=8)
-    ap.add_argument("--tadv", type=int, default=32)
-    ap.add_argument("--rx-delay", type=float, default=0.0, help="seconds the consumer spends per frame")
-    ap.add_argument("--txqueuelen", type=int, default=1000,
+    ap.add_argument("--rdtr", type=int, default=0, metavar="US",
+                    help="RX interrupt delay timer (RDTR), in 1.024 us units (0: off)")
+    ap.add_argument("--radv", type=int, default=8, metavar="US",
+                    help="RX absolute interrupt delay (RADV), in 1.024 us units")
+    ap.add_argument("--tidv", type=int, default=8, metavar="US",
+                    help="TX interrupt delay (TIDV), in 1.024 us units")
+    ap.add_argument("--tadv", type=int, default=32, metavar="US",
+                    help="TX absolute interrupt delay (TADV), in 1.024 us units")
+    ap.add_argument("--rx-delay", type=float, default=0.0, metavar="S",
+                    help="seconds the consumer spends per frame (a slow application)")
+    ap.add_argument("--txqueuelen", type=int, default=1000, metavar="N",
                     help="frames the qdisc holds for a stopped TX queue (per band)")
-    ap.add_argument("--qdisc", choices=sorted(QDISCS), default="pfifo_fast")
-    ap.add_argument("--stats-interval", type=float, default=0.0, help="print stats every S seconds (0: only on SIGUSR1/exit)")
-    ap.add_argument("--mem", type=int, default=4 << 20, help="bytes of DMA memory")
+    ap.add_argument("--qdisc", choices=sorted(QDISCS), default="pfifo_fast",
+                    help="the queueing discipline in front of the TX ring")
+    ap.add_argument("--stats-interval", "--interval", dest="stats_interval", type=float, default=0.0,
+                    metavar="S", help="print a stats line every S seconds (0: only on SIGUSR1 and at exit)")
+    ap.add_argument("--mem", type=int, default=4 << 20, metavar="BYTES", help="bytes of DMA memory")
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.app == "sink":
+        args.app = "count"
     if not 64 <= args.size <= 1518:
         print(json.dumps({"event": "error", "message": f"--size {args.size} outside 64..1518 "
                                                        f"(bytes on the wire, FCS included)"}), flush=True)

@@ -465,18 +465,22 @@ MIN_FRAME, MAX_FRAME = 64, 1518  # Ethernet frame sizes on the wire, FCS include
 def main(argv: list[str] | None = None) -> int:
     """`python -m driver.pmd --socket PATH`: a bypass application on one device.
 
-    Roles: `sink` counts and drops what arrives; `echo` sends every frame back with the
-    addresses swapped (zero copy: the received buffer is transmitted); `gen` also sends
-    `--size`-byte frames to `--dst` as fast as the ring takes them (`--count` of them, or
-    without end). Reports JSON lines on stdout: "up", "stats" every --interval seconds (and on
-    SIGUSR1), "sent" once gen has handed its --count frames to the device, "done" on
-    SIGTERM/SIGINT or after --seconds, "error" (exit 1; 2 for bad options) when the device
-    cannot be reached or goes away: the loop looks at the transport every 0.1 s, so a dead
-    emulator ends the process within a second whatever --interval says.
+    Applications (--app): `count` (also called `sink`) counts and drops what arrives;
+    `echo` sends every frame back with the addresses swapped (zero copy: the received buffer
+    is transmitted); `gen` also sends `--size`-byte frames to `--dst` as fast as the ring
+    takes them (`--count` of them, or without end). Reports JSON lines on stdout: "up",
+    "stats" every --stats-interval seconds (and on SIGUSR1), "sent" once gen has handed its
+    --count frames to the device, "done" on SIGTERM/SIGINT or after --seconds, "error"
+    (exit 1; 2 for bad options) when the device cannot be reached or goes away: the loop
+    looks at the transport every 0.1 s, so a dead emulator ends the process within a second
+    whatever --stats-interval says.
 
     A generator never sleeps while it has frames to send: it waits for TX room by polling its
     ring in memory, whatever --mode says (an RX interrupt it might sleep on may never come).
     In adaptive mode it sleeps on RX only once its --count frames are out.
+
+    --app, --seconds and --stats-interval are named as in `python -m driver.kernel`; the older
+    spellings --role, --duration and --interval are accepted too.
     """
     import argparse
     import json
@@ -488,27 +492,34 @@ def main(argv: list[str] | None = None) -> int:
     from driver.vfio_user_client import VfioUserBus
 
     doc = main.__doc__.split("\n\n")
+    class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        """Every option with its default; the epilog as written."""
+
     ap = argparse.ArgumentParser(prog="python -m driver.pmd", description=doc[0],
                                  epilog="\n\n".join(textwrap.dedent(p) for p in doc[1:]),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--socket", required=True, help="the device's vfio-user socket")
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--socket", required=True, default=argparse.SUPPRESS, metavar="PATH",
+                    help="the device's vfio-user socket")
     ap.add_argument("--mode", choices=MODES, default="adaptive",
                     help="poll: busy-poll the RX ring always; adaptive: sleep on the RX interrupt "
-                         "after 1000 empty polls (default; gen: only once its --count is sent)")
-    ap.add_argument("--role", choices=("sink", "echo", "gen"), default="sink",
-                    help="sink: count and drop (default); echo: send every frame back; gen: send frames")
-    ap.add_argument("--dst", default="ff:ff:ff:ff:ff:ff", help="gen: destination MAC (default broadcast)")
+                         "after 1000 empty polls (gen: only once its --count is sent)")
+    ap.add_argument("--app", "--role", dest="role", choices=("count", "sink", "echo", "gen"), default="count",
+                    help="count (or sink): count and drop; echo: send every frame back; gen: send frames")
+    ap.add_argument("--dst", default="ff:ff:ff:ff:ff:ff", metavar="MAC", help="gen: destination MAC")
     ap.add_argument("--size", type=int, default=MIN_FRAME, metavar="BYTES",
                     help=f"gen: frame size on the wire including the 4-byte FCS, {MIN_FRAME}..{MAX_FRAME} "
-                         f"(default {MIN_FRAME}: 60 bytes of header and payload + FCS)")
+                         f"({MIN_FRAME}: 60 bytes of header and payload + FCS)")
     ap.add_argument("--count", type=int, default=0, metavar="N",
-                    help="gen: frames to send, then keep receiving (default 0: send until stopped)")
-    ap.add_argument("--interval", type=float, default=1.0, metavar="S",
-                    help="seconds between 'stats' lines (default 1)")
-    ap.add_argument("--seconds", type=float, default=None, metavar="S", help="stop after this long")
+                    help="gen: frames to send, then keep receiving (0: send until stopped)")
+    ap.add_argument("--stats-interval", "--interval", dest="interval", type=float, default=1.0, metavar="S",
+                    help="seconds between 'stats' lines")
+    ap.add_argument("--seconds", "--duration", dest="seconds", type=float, default=0.0, metavar="S",
+                    help="stop after this long (0: run until SIGTERM/SIGINT)")
     ap.add_argument("--engine", choices=ENGINES, default="auto",
                     help="the ring code: cython, python (the reference) or auto (cython if built)")
     args = ap.parse_args(argv)
+    if args.role == "count":
+        args.role = "sink"
     if not MIN_FRAME <= args.size <= MAX_FRAME or args.count < 0 or args.interval <= 0:
         problem = (f"--size {args.size} outside {MIN_FRAME}..{MAX_FRAME} (bytes on the wire, FCS included)"
                    if not MIN_FRAME <= args.size <= MAX_FRAME else
@@ -601,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
                 last = now
                 pmd.stats_update()
                 emit("stats", pmd)
-            if args.seconds is not None and now - start >= args.seconds:
+            if args.seconds and now - start >= args.seconds:
                 break
         pmd.stats_update()
         emit("done", pmd, seconds=round(time.monotonic() - start, 3))
