@@ -11,8 +11,9 @@ from libc.string cimport memcpy
 from kstack.netdevice import NETDEV_TX_BUSY, IFF_UP, NetdevFeatures
 from kstack.qdisc import IP_TOS2PRIO, PFifoFast
 from kstack.neighbour import SKB_TRUESIZE_OVERHEAD
-from kstack.skbuff import CHECKSUM_PARTIAL, MAX_HEADER, SKB_DATA_ALIGN, SkBuff, SkbPool, _SharedInfo
+from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_PARTIAL, MAX_HEADER, SKB_DATA_ALIGN, SkBuff, SkbPool, _SharedInfo
 from kstack.txfast import FAST_NUD, sock_wfree
+from wire.udp import UDP_MAX_PAYLOAD
 
 cdef int _FAST_NUD = FAST_NUD
 cdef int _IFF_UP = IFF_UP
@@ -59,10 +60,57 @@ cdef object _alloc(object pool, Py_ssize_t size, Py_ssize_t headroom):
     else:
         buf = bytearray(bsize if need <= bsize else need)
     pool.live += 1
-    skb = _SkBuff(pool, _Shinfo(buf))
+    skb = _skb_new(pool, _Shinfo(buf), len(buf))
     pool.allocs += 1
     skb.data = headroom  # skb_reserve on the empty buffer
     skb.tail = headroom
+    return skb
+
+
+# SkBuff.__init__ + _reset_meta, field by field (no Python frames): the fields must be all of
+# SkBuff's, checked when this module loads (a new field fails the import, and the tests)
+_SKB_FIELDS = ("pool", "shinfo", "head", "data", "tail", "end", "mac_header", "network_header",
+               "transport_header", "protocol", "dev", "tstamp", "priority", "mark", "ip_summed",
+               "csum", "csum_start", "csum_offset", "pkt_type", "cb", "sk", "freed", "cloned",
+               "destructor")
+if set(SkBuff.__slots__) != set(_SKB_FIELDS):
+    raise ImportError("kstack.skbuff.SkBuff's fields changed: update kstack/_txfast.pyx _skb_new")
+cdef object _skb_tp_new = SkBuff.__new__
+assert CHECKSUM_NONE == 0
+
+
+def skb_alloc(pool, Py_ssize_t size, Py_ssize_t headroom):
+    """The send path's SkbPool.alloc (tests hold it equal to the pool's own)."""
+    return _alloc(pool, size, headroom)
+
+
+cdef object _skb_new(object pool, object shinfo, Py_ssize_t end):
+    """SkBuff(pool, shinfo): the same fields with the same initial values."""
+    skb = _skb_tp_new(_SkBuff)
+    skb.pool = pool
+    skb.shinfo = shinfo
+    skb.head = 0
+    skb.end = end
+    skb.data = 0
+    skb.tail = 0
+    skb.mac_header = -1
+    skb.network_header = -1
+    skb.transport_header = -1
+    skb.protocol = 0
+    skb.dev = None
+    skb.tstamp = 0
+    skb.priority = 0
+    skb.mark = 0
+    skb.ip_summed = 0  # CHECKSUM_NONE
+    skb.csum = 0
+    skb.csum_start = 0
+    skb.csum_offset = 0
+    skb.pkt_type = 0
+    skb.cb = {}
+    skb.sk = None
+    skb.destructor = None
+    skb.freed = False
+    skb.cloned = False
     return skb
 
 
@@ -96,8 +144,37 @@ cdef inline void _put32(uint8_t* p, uint32_t v) noexcept nogil:
     p[3] = v & 0xFF
 
 
+cdef Py_ssize_t _UDP_MAX = UDP_MAX_PAYLOAD
+
+
+def sendmsg_connected(sk, data):
+    """UdpSock.sendmsg for its common case, compiled: a connected socket, no address given,
+    open, no pending error, the payload within UDP's limit, its cached dst still of the FIB's
+    generation, room in SO_SNDBUF, the neighbour entry alive, and udp_send taking it.
+    Returns the bytes sent, or -1 with nothing changed: UdpSock.sendmsg then runs its own
+    checks in their order (and raises what they raise)."""
+    if sk.closed or sk.err or not sk.connected:
+        return -1
+    d = sk._dst
+    if d is None:
+        return -1
+    cdef Py_ssize_t n = len(data)
+    if n > _UDP_MAX or d.genid != sk.inet.fib.genid or sk.wmem >= sk.sndbuf:
+        return -1
+    nb = d.neigh
+    if nb is None or nb.dead:
+        return -1
+    if _udp_send(sk, d, data, sk.dport):
+        return n
+    return -1
+
+
 def udp_send(sk, d, data, int dport):
     """See kstack.txfast.udp_send."""
+    return _udp_send(sk, d, data, dport)
+
+
+cdef bint _udp_send(sk, d, data, int dport) except -1:
     cdef const uint8_t[::1] dv
     cdef const uint8_t* src_p
     cdef Py_ssize_t nlen
@@ -204,7 +281,14 @@ def udp_send(sk, d, data, int dport):
     qd.runs += 1
     batch = d.batch.xmit_batch_devs
     more = batch is not None
-    if dev.ndo_start_xmit(skb, more) == _TX_BUSY:
+    # a driver's optional compiled transmit (E1000.tx_c: xmit(dev, skb, xmit_more), what its
+    # ndo_start_xmit calls) without the method's Python frame; any other device as usual
+    ops = getattr(dev, "tx_c", None)
+    if ops is not None:
+        r = ops.xmit(dev, skb, more)
+    else:
+        r = dev.ndo_start_xmit(skb, more)
+    if r == _TX_BUSY:
         qd._requeue(skb)
         return True
     qd.packets += 1

@@ -39,6 +39,11 @@ from wire.icmp import (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_PORT_UNREACH, I
 from wire.ipv4 import IPV4_MIN_HLEN, aton, is_lbcast, ntoa
 from wire.udp import UDP_HLEN, UDP_MAX_PAYLOAD
 
+try:  # the compiled send: udp_send and the connected case of sendmsg before it
+    from kstack._txfast import sendmsg_connected as _c_sendmsg_connected, udp_send as _c_udp_send
+except ImportError:
+    _c_sendmsg_connected = _c_udp_send = None
+
 if TYPE_CHECKING:
     from kstack.inet import Inet
 
@@ -151,6 +156,10 @@ class UdpSock(Sock):
     # --- send ---------------------------------------------------------------------------------
 
     def sendmsg(self, data: bytes, addr: Address | None, flags: int = 0) -> int:
+        if addr is None and _c_udp_send is not None and self._tx_fast is _c_udp_send:
+            n = _c_sendmsg_connected(self, data)  # the checks below, compiled, for the common case
+            if n >= 0:
+                return n
         if self.closed:
             raise OSError(errno.EBADF, "closed")
         if self.err:

@@ -357,3 +357,27 @@ def test_e1000_compiled_transmit_agrees_with_its_twin(csum, cfg):
     assert len(twin) == len(comp)
     for k, (x, y) in enumerate(zip(twin, comp)):
         assert x == y, f"step {k}: {[f for f in x if x[f] != y[f]] if isinstance(x, dict) else 'freed order'}"
+
+
+def test_compiled_skb_alloc_agrees_with_the_pool():
+    """The compiled send path's alloc_skb + skb_reserve: the same fields, buffers and pool
+    counters as SkbPool.alloc, from the cache and without it."""
+    from kstack import _txfast
+    from kstack.skbuff import SkBuff, SkbPool
+
+    pools = SkbPool(max_cached=3), SkbPool(max_cached=3)
+    for k, (size, head) in enumerate([(26, 128), (0, 0), (1500, 128), (5000, 128), (26, 128)] * 3):
+        x, y = pools[0].alloc(size, head), _txfast.skb_alloc(pools[1], size, head)
+        assert type(y) is SkBuff
+        for f in SkBuff.__slots__:
+            vx, vy = getattr(x, f), getattr(y, f)
+            if f == "pool":
+                assert vx is pools[0] and vy is pools[1]
+            elif f == "shinfo":
+                assert (vx.buf, vx.dataref) == (vy.buf, vy.dataref)
+            else:
+                assert vx == vy, f
+        if k % 2:
+            x.consume()
+            y.consume()
+        assert pools[0].stats() == pools[1].stats()
