@@ -8,7 +8,7 @@ tap writes the clone's bytes and frees it.
 
 The file is classic pcap with link type Ethernet (1), as tcpdump writes it: frames from the
 destination MAC up to the end of the payload, no FCS (the device adds and strips that).
-The writer is nicemu.pcap's (one pcap writer in the project); timestamps are wall-clock time
+The writer is nicemu.cable.capture's (one pcap writer in the project); timestamps are wall-clock time
 when the frame passed the tap.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Callable
 
-from nicemu.pcap import PcapWriter
+from nicemu.cable.capture import PcapWriter
 
 if TYPE_CHECKING:
     from kstack.netdevice import NetDevice

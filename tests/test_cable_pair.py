@@ -81,8 +81,8 @@ def test_make_cable_errors() -> None:
 
 
 def test_wrap_end_layers_faults_inside_capture_outside(tmp_path) -> None:
-    from nicemu.faults import FaultyEnd
-    from nicemu.pcap import CapturedEnd
+    from nicemu.cable.faults import FaultyEnd
+    from nicemu.cable.capture import CapturedEnd
 
     a, b = pipe()
     w = wrap_end(a, capture=tmp_path / "a.pcap", faults_tx={"drop": 1.0, "seed": 1})
@@ -184,7 +184,7 @@ def test_wrapped_pipe_ends_in_the_emulator_loop(tmp_path) -> None:
     from nicemu import DmaMemory
     from nicemu.emulator import Emulator
     from nicemu.nic import Nic
-    from nicemu.pcap import read_pcap
+    from nicemu.cable.capture import read_pcap
 
     mems = [DmaMemory(1 << 20), DmaMemory(1 << 20)]
     with warnings.catch_warnings():

@@ -10,7 +10,7 @@ from conftest import PEER_MAC, FakeClock, RxRing, TxRing, make_frame, with_fcs
 
 from nicemu import regs as R
 from nicemu.cable.pair import PairCable, pipe
-from nicemu.faults import FaultConfig, FaultLine, FaultyEnd
+from nicemu.cable.faults import FaultConfig, FaultLine, FaultyEnd
 from nicemu.fcs import check_fcs
 
 MS = 1_000_000

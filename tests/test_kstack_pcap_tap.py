@@ -12,7 +12,7 @@ from kstack.netdevice import NETDEV_TX_OK, NetDevice
 from kstack.pcap_tap import PcapTap
 from kstack.skbuff import SkbPool
 from kstack.stack import NetStack
-from nicemu.pcap import LINKTYPE_ETHERNET, read_pcap
+from nicemu.cable.capture import LINKTYPE_ETHERNET, read_pcap
 from wire.checksum import fold, internet_checksum, pseudo_header_sum
 from wire.mac import BROADCAST, parse_mac
 

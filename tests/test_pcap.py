@@ -12,7 +12,7 @@ from conftest import PEER_MAC, FakeClock, RxRing, TxRing, make_frame
 
 from nicemu import regs as R
 from nicemu.cable.pair import PairCable, pipe
-from nicemu.pcap import CapturedEnd, PcapWriter, read_pcap
+from nicemu.cable.capture import CapturedEnd, PcapWriter, read_pcap
 
 TSHARK = shutil.which("tshark")
 TCPDUMP = shutil.which("tcpdump")

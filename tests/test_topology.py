@@ -143,7 +143,7 @@ def test_fault_seed_defaults_are_fixed_per_direction() -> None:
 
 
 def test_fault_spec_is_what_the_fault_injector_takes() -> None:
-    from nicemu.faults import FaultConfig
+    from nicemu.cable.faults import FaultConfig
 
     topo = parse(PAIR + "    faults: {nic0: {drop: 0.1, corrupt: 0.2, corrupt_bits: 3, duplicate: 0.3, "
                         "reorder: 0.4, reorder_timeout_ms: 5, delay_ms: 2, rate_bps: 1M, "
@@ -623,7 +623,7 @@ def test_check_dirs_names_every_missing_parent(tmp_path: Path) -> None:
 
 def test_the_default_runtime_dir_is_made_with_its_base(tmp_path: Path, monkeypatch) -> None:
     base = tmp_path / "nicemu-uid"
-    monkeypatch.setattr(T, "runtime_base", lambda: base)
+    monkeypatch.setattr(T.rundir, "runtime_base", lambda: base)  # (where the run directories live)
     topo = parse("devices:\n  nic0: {}\n", runtime_dir=base / "lab")
     dirs = T.prepare_dirs(topo)
     assert dirs.paths == [base, base / "lab"]

@@ -433,7 +433,7 @@ def test_build_emulator_whole_topology_in_one_process(tmp_path: Path, monkeypatc
     finally:
         emu.close()
     assert not rt.exists()  # it made the runtime directory, so it removed it
-    from nicemu.pcap import read_pcap
+    from nicemu.cable.capture import read_pcap
 
     for n in ("nic0", "nic1"):  # the captures were opened (relative to the current directory)
         assert read_pcap(tmp_path / f"{n}.pcap")[1] == []
@@ -501,7 +501,7 @@ def test_udp_cable_between_two_processes(start_up, tmp_path: Path) -> None:
 
 
 def test_captures_and_faults_work_across_processes(start_up, tmp_path: Path) -> None:
-    from nicemu.pcap import read_pcap
+    from nicemu.cable.capture import read_pcap
 
     cfg = write_config(tmp_path, f"""
         devices:

@@ -3,41 +3,59 @@
 Every cable end implements `CableEnd` (nicemu.cable.base): send(frame) -> bool, fileno(),
 recv_frames(), writable(), link_up, close(); frames always carry their FCS.
 
-    make_cable(kind, **options)
+`KINDS` below is the only list of cable kinds: YAML kind -> the module that is that kind. A
+kind's module (nicemu/cable/<kind>.py) declares everything about it, so adding a kind is one
+file plus one row here:
 
-opens a cable by kind, with the options as keyword arguments named as the YAML keys:
+    ENDS = (lo, hi)             how many devices of a topology it joins
+    KEYS = ("key", ...)         its own YAML keys (besides kind, ends, capture, faults)
+    SAME_PROCESS = False        True: its devices must run in one process (pair)
+    def check(cc) -> dict       validate its keys (cc: nicemu.topology.validate.CableCheck),
+                                report problems with cc.err, return CableSpec.options
+    def build(cable, local, ctx) -> [(device, end)]
+                                open this process's ends (ctx: nicemu.topology.build.BuildContext)
+    def make(**options)         `make_cable(kind, **options)`, options named as the YAML keys
+    def host_problems(cable) -> [(key, message)]    optional: what the host lacks for it
 
-    kind    options                             returns
-    pipe    limit=256                           (end_a, end_b): in-process CableEnds
-    shm     ring_bytes=1 MiB                    (end_a, end_b): shared memory, movable to
-                                                 another process (ShmCableEnd.from_fds)
-    unix    path, peer, pulse_ms=250            one end: AF_UNIX datagrams
-    udp     local="127.0.0.1:0", remote=None    one end: UDP datagrams
-    tap     name="nicemu%d", netns=None         one end: a Linux TAP device
+`make_cable("pipe", limit=256)` gives two in-process ends (nicemu.cable.pair.pipe); two Nics
+in one process use `PairCable(nic_a, nic_b, ...)` (kind `pair`).
 
-Two Nics in one process use `PairCable(nic_a, nic_b, ...)` (kind `pair`, nicemu.cable.pair),
-which takes the devices rather than returning ends.
-
-`wrap_end(end, capture=..., faults_tx=..., faults_rx=...)` adds fault injection (inside) and
-a pcap capture (outside, so the capture shows what the port saw) to any end.
+`wrap_end(end, capture=..., faults_tx=..., faults_rx=...)` adds fault injection (inside,
+nicemu.cable.faults) and a pcap capture (outside, nicemu.cable.capture, so the capture shows
+what the port saw) to any end. Those wrappers import the base; nothing here or in the base
+imports them at import time.
 """
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 from typing import Any, Callable, Mapping
 
 from nicemu.cable.base import CableEnd, CableError, plug, service
 
-__all__ = ["CableEnd", "CableError", "KINDS", "cable_kind", "layer_name", "make_cable", "plug", "service",
-           "wrap_end"]
+__all__ = ["CableEnd", "CableError", "KINDS", "cable_kind", "kind_module", "layer_name", "make_cable", "plug",
+           "service", "wrap_end"]
 
-KINDS = ("pipe", "shm", "unix", "udp", "tap")
+KINDS: dict[str, str] = {  # YAML kind -> module; the one list of cable kinds
+    "pair": "nicemu.cable.pair",
+    "shm": "nicemu.cable.shm",
+    "unix": "nicemu.cable.unix",
+    "udp": "nicemu.cable.udp",
+    "tap": "nicemu.cable.tap",
+}
+
+
+def kind_module(kind: str) -> ModuleType:
+    """The module of a registered kind (imported on first use: validating a topology must not
+    need, say, the shm extension loaded). KeyError for an unknown kind."""
+    return importlib.import_module(KINDS[kind])
 
 
 def layer_name(end: Any) -> str | None:
     """"faults" or "capture" for a wrapper layer (named as its YAML key), None for a cable end."""
-    from nicemu.faults import FaultyEnd
-    from nicemu.pcap import CapturedEnd
+    from nicemu.cable.capture import CapturedEnd
+    from nicemu.cable.faults import FaultyEnd
 
     if isinstance(end, FaultyEnd):
         return "faults"
@@ -59,24 +77,15 @@ def cable_kind(end: Any) -> str:
 
 
 def make_cable(kind: str, **options: Any) -> Any:
-    """Open a cable of `kind` (see the table above). Unknown kinds or options raise ValueError
-    (TypeError for an unknown keyword is turned into a message naming the option)."""
+    """Open a cable of `kind` ("pipe" or a kind of KINDS, through its module's `make`). Unknown
+    kinds or options raise ValueError (TypeError for an unknown keyword is turned into a message
+    naming the option)."""
     if kind == "pipe":
         from nicemu.cable.pair import pipe as factory
-    elif kind == "shm":
-        from nicemu.cable.shm import ShmCable
-
-        factory = ShmCable.create
-    elif kind == "unix":
-        from nicemu.cable.unix import UnixCableEnd as factory
-    elif kind == "udp":
-        from nicemu.cable.udp import UdpCableEnd as factory
-    elif kind == "tap":
-        from nicemu.cable.tap import TapCableEnd as factory
-    elif kind == "pair":
-        raise ValueError("a pair cable joins two Nics: use nicemu.cable.pair.PairCable(nic_a, nic_b, ...)")
+    elif kind in KINDS:
+        factory = kind_module(kind).make
     else:
-        raise ValueError(f"unknown cable kind {kind!r} (known: {', '.join(KINDS)})")
+        raise ValueError(f"unknown cable kind {kind!r} (known: pipe, {', '.join(KINDS)})")
     try:
         return factory(**options)
     except TypeError as e:
@@ -92,8 +101,8 @@ def wrap_end(
     clock: Callable[[], int] | None = None,
 ) -> CableEnd:
     """Faults (if any are active) inside, capture outside. Closes `end` if wrapping fails."""
-    from nicemu.faults import FaultConfig, FaultyEnd
-    from nicemu.pcap import CapturedEnd
+    from nicemu.cable.capture import CapturedEnd
+    from nicemu.cable.faults import FaultConfig, FaultyEnd
 
     try:
         tx = FaultConfig.from_dict(faults_tx)

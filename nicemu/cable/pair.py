@@ -10,7 +10,7 @@ a timerfd-backed descriptor an event loop can wait on).
 
 Options (the YAML keys of a `pair` cable):
     capture_a, capture_b   pcap path for port a / port b (None: no capture)
-    faults_ab, faults_ba   fault settings (nicemu.faults.FaultConfig keys) for the direction
+    faults_ab, faults_ba   fault settings (nicemu.cable.faults.FaultConfig keys) for the direction
                            a -> b and b -> a
     clock                  callable returning ns, for fault timing (default: nic_a.clock)
 
@@ -112,8 +112,8 @@ class PairCable:
         faults_ba: Mapping[str, Any] | None = None,
         clock: Callable[[], int] | None = None,
     ) -> None:
-        from nicemu.faults import FaultConfig, FaultyEnd
-        from nicemu.pcap import CapturedEnd
+        from nicemu.cable.faults import FaultConfig, FaultyEnd
+        from nicemu.cable.capture import CapturedEnd
 
         if nic_a is nic_b:
             raise ValueError("pair cable: both ends are the same device")
@@ -202,3 +202,27 @@ class PairCable:
         self.nic_b.attach(unplugged)
         self.nic_a.set_link(False)
         self.nic_b.set_link(False)
+
+
+# --- the `pair` kind of a topology (registered in nicemu.cable.KINDS) --------------------
+
+ENDS = (2, 2)
+KEYS: tuple[str, ...] = ()
+SAME_PROCESS = True  # an in-process call from one device model into the other
+
+
+def check(cc) -> dict:
+    """No options of its own (capture and faults are common to every kind)."""
+    return {}
+
+
+def build(cable, local: list[str], ctx) -> list:
+    """Both devices are here (SAME_PROCESS): plug them together; no ends for the loop."""
+    a, b = cable.ends
+    ctx.emu.add_pair(ctx.nics[a], ctx.nics[b], capture_a=cable.capture.get(a), capture_b=cable.capture.get(b),
+                     faults_ab=ctx.fault_kwargs(cable.faults.get(a)), faults_ba=ctx.fault_kwargs(cable.faults.get(b)))
+    return []
+
+
+def make(**options: Any) -> Any:
+    raise ValueError("a pair cable joins two Nics: use nicemu.cable.pair.PairCable(nic_a, nic_b, ...)")

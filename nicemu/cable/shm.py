@@ -683,3 +683,46 @@ class ShmCableEnd:
                 self.release()
             except Exception:
                 pass
+
+
+# --- the `shm` kind of a topology (registered in nicemu.cable.KINDS) ---------------------
+
+DEFAULT_RING = 1 << 20
+ENDS = (2, 2)
+KEYS = ("ring_bytes",)
+SAME_PROCESS = False
+
+
+def check(cc) -> dict:
+    """`ring_bytes`: a size ("256KiB"), a power of two from MIN_RING to MAX_RING."""
+    from nicemu.topology.schema import _describe, parse_size
+
+    rb = parse_size(cc.cab.get("ring_bytes", DEFAULT_RING))
+    if rb is None:
+        cc.err("ring_bytes", f"must be a size in bytes (e.g. 1048576 or \"1M\"), got "
+                             f"{_describe(cc.cab.get('ring_bytes'))}")
+    elif not MIN_RING <= rb <= MAX_RING or rb & (rb - 1):
+        cc.err("ring_bytes", f"must be a power of two between {MIN_RING} and {MAX_RING}, got {_describe(rb)}")
+    else:
+        return {"ring_bytes": rb}
+    return {}
+
+
+def build(cable, local: list[str], ctx) -> list:
+    """Both ends here: make the memory; one end: the end `nicemu up` created and passed down."""
+    if len(local) == 2:
+        a, b = ShmCable.create(cable.ring_bytes or DEFAULT_RING)
+        return [(cable.ends[0], a), (cable.ends[1], b)]
+    dev = local[0]
+    arg = ctx.ends_given.get(ctx.end_key(cable, dev))
+    if arg is None:
+        procs = ctx.topo.cable_processes(cable)
+        raise ctx.problem(f"this shm cable joins processes {procs[0]!r} and {procs[1]!r}; its shared "
+                          "memory is created by `nicemu up`, which starts both (run the topology with "
+                          "`nicemu up`, or without --process to run it all in one process)",
+                          f"cables[{cable.index}]")
+    return [(dev, ShmCableEnd.from_arg(arg))]
+
+
+def make(ring_bytes: int = DEFAULT_RING) -> tuple["ShmCableEnd", "ShmCableEnd"]:
+    return ShmCable.create(ring_bytes)

@@ -228,3 +228,64 @@ class TapCableEnd:
         self._poller.close()
         self._timer.close()
         os.close(self.fd)
+
+
+# --- the `tap` kind of a topology (registered in nicemu.cable.KINDS) ---------------------
+
+ENDS = (1, 1)
+KEYS = ("name", "netns")
+SAME_PROCESS = False
+NAME_MAX = 255  # a namespace is a file in /run/netns
+
+
+def check(cc) -> dict:
+    """`name` (default nm-<device>) an interface name no other cable uses; `netns` a namespace name."""
+    from nicemu.topology.schema import _IFNAME_RE, IFNAMSIZ_MAX, _describe
+
+    spec: dict = {}
+    taps = cc.seen.setdefault("name", {})
+    tn = cc.cab.get("name", f"nm-{cc.ends[0]}")
+    if not isinstance(tn, str) or not _IFNAME_RE.match(tn) or tn in (".", ".."):
+        cc.err("name", f"must be an interface name of letters, digits, '_', '.', '-', got {_describe(tn)}")
+    elif len(tn) > IFNAMSIZ_MAX:
+        if "name" in cc.cab:
+            cc.err("name", f"{_describe(tn)} is longer than {IFNAMSIZ_MAX} characters "
+                           "(Linux's limit for interface names)")
+        elif cc.ends_ok:  # (an unknown device's name was reported already)
+            cc.err("name", f"the default name {_describe(tn)} is longer than {IFNAMSIZ_MAX} "
+                           "characters; set `name`", at=None)
+    else:
+        if tn in taps:
+            cc.err("name", f"TAP {tn!r} is also used by cables[{taps[tn]}]")
+        taps[tn] = cc.index
+        spec["tap_name"] = tn
+    if "netns" in cc.cab:
+        ns = cc.cab["netns"]
+        if (not isinstance(ns, str) or not _IFNAME_RE.fullmatch(ns) or ns in (".", "..")
+                or len(ns) > NAME_MAX):  # (a file in /run/netns)
+            cc.err("netns", f"must be the name of a network namespace (ip netns, at most "
+                            f"{NAME_MAX} characters), got {_describe(ns)}")
+        else:
+            spec["netns"] = ns
+    return spec
+
+
+def host_problems(cable) -> list[tuple[str, str]]:
+    """A namespace that does not exist (yet): `ip netns add` it first."""
+    from nicemu.topology.schema import EXCERPT_CHARS, _describe
+
+    ns = cable.netns
+    if ns is None or ns.isdigit() or os.path.exists(os.path.join(NETNS_RUN_DIR, ns)):
+        return []  # (a process id names its namespace too, as `ip link set ... netns` takes it)
+    hint = f"ip netns add {ns}" if len(ns) <= EXCERPT_CHARS else "ip netns add"
+    return [("netns", f"there is no network namespace {_describe(ns)} (create it first: {hint})")]
+
+
+def build(cable, local: list[str], ctx) -> list:
+    kw: dict = {"name": cable.tap_name}
+    if cable.netns is not None:
+        kw["netns"] = cable.netns
+    return [(local[0], TapCableEnd(**kw))]
+
+
+make = TapCableEnd

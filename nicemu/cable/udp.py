@@ -86,3 +86,42 @@ class UdpCableEnd(DatagramEnd):
     def _from_peer(self, addr) -> bool:
         p = self.peer
         return p is not None and addr[0] == p[0] and addr[1] == p[1]
+
+
+# --- the `udp` kind of a topology (registered in nicemu.cable.KINDS) ---------------------
+
+ENDS = (1, 1)
+KEYS = ("local", "remote")
+SAME_PROCESS = False
+
+
+def check(cc) -> dict:
+    """`local` and `remote` as HOST:PORT in the allowed networks; no two cables bind one local."""
+    from nicemu.topology.schema import parse_host_port
+
+    spec: dict = {}
+    locals_ = cc.seen.setdefault("local", {})
+    for key in ("local", "remote"):
+        if key not in cc.cab:
+            cc.err(key, f"missing: the {key} address as HOST:PORT (127.0.0.1 or 198.18.0.0/15)", at=None)
+            continue
+        hp, why = parse_host_port(cc.cab[key])
+        if why:
+            cc.err(key, why)
+        else:
+            spec[key] = hp
+    if "local" in spec:
+        if spec["local"] in locals_:
+            cc.err("local", f"{spec['local'][0]}:{spec['local'][1]} is also the local "
+                            f"address of cables[{locals_[spec['local']]}]")
+        locals_[spec["local"]] = cc.index
+    if spec.get("local") and spec.get("local") == spec.get("remote"):
+        cc.err("remote", "is the same as `local`: the cable would talk to itself")
+    return spec
+
+
+def build(cable, local: list[str], ctx) -> list:
+    return [(local[0], UdpCableEnd(local=cable.local, remote=cable.remote))]
+
+
+make = UdpCableEnd

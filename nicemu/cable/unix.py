@@ -207,3 +207,56 @@ class UnixCableEnd(DatagramEnd):
             except OSError:
                 pass
         super().close()
+
+
+# --- the `unix` kind of a topology (registered in nicemu.cable.KINDS) --------------------
+
+ENDS = (1, 2)
+KEYS = ("path", "peer")
+SAME_PROCESS = False
+
+
+def check(cc) -> dict:
+    """Two devices: paths of our choosing in the runtime directory; one device: `peer` (the
+    outside end's path) and optionally its own `path`."""
+    spec: dict = {}
+    ends, rdir, i = cc.ends, cc.rdir, cc.index
+    unix_paths: dict[str, Path] = {}
+    own = cc.file("path", rdir, "a socket path") if len(ends) == 1 else None
+    if len(ends) == 2:
+        if "path" in cc.cab or "peer" in cc.cab:
+            key = "path" if "path" in cc.cab else "peer"
+            cc.err(key, "a unix cable between two devices of this topology chooses its own socket paths; "
+                        "`path`/`peer` are for a one-device cable to an outside peer")
+        for e in ends:
+            unix_paths[e] = rdir / f"cable{i}-{e}.sock"
+    else:
+        unix_paths[ends[0]] = own or rdir / f"cable{i}-{ends[0]}.sock"
+        if "peer" not in cc.cab:
+            cc.err("peer", "a unix cable with one device needs `peer`: the socket path of the outside end",
+                   at=None)
+        else:
+            peer = cc.file("peer", rdir, "a socket path")
+            if peer is not None:
+                spec["unix_peer"] = peer
+    spec["unix_paths"] = unix_paths
+    return spec
+
+
+def build(cable, local: list[str], ctx) -> list:
+    opened = []
+    try:
+        for dev in local:
+            if cable.unix_peer is not None:
+                peer = cable.unix_peer
+            else:
+                peer = cable.unix_paths[next(e for e in cable.ends if e != dev)]
+            opened.append((dev, UnixCableEnd(cable.unix_paths[dev], peer)))
+    except BaseException:
+        for _dev, end in opened:
+            end.close()
+        raise
+    return opened
+
+
+make = UnixCableEnd
