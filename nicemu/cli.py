@@ -194,10 +194,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise
     for name, server in emu.servers.items():
         print(f"nicemu: {name} {server.nic.mac} on {server.socket_path}", flush=True)
+    if ready_fd is None:  # by hand, not under `nicemu up` (which says what to do itself)
+        _say_next_steps(emu)  # before "ready", the line scripts wait for, so it stays the last
     print("nicemu: ready", flush=True)
     _notify_ready(ready_fd)
     emu.run()
     return 0
+
+
+def _say_next_steps(emu) -> None:
+    """After "ready": the driver commands to attach, and the pid for SIGUSR1."""
+    for name, server in emu.servers.items():
+        path = server.socket_path
+        print(f"nicemu: attach a driver to {name}: python -m driver.kernel --socket {path} "
+              f"(or python -m driver.pmd --socket {path})", flush=True)
+    print(f"nicemu: pid {os.getpid()}: kill -USR1 {os.getpid()} prints a stats line; Ctrl-C or "
+          f"SIGTERM stops", flush=True)
 
 
 def _take_ready_fd() -> int | None:

@@ -210,6 +210,8 @@ class Supervisor:
                     return 1 if self.stop_requested is None else 0
                 self._say(f"nicemu up: {self.topo.name} is up ({self._counts()}); Ctrl-C or SIGTERM "
                           "stops it")
+                for line in self._next_steps():
+                    self._say(line)
                 return self.watch()
             except SupervisorError as e:
                 self._complain(f"nicemu up: {e}")
@@ -399,6 +401,19 @@ class Supervisor:
         if self.topo.applications:
             parts.append(n(len(self.topo.applications), "application", "applications"))
         return ", ".join(parts)
+
+    def _next_steps(self) -> list[str]:
+        """What to do with a running topology, after the "is up" line."""
+        topo = self.topo
+        lines = [f"nicemu up: runtime directory {topo.runtime_dir}",
+                 f"nicemu up: counters of every process: nicemu stats {topo.source} --runtime-dir "
+                 f"{topo.runtime_dir} (or kill -USR1 {os.getpid()}: a stats line from each)"]
+        hosted = {i.device for h in (topo.hosts or {}).values() for i in h.interfaces.values()}
+        for name, d in topo.devices.items():
+            if name not in hosted:
+                lines.append(f"nicemu up: device {name} waits for a driver: python -m driver.kernel "
+                             f"--socket {d.socket} (or python -m driver.pmd --socket {d.socket})")
+        return lines
 
     def wait_ready(self) -> bool:
         """Wait until every child said it is ready (its devices listen, its cables are open).
