@@ -17,7 +17,8 @@ from libc.string cimport memcpy, memset
 from kstack.dropreason import SkbDropReason
 from kstack.netdevice import NETDEV_TX_BUSY, NETDEV_TX_OK, NetdevFeatures
 from kstack.skbuff import CHECKSUM_PARTIAL, SkbPool
-from nicemu.regs import DESC_SIZE, TXD_STA, TxdCmd, TxdSta
+from nicemu.regs import DESC_SIZE, ETH_MAX_FCS, ETH_MAX_LPE, TXD_STA, TxdCmd, TxdSta
+from wire.ethernet import ETH_FCS_LEN
 
 cdef int _BUSY = NETDEV_TX_BUSY
 cdef int _OK = NETDEV_TX_OK
@@ -31,6 +32,8 @@ cdef Py_ssize_t _STA = TXD_STA
 cdef object _SkbPool = SkbPool
 cdef object _DEV_READY = SkbDropReason.DEV_READY
 cdef object _TX_ERROR = SkbDropReason.TX_ERROR
+cdef Py_ssize_t _MAX_FCS = ETH_MAX_FCS - ETH_FCS_LEN  # E1000Config.max_frame, without a frame
+cdef Py_ssize_t _MAX_LPE = ETH_MAX_LPE - ETH_FCS_LEN
 
 assert DESC_SIZE == 16 and TXD_STA == 12
 
@@ -93,7 +96,7 @@ def xmit(drv, skb, bint xmit_more):
         skb.drop(_DEV_READY)
         return _OK
     cfg = drv.config
-    cdef Py_ssize_t max_frame = cfg.max_frame
+    cdef Py_ssize_t max_frame = _MAX_LPE if cfg.long_packets else _MAX_FCS  # cfg.max_frame
     if not 14 <= length <= max_frame:
         st.tx_dropped += 1
         skb.drop(_TX_ERROR)

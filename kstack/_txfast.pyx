@@ -60,7 +60,10 @@ cdef object _alloc(object pool, Py_ssize_t size, Py_ssize_t headroom):
     else:
         buf = bytearray(bsize if need <= bsize else need)
     pool.live += 1
-    skb = _skb_new(pool, _Shinfo(buf), len(buf))
+    sh = _sh_tp_new(_Shinfo)  # _SharedInfo(buf)
+    sh.buf = buf
+    sh.dataref = 1
+    skb = _skb_new(pool, sh, len(buf))
     pool.allocs += 1
     skb.data = headroom  # skb_reserve on the empty buffer
     skb.tail = headroom
@@ -76,6 +79,9 @@ _SKB_FIELDS = ("pool", "shinfo", "head", "data", "tail", "end", "mac_header", "n
 if set(SkBuff.__slots__) != set(_SKB_FIELDS):
     raise ImportError("kstack.skbuff.SkBuff's fields changed: update kstack/_txfast.pyx _skb_new")
 cdef object _skb_tp_new = SkBuff.__new__
+if set(_SharedInfo.__slots__) != {"buf", "dataref"}:
+    raise ImportError("kstack.skbuff._SharedInfo's fields changed: update kstack/_txfast.pyx _alloc")
+cdef object _sh_tp_new = _SharedInfo.__new__
 assert CHECKSUM_NONE == 0
 
 

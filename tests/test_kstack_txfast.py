@@ -319,7 +319,7 @@ def _drv_tx_run(compiled: bool, csum: bool, seed: int, **cfg) -> list:
         rng = random.Random(seed)
         busy = 0
         for k in range(160):
-            n = rng.choice([14, 15, 60, 61, 300, 1513, 1514, rng.randint(14, 1514)])
+            n = rng.choice([13, 14, 15, 60, 61, 300, 1513, 1514, 1518, 1519, 3000, rng.randint(14, 1514)])
             skb = a.stack.pool.alloc(n, 128)
             off = skb.put(n)
             skb.buf[off:off + n] = bytes(rng.getrandbits(8) for _ in range(n))
@@ -343,6 +343,7 @@ def _drv_tx_run(compiled: bool, csum: bool, seed: int, **cfg) -> list:
         states.append(freed)
         if cfg:  # the small ring fills: the queue stops, answers BUSY and wakes on clean
             assert busy and a.drv.stats.tx_queue_stops and a.drv.stats.restart_queue
+        assert a.drv.stats.tx_dropped > 0 if not cfg.get("long_packets") else True
         return states
     finally:
         a.close()
@@ -350,7 +351,8 @@ def _drv_tx_run(compiled: bool, csum: bool, seed: int, **cfg) -> list:
 
 
 @pytest.mark.parametrize("csum", [True, False])
-@pytest.mark.parametrize("cfg", [{}, {"tx_buffer_len": 512, "tx_ring_size": 64}])
+@pytest.mark.parametrize("cfg", [{}, {"tx_buffer_len": 512, "tx_ring_size": 64},
+                                 {"long_packets": True, "tx_ring_size": 64}])
 def test_e1000_compiled_transmit_agrees_with_its_twin(csum, cfg):
     twin = _drv_tx_run(False, csum, 5, **cfg)
     comp = _drv_tx_run(True, csum, 5, **cfg)
