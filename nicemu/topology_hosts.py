@@ -46,8 +46,10 @@ APP_KEYS = ("name", "host", "run", "args", "wait", "timeout")
 
 ENV_KERNEL = "NICEMU_KERNEL"  # kstack.socket.ENV: where an application finds its kernel
 SAFE_NETWORK = (0xC6120000, 15)  # 198.18.0.0/15 (RFC 2544): the only addresses hosts may use
-_CIDR_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}/\d{1,2}$")
-_ADDR_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+# (used with fullmatch, ASCII digits only: "$" would let a trailing newline through, "\d" any
+# script's digits, which int() reads but the kernel's command line would carry as they are)
+_CIDR_RE = re.compile(r"\d{1,3}(\.\d{1,3}){3}/\d{1,2}", re.ASCII)
+_ADDR_RE = re.compile(r"\d{1,3}(\.\d{1,3}){3}", re.ASCII)
 
 
 @dataclass(frozen=True)
@@ -128,7 +130,7 @@ def _in_safe(net: int, plen: int) -> bool:
 def parse_cidr(v: Any) -> tuple[tuple[int, int] | None, str | None]:
     """((address, length), None) for a host address in 198.18.0.0/15, or (None, why not)."""
     T = _t()
-    if not isinstance(v, str) or not _CIDR_RE.match(v):
+    if not isinstance(v, str) or not _CIDR_RE.fullmatch(v):
         return None, f"must be an IPv4 address with its prefix length, e.g. \"198.18.0.1/24\", got {T._describe(v)}"
     try:
         addr, plen = parse_prefix(v)
@@ -144,9 +146,9 @@ def parse_cidr(v: Any) -> tuple[tuple[int, int] | None, str | None]:
 
 def _parse_route_to(v: Any) -> tuple[tuple[int, int] | None, str | None]:
     T = _t()
-    if v == "default":
+    if isinstance(v, str) and v == "default":
         return (0, 0), None
-    if not isinstance(v, str) or not _CIDR_RE.match(v):
+    if not isinstance(v, str) or not _CIDR_RE.fullmatch(v):
         return None, f"must be a prefix such as \"198.18.2.0/24\" or \"0.0.0.0/0\" (or default), got {T._describe(v)}"
     try:
         net, plen = parse_prefix(v)
@@ -184,7 +186,7 @@ def _check_hosts(c: "_Checker", data: dict, devices: Mapping[str, Mapping[str, A
     addrs: dict[int, str] = {}  # address -> key path of its first use
     for name, h in hosts.items():
         path = f"hosts.{T._key_text(name)}"
-        if not isinstance(name, str) or not T._NAME_RE.match(name):
+        if not isinstance(name, str) or not T._NAME_RE.fullmatch(name):
             c.err(path, "a host name is letters, digits, '_', '.', '-' (at most 32, not starting with "
                         "a punctuation mark)", hosts, name)
             continue
@@ -246,7 +248,7 @@ def _check_interfaces(c: "_Checker", h: dict, path: str, devices: Mapping[str, M
         return out
     for ifn, spec in ifs.items():
         p = f"{path}.interfaces.{T._key_text(ifn)}"
-        if (not isinstance(ifn, str) or not T._IFNAME_RE.match(ifn) or ifn in (".", "..")
+        if (not isinstance(ifn, str) or not T._IFNAME_RE.fullmatch(ifn) or ifn in (".", "..")
                 or len(ifn) > T.IFNAMSIZ_MAX):
             c.err(p, f"an interface name is letters, digits, '_', '.', '-' (at most {T.IFNAMSIZ_MAX})",
                   ifs, ifn)
@@ -275,7 +277,7 @@ def _check_interfaces(c: "_Checker", h: dict, path: str, devices: Mapping[str, M
         else:
             used[dev] = p
         mode = spec.get("mode", "napi")
-        if mode not in MODES:
+        if not isinstance(mode, str) or mode not in MODES:
             c.err(f"{p}.mode", f"must be one of {', '.join(MODES)}, got {T._describe(mode)}"
                                f"{T._suggest(mode, MODES)}", spec, "mode")
             ok = False
@@ -343,7 +345,7 @@ def _check_routes(c: "_Checker", h: dict, path: str, ifaces: Mapping[str, Interf
             continue
         seen[to] = j
         dev = r.get("dev")
-        if dev is not None and dev not in ifaces:
+        if dev is not None and (not isinstance(dev, str) or dev not in ifaces):
             c.err(f"{p}.dev", f"unknown interface {T._describe(dev)} of this host{T._suggest(dev, ifaces)} "
                               f"(interfaces: {T._names(ifaces)})", r, "dev")
             continue
@@ -353,7 +355,7 @@ def _check_routes(c: "_Checker", h: dict, path: str, ifaces: Mapping[str, Interf
                 c.err(p, "a route needs `via` (a gateway) or `dev` (an interface)", r)
                 continue
         else:
-            if not isinstance(via, str) or not _ADDR_RE.match(via):
+            if not isinstance(via, str) or not _ADDR_RE.fullmatch(via):
                 c.err(f"{p}.via", f"must be the gateway's IPv4 address, got {T._describe(via)}", r, "via")
                 continue
             try:
@@ -393,7 +395,9 @@ def _check_apps(c: "_Checker", data: dict, hosts: Mapping[str, HostSpec]) -> tup
         c.err("applications", f"{len(av)} applications; a topology may have at most {MAX_APPLICATIONS}",
               data, "applications")
         return ()
-    host_names = [h for h in (data.get("hosts") or {}) if isinstance(h, str)]
+    raw_hosts = data.get("hosts")
+    # the names offered in messages; `hosts:` itself may be anything (its own problem is reported)
+    host_names = [h for h in raw_hosts if isinstance(h, str)] if isinstance(raw_hosts, dict) else []
     out: list[AppSpec] = []
     names: dict[str, int] = {}
     for i, a in enumerate(av):
@@ -407,12 +411,12 @@ def _check_apps(c: "_Checker", data: dict, hosts: Mapping[str, HostSpec]) -> tup
         if "run" not in a:
             c.err(f"{p}.run", f"missing: one of {', '.join(APPS)}", a)
             ok = False
-        elif run not in APPS:
+        elif not isinstance(run, str) or run not in APPS:
             c.err(f"{p}.run", f"unknown application {T._describe(run)}{T._suggest(run, APPS)} "
                               f"(shipped: {', '.join(APPS)})", a, "run")
             ok = False
-        name = a.get("name", run if run in APPS else f"app{i}")
-        if not isinstance(name, str) or not T._NAME_RE.match(name):
+        name = a.get("name", run if ok else f"app{i}")
+        if not isinstance(name, str) or not T._NAME_RE.fullmatch(name):
             c.err(f"{p}.name", "must be a name of letters, digits, '_', '.', '-' (at most 32), got "
                                f"{T._describe(name)}", a, "name")
             ok = False
@@ -426,7 +430,7 @@ def _check_apps(c: "_Checker", data: dict, hosts: Mapping[str, HostSpec]) -> tup
         if "host" not in a:
             c.err(f"{p}.host", f"missing: the host it runs on (hosts: {T._names(host_names)})", a)
             ok = False
-        elif host not in hosts:
+        elif not isinstance(host, str) or host not in hosts:
             if not (isinstance(host, str) and host in host_names):  # (a broken host is reported there)
                 c.err(f"{p}.host", f"unknown host {T._describe(host)}{T._suggest(host, host_names)} "
                                    f"(hosts: {T._names(host_names)})", a, "host")

@@ -432,3 +432,83 @@ def test_the_relay_shows_lines_with_their_owner_and_bounds_a_long_one(monkeypatc
     assert lines[:2] == ["[x] one", "[x] two"]
     assert [len(x) for x in lines[2:]] == [4 + MAX_LINE, 4 + 5]  # in pieces, never held whole
     assert seen[:2] == ["one", "two"]
+
+
+def test_applications_beside_hosts_that_are_not_a_mapping_give_one_line(tmp_path: Path) -> None:
+    """Found by the topology fuzzer (seed 20261204): `hosts:` a 6000-digit number beside an
+    `applications:` list raised TypeError instead of a one-line problem."""
+    from nicemu import topology as T
+    f = tmp_path / "t.yaml"
+    f.write_text("devices:\n  nic0: {mac: '52:54:00:00:00:0a'}\n  nic1: {mac: '52:54:00:00:00:0b'}\n"
+                 "cables:\n- {kind: pair, ends: [nic0, nic1]}\n"
+                 "hosts: " + "5" * 6000 + "\napplications:\n- {host: a, run: ping}\n")
+    with pytest.raises(T.TopologyError) as e:
+        T.check_topology(f)
+    assert "hosts (line" in str(e.value) and "6000 digits" in str(e.value)
+
+
+# Found by the topology fuzzer (seed 20261204 case 167, swap_type): a mapping or a list where a
+# name is looked up in a dict (applications[i].host, .run, routes[j].dev) raised "TypeError:
+# unhashable type"; every such value is checked to be a text before it is looked up.
+UNHASHABLE = [
+    ("applications:\n  - {host: {x: 1}, run: ping}\n", "applications[0].host", ["unknown host a mapping"]),
+    ("applications:\n  - {host: [a], run: ping}\n", "applications[0].host", ["unknown host a list"]),
+    ("applications:\n  - {host: a, run: [ping]}\n", "applications[0].run", ["unknown application a list"]),
+    ("applications:\n  - {host: a, run: {ping: 1}}\n", "applications[0].run",
+     ["unknown application a mapping"]),
+    ("applications:\n  - {host: a, run: !!set {ping}}\n", "applications[0].run", ["unknown application a set"]),
+    ("hosts:\n  a:\n    interfaces:\n      eth0: {device: nic0, addresses: [198.18.0.1/24]}\n"
+     "    routes: [{to: 0.0.0.0/0, dev: [eth0]}]\n", "hosts.a.routes[0].dev", ["unknown interface a list"]),
+    ("hosts:\n  a:\n    interfaces:\n      eth0: {device: nic0, addresses: [198.18.0.1/24]}\n"
+     "    routes: [{to: 0.0.0.0/0, dev: {eth0: 1}}]\n", "hosts.a.routes[0].dev",
+     ["unknown interface a mapping"]),
+    ("hosts:\n  a:\n    interfaces:\n      eth0: {device: nic0, mode: [napi]}\n", "hosts.a.interfaces.eth0.mode",
+     ["must be one of napi, interrupt, got a list"]),
+]
+
+
+@pytest.mark.parametrize("body,path,fragments", UNHASHABLE, ids=[u[1] + "-" + str(i) for i, u in
+                                                                  enumerate(UNHASHABLE)])
+def test_a_mapping_or_list_where_a_name_goes_is_one_line(body: str, path: str, fragments: list[str]) -> None:
+    text = DEVICES + body
+    if "hosts:" not in body:  # the application's own problem, on a good host
+        text += "hosts:\n  a:\n    interfaces:\n      eth0: {device: nic0}\n"
+    one_problem(text, path, *fragments)
+
+
+# Texts that looked right to a `^...$` pattern with `\d`: a trailing newline ("$" matches before
+# it) or another script's digits (int() reads them) went on to the kernel's command line as they
+# were. Names and addresses are matched whole, in ASCII.
+NOT_QUITE_TEXT = [
+    ('hosts:\n  "a\\n":\n    interfaces:\n      eth0: {device: nic0}\n', "hosts.'a\\n'", ["a host name"]),
+    ('hosts:\n  a:\n    interfaces:\n      "eth0\\n": {device: nic0}\n', "hosts.a.interfaces.'eth0\\n'",
+     ["an interface name"]),
+    ('hosts:\n  a:\n    interfaces:\n      eth0: {device: nic0, addresses: ["198.18.0.1/24\\n"]}\n',
+     "hosts.a.interfaces.eth0.addresses[0]", ["must be an IPv4 address with its prefix length"]),
+    ("hosts:\n  a:\n    interfaces:\n      eth0: {device: nic0, addresses: [\u0661\u0669\u0668.18.0.1/24]}\n",
+     "hosts.a.interfaces.eth0.addresses[0]", ["must be an IPv4 address with its prefix length"]),
+    ('hosts:\n  a:\n    interfaces:\n      eth0: {device: nic0, addresses: [198.18.0.1/24]}\n'
+     '    routes: [{to: 0.0.0.0/0, via: "198.18.0.254\\n"}]\n', "hosts.a.routes[0].via",
+     ["must be the gateway's IPv4 address"]),
+    ('hosts:\n  a:\n    interfaces:\n      eth0: {device: nic0, addresses: [198.18.0.1/24]}\n'
+     'applications:\n  - {name: "p\\n", host: a, run: ping}\n', "applications[0].name", ["must be a name"]),
+]
+
+
+@pytest.mark.parametrize("body,path,fragments", NOT_QUITE_TEXT, ids=[str(i) for i in range(len(NOT_QUITE_TEXT))])
+def test_a_name_or_address_with_a_newline_or_foreign_digits_is_refused(body: str, path: str,
+                                                                        fragments: list[str]) -> None:
+    one_problem(DEVICES + body, path, *fragments)
+
+
+def test_a_tap_namespace_name_is_bounded_and_quoted_short(tmp_path: Path) -> None:
+    """Found by the topology fuzzer (seed 40 case 45): a 400-character `netns` passed the schema
+    and `nicemu check` quoted it twice, an 884-character problem line."""
+    with pytest.raises(TopologyError) as ei:
+        parse(f"devices: {{a: {{}}}}\ncables: [{{kind: tap, ends: [a], netns: '{'6' * 400}'}}]\n")
+    [p] = ei.value.problems
+    assert p.path == "cables[0].netns" and "at most 255" in p.message and len(str(p)) < 200
+    ns = "n" * 200  # a name the schema takes, but too long to quote in full
+    topo = parse(f"devices: {{a: {{}}}}\ncables: [{{kind: tap, ends: [a], netns: {ns}}}]\n")
+    [line] = [str(q) for q in T.check_host(topo) if q.path == "cables[0].netns"]
+    assert "there is no network namespace a text of 200 characters" in line and len(line) < 200
