@@ -904,3 +904,18 @@ def test_check_refuses_a_tap_namespace_that_does_not_exist(tmp_path: Path) -> No
     ps = check(tmp_path, f"devices: {{a: {{}}}}\ncables: [{{kind: tap, ends: [a], netns: {ns}}}]\n",
                runtime_dir=tmp_path / "rt")
     assert ps == [f"cables[0].netns: there is no network namespace '{ns}' (create it first: ip netns add {ns})"]
+
+
+@pytest.mark.parametrize("text", [
+    "devices:\n  \"nic0\\n\": {mac: '52:54:00:12:34:56'}\n",
+    "devices:\n  nic0: {mac: \"52:54:00:12:34:56\\n\"}\n",
+    "devices:\n  nic0: {mac: '52:54:00:12:34:56', pba: {rx_kb: \"\\u0664\\u0660\"}}\n",
+])
+def test_names_macs_and_numbers_are_matched_whole_in_ascii(tmp_path, text: str) -> None:
+    """A trailing newline ('$' accepts one) or digits of another script (int() reads them)
+    must not pass: such a name would end up in a socket path or a command line."""
+    from nicemu import topology as T
+    f = tmp_path / "t.yaml"
+    f.write_text(text)
+    with pytest.raises(T.TopologyError):
+        T.check_topology(f)

@@ -58,10 +58,10 @@ ENV_RUNTIME_DIR = "NICEMU_RUNTIME_DIR"
 ENV_READY_FD = "NICEMU_READY_FD"
 
 RESERVED_NAMES = frozenset({"peer"})  # `peer` names the outside end in per-cable maps
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
-_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
-_SIZE_RE = re.compile(r"^\s*(\d{1,18})\s*([KMG]i?B?|B)?\s*$", re.IGNORECASE)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")  # \Z: "$" would take a trailing newline
+_IFNAME_RE = re.compile(r"^[A-Za-z0-9_.-]+\Z")
+_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}\Z")
+_SIZE_RE = re.compile(r"^\s*(\d{1,18})\s*([KMG]i?B?|B)?\s*\Z", re.IGNORECASE | re.ASCII)
 
 # Network safety: emulated traffic may only use loopback or the benchmarking range (RFC 2544).
 ALLOWED_NETWORKS = (
@@ -321,7 +321,7 @@ def parse_rate(v: Any) -> int | None:
     if isinstance(v, float) and v.is_integer() and abs(v) < 1e18:
         return int(v)
     if isinstance(v, str):
-        m = re.match(r"^\s*(\d{1,15}(?:\.\d{1,15})?)\s*([kKmMgG]?)(?:bps|bit/s)?\s*$", v)
+        m = re.match(r"^\s*(\d{1,15}(?:\.\d{1,15})?)\s*([kKmMgG]?)(?:bps|bit/s)?\s*\Z", v, re.ASCII)
         if m:
             return int(float(m.group(1)) * {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}[m.group(2).lower()])
     return None
@@ -357,7 +357,8 @@ def parse_host_port(v: Any) -> tuple[tuple[str, int] | None, str | None]:
     """("host", port) for an allowed address, or why not. Only loopback and 198.18.0.0/15."""
     if not isinstance(v, str):
         return None, f"must be a string \"HOST:PORT\", got {_describe(v)}"
-    m = re.match(r"^\[([0-9A-Fa-f:]{1,39})\]:(\d{1,10})$", v) or re.match(r"^([^:\[\]]{1,64}):(\d{1,10})$", v)
+    m = (re.match(r"^\[([0-9A-Fa-f:]{1,39})\]:(\d{1,10})\Z", v, re.ASCII)
+         or re.match(r"^([^:\[\]\s]{1,64}):(\d{1,10})\Z", v, re.ASCII))
     if not m:
         return None, f"{_describe(v)} is not HOST:PORT (e.g. 127.0.0.1:5555, [::1]:5555)"
     host, port = m.group(1), int(m.group(2))
