@@ -17,6 +17,8 @@ import errno
 import socket as _pysocket
 from typing import Any, Callable
 
+from wire.ipv4 import aton
+
 __all__ = ["Sock", "POLLIN", "POLLOUT", "POLLERR", "POLLHUP", "POLLNVAL", "Address",
            "AF_INET", "SOCK_STREAM", "SOCK_DGRAM", "SOCK_RAW", "IPPROTO_ICMP", "IPPROTO_UDP",
            "IPPROTO_TCP", "SOL_SOCKET", "IPPROTO_IP", "SO_RCVBUF", "SO_SNDBUF", "SO_REUSEADDR",
@@ -65,6 +67,35 @@ SK_WMEM_MAX = 212992
 SOCK_MIN_RCVBUF = 2304
 
 assert _pysocket.SOCK_DGRAM == SOCK_DGRAM and _pysocket.SOL_SOCKET == SOL_SOCKET  # Linux values
+
+
+def inet_addr(addr: Any) -> tuple[int, int]:
+    """(ip int, port) from an (ip str, port) tuple, as TCP and UDP bind/connect/sendto take
+    it; EINVAL for a malformed one and OverflowError for a port out of range, as Linux and
+    Python's socket module answer."""
+    try:
+        host, port = addr
+        ip = 0 if host in ("", "0.0.0.0") else int.from_bytes(aton(host), "big")
+        port = int(port)
+    except (TypeError, ValueError):
+        raise OSError(errno.EINVAL, "bad address") from None
+    if not 0 <= port <= 0xFFFF:
+        raise OverflowError("port must be 0-65535")
+    return ip, port
+
+
+def pick_ephemeral(rng: Any, port_range: tuple[int, int], free: Callable[[int], bool],
+                   err: int) -> int:
+    """The first port p with free(p) from a random start in ip_local_port_range (wrapping);
+    OSError(err) if none is free (TCP's connect answers EADDRNOTAVAIL, UDP's bind EAGAIN)."""
+    lo, hi = port_range
+    span = hi - lo + 1
+    start = rng.randrange(span)
+    for i in range(span):
+        p = lo + (start + i) % span
+        if free(p):
+            return p
+    raise OSError(err, "no ephemeral port free")
 
 
 class Sock(abc.ABC):

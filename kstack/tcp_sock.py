@@ -38,13 +38,14 @@ from kstack.route import RTN_LOCAL
 from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, MAX_HEADER
 from kstack.sock import (IPPROTO_TCP, MSG_PEEK, POLLERR, POLLHUP, POLLIN, POLLNVAL, POLLOUT,
                          SHUT_RD, SHUT_RDWR, SHUT_WR, SO_ERROR, SO_KEEPALIVE, SO_LINGER, SO_RCVBUF,
-                         SO_SNDBUF, SOCK_STREAM, SOL_SOCKET, TCP_NODELAY, Address, Sock)
+                         SO_SNDBUF, SOCK_STREAM, SOL_SOCKET, TCP_NODELAY, Address, Sock,
+                         inet_addr, pick_ephemeral)
 from kstack.tcp import IsnGenerator, TcpConfig, TcpConnection, TcpEvent, TcpState, reset_for
 from kstack.tcp.config import S
 from kstack.tcp.ratelimit import ChallengeAckLimiter
 from wire import MalformedPacket
 from wire.checksum import fold
-from wire.ipv4 import IPV4_MIN_HLEN, aton, ntoa
+from wire.ipv4 import IPV4_MIN_HLEN, ntoa
 from wire.tcp import TH_ACK, TH_FIN, TH_RST, TH_SYN, TcpSegment
 
 if TYPE_CHECKING:
@@ -84,17 +85,7 @@ class TcpSysctl:
     max_connections: int = 65536  # ours: sockets of every kind in the table
 
 
-def _addr(addr: Any) -> tuple[int, int]:
-    """(ip int, port) from an (ip str, port) tuple; EINVAL as Linux answers."""
-    try:
-        host, port = addr
-        ip = 0 if host in ("", "0.0.0.0") else int.from_bytes(aton(host), "big")
-        port = int(port)
-    except (TypeError, ValueError):
-        raise OSError(errno.EINVAL, "bad address") from None
-    if not 0 <= port <= 0xFFFF:
-        raise OverflowError("port must be 0-65535")
-    return ip, port
+_addr = inet_addr
 
 
 def _err(code: int) -> OSError:
@@ -575,14 +566,8 @@ class TcpTable:
         self.count += 1
 
     def _ephemeral(self, ok: Any) -> int:
-        lo, hi = self.stack.sysctl.ip_local_port_range
-        span = hi - lo + 1
-        start = self.rng.randrange(span)
-        for i in range(span):
-            p = lo + (start + i) % span
-            if ok(p):
-                return p
-        raise OSError(errno.EADDRNOTAVAIL, "no ephemeral port free")  # Linux's answer to connect
+        # EADDRNOTAVAIL: Linux's answer to connect
+        return pick_ephemeral(self.rng, self.stack.sysctl.ip_local_port_range, ok, errno.EADDRNOTAVAIL)
 
     def _bind_conflict(self, sk: TcpSock, ip: int, port: int) -> bool:
         """inet_csk_bind_conflict: another socket on the port whose address overlaps, unless

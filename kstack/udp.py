@@ -32,11 +32,11 @@ from kstack.rxfast import ms_deliver
 from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, MAX_HEADER, SkBuff
 from kstack.txfast import UdpDst, select as txfast_select, sock_wfree
 from kstack.sock import (IPPROTO_UDP, MSG_PEEK, POLLERR, POLLIN, POLLNVAL, POLLOUT,
-                         SO_BROADCAST, SOL_SOCKET, Address, Sock)
+                         SO_BROADCAST, SOL_SOCKET, Address, Sock, inet_addr, pick_ephemeral)
 from wire.checksum import fold, ones_sum
 from wire.icmp import (ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_PORT_UNREACH, ICMP_TIME_EXCEEDED,
                        NR_ICMP_UNREACH)
-from wire.ipv4 import IPV4_MIN_HLEN, aton, is_lbcast, ntoa
+from wire.ipv4 import IPV4_MIN_HLEN, is_lbcast, ntoa
 from wire.udp import UDP_HLEN, UDP_MAX_PAYLOAD
 
 try:  # the compiled send: udp_send and the connected case of sendmsg before it
@@ -65,17 +65,7 @@ ICMP_ERR_CONVERT = (
 )
 
 
-def _addr(addr: Any) -> tuple[int, int]:
-    """(ip int, port) from an (ip str, port) tuple; EINVAL/EAFNOSUPPORT as Linux answers."""
-    try:
-        host, port = addr
-        ip = 0 if host in ("", "0.0.0.0") else int.from_bytes(aton(host), "big")
-        port = int(port)
-    except (TypeError, ValueError):
-        raise OSError(errno.EINVAL, "bad address") from None
-    if not 0 <= port <= 0xFFFF:
-        raise OverflowError("port must be 0-65535")
-    return ip, port
+_addr = inet_addr
 
 
 class UdpSock(Sock):
@@ -362,16 +352,8 @@ class UdpTable:
         if self.count >= MAX_UDP_SOCKETS:
             raise OSError(errno.ENOBUFS, "too many UDP sockets")
         if port == 0:
-            lo, hi = self.stack.sysctl.ip_local_port_range
-            span = hi - lo + 1
-            start = self.rng.randrange(span)
-            for i in range(span):
-                p = lo + (start + i) % span
-                if not self._conflict(sk, ip, p):
-                    port = p
-                    break
-            else:
-                raise OSError(errno.EAGAIN, "no ephemeral port free")
+            port = pick_ephemeral(self.rng, self.stack.sysctl.ip_local_port_range,
+                                  lambda p: not self._conflict(sk, ip, p), errno.EAGAIN)
         elif self._conflict(sk, ip, port):
             raise OSError(errno.EADDRINUSE, "address already in use")
         sk.rcv_saddr = ip
