@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import selectors
 import signal
 import socket
@@ -49,6 +48,7 @@ from kstack.netdevice import NetDevice
 from kstack.pcap_tap import PcapTap
 from kstack.qdisc import QDISCS
 from kstack.stack import NetStack
+from nicemu.control import process_costs
 
 __all__ = ["main", "Kernel", "DeviceSpec", "parse_device", "process_costs", "build_parser"]
 
@@ -147,19 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- costs -------------------------------------------------------------------------------------
 
-def process_costs() -> dict[str, int]:
-    """This process's CPU time in ns (/proc/self/schedstat: on-CPU ns, run-queue wait ns,
-    timeslices), not getrusage's 10 ms ticks, and its context switches."""
-    out: dict[str, int] = {}
-    try:
-        with open("/proc/self/schedstat") as f:
-            cpu, wait, slices = (int(x) for x in f.read().split()[:3])
-        out.update(cpu_ns=cpu, run_delay_ns=wait, timeslices=slices)
-    except (OSError, ValueError):
-        pass
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    out.update(nvcsw=ru.ru_nvcsw, nivcsw=ru.ru_nivcsw, ctx_switches=ru.ru_nvcsw + ru.ru_nivcsw)
-    return out
+# process_costs (imported from nicemu.control): this process's CPU time in ns
+# (/proc/self/schedstat), not getrusage's 10 ms ticks, and its context switches: the same the
+# emulator's control socket answers with.
 
 
 # --- the kernel --------------------------------------------------------------------------------
