@@ -23,9 +23,8 @@ def machine_line() -> str:
             f"Linux {platform.release()}, Python {platform.python_version()}")
 
 
-def cpu_ns(pid: int | str = "self") -> int:
-    """CPU time the process has run, in ns (first field of /proc/PID/schedstat; threads of a
-    multi-threaded process are summed from /proc/PID/task/*/schedstat). -1 if it is gone."""
+def _schedstat_sum(pid: int | str, field: int) -> int:
+    """Field `field` of /proc/PID/task/*/schedstat summed over the threads; -1 if it is gone."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:
@@ -34,28 +33,23 @@ def cpu_ns(pid: int | str = "self") -> int:
     for tid in tasks:
         try:
             with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[0])
+                total += int(f.read().split()[field])
         except (OSError, ValueError, IndexError):
             pass
     return total
+
+
+def cpu_ns(pid: int | str = "self") -> int:
+    """CPU time the process has run, in ns (first field of /proc/PID/schedstat; threads of a
+    multi-threaded process are summed from /proc/PID/task/*/schedstat). -1 if it is gone."""
+    return _schedstat_sum(pid, 0)
 
 
 def run_delay_ns(pid: int | str = "self") -> int:
     """Time the process was runnable but waited for a CPU, in ns (second field of
     /proc/PID/schedstat, threads summed): on a shared machine, what the load took from it.
     -1 if it is gone."""
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return -1
-    total = 0
-    for tid in tasks:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                total += int(f.read().split()[1])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
+    return _schedstat_sum(pid, 1)
 
 
 def ctx_switches(pid: int | str = "self") -> int:
