@@ -44,3 +44,58 @@ def report(app: str, result: dict[str, Any]) -> None:
 
 def now() -> float:
     return time.monotonic()
+
+
+def server_parser(prog: str, doc: str, port: int) -> argparse.ArgumentParser:
+    """A server's parser with --bind and --port (its well-known port by default)."""
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    p.add_argument("--bind", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=port)
+    return p
+
+
+def deadline(duration: float) -> tuple[float, float]:
+    """(start, end): now, and now + duration (infinity for a duration of 0 or less)."""
+    start = time.monotonic()
+    return start, start + duration if duration > 0 else float("inf")
+
+
+def listen_tcp(app: str, bind: str, port: int, backlog: int) -> ksocket.socket | None:
+    """A TCP listener on (bind, port) with SO_REUSEADDR; None (after saying why on stderr) if
+    bind or listen fails. Says where it listens."""
+    lsk = ksocket.socket(ksocket.AF_INET, ksocket.SOCK_STREAM)
+    lsk.setsockopt(ksocket.SOL_SOCKET, ksocket.SO_REUSEADDR, 1)
+    try:
+        lsk.bind((bind, port))
+        lsk.listen(backlog)
+    except OSError as e:
+        print(f"{app}: {e.strerror or e}", file=sys.stderr)
+        return None
+    host, lport = lsk.getsockname()
+    print(f"{app}: listening on {host}:{lport}", flush=True)
+    return lsk
+
+
+def bind_udp(app: str, bind: str, port: int) -> ksocket.socket | None:
+    """A UDP socket bound to (bind, port); None (after saying why on stderr) if bind fails.
+    Says where it listens."""
+    s = ksocket.socket(ksocket.AF_INET, ksocket.SOCK_DGRAM)
+    try:
+        s.bind((bind, port))
+    except OSError as e:
+        print(f"{app}: bind: {e.strerror or e}", file=sys.stderr)
+        return None
+    host, lport = s.getsockname()
+    print(f"{app}: listening on {host}:{lport}", flush=True)
+    return s
+
+
+def accept_nonblocking(lsk: ksocket.socket) -> ksocket.socket | None:
+    """The next connection on a non-blocking listener, itself made non-blocking; None if there
+    is none (or accept failed)."""
+    try:
+        cs, _ = lsk.accept()
+    except OSError:
+        return None
+    cs.setblocking(False)
+    return cs

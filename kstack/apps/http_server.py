@@ -13,14 +13,14 @@ piece by piece as the connection takes them). Runs until SIGTERM/SIGINT or S sec
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
 from typing import Iterator
 
 from kstack import socket as ksocket
-from kstack.apps.common import Stop, add_kernel_arg, open_kernel, report
+from kstack.apps.common import (Stop, accept_nonblocking, add_kernel_arg, deadline, listen_tcp,
+                                 open_kernel, report, server_parser)
 from kstack.apps.http_common import MAX_HEAD, REASONS, generated_body, parse_head
 
 MAX_GENERATED = 1 << 34  # 16 GiB: /bytes/N above this is 404
@@ -123,9 +123,7 @@ class Server:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="http_server", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bind", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=80)
+    p = server_parser("http_server", __doc__, 80)
     p.add_argument("--root", default=None, help="serve files from this directory")
     p.add_argument("--max-conns", type=int, default=128)
     p.add_argument("--duration", type=float, default=0.0)
@@ -134,21 +132,13 @@ def main(argv: list[str] | None = None) -> int:
     open_kernel(args)
     stop = Stop()
     srv = Server(args.root)
-    lsk = ksocket.socket(ksocket.AF_INET, ksocket.SOCK_STREAM)
-    lsk.setsockopt(ksocket.SOL_SOCKET, ksocket.SO_REUSEADDR, 1)
-    try:
-        lsk.bind((args.bind, args.port))
-        lsk.listen(128)
-    except OSError as e:
-        print(f"http_server: {e.strerror or e}", file=sys.stderr)
+    lsk = listen_tcp("http_server", args.bind, args.port, 128)
+    if lsk is None:
         return 2
     lsk.setblocking(False)
-    host, port = lsk.getsockname()
-    print(f"http_server: listening on {host}:{port}", flush=True)
     conns: dict[int, _Conn] = {}
     accepted = errors = 0
-    start = time.monotonic()
-    end = start + args.duration if args.duration > 0 else float("inf")
+    start, end = deadline(args.duration)
     while not stop.set and time.monotonic() < end:
         rl = [lsk] if len(conns) < args.max_conns else []
         rl += [c.sock for c in conns.values() if not c.eof and not c.out and c.body is None]
@@ -160,11 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             break
         for s in r:
             if s is lsk:
-                try:
-                    cs, _ = lsk.accept()
-                except OSError:
+                cs = accept_nonblocking(lsk)
+                if cs is None:
                     continue
-                cs.setblocking(False)
                 conns[cs.fileno()] = _Conn(cs)
                 accepted += 1
                 continue

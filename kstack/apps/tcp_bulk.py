@@ -19,7 +19,7 @@ import sys
 import time
 
 from kstack import socket as ksocket
-from kstack.apps.common import Stop, add_kernel_arg, open_kernel, report
+from kstack.apps.common import Stop, add_kernel_arg, listen_tcp, open_kernel, report
 
 
 def stream(seed: int, total: int, chunk: int = 65536):
@@ -93,16 +93,9 @@ def send(args: argparse.Namespace) -> int:
 
 def sink(args: argparse.Namespace) -> int:
     stop = Stop()
-    lsk = ksocket.socket(ksocket.AF_INET, ksocket.SOCK_STREAM)
-    lsk.setsockopt(ksocket.SOL_SOCKET, ksocket.SO_REUSEADDR, 1)
-    try:
-        lsk.bind((args.bind, args.port))
-        lsk.listen(8)
-    except OSError as e:
-        print(f"tcp_bulk: {e.strerror or e}", file=sys.stderr)
+    lsk = listen_tcp("tcp_bulk", args.bind, args.port, 8)
+    if lsk is None:
         return 2
-    host, port = lsk.getsockname()
-    print(f"tcp_bulk: listening on {host}:{port}", flush=True)
     lsk.settimeout(0.2)
     flows = []
     while not stop.set and len(flows) < args.count:

@@ -9,12 +9,12 @@ Runs until SIGTERM/SIGINT or S seconds; then prints the JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
 from kstack import socket as ksocket
-from kstack.apps.common import Stop, add_kernel_arg, open_kernel, report
+from kstack.apps.common import (Stop, accept_nonblocking, add_kernel_arg, deadline, listen_tcp,
+                                 open_kernel, report, server_parser)
 
 OUT_LIMIT = 1 << 20  # bytes waiting to go back to one client before we stop reading it
 
@@ -29,9 +29,7 @@ class _Conn:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="tcp_echo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bind", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=7)
+    p = server_parser("tcp_echo", __doc__, 7)
     p.add_argument("--backlog", type=int, default=128)
     p.add_argument("--max-conns", type=int, default=256)
     p.add_argument("--duration", type=float, default=0.0, help="stop after S seconds")
@@ -39,21 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     open_kernel(args)
     stop = Stop()
-    lsk = ksocket.socket(ksocket.AF_INET, ksocket.SOCK_STREAM)
-    lsk.setsockopt(ksocket.SOL_SOCKET, ksocket.SO_REUSEADDR, 1)
-    try:
-        lsk.bind((args.bind, args.port))
-        lsk.listen(args.backlog)
-    except OSError as e:
-        print(f"tcp_echo: {e.strerror or e}", file=sys.stderr)
+    lsk = listen_tcp("tcp_echo", args.bind, args.port, args.backlog)
+    if lsk is None:
         return 2
     lsk.setblocking(False)
-    host, port = lsk.getsockname()
-    print(f"tcp_echo: listening on {host}:{port}", flush=True)
     conns: dict[int, _Conn] = {}
     accepted = nbytes = errors = 0
-    start = time.monotonic()
-    end = start + args.duration if args.duration > 0 else float("inf")
+    start, end = deadline(args.duration)
     while not stop.set and time.monotonic() < end:
         rl = [lsk] if len(conns) < args.max_conns else []
         rl += [c.sock for c in conns.values() if not c.eof and len(c.out) < OUT_LIMIT]
@@ -65,11 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             break
         for s in r:
             if s is lsk:
-                try:
-                    cs, _addr = lsk.accept()
-                except (BlockingIOError, OSError):
+                cs = accept_nonblocking(lsk)
+                if cs is None:
                     continue
-                cs.setblocking(False)
                 conns[cs.fileno()] = _Conn(cs)
                 accepted += 1
                 continue

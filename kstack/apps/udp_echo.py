@@ -6,18 +6,14 @@ Runs until SIGTERM/SIGINT, N datagrams or S seconds; then prints the JSON line.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 
-from kstack import socket as ksocket
-from kstack.apps.common import Stop, add_kernel_arg, open_kernel, report
+from kstack.apps.common import Stop, add_kernel_arg, bind_udp, deadline, open_kernel, report, server_parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="udp_echo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bind", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=7)
+    p = server_parser("udp_echo", __doc__, 7)
     p.add_argument("--count", type=int, default=0, help="stop after echoing N datagrams")
     p.add_argument("--duration", type=float, default=0.0, help="stop after S seconds")
     p.add_argument("--bufsize", type=int, default=65535)
@@ -25,17 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     open_kernel(args)
     stop = Stop()
-    s = ksocket.socket(ksocket.AF_INET, ksocket.SOCK_DGRAM)
-    try:
-        s.bind((args.bind, args.port))
-    except OSError as e:
-        print(f"udp_echo: bind: {e.strerror or e}", file=sys.stderr)
+    s = bind_udp("udp_echo", args.bind, args.port)
+    if s is None:
         return 2
-    print(f"udp_echo: listening on {s.getsockname()[0]}:{s.getsockname()[1]}", flush=True)
     s.settimeout(0.2)  # to notice a stop
     echoed = nbytes = errors = 0
-    start = time.monotonic()
-    end = start + args.duration if args.duration > 0 else float("inf")
+    start, end = deadline(args.duration)
     while not stop.set and (args.count == 0 or echoed < args.count) and time.monotonic() < end:
         try:
             data, addr = s.recvfrom(args.bufsize)

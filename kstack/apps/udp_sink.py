@@ -9,22 +9,18 @@ numbers say never came: (highest - lowest + 1) - distinct received.
 """
 from __future__ import annotations
 
-import argparse
 import struct
 import sys
 import time
 
-from kstack import socket as ksocket
-from kstack.apps.common import Stop, add_kernel_arg, open_kernel, report
+from kstack.apps.common import Stop, add_kernel_arg, bind_udp, deadline, open_kernel, report, server_parser
 
 HDR = struct.Struct("!QQ")
 MAX_TRACKED = 1 << 22  # sequence numbers remembered for duplicates (memory bound)
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="udp_sink", description=__doc__.split("\n\n")[0])
-    p.add_argument("--bind", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=9)
+    p = server_parser("udp_sink", __doc__, 9)
     p.add_argument("--count", type=int, default=0)
     p.add_argument("--duration", type=float, default=0.0)
     p.add_argument("--idle", type=float, default=2.0)
@@ -32,20 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     open_kernel(args)
     stop = Stop()
-    s = ksocket.socket(ksocket.AF_INET, ksocket.SOCK_DGRAM)
-    try:
-        s.bind((args.bind, args.port))
-    except OSError as e:
-        print(f"udp_sink: bind: {e.strerror or e}", file=sys.stderr)
+    s = bind_udp("udp_sink", args.bind, args.port)
+    if s is None:
         return 2
-    print(f"udp_sink: listening on {s.getsockname()[0]}:{s.getsockname()[1]}", flush=True)
     buf = bytearray(65535)
     received = nbytes = reordered = dups = short = 0
     seen: set[int] = set()
     lo, hi, last_seq = None, -1, -1
     first = last = 0.0
-    start = time.monotonic()
-    end = start + args.duration if args.duration > 0 else float("inf")
+    start, end = deadline(args.duration)
     while not stop.set and (args.count == 0 or received < args.count):
         t = time.monotonic()
         limit = end if not received else min(end, last + args.idle)
