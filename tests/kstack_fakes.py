@@ -12,6 +12,8 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+import pytest
+
 from kstack.inet import Inet, install
 from kstack.netdevice import NETDEV_TX_BUSY, NETDEV_TX_OK, NetDevice, NetdevFeatures
 from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, SkBuff
@@ -231,3 +233,23 @@ def udp_payload(src: str, dst: str, sport: int, dport: int, data: bytes, csum: b
 
 def frames_of(hub: Hub, ethertype: bytes = b"\x08\x00") -> list[bytes]:
     return [f for _, f in hub.log if f[12:14] == ethertype]
+
+
+# --- fixtures: a test module takes them with `from kstack_fakes import net, pair` ---------------
+
+@pytest.fixture
+def net():
+    """A FakeNet, shut down after the test, with no socket or buffer left alive."""
+    n = FakeNet()
+    yield n
+    n.shutdown()
+    assert n.live() == 0
+
+
+@pytest.fixture
+def pair(net):
+    """Hosts a (198.18.0.1) and b (198.18.0.2) on one /24, settled."""
+    a = net.host("a", "198.18.0.1/24")
+    b = net.host("b", "198.18.0.2/24")
+    net.settle()
+    return a, b

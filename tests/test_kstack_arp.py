@@ -3,21 +3,13 @@ and hostile input dropped ARP_INVALID without an exception."""
 import pytest
 
 from kstack.neighbour import NUD_STALE
-from kstack_fakes import FakeNet
+from kstack_fakes import net  # noqa: F401 (fixtures)
 from wire.arp import ARPOP_REPLY, ARPOP_REQUEST, ArpPacket
 from wire.ipv4 import addr_to_int
 
 A = addr_to_int("198.18.0.1")
 PEER_MAC = b"\x52\x54\x00\xaa\xbb\xcc"
 PEER = addr_to_int("198.18.0.50")
-
-
-@pytest.fixture
-def net():
-    n = FakeNet()
-    yield n
-    n.shutdown()
-    assert n.live() == 0
 
 
 def frame(dst: bytes, pkt: bytes, src: bytes = PEER_MAC) -> bytes:

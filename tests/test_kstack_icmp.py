@@ -6,18 +6,11 @@ import pytest
 
 from kstack.sock import IPPROTO_ICMP, POLLIN, SOCK_DGRAM, SOCK_RAW
 from kstack.stack import Sysctl
-from kstack_fakes import MS, S, FakeNet, frames_of, ip_frame, udp_payload
+from kstack_fakes import MS, S, frames_of, ip_frame, udp_payload
+from kstack_fakes import net  # noqa: F401 (fixtures)
 from test_wire_ipv4 import naive_csum
 from wire.icmp import ICMP_DEST_UNREACH, ICMP_ECHOREPLY, ICMP_PORT_UNREACH, IcmpMessage
 from wire.ipv4 import Ipv4Header
-
-
-@pytest.fixture
-def net():
-    n = FakeNet()
-    yield n
-    n.shutdown()
-    assert n.live() == 0
 
 
 def pair(net, **sysctl):

@@ -7,16 +7,9 @@ from kstack.raw import RawSock
 from kstack.sock import IPPROTO_ICMP, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM
 from kstack.stack import Sysctl
 from kstack.udp import UdpSock
-from kstack_fakes import FakeDevice, FakeNet
+from kstack_fakes import FakeDevice
+from kstack_fakes import net  # noqa: F401 (fixtures)
 from wire.icmp import ICMP_ECHOREPLY, ICMP_TIME_EXCEEDED, IcmpMessage
-
-
-@pytest.fixture
-def net():
-    n = FakeNet()
-    yield n
-    n.shutdown()
-    assert n.live() == 0
 
 
 def test_api(net):

@@ -6,21 +6,14 @@ import pytest
 
 from kstack.sock import SOCK_DGRAM
 from kstack.stack import Sysctl
-from kstack_fakes import S, FakeNet, frames_of, ip_frame, udp_payload
+from kstack_fakes import S, frames_of, ip_frame, udp_payload
+from kstack_fakes import net  # noqa: F401 (fixtures)
 from wire.icmp import ICMP_EXC_FRAGTIME, ICMP_TIME_EXCEEDED, IcmpMessage
 from wire.ipv4 import IP_MF
 
 A, B = "198.18.0.1", "198.18.0.2"
 DATA = bytes(i * 7 & 0xFF for i in range(3000))
 SEG = udp_payload(A, B, 1234, 7, DATA)  # 3008 bytes of UDP
-
-
-@pytest.fixture
-def net():
-    n = FakeNet()
-    yield n
-    n.shutdown()
-    assert n.live() == 0
 
 
 def setup(net, **sysctl):

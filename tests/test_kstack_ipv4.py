@@ -5,26 +5,11 @@ import pytest
 
 from kstack.sock import SOCK_DGRAM
 from kstack.stack import Sysctl
-from kstack_fakes import FakeDevice, FakeNet, frames_of, ip_frame, udp_payload
+from kstack_fakes import FakeDevice, frames_of, ip_frame, udp_payload
+from kstack_fakes import net, pair  # noqa: F401 (fixtures)
 from test_wire_ipv4 import naive_csum
 from wire.icmp import ICMP_DEST_UNREACH, ICMP_FRAG_NEEDED, ICMP_TIME_EXCEEDED, IcmpMessage
 from wire.ipv4 import Ipv4Header, addr_to_int
-
-
-@pytest.fixture
-def net():
-    n = FakeNet()
-    yield n
-    n.shutdown()
-    assert n.live() == 0
-
-
-@pytest.fixture
-def pair(net):
-    a = net.host("a", "198.18.0.1/24")
-    b = net.host("b", "198.18.0.2/24")
-    net.settle()
-    return a, b
 
 
 def send_to_b(a, b, frame):

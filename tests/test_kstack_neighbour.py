@@ -1,24 +1,16 @@
 """kstack.neighbour + arp: NUD states and their timers, the resolution queue and table
 limits, statistics; a fake clock drives every transition."""
-import pytest
 
 from kstack.neighbour import (NUD_DELAY, NUD_FAILED, NUD_INCOMPLETE, NUD_PROBE, NUD_REACHABLE,
                               NUD_STALE)
 from kstack.sock import SOCK_DGRAM
 from kstack.stack import Sysctl
-from kstack_fakes import MS, S, FakeNet
+from kstack_fakes import MS, S
+from kstack_fakes import net  # noqa: F401 (fixtures)
 from wire.arp import ARPOP_REPLY, ARPOP_REQUEST, ArpPacket
 from wire.ipv4 import addr_to_int
 
 B = addr_to_int("198.18.0.2")
-
-
-@pytest.fixture
-def net():
-    n = FakeNet()
-    yield n
-    n.shutdown()
-    assert n.live() == 0
 
 
 def arps(hub, op=None):

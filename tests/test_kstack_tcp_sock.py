@@ -18,18 +18,11 @@ from kstack.sock import (IPPROTO_TCP, POLLERR, POLLIN, POLLOUT, SHUT_WR, SO_LING
 from kstack.tcp import TcpState
 from kstack.tcp_sock import ss
 from kstack_fakes import MS, S, FakeNet, ip_frame
+from kstack_fakes import net  # noqa: F401 (fixtures)
 from wire.ipv4 import addr_to_int
 from wire.tcp import TH_ACK, TH_RST, TH_SYN, TcpSegment
 
 A, B = "198.18.0.1", "198.18.0.2"
-
-
-@pytest.fixture
-def net():
-    n = FakeNet()
-    yield n
-    n.shutdown()
-    assert n.live() == 0
 
 
 def hosts(net: FakeNet, **kw):

@@ -5,24 +5,9 @@ import errno
 import pytest
 
 from kstack.sock import POLLERR, POLLIN, POLLOUT, SO_RCVBUF, SO_REUSEADDR, SOCK_DGRAM, SOL_SOCKET
-from kstack_fakes import FakeNet, frames_of, ip_frame, udp_payload
+from kstack_fakes import frames_of, ip_frame, udp_payload
+from kstack_fakes import net, pair  # noqa: F401 (fixtures)
 from test_wire_ipv4 import naive_csum
-
-
-@pytest.fixture
-def net():
-    n = FakeNet()
-    yield n
-    n.shutdown()
-    assert n.live() == 0
-
-
-@pytest.fixture
-def pair(net):
-    a = net.host("a", "198.18.0.1/24")
-    b = net.host("b", "198.18.0.2/24")
-    net.settle()
-    return a, b
 
 
 def inject(a, b, sport, dport, data, csum=True, src="198.18.0.1", dst="198.18.0.2"):
