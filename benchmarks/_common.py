@@ -2,12 +2,52 @@
 with `nicemu demo`, so the demo and the benchmarks measure the same way); re-exported here."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import time
+from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lab.measure import (ProcCost, cpu_ns, ctx_switches, machine_line, percentile,  # noqa: E402,F401
                          run_delay_ns, spread)
 
-__all__ = ["machine_line", "cpu_ns", "run_delay_ns", "ctx_switches", "ProcCost", "spread", "percentile"]
+__all__ = ["machine_line", "cpu_ns", "run_delay_ns", "ctx_switches", "ProcCost", "spread", "percentile",
+           "run_json", "timed_rounds", "run_main"]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_json(script: str, what: str, *args: str) -> dict:
+    """Run benchmarks/<script> WHAT ARGS in a fresh interpreter; its last stdout line, as JSON."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), what, *args],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    if r.returncode:
+        raise RuntimeError(f"{script} {what}: {r.stderr.strip()[-500:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def timed_rounds(once: Callable[[], None], rounds: int, warmup: int = 200) -> tuple[list[float], int, int]:
+    """`once` warmup times, then rounds times timed: (round-trip times in us, this process's
+    CPU ns and context switches over the timed rounds)."""
+    for _ in range(warmup):
+        once()
+    rtts = []
+    cs0, c0 = ctx_switches(), cpu_ns()
+    for _ in range(rounds):
+        t = time.perf_counter_ns()
+        once()
+        rtts.append((time.perf_counter_ns() - t) / 1000)
+    c1, cs1 = cpu_ns(), ctx_switches()
+    return rtts, c1 - c0, cs1 - cs0
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """sys.exit(main()), and a ^C said plainly (every process a benchmark starts is stopped)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: every process started was stopped", file=sys.stderr)
+        sys.exit(130)

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import cpu_ns, ctx_switches, machine_line, run_delay_ns  # noqa: E402
+from _common import cpu_ns, ctx_switches, machine_line, run_delay_ns, run_json, run_main  # noqa: E402
 
 MAC0, MAC1 = "52:54:00:12:34:56", "52:54:00:12:34:57"
 IP_A, IP_B = "198.18.0.1", "198.18.0.2"
@@ -330,12 +330,7 @@ def kstack_rate(lab: Lab, seconds: float, warmup: float, port: int, payload: int
 
 
 def linux_run(what: str, *args: str) -> dict:
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "linux_udp.py"), what,
-                        "--payload", str(PAYLOAD), *args], capture_output=True, text=True, timeout=300,
-                       cwd=ROOT)
-    if r.returncode:
-        raise RuntimeError(f"linux_udp.py {what}: {r.stderr.strip()[-500:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json("linux_udp.py", what, "--payload", str(PAYLOAD), *args)
 
 
 # --- 2: ping-pong ---------------------------------------------------------------------------------
@@ -546,8 +541,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: every process started was stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

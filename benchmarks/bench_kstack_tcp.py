@@ -38,7 +38,6 @@ import json
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import textwrap
 import time
@@ -48,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import machine_line  # noqa: E402
+from _common import machine_line, run_json, run_main  # noqa: E402
 from bench_kstack import IP_B, Costs, Lab, _delta, _dev, fmt_num, idle_cpu, sp  # noqa: E402
 from kstack.apps.tcp_bulk import stream_sha256  # noqa: E402
 
@@ -98,11 +97,7 @@ TCP_PING_CLIENT = textwrap.dedent(
 
 
 def linux_tcp(what: str, *args: str) -> dict:
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "linux_tcp.py"), what, *args],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
-    if r.returncode:
-        raise RuntimeError(f"linux_tcp.py {what}: {r.stderr.strip()[-500:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_json("linux_tcp.py", what, *args)
 
 
 # --- 1 and 3: bulk and its costs -------------------------------------------------------------------
@@ -326,8 +321,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted: every process started was stopped", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

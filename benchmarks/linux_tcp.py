@@ -27,7 +27,7 @@ from multiprocessing import get_context
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from _common import ProcCost, cpu_ns, ctx_switches, percentile  # noqa: E402
+from _common import ProcCost, percentile, timed_rounds  # noqa: E402
 from kstack.apps.tcp_bulk import stream  # noqa: E402  (pure Python: the seeded stream)
 
 CHUNK = 65536  # tcp_bulk's chunk and recv size
@@ -157,21 +157,13 @@ def pingpong(payload: int = 32, rounds: int = 2000) -> dict:
         while n < payload:
             n += len(s.recv(CHUNK))
 
-    for _ in range(200):  # warm-up
-        once()
-    rtts = []
-    cs0, c0 = ctx_switches(), cpu_ns()
-    for _ in range(rounds):
-        t = time.perf_counter_ns()
-        once()
-        rtts.append((time.perf_counter_ns() - t) / 1000)
-    c1, cs1 = cpu_ns(), ctx_switches()
+    rtts, cpu, ctx = timed_rounds(once, rounds)
     stop.set()
     s.close()
     p.join(5)
     return {"kernel": "linux", "payload": payload, "rounds": rounds,
             "p50_us": percentile(rtts, 50), "p99_us": percentile(rtts, 99),
-            "cpu_ns_per_rtt_client": (c1 - c0) / rounds, "ctx_per_rtt_client": (cs1 - cs0) / rounds}
+            "cpu_ns_per_rtt_client": cpu / rounds, "ctx_per_rtt_client": ctx / rounds}
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ import time
 from multiprocessing import get_context
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ProcCost, cpu_ns, ctx_switches, percentile  # noqa: E402
+from _common import ProcCost, percentile, timed_rounds  # noqa: E402
 
 
 def _sender(port: int, payload: int, seconds: float, ready) -> None:
@@ -104,25 +104,18 @@ def pingpong(payload: int = 18, rounds: int = 5000) -> dict:
     s.connect(("127.0.0.1", port))
     s.settimeout(2.0)
     data = b"p" * payload
-    for _ in range(200):  # warm-up
+
+    def once() -> None:
         s.send(data)
         s.recv(2048)
-    rtts = []
-    cs0 = ctx_switches()
-    c0 = cpu_ns()
-    for _ in range(rounds):
-        t = time.perf_counter_ns()
-        s.send(data)
-        s.recv(2048)
-        rtts.append((time.perf_counter_ns() - t) / 1000)
-    c1 = cpu_ns()
-    cs1 = ctx_switches()
+
+    rtts, cpu, ctx = timed_rounds(once, rounds)
     stop.set()
     p.join(5)
     s.close()
     return {"kernel": "linux", "payload": payload, "rounds": rounds,
             "p50_us": percentile(rtts, 50), "p99_us": percentile(rtts, 99),
-            "cpu_ns_per_rtt_pinger": (c1 - c0) / rounds, "ctx_per_rtt_pinger": (cs1 - cs0) / rounds}
+            "cpu_ns_per_rtt_pinger": cpu / rounds, "ctx_per_rtt_pinger": ctx / rounds}
 
 
 def main() -> int:
