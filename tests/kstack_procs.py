@@ -21,6 +21,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import uuid
 from typing import Any, Iterator
 
 import yaml
@@ -28,7 +29,7 @@ import yaml
 from test_driver_process import ENV, MAC0, MAC1, ROOT, Lab, Proc
 
 __all__ = ["ENV", "MAC0", "MAC1", "ROOT", "KernelLab", "Proc", "klab_session", "shm_entries",
-           "two_kernels", "ping_summary", "UDP_CLIENT", "APP_TIMEOUT"]
+           "two_kernels", "ping_summary", "UDP_CLIENT", "APP_TIMEOUT", "ip", "NetnsPeer"]
 
 APP_TIMEOUT = 60.0  # seconds any application may take before the test fails (never a hang)
 
@@ -166,3 +167,59 @@ def ping_summary(text: str) -> dict[str, float]:
     assert m, f"no ping summary line in {text!r}"
     return {"transmitted": int(m[1]), "received": int(m[2]), "errors": int(m[3] or 0),
             "loss": float(m[4])}
+
+
+# --- a Linux peer in a network namespace (test_kstack_linux, test_kstack_tcp_linux) ---------------
+
+def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
+
+
+class NetnsPeer:
+    """A namespace with a TAP whose other side is the emulated device, and a kstack kernel on
+    that device (its eth0 captured to `pcap`)."""
+
+    def __init__(self, klab: KernelLab) -> None:
+        self.klab = klab
+        self.ns = f"nicemu-test-{uuid.uuid4().hex[:8]}"
+        self.tap = f"nmk{uuid.uuid4().hex[:8]}"
+        self.pcap = klab.dir / "kstack.pcap"  # kstack's --pcap: what its eth0 sees
+        self.ksock = str(klab.dir / "k.sock")
+        ip("netns", "add", self.ns)
+
+    def start_kernel(self, mode: str, linux: str, kstack: str, **cable_extra: Any) -> None:
+        """The emulator with the TAP cable (and `cable_extra`: faults, capture), `linux`/24 on
+        the TAP in the namespace, then the kernel with `kstack`/24 on eth0."""
+        cable = {"kind": "tap", "ends": ["k0"], "name": self.tap, "netns": self.ns, **cable_extra}
+        socks = self.klab.emulator_config({"devices": {"k0": {"mac": MAC0}}, "cables": [cable]},
+                                          name="linux")
+        for cmd in (["ip", "addr", "add", f"{linux}/24", "dev", self.tap],
+                    ["ip", "link", "set", "dev", self.tap, "up"],
+                    ["ip", "link", "set", "dev", "lo", "up"]):
+            r = self.run(*cmd)
+            assert r.returncode == 0, r.stderr
+        self.k = self.klab.kernel("--device", f"{socks['k0']},name=eth0,mode={mode}",
+                                  "--addr", f"eth0={kstack}/24", "--syscall-socket", self.ksock,
+                                  "--pcap", f"eth0={self.pcap}", name="kernel")
+
+    def run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.ns, *cmd], capture_output=True, text=True,
+                              timeout=timeout, env=ENV, cwd=ROOT)
+
+    def counters(self, *files: str) -> dict[str, int]:
+        """Linux's /proc/net/snmp-style tables in the namespace, as nstat names them
+        (IpReasmOKs, TcpExtTCPSACKReorder, ...)."""
+        out: dict[str, int] = {}
+        for f in files:
+            lines = self.run("cat", f).stdout.splitlines()
+            for names, values in zip(lines[::2], lines[1::2]):
+                proto, *keys = names.split()
+                _, *vals = values.split()
+                for k, v in zip(keys, vals):
+                    if v.lstrip("-").isdigit():
+                        out[proto.rstrip(":") + k] = int(v)
+        return out
+
+    def close(self) -> None:
+        self.klab.close()  # every process: the emulator's exit closes (and so removes) the TAP
+        ip("netns", "del", self.ns, check=False)

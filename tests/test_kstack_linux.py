@@ -15,11 +15,10 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pytest
 
-from kstack_procs import ENV, MAC0, ROOT, KernelLab, payloads
+from kstack_procs import MAC0, KernelLab, NetnsPeer, ip, payloads
 from nicemu.cable.tap import tap_available
 
 REASON = tap_available() or (None if shutil.which("ip") else "the `ip` command is missing")
@@ -33,56 +32,21 @@ PORT = 7007  # kstack's udp_echo
 LINUX_PORT = 9009  # the Linux side's echo server
 
 
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
-
-
-class LinuxPeer:
+class LinuxPeer(NetnsPeer):
     """A namespace with a TAP whose other side is the emulated device, and a kstack kernel on
     that device."""
 
     def __init__(self, klab: KernelLab, mode: str = "napi") -> None:
-        self.klab = klab
+        super().__init__(klab)
         self.mode = mode
-        self.ns = f"nicemu-test-{uuid.uuid4().hex[:8]}"
-        self.tap = f"nmk{uuid.uuid4().hex[:8]}"
-        self.pcap = klab.dir / "kstack.pcap"
-        self.ksock = str(klab.dir / "k.sock")
-        ip("netns", "add", self.ns)
 
     def start(self) -> None:
-        socks = self.klab.emulator_config({
-            "devices": {"k0": {"mac": MAC0}},
-            "cables": [{"kind": "tap", "ends": ["k0"], "name": self.tap, "netns": self.ns}],
-        }, name="linux")
-        for cmd in (["ip", "addr", "add", f"{LINUX}/24", "dev", self.tap],
-                    ["ip", "link", "set", "dev", self.tap, "up"],
-                    ["ip", "link", "set", "dev", "lo", "up"]):
-            r = self.run(*cmd)
-            assert r.returncode == 0, r.stderr
+        self.start_kernel(self.mode, LINUX, KSTACK)
         self.tap_mac = self.run("cat", f"/sys/class/net/{self.tap}/address").stdout.strip()
-        self.k = self.klab.kernel("--device", f"{socks['k0']},name=eth0,mode={self.mode}", "--addr", f"eth0={KSTACK}/24",
-                                  "--syscall-socket", self.ksock, "--pcap", f"eth0={self.pcap}", name="kernel")
-
-    def run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.ns, *cmd], capture_output=True, text=True,
-                              timeout=timeout, env=ENV, cwd=ROOT)
 
     def snmp(self) -> dict[str, int]:
         """Linux's /proc/net/snmp in the namespace, as nstat names it (IpReasmOKs, ...)."""
-        lines = self.run("cat", "/proc/net/snmp").stdout.splitlines()
-        out: dict[str, int] = {}
-        for names, values in zip(lines[::2], lines[1::2]):
-            proto, *keys = names.split()
-            _, *vals = values.split()
-            for k, v in zip(keys, vals):
-                if v.lstrip("-").isdigit():
-                    out[proto.rstrip(":") + k] = int(v)
-        return out
-
-    def close(self) -> None:
-        self.klab.close()  # every process: the emulator's exit closes (and so removes) the TAP
-        ip("netns", "del", self.ns, check=False)
+        return self.counters("/proc/net/snmp")
 
 
 @pytest.fixture

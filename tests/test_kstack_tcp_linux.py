@@ -30,13 +30,12 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import uuid
 
 import pytest
 
 from kstack.apps.http_common import generated_body
 from kstack.apps.tcp_bulk import stream_sha256
-from kstack_procs import APP_TIMEOUT, ENV, MAC0, ROOT, KernelLab, Proc
+from kstack_procs import APP_TIMEOUT, KernelLab, NetnsPeer, Proc, ip
 from nicemu.cable.tap import tap_available
 from test_kstack_e2e import find_key
 
@@ -53,10 +52,6 @@ KSTACK_PORT, LINUX_PORT, HTTP_PORT = 5001, 5002, 8080
 BULK_BYTES = int(os.environ.get("KSTACK_TCP_LINUX_BYTES", 20_000_000))  # each way
 LOSSY_BYTES = int(os.environ.get("KSTACK_TCP_LINUX_LOSSY_BYTES", 5_000_000))
 BULK_TIMEOUT = max(APP_TIMEOUT, BULK_BYTES / 100_000)  # 8 Mbit/s at the least: never a hang
-
-
-def ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, check=check, timeout=30)
 
 
 # A bulk sender or sink over the Linux kernel's TCP (a plain Python socket, run in the
@@ -103,39 +98,21 @@ LINUX_BULK = textwrap.dedent(
 )
 
 
-class TcpPeer:
+class TcpPeer(NetnsPeer):
     """A namespace with a TAP whose other side is the emulated device (faults and a wire
     capture on that cable if asked), and a kstack kernel on the device with its own capture."""
 
     def __init__(self, klab: KernelLab) -> None:
-        self.klab = klab
-        self.ns = f"nicemu-test-{uuid.uuid4().hex[:8]}"
-        self.tap = f"nmk{uuid.uuid4().hex[:8]}"
-        self.pcap = klab.dir / "kstack.pcap"  # kstack's --pcap: what its eth0 sees
+        super().__init__(klab)
         self.wire = klab.dir / "wire.pcap"  # the cable's: what the port sent and received
-        self.ksock = str(klab.dir / "k.sock")
-        ip("netns", "add", self.ns)
 
     def start(self, mode: str = "napi", faults: dict | None = None, wire: bool = False) -> None:
-        cable = {"kind": "tap", "ends": ["k0"], "name": self.tap, "netns": self.ns}
+        extra: dict = {}
         if faults:
-            cable["faults"] = faults
+            extra["faults"] = faults
         if wire:
-            cable["capture"] = {"k0": str(self.wire)}
-        socks = self.klab.emulator_config({"devices": {"k0": {"mac": MAC0}}, "cables": [cable]},
-                                          name="linux")
-        for cmd in (["ip", "addr", "add", f"{LINUX}/24", "dev", self.tap],
-                    ["ip", "link", "set", "dev", self.tap, "up"],
-                    ["ip", "link", "set", "dev", "lo", "up"]):
-            r = self.run(*cmd)
-            assert r.returncode == 0, r.stderr
-        self.k = self.klab.kernel("--device", f"{socks['k0']},name=eth0,mode={mode}",
-                                  "--addr", f"eth0={KSTACK}/24", "--syscall-socket", self.ksock,
-                                  "--pcap", f"eth0={self.pcap}", name="kernel")
-
-    def run(self, *cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(["ip", "netns", "exec", self.ns, *cmd], capture_output=True, text=True,
-                              timeout=timeout, env=ENV, cwd=ROOT)
+            extra["capture"] = {"k0": str(self.wire)}
+        self.start_kernel(mode, LINUX, KSTACK, **extra)
 
     def start_in_ns(self, name: str, *cmd: str) -> Proc:
         """A process in the namespace, reaped with the lab's."""
@@ -143,20 +120,8 @@ class TcpPeer:
 
     def netstat(self) -> dict[str, int]:
         """Linux's /proc/net/snmp and /proc/net/netstat in the namespace, as nstat names them."""
-        out: dict[str, int] = {}
-        for f in ("/proc/net/snmp", "/proc/net/netstat"):
-            lines = self.run("cat", f).stdout.splitlines()
-            for names, values in zip(lines[::2], lines[1::2]):
-                proto, *keys = names.split()
-                _, *vals = values.split()
-                for k, v in zip(keys, vals):
-                    if v.lstrip("-").isdigit():
-                        out[proto.rstrip(":") + k] = int(v)
-        return out
+        return self.counters("/proc/net/snmp", "/proc/net/netstat")
 
-    def close(self) -> None:
-        self.klab.close()  # every process: the emulator's exit closes (and so removes) the TAP
-        ip("netns", "del", self.ns, check=False)
 
 
 @pytest.fixture
