@@ -387,6 +387,16 @@ def sp(values: list[float]) -> str:
     return f"{fmt_num(med)} ({fmt_num(min(values))}-{fmt_num(max(values))}, n={len(values)})"
 
 
+def print_cpu_shares(rows: list[dict]) -> None:
+    """Each process's CPU use and run-queue wait, fractions of the window (medians of the runs)."""
+    util = {k: [r["cpu_util"][k] for r in rows] for k in rows[0]["cpu_util"]}
+    wait = {k: [r["run_delay"][k] for r in rows] for k in rows[0]["run_delay"]}
+    print("    CPU used, fraction of one CPU (median): " + ", ".join(
+        f"{k} {statistics.median(v):.2f}" for k, v in util.items()))
+    print("    waited for a CPU (run-queue delay, fraction of the window): " + ", ".join(
+        f"{k} {statistics.median(v):.2f}" for k, v in wait.items()))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=3.0, help="measured window of each rate run")
@@ -467,12 +477,7 @@ def main() -> int:
         print("    sk_buff drops in the window by reason (kernel:reason, median of the runs): "
               + (", ".join(f"{k} {statistics.median([r['drops'].get(k, 0) for r in rows]):.0f}"
                            for k in reasons) or "none"))
-        util = {k: [r["cpu_util"][k] for r in rows] for k in rows[0]["cpu_util"]}
-        wait = {k: [r["run_delay"][k] for r in rows] for k in rows[0]["run_delay"]}
-        print("    CPU used, fraction of one CPU (median): " + ", ".join(
-            f"{k} {statistics.median(v):.2f}" for k, v in util.items()))
-        print("    waited for a CPU (run-queue delay, fraction of the window): " + ", ".join(
-            f"{k} {statistics.median(v):.2f}" for k, v in wait.items()))
+        print_cpu_shares(rows)
         print(f"    if each process had a CPU of its own (1 / busiest process's CPU per datagram): "
               f"{sp([r['ceiling'] for r in rows])} datagrams/s; busiest: "
               f"{', '.join(sorted({r['busiest'] for r in rows}))}")

@@ -48,7 +48,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import machine_line, run_json, run_main  # noqa: E402
-from bench_kstack import IP_B, Costs, Lab, _delta, _dev, fmt_num, idle_cpu, sp  # noqa: E402
+from bench_kstack import IP_B, Costs, Lab, _delta, _dev, fmt_num, idle_cpu, print_cpu_shares, sp  # noqa: E402
 from kstack.apps.tcp_bulk import stream_sha256  # noqa: E402
 
 TARGET_MBPS = 1000.0  # the 82540EM's line rate
@@ -247,12 +247,7 @@ def main() -> int:
           f"(window {sp([r['window'] for r in kb_rows])} s)")
     print(f"    sender's own report (whole run): {sp([r['sender_goodput_mbps'] for r in kb_rows])} Mbit/s; "
           f"sink's {sp([r['sink_goodput_mbps'] for r in kb_rows])} Mbit/s")
-    util = {k: [r["cpu_util"][k] for r in kb_rows] for k in kb_rows[0]["cpu_util"]}
-    wait = {k: [r["run_delay"][k] for r in kb_rows] for k in kb_rows[0]["run_delay"]}
-    print("    CPU used, fraction of one CPU (median): " + ", ".join(
-        f"{k} {statistics.median(v):.2f}" for k, v in util.items()))
-    print("    waited for a CPU (run-queue delay, fraction of the window): " + ", ".join(
-        f"{k} {statistics.median(v):.2f}" for k, v in wait.items()))
+    print_cpu_shares(kb_rows)
     print(f"    if each process had a CPU of its own (the busiest process's CPU per byte): "
           f"{sp([r['ceiling_mbps'] for r in kb_rows])} Mbit/s; busiest: "
           f"{', '.join(sorted({r['busiest'] for r in kb_rows}))}")
