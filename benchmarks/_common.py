@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable
+from multiprocessing import get_context
+from typing import Any, Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -15,7 +16,7 @@ from lab.measure import (ProcCost, cpu_ns, ctx_switches, machine_line, percentil
                          run_delay_ns, spread)
 
 __all__ = ["machine_line", "cpu_ns", "run_delay_ns", "ctx_switches", "ProcCost", "spread", "percentile",
-           "run_json", "timed_rounds", "run_main"]
+           "run_json", "timed_rounds", "run_main", "start_echo"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -42,6 +43,16 @@ def timed_rounds(once: Callable[[], None], rounds: int, warmup: int = 200) -> tu
         rtts.append((time.perf_counter_ns() - t) / 1000)
     c1, cs1 = cpu_ns(), ctx_switches()
     return rtts, c1 - c0, cs1 - cs0
+
+
+def start_echo(target: Callable) -> tuple[Any, Any, int]:
+    """A forked process running target(port_queue, stop_event): (the process, its stop event,
+    the port it put on the queue)."""
+    ctx = get_context("fork")
+    q, stop = ctx.Queue(), ctx.Event()
+    p = ctx.Process(target=target, args=(q, stop))
+    p.start()
+    return p, stop, q.get(timeout=10)
 
 
 def run_main(main: Callable[[], int]) -> None:

@@ -27,7 +27,7 @@ from multiprocessing import get_context
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from _common import ProcCost, percentile, timed_rounds  # noqa: E402
+from _common import ProcCost, percentile, start_echo, timed_rounds  # noqa: E402
 from kstack.apps.tcp_bulk import stream  # noqa: E402  (pure Python: the seeded stream)
 
 CHUNK = 65536  # tcp_bulk's chunk and recv size
@@ -143,11 +143,8 @@ def _echo(port_q, stop_evt) -> None:
 
 def pingpong(payload: int = 32, rounds: int = 2000) -> dict:
     """Round trips of one small request between this process and an echo process over TCP."""
-    ctx = get_context("fork")
-    q, stop = ctx.Queue(), ctx.Event()
-    p = ctx.Process(target=_echo, args=(q, stop))
-    p.start()
-    s = socket.create_connection(("127.0.0.1", q.get(timeout=10)), timeout=5)
+    p, stop, port = start_echo(_echo)
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     data = b"p" * payload
 

@@ -18,7 +18,7 @@ import time
 from multiprocessing import get_context
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ProcCost, percentile, timed_rounds  # noqa: E402
+from _common import ProcCost, percentile, start_echo, timed_rounds  # noqa: E402
 
 
 def _sender(port: int, payload: int, seconds: float, ready) -> None:
@@ -95,11 +95,7 @@ def _echo(port_q, stop_evt) -> None:
 
 def pingpong(payload: int = 18, rounds: int = 5000) -> dict:
     """Round trips of one datagram between this process and an echo process."""
-    ctx = get_context("fork")
-    q, stop = ctx.Queue(), ctx.Event()
-    p = ctx.Process(target=_echo, args=(q, stop))
-    p.start()
-    port = q.get(timeout=10)
+    p, stop, port = start_echo(_echo)
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.connect(("127.0.0.1", port))
     s.settimeout(2.0)
