@@ -95,16 +95,23 @@ def _udp_frames(host):
     return [f for f in host.dev.take() if f[12:14] == b"\x08\x00" and f[23] == 17]
 
 
+def _connected_sender(mode: str):
+    """A fresh fake network: (net, host a, b's UDP socket on port 9, a's UDP socket connected
+    to it sending through the `mode` transmit path)."""
+    net = FakeNet()
+    a = net.host("a", "198.18.0.1/24")
+    b = net.host("b", "198.18.0.2/24")
+    sink = b.socket(SOCK_DGRAM)
+    sink.bind(("0.0.0.0", 9))
+    s = a.socket(SOCK_DGRAM)
+    s.connect(("198.18.0.2", 9))
+    s._tx_fast = txfast.select(mode)
+    return net, a, sink, s
+
+
 def test_stale_neighbour_takes_the_slow_path_state_machine():
     for mode in MODES:
-        net = FakeNet()
-        a = net.host("a", "198.18.0.1/24")
-        b = net.host("b", "198.18.0.2/24")
-        sink = b.socket(SOCK_DGRAM)
-        sink.bind(("0.0.0.0", 9))
-        s = a.socket(SOCK_DGRAM)
-        s.connect(("198.18.0.2", 9))
-        s._tx_fast = txfast.select(mode)
+        net, a, _sink, s = _connected_sender(mode)
         s.sendmsg(b"1", None)
         net.settle()
         n = next(iter(a.inet.neigh.entries.values()))
@@ -117,14 +124,7 @@ def test_stale_neighbour_takes_the_slow_path_state_machine():
 
 def test_route_change_invalidates_the_cached_dst():
     for mode in MODES:
-        net = FakeNet()
-        a = net.host("a", "198.18.0.1/24")
-        b = net.host("b", "198.18.0.2/24")
-        sink = b.socket(SOCK_DGRAM)
-        sink.bind(("0.0.0.0", 9))
-        s = a.socket(SOCK_DGRAM)
-        s.connect(("198.18.0.2", 9))
-        s._tx_fast = txfast.select(mode)
+        net, a, _sink, s = _connected_sender(mode)
         s.sendmsg(b"1", None)
         net.settle()
         assert s._dst is not None
@@ -136,14 +136,7 @@ def test_route_change_invalidates_the_cached_dst():
 
 @pytest.mark.parametrize("mode", MODES)
 def test_sndbuf_blocks_the_sender_instead_of_qdisc_drops(mode):
-    net = FakeNet()
-    a = net.host("a", "198.18.0.1/24")
-    b = net.host("b", "198.18.0.2/24")
-    sink = b.socket(SOCK_DGRAM)
-    sink.bind(("0.0.0.0", 9))
-    s = a.socket(SOCK_DGRAM)
-    s.connect(("198.18.0.2", 9))
-    s._tx_fast = txfast.select(mode)
+    net, a, _sink, s = _connected_sender(mode)
     s.setsockopt(SOL_SOCKET, SO_SNDBUF, 8192)  # doubled: 16384, about 6 of our skbs
     s.sendmsg(b"resolve", None)
     net.settle()
