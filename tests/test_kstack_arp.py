@@ -3,7 +3,7 @@ and hostile input dropped ARP_INVALID without an exception."""
 import pytest
 
 from kstack.neighbour import NUD_STALE
-from kstack_fakes import net  # noqa: F401 (fixtures)
+from kstack_fakes import net, pair  # noqa: F401 (fixtures)
 from wire.arp import ARPOP_REPLY, ARPOP_REQUEST, ArpPacket
 from wire.ipv4 import addr_to_int
 
@@ -56,10 +56,8 @@ def test_gratuitous_on_address_and_carrier(net):
     assert len(g2) == len(g) + 1 and a.inet.arp.stats["gratuitous_out"] == 2
 
 
-def test_gratuitous_updates_existing_entry(net):
-    a = net.host("a", "198.18.0.1/24")
-    b = net.host("b", "198.18.0.2/24")
-    net.settle()
+def test_gratuitous_updates_existing_entry(net, pair):
+    a, b = pair
     s = a.socket(2)
     s.sendmsg(b"x", ("198.18.0.2", 9))
     net.settle()

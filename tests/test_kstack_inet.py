@@ -8,7 +8,7 @@ from kstack.sock import IPPROTO_ICMP, SOCK_DGRAM, SOCK_RAW, SOCK_STREAM
 from kstack.stack import Sysctl
 from kstack.udp import UdpSock
 from kstack_fakes import FakeDevice
-from kstack_fakes import net  # noqa: F401 (fixtures)
+from kstack_fakes import net, pair  # noqa: F401 (fixtures)
 from wire.icmp import ICMP_ECHOREPLY, ICMP_TIME_EXCEEDED, IcmpMessage
 
 
@@ -31,10 +31,8 @@ def test_api(net):
     assert set(a.inet.counters()) == {"neigh", "frag", "arp", "fib"}
 
 
-def test_busy_device_requeues(net):
-    a = net.host("a", "198.18.0.1/24")
-    b = net.host("b", "198.18.0.2/24")
-    net.settle()
+def test_busy_device_requeues(net, pair):
+    a, b = pair
     s = b.socket(SOCK_DGRAM)
     s.bind(("0.0.0.0", 7))
     c = a.socket(SOCK_DGRAM)

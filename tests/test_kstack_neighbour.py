@@ -6,7 +6,7 @@ from kstack.neighbour import (NUD_DELAY, NUD_FAILED, NUD_INCOMPLETE, NUD_PROBE, 
 from kstack.sock import SOCK_DGRAM
 from kstack.stack import Sysctl
 from kstack_fakes import MS, S
-from kstack_fakes import net  # noqa: F401 (fixtures)
+from kstack_fakes import net, pair  # noqa: F401 (fixtures)
 from wire.arp import ARPOP_REPLY, ARPOP_REQUEST, ArpPacket
 from wire.ipv4 import addr_to_int
 
@@ -23,10 +23,8 @@ def arps(hub, op=None):
     return out
 
 
-def test_resolve_both_ways_then_age(net):
-    a = net.host("a", "198.18.0.1/24")
-    b = net.host("b", "198.18.0.2/24")
-    net.settle()
+def test_resolve_both_ways_then_age(net, pair):
+    a, b = pair
     sb = b.socket(SOCK_DGRAM)
     sb.bind(("0.0.0.0", 9))  # so that b sends nothing back (no port unreachable)
     sa = a.socket(SOCK_DGRAM)
@@ -113,10 +111,8 @@ def test_table_limit_and_forced_gc(net):
     s.close()
 
 
-def test_locktime_keeps_first_answer(net):
-    a = net.host("a", "198.18.0.1/24")
-    b = net.host("b", "198.18.0.2/24")
-    net.settle()
+def test_locktime_keeps_first_answer(net, pair):
+    a, b = pair
     s = a.socket(SOCK_DGRAM)
     s.sendmsg(b"x", ("198.18.0.2", 9))
     net.settle()
@@ -145,10 +141,8 @@ def test_stats_and_show(net):
     s.close()
 
 
-def test_probe_fails_when_peer_goes_away(net):
-    a = net.host("a", "198.18.0.1/24")
-    b = net.host("b", "198.18.0.2/24")
-    net.settle()
+def test_probe_fails_when_peer_goes_away(net, pair):
+    a, b = pair
     s = a.socket(SOCK_DGRAM)
     s.sendmsg(b"x", ("198.18.0.2", 9))
     net.settle()
@@ -172,10 +166,8 @@ def test_probe_fails_when_peer_goes_away(net):
     s.close()
 
 
-def test_permanent_entry_needs_no_arp(net):
-    a = net.host("a", "198.18.0.1/24")
-    b = net.host("b", "198.18.0.2/24")
-    net.settle()
+def test_permanent_entry_needs_no_arp(net, pair):
+    a, b = pair
     a.inet.add_neighbour(a.dev, "198.18.0.2", "52:54:00:00:00:02")
     s = b.socket(SOCK_DGRAM)
     s.bind(("0.0.0.0", 9))
