@@ -19,8 +19,8 @@ import time
 from typing import Iterator
 
 from kstack import socket as ksocket
-from kstack.apps.common import (Stop, accept_nonblocking, add_kernel_arg, deadline, listen_tcp,
-                                 open_kernel, report, server_parser)
+from kstack.apps.common import (Stop, add_kernel_arg, deadline, listen_tcp, open_kernel, report,
+                                 select_and_accept, server_parser)
 from kstack.apps.http_common import MAX_HEAD, REASONS, generated_body, parse_head
 
 MAX_GENERATED = 1 << 34  # 16 GiB: /bytes/N above this is 404
@@ -140,22 +140,15 @@ def main(argv: list[str] | None = None) -> int:
     accepted = errors = 0
     start, end = deadline(args.duration)
     while not stop.set and time.monotonic() < end:
-        rl = [lsk] if len(conns) < args.max_conns else []
-        rl += [c.sock for c in conns.values() if not c.eof and not c.out and c.body is None]
+        rl = [c.sock for c in conns.values() if not c.eof and not c.out and c.body is None]
         wl = [c.sock for c in conns.values() if c.out or c.body is not None]
-        try:
-            r, w, _ = ksocket.select(rl, wl, [], 0.2)
-        except OSError:
+        got = select_and_accept(lsk, conns, rl, wl, len(conns) < args.max_conns, _Conn)
+        if got is None:
             errors += 1
             break
+        r, w, n = got
+        accepted += n
         for s in r:
-            if s is lsk:
-                cs = accept_nonblocking(lsk)
-                if cs is None:
-                    continue
-                conns[cs.fileno()] = _Conn(cs)
-                accepted += 1
-                continue
             c = conns.get(s.fileno())
             if c is None:
                 continue
