@@ -486,7 +486,12 @@ def test_multishot_credit_bounds_what_the_kernel_pushes(kernel, path):
     assert len(sock.queue) == kept and kernel.net.drops == 100 - 4 - kept
     assert kernel.server.stats()["counters"]["multishot_no_credit"] >= 1
     got = [rx.recv_multishot(a, timeout=10, credit=4)[0] for _ in range(4 + kept)]
-    assert got == [bytes([i]) * 100 for i in range(4 + kept)]  # what was kept, in order
+    # what was kept, in order: the first four took the credit; the queue kept `kept` of the
+    # rest, not always a contiguous run (when the drain into the ring overlaps a batch of
+    # arrivals, room frees up mid-stream, as it does in Linux when a reader runs meanwhile)
+    assert got[:4] == [bytes([i]) * 100 for i in range(4)]
+    seq = [g[0] for g in got]
+    assert all(g == bytes([g[0]]) * 100 for g in got) and seq == sorted(set(seq))
     st = rx.rx[a]
     assert st.delivered <= st.granted and len(st.queue) <= 4
     rx.close()
