@@ -5,7 +5,7 @@
                                           [--profile [--profile-wire csum|offload|none]]
 
 Two TcpConnections joined by a fake link (1 ms each way, a fake clock, no loss), as
-tests/test_tcp_link.py builds them: A sends --mbytes to B, B reads everything as it arrives.
+tests/stack/test_tcp_link.py builds them: A sends --mbytes to B, B reads everything as it arrives.
 Every engine call is timed with perf_counter_ns and charged to its side: the sender's
 send(), segments_to_send() and segment_arrives() of the ACKs; the receiver's
 segment_arrives() of the data, recv() and segments_to_send() of the ACKs. With the wire, each

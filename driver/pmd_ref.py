@@ -1,6 +1,6 @@
 """The PMD's ring logic in plain Python: the readable reference of driver/_pmd.pyx.
 
-Same class, same state, same results as the Cython `Core` (tests/test_pmd_agree.py runs both
+Same class, same state, same results as the Cython `Core` (tests/driver/test_pmd_agree.py runs both
 on random bursts and compares every byte). It is slow by design - a Python step per packet,
 ixy.py's 0.16 Mpps - and exists so a reader can check the fast path against the SDM.
 

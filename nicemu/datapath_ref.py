@@ -3,7 +3,7 @@
 This is the readable reference of the data path: the TX descriptor walk, the TX packet buffer,
 FCS generation and checking, receive filtering, the RX packet buffer, RX descriptor write-back
 and the statistics. `nicemu._datapath.Datapath` does exactly the same in Cython, and
-tests/test_datapath_agree.py holds the two to identical results (memory, registers, events,
+tests/device/test_datapath_agree.py holds the two to identical results (memory, registers, events,
 frames). Read this file to learn what the device does; docs/datapath.md says where each rule
 comes from in the SDM and which outcomes nicemu defines where the SDM is silent.
 

@@ -17,10 +17,22 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import warnings
 import zlib
 
 import pytest
+
+# The tests live in one directory per layer (README.md). The shared helpers (this file,
+# kstack_fakes, kstack_procs, kstack_loopsock, cable_child) stay here at the top, and some test
+# modules import from others in another group (test_wire_ipv4's naive_csum, test_tcp_link's
+# established_pair, test_driver_process's Lab and Proc, ...): every group's directory and this
+# one are put on sys.path so those imports work from any group, in any collection order.
+_TESTS = os.path.dirname(os.path.abspath(__file__))
+GROUPS = ("device", "transport", "cable", "driver", "stack", "apps", "e2e")
+for _d in (_TESTS, *(os.path.join(_TESTS, g) for g in GROUPS)):
+    if _d not in sys.path:
+        sys.path.append(_d)
 
 from nicemu import DmaMemory
 from nicemu import regs as R

@@ -584,7 +584,8 @@ def _special_file(rng: random.Random, data: Any, work: Path) -> _Case:
         must = "cannot read the file"
     elif what == "empty":
         path, must = _write(work, "empty.yaml", b""), "the file is empty"
-    else:  # a config padded with a long comment (tests/test_topology.py reads one at the limit)
+    else:  # a config padded with a long comment (tests/apps/test_topology.py reads one at the
+        # limit)
         text = _Doc(data).text(rng).encode()
         path = _write(work, "padded.yaml", text + b"#" * (32 << 10) + b"\n")
         must = None

@@ -21,7 +21,7 @@ from nicemu.cable.base import CableError
 from nicemu.cable.unix import UnixCableEnd
 
 PEER_BYTES = bytes.fromhex(PEER_MAC.replace(":", ""))
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def readable(end, timeout: float = 0) -> bool:

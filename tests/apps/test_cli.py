@@ -21,7 +21,7 @@ import pytest
 
 from nicemu import topology as T
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
        "PYTHONWARNINGS": "ignore::RuntimeWarning"}
 TIMEOUT = 30.0  # generous: the machine is shared; nothing here measures time
@@ -374,7 +374,7 @@ def test_lab_cli_has_the_device_commands_and_every_lab_command(capsys) -> None:
 def test_the_device_package_does_not_know_the_lab() -> None:
     import pathlib
 
-    root = pathlib.Path(__file__).resolve().parents[1] / "nicemu"
+    root = pathlib.Path(__file__).resolve().parents[2] / "nicemu"
     for f in root.glob("*.py"):
         text = f.read_text()
         assert "import lab" not in text and "from lab" not in text, f

@@ -22,7 +22,7 @@ import pytest
 
 from nicemu import tracepoint
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import pytest
 from kstack import socket as ksocket
 from kstack_loopsock import ServerThread
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _wait(cond, timeout=5.0):

@@ -29,7 +29,7 @@ from nicemu.vfio_user import protocol as p
 from nicemu.vfio_user.protocol import Command
 from test_vfio_user_server import BAD_REQUESTS, Raw
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAC_A = "52:54:00:aa:00:01"
 MAC_B = "52:54:00:aa:00:02"
 MEM = 1 << 20

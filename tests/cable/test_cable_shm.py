@@ -646,7 +646,7 @@ CHILD_SPIN = textwrap.dedent(
 def test_kill_9_of_the_peer_process_is_link_down_and_leaks_nothing() -> None:
     before = shm_entries()
     a, b = ShmCable.create(1 << 16)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", CHILD_SPIN, b.to_arg(), root],
                             stdout=subprocess.PIPE, text=True, pass_fds=b.fds())
     try:
@@ -703,7 +703,7 @@ def test_two_processes_stress_full_rings_and_wakeups(engine) -> None:
     a0, b = ShmCable.create(1 << 16)
     a = ShmCableEnd.from_fds("a", *[os.dup(fd) for fd in a0.fds()], engine=engine)
     a0.release()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", CHILD_ECHO, b.to_arg(), engine, root], pass_fds=b.fds())
     b.release()
     rng = random.Random(3)
@@ -729,7 +729,7 @@ def test_two_processes_stress_full_rings_and_wakeups(engine) -> None:
 
 # --- the attack against a real emulator process -------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _line(proc: subprocess.Popen, deadline: float) -> str:

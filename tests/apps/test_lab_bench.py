@@ -15,7 +15,7 @@ import pytest
 from lab.bench import PATHS, chart, markdown_table
 from lab.svgchart import Series, line_chart
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 NS = {"s": "http://www.w3.org/2000/svg"}
 
 

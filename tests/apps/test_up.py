@@ -24,7 +24,7 @@ import pytest
 
 from nicemu import regs as R
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 START_TIMEOUT = 30.0  # generous: the machine is shared; nothing here measures time
 STOP_TIMEOUT = 15.0

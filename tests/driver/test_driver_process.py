@@ -28,7 +28,7 @@ from driver.e1000 import E1000, E1000Config
 from kstack.skbuff import SkBuff, default_pool
 from nicemu import regs as R
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MAC0 = "52:54:00:12:34:56"
 MAC1 = "52:54:00:12:34:57"
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}

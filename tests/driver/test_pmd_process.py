@@ -25,7 +25,7 @@ from driver.pmd import Pmd
 from driver.vfio_user_client import VfioUserBus
 from nicemu import regs as R
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
 MAC0, MAC1 = "52:54:00:00:01:00", "52:54:00:00:01:01"
 M0, M1 = bytes.fromhex(MAC0.replace(":", "")), bytes.fromhex(MAC1.replace(":", ""))

@@ -669,7 +669,7 @@ def test_cython_engine_writes_the_status_byte_last_with_a_release_store() -> Non
     fields and the buffer, and the helper is a real __ATOMIC_RELEASE store."""
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent / "nicemu"
+    root = Path(__file__).resolve().parents[2] / "nicemu"
     pyx = (root / "_datapath.pyx").read_text()
     header = (root / "include" / "nicemu_atomic.h").read_text()
     assert "__atomic_store_n(p, v, __ATOMIC_RELEASE)" in header

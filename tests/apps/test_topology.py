@@ -12,7 +12,7 @@ from nicemu import topology as T
 from nicemu.private_dir import PrivateDirError, check_private_dir, private_dir_problem
 from nicemu.topology import TopologyError
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def parse(text: str, **kw) -> T.Topology:

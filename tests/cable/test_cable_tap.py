@@ -241,7 +241,7 @@ def test_kill_9_of_the_process_holding_the_tap_removes_it() -> None:
     import signal
 
     ns = Netns()
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     name = f"nmt{uuid.uuid4().hex[:8]}"
     p = subprocess.Popen([sys.executable, "-c", HOLDER, name, ns.name, root], stdout=subprocess.PIPE, text=True)
     try:
