@@ -173,8 +173,14 @@ def closing(samples: Sequence[Sample], payload: int) -> list[str]:
     i, n = "kstack irq", "kstack napi"
     ia, na = med(i, lambda s: count(s, "interrupts", payload)), med(n, lambda s: count(s, "interrupts", payload))
     if not math.isnan(ia) and not math.isnan(na):
+        if na < 0.8 * ia:
+            why = "a poll takes what piled up while interrupts were masked"
+        else:
+            why = ("no saving here: at this rate each interrupt finds only a few packets, so a poll "
+                   "ends as soon as it starts (NAPI pays off when frames arrive faster than one "
+                   "interrupt's work: see nicemu drivers, or nicemu bench)")
         out.append(f"NAPI against interrupt mode under the same load: {fmt(na)} interrupts per packet "
-                   f"against {fmt(ia)}: a poll takes what piled up while interrupts were masked.")
+                   f"against {fmt(ia)}: {why}.")
     l = "linux"
     if not math.isnan(rate[l]) and not math.isnan(rate[k]) and rate[l] > 0:
         out.append(f"The real Linux kernel (its UDP on loopback, the same Python client and a Python "
