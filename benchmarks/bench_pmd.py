@@ -73,6 +73,12 @@ class InProcessPair:
             m.close()
 
 
+def _pdeathsig():
+    from lab.procs import pdeathsig_preexec
+
+    return pdeathsig_preexec()
+
+
 class EmulatorPair:
     """`nicemu serve --pair` in a child process; `pin`: put the emulator on CPU 1 and this
     process on CPU 0 (as DPDK pins its lcores), so that the scheduler cannot pull the emulator
@@ -87,7 +93,8 @@ class EmulatorPair:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.p = subprocess.Popen([sys.executable, "-m", "nicemu", "serve", "--socket", socks[0], "--mac", MAC0,
                                    "--socket", socks[1], "--mac", MAC1, "--pair"],
-                                  env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                  env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  preexec_fn=_pdeathsig())  # dies with us, even on SIGKILL
         end = time.monotonic() + 10
         while not os.path.exists(socks[1]):
             if time.monotonic() > end or self.p.poll() is not None:
