@@ -48,10 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "stack"))  # test_tcp_link since the tests are grouped by layer
 
 from _common import machine_line, run_delay_ns, spread  # noqa: E402
 from kstack.tcp import TcpConfig, TcpConnection, fast_path_kind  # noqa: E402
-from kstack.tcp import connection as conn_mod  # noqa: E402
+from kstack.tcp import fastpath  # noqa: E402
 from test_tcp_link import A_INT, B_INT, MS, established_pair  # noqa: E402
 from wire.tcp import TcpSegment  # noqa: E402
 
@@ -70,7 +71,7 @@ def use(fast: bool, impl) -> None:
     TcpConnection.fast_path = fast
     if impl is not None:
         for name, f in zip(NAMES, impl):
-            setattr(conn_mod, name, f)
+            setattr(fastpath, name.lstrip("_"), f)
 
 
 def transfer(nbytes: int, wire: str) -> dict:

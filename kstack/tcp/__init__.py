@@ -10,7 +10,13 @@ the socket layer feeds segments and `now` in and puts what comes out on the wire
     buffers.py     the send queue and the out-of-order queue (bounded)
     sack.py        the sender's SACK scoreboard (RFC 6675: IsLost, pipe, NextSeg)
     rtt.py         the retransmission timer's estimator (RFC 6298)
-    connection.py  TcpConnection: the TCB, input, output, timers
+    constants.py   the names the parts share (states, CA states, limits)
+    input.py       segment arrival: RFC 9293 3.10.7's checks, header prediction, text, FIN, RST
+    congestion.py  the ACK: window update, RTT samples, congestion control, loss recovery
+    output.py      the advertised window, segment building, tcp_write_xmit, the output fast path
+    timers.py      retransmission, persist, keepalive, TIME_WAIT
+    fastpath.py    the common path's implementation: _fast.pyx (C) or the Python twin
+    connection.py  TcpConnection: the TCB (made of the parts above), opens, user calls
 """
 from kstack.tcp.config import TcpConfig
 from kstack.tcp.connection import (SHUT_RD, SHUT_RDWR, SHUT_WR, TcpConnection, fast_path_kind,

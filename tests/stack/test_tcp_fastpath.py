@@ -9,6 +9,7 @@ import pytest
 
 from kstack.tcp import TcpConfig, TcpConnection
 from kstack.tcp import connection as conn_mod
+from kstack.tcp import fastpath
 from test_tcp_link import MS, established_pair, transfer
 
 try:
@@ -26,7 +27,7 @@ if _fast is not None:
 def impl(request, monkeypatch):
     """Run the test with one implementation of the common path."""
     for name, f in zip(NAMES, IMPLS[request.param]):
-        monkeypatch.setattr(conn_mod, name, f)
+        monkeypatch.setattr(fastpath, name.lstrip("_"), f)
     return request.param
 
 
@@ -133,7 +134,7 @@ def test_c_path_agrees_with_its_python_twin(seed, cfg, monkeypatch):
     runs = []
     for impl in (IMPLS["cython"], IMPLS["python"]):
         for name, f in zip(NAMES, impl):
-            monkeypatch.setattr(conn_mod, name, f)
+            monkeypatch.setattr(fastpath, name.lstrip("_"), f)
         runs.append(_run(True, seed, cfg, *FAULTS[seed % 3]))
     (ok_c, segs_c, a_c, b_c, c_c), (ok_p, segs_p, a_p, b_p, c_p) = runs
     assert ok_c and ok_p
