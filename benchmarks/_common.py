@@ -14,9 +14,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lab.measure import (ProcCost, cpu_ns, ctx_switches, machine_line, percentile,  # noqa: E402,F401
                          run_delay_ns, spread)
+from lab.procs import die_with, pdeathsig_preexec  # noqa: E402,F401  every child dies with us
 
 __all__ = ["machine_line", "cpu_ns", "run_delay_ns", "ctx_switches", "ProcCost", "spread", "percentile",
-           "run_json", "timed_rounds", "run_main", "start_echo"]
+           "run_json", "timed_rounds", "run_main", "start_echo", "die_with", "pdeathsig_preexec"]
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -24,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def run_json(script: str, what: str, *args: str) -> dict:
     """Run benchmarks/<script> WHAT ARGS in a fresh interpreter; its last stdout line, as JSON."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), what, *args],
-                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+                       capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       preexec_fn=pdeathsig_preexec())
     if r.returncode:
         raise RuntimeError(f"{script} {what}: {r.stderr.strip()[-500:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -50,7 +52,7 @@ def start_echo(target: Callable) -> tuple[Any, Any, int]:
     the port it put on the queue)."""
     ctx = get_context("fork")
     q, stop = ctx.Queue(), ctx.Event()
-    p = ctx.Process(target=target, args=(q, stop))
+    p = ctx.Process(target=die_with, args=(os.getpid(), target, q, stop))
     p.start()
     return p, stop, q.get(timeout=10)
 

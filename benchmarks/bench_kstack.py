@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import cpu_ns, ctx_switches, machine_line, run_delay_ns, run_json, run_main  # noqa: E402
+from _common import cpu_ns, ctx_switches, machine_line, pdeathsig_preexec, run_delay_ns, run_json, run_main  # noqa: E402
 
 MAC0, MAC1 = "52:54:00:12:34:56", "52:54:00:12:34:57"
 IP_A, IP_B = "198.18.0.1", "198.18.0.2"
@@ -117,7 +117,7 @@ class Proc:
     def __init__(self, args: list[str], name: str, env: dict | None = None) -> None:
         self.name = name
         self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                  env=env or ENV, cwd=ROOT)
+                                  env=env or ENV, cwd=ROOT, preexec_fn=pdeathsig_preexec())  # dies with us
         self.pid = self.p.pid
         self.q: queue.Queue[str] = queue.Queue()
         self.seen: list[str] = []

@@ -27,7 +27,7 @@ from multiprocessing import get_context
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
-from _common import ProcCost, percentile, start_echo, timed_rounds  # noqa: E402
+from _common import ProcCost, die_with, percentile, start_echo, timed_rounds  # noqa: E402
 from kstack.apps.tcp_bulk import stream  # noqa: E402  (pure Python: the seeded stream)
 
 CHUNK = 65536  # tcp_bulk's chunk and recv size
@@ -81,7 +81,7 @@ def bulk(mbytes: float = 30.0, mss: int = 0, seed: int = 1) -> dict:
     L.listen(1)
     L.settimeout(30)
     q = ctx.Queue()
-    p = ctx.Process(target=_bulk_sender, args=(L.getsockname()[1], total, seed, mss, q))
+    p = ctx.Process(target=die_with, args=(os.getpid(), _bulk_sender, L.getsockname()[1], total, seed, mss, q))
     p.start()
     c, _ = L.accept()
     c.settimeout(60)

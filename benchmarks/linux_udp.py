@@ -18,7 +18,7 @@ import time
 from multiprocessing import get_context
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ProcCost, percentile, start_echo, timed_rounds  # noqa: E402
+from _common import ProcCost, die_with, percentile, start_echo, timed_rounds  # noqa: E402
 
 
 def _sender(port: int, payload: int, seconds: float, ready) -> None:
@@ -46,7 +46,7 @@ def rate(payload: int = 18, seconds: float = 2.0) -> dict:
     r.bind(("127.0.0.1", 0))
     port = r.getsockname()[1]
     ready = ctx.Event()
-    p = ctx.Process(target=_sender, args=(port, payload, seconds + 0.5, ready))
+    p = ctx.Process(target=die_with, args=(os.getpid(), _sender, port, payload, seconds + 0.5, ready))
     p.start()
     me = ProcCost("self")
     snd = ProcCost(p.pid)

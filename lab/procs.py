@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,12 +165,22 @@ class Child:
 
 
 
-def pdeathsig_preexec() -> Any:
+def pdeathsig_preexec(parent: int | None = None) -> Any:
     """Children die with the controller, even when it is killed with SIGKILL (the
-    supervisor's PR_SET_PDEATHSIG preexec_fn, which `nicemu up` uses for its children)."""
+    supervisor's PR_SET_PDEATHSIG preexec_fn, which `nicemu up` uses for its children).
+    `parent`: the controller's pid (default this process: the function is a Popen
+    preexec_fn); a forked child calls `pdeathsig_preexec(parent)()` itself (die_with)."""
     from nicemu.supervisor import _pdeathsig_preexec as preexec
 
-    return preexec(os.getpid())
+    return preexec(os.getpid() if parent is None else parent)
+
+
+def die_with(parent: int, target: Any, *args: Any) -> Any:
+    """A multiprocessing (fork) target that first sets PR_SET_PDEATHSIG towards `parent`
+    (exits at once if `parent` is already gone), then runs target(*args):
+    ctx.Process(target=die_with, args=(os.getpid(), target, *args))."""
+    pdeathsig_preexec(parent)()
+    return target(*args)
 
 
 @contextlib.contextmanager
@@ -191,9 +202,9 @@ def stdout_to_devnull() -> Iterator[None]:
 PARENT_MARK = "made-parent"  # in a run's directory: that run created /tmp/nicemu-UID
 
 
-def run_directory() -> tuple[Path, bool]:
+def run_directory(kind: str = "_demo") -> tuple[Path, bool]:
     """A private directory for this run's config and sockets: /tmp/nicemu-UID/_demo-PID (no
-    topology's runtime directory starts with "_"), and whether this run is to remove the
+    topology's runtime directory starts with "_"; `kind` "_bench" for `nicemu bench`), and whether this run is to remove the
     per-user parent /tmp/nicemu-UID at the end if it is empty then: it created the parent, or
     it swept away the directory of a dead demo that had (marked by a PARENT_MARK file).
 
@@ -202,12 +213,12 @@ def run_directory() -> tuple[Path, bool]:
     from nicemu.supervisor import _listening_paths
     from nicemu.topology import default_runtime_dir, ensure_private_dir
 
-    mine = default_runtime_dir(f"_demo-{os.getpid()}")
+    mine = default_runtime_dir(f"{kind}-{os.getpid()}")
     created_parent = not mine.parent.exists()
     parent = ensure_private_dir(mine.parent)
     listening = _listening_paths() or set()
-    for old in parent.glob("_demo-*"):
-        pid = old.name[len("_demo-") :]
+    for old in parent.glob(f"{kind}-*"):
+        pid = old.name[len(kind) + 1 :]
         if not pid.isdigit() or Path(f"/proc/{pid}").exists():
             continue  # that demo is still running
         if any(str(sock) in listening for sock in old.glob("*.sock")):
@@ -236,3 +247,58 @@ def remove_parent_if_empty(run_dir: Path) -> None:
     with contextlib.suppress(OSError):  # not empty, or already gone: either way, not ours
         os.rmdir(run_dir.parent)
 
+
+
+class Reaper:
+    """A watcher process that removes a run's directory once this process is gone, however it
+    ends: kill -9 included, when nothing of ours runs any more. It waits on a pipe whose only
+    writer is this process (and children forked from it, which die with it: die_with);
+    end-of-file means we are gone. `close()` at a normal end tells it that we cleaned up
+    ourselves, and reaps it.
+
+    Forked before any thread starts (fork with threads is unsafe); its own session, so a
+    Ctrl-C in the terminal does not kill it before it has done its job; stdio on /dev/null, so
+    that it holds no pipe of whoever reads our output."""
+
+    LINGER = (0.3, 1.5)  # s after our death: remove, then once more after the children's exits
+
+    def __init__(self, path: Path, remove_parent: bool) -> None:
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the watcher
+            code = 0
+            try:
+                os.close(w)
+                os.setsid()
+                null = os.open(os.devnull, os.O_RDWR)
+                for fd in (0, 1, 2):
+                    os.dup2(null, fd)
+                os.closerange(3, r)
+                os.closerange(r + 1, 1 << 16)
+                last = b""
+                while chunk := os.read(r, 64):
+                    last = chunk
+                if not last.endswith(b"x"):  # died without saying it had cleaned up
+                    for pause in self.LINGER:
+                        time.sleep(pause)  # its children are stopping (PR_SET_PDEATHSIG)
+                        shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True)
+                if remove_parent:
+                    remove_parent_if_empty(path)
+            except BaseException:
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(r)
+        self.pid, self._w = pid, w
+
+    def close(self) -> None:
+        """We cleaned up: the watcher removes what is left (nothing, normally) and exits now."""
+        if self._w is None:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._w, b"x")
+        os.close(self._w)
+        self._w = None
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
