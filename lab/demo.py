@@ -25,6 +25,7 @@ from typing import Any
 
 from lab import paths as P
 from lab import report
+from lab.demo_emulator import DEFAULT_MAX_FRAMES, DEFAULT_SNAPLEN
 from lab.measure import idle_cpu, load_warning, machine_line
 from lab.procs import DemoError, Interrupted, remove_parent_if_empty, run_directory
 
@@ -33,6 +34,7 @@ DEFAULT_PINGS = 300
 DEFAULT_REPEAT = 3
 DEFAULT_WINDOW = 16
 PAYLOAD = 18
+DEFAULT_PCAP = "nicemu-demo.pcap"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -53,7 +55,13 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     ps.add_argument("--paths", default=",".join(P.PATHS), metavar="LIST",
                     help=f"which paths, in order (default {','.join(P.PATHS)})")
     ps.add_argument("--no-extras", action="store_true", help="skip ping and the TCP transfer")
-    ps.add_argument("--pcap", metavar="FILE", help="write the cable's frames (kernel A's device) to FILE")
+    ps.add_argument("--pcap", metavar="FILE", default=DEFAULT_PCAP,
+                    help=f"capture the emulated cable (nic0 to nic1, both directions) to FILE, overwritten "
+                         f"(default ./{DEFAULT_PCAP}); bounded: {DEFAULT_SNAPLEN} bytes of each frame, at most "
+                         f"--pcap-frames frames")
+    ps.add_argument("--no-pcap", action="store_true", help="no capture")
+    ps.add_argument("--pcap-frames", type=int, default=DEFAULT_MAX_FRAMES, metavar="N",
+                    help=f"frames written at most; later ones are only counted (default {DEFAULT_MAX_FRAMES:,})")
     ps.add_argument("--json", action="store_true", help="also print every sample as one JSON line at the end")
     return ps
 
@@ -67,6 +75,7 @@ class Demo:
         self.run_dir: Any = None
         self.made_parent = False
         self.extras: list[str] = []
+        self.pcap = pcap_path(args)  # absolute, or None (--no-pcap, or no place to write it)
 
     def say(self, text: str, tag: str = "") -> None:
         prefix = f"[{tag}] " if tag else ""
@@ -84,7 +93,7 @@ class Demo:
         rc = 0
         try:
             self.run_dir, self.made_parent = run_directory()
-            self.lab = P.Lab(self.run_dir, P.environment(), self.args.pcap)
+            self.lab = P.Lab(self.run_dir, P.environment(), self.pcap, self.args.pcap_frames)
             self._intro()
             for path in self.paths:
                 self._path(path)
@@ -115,6 +124,11 @@ class Demo:
             self.say(f"WARNING: {warn}.")
         self.say("The link rate is not modeled: frames cross the emulated cable as fast as the "
                  "processes move them.")
+        if self.pcap and any(P.PATHS.get(p) for p in self.paths):
+            self.say(f"The cable between nic0 and nic1 is captured to {self.pcap} (both directions, FCS "
+                     f"included; {DEFAULT_SNAPLEN} bytes of each frame, the first {self.args.pcap_frames:,} "
+                     f"frames; --no-pcap turns it off). Capturing costs the emulator a little; the "
+                     f"figures below are with it on.")
         self.say("")
 
     def _path(self, path: str) -> None:
@@ -132,7 +146,7 @@ class Demo:
         else:
             if lab.emu is None:
                 lab.up()
-                self.say(f"One emulator process (nicemu serve, pid {lab.emu.pid}) holds both devices, "
+                self.say(f"One emulator process (nicemu's, started as lab.demo_emulator; pid {lab.emu.pid}) holds both devices, "
                          f"nic0 ({P.MAC0}) and nic1 ({P.MAC1}), joined by a pair cable; kstack kernel A "
                          f"(pid {lab.ka.pid}, NAPI, {P.IP_A}) drives nic0 and carries the echo client. "
                          f"Sockets: {lab.dir}/nic0.sock and {lab.dir}/nic1.sock.", "setup")
@@ -213,12 +227,56 @@ class Demo:
             if self.made_parent:
                 remove_parent_if_empty(self.run_dir)
         self.say("")
+        self._pcap_line()
         self.say("Stopped every process (echo servers, drivers, kernels, the emulator); sockets and the "
                  "run's directory removed.", "done")
 
+    def _pcap_line(self) -> None:
+        if not self.pcap or self.lab is None or self.lab.emu is None:
+            return  # no emulated path ran: no capture was made
+        rep = self.lab.pcap_report
+        if rep is None:
+            self.say(f"The capture in {self.pcap} may be incomplete: the emulator did not say how much "
+                     f"it wrote.", "pcap")
+            return
+        more = (f"; {rep['not_written']:,} later frames not written (the limit is {rep['max_frames']:,}: "
+                f"--pcap-frames)" if rep["not_written"] else "")
+        cut = f"; {rep['truncated']:,} cut to {rep['snaplen']} bytes" if rep.get("truncated") else ""
+        self.say(f"{rep['written']:,} frames of the cable written to {self.pcap}{more}{cut}. Read it "
+                 f"with:", "pcap")
+        print(f"       tshark -r {self.pcap}", flush=True)  # on one line, to copy
+
+
+def pcap_path(args: argparse.Namespace) -> str | None:
+    """The capture file, absolute: --pcap FILE, or ./nicemu-demo.pcap; None with --no-pcap."""
+    if getattr(args, "no_pcap", False) or not args.pcap:
+        return None
+    return os.path.abspath(args.pcap)
+
+
+def pcap_problem(path: str) -> str | None:
+    """Why `path` cannot be written (checked before anything starts), or None."""
+    d = os.path.dirname(path)
+    if os.path.isdir(path):
+        return f"{path} is a directory"
+    if not os.path.isdir(d):
+        return f"the directory {d} does not exist"
+    if not os.access(d, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"{path} cannot be written (permission denied)"
+    return None
+
 
 def run(args: argparse.Namespace) -> int:
-    if args.repeat < 1 or args.window < 1 or args.rounds < 0 or args.pings < 0:
-        print("nicemu demo: --repeat and --window must be >= 1, --rounds and --pings >= 0", file=sys.stderr)
+    if args.repeat < 1 or args.window < 1 or args.rounds < 0 or args.pings < 0 or args.pcap_frames < 0:
+        print("nicemu demo: --repeat and --window must be >= 1, --rounds, --pings and --pcap-frames >= 0",
+              file=sys.stderr)
         return 2
+    path = pcap_path(args)
+    why = pcap_problem(path) if path else None
+    if why and args.pcap != DEFAULT_PCAP:
+        print(f"nicemu demo: --pcap: {why} (or --no-pcap)", file=sys.stderr)
+        return 2
+    if why:  # the default place is not writable: the demo runs without a capture and says so
+        print(f"nicemu demo: no capture of the cable: {why}; give --pcap FILE to have one", flush=True)
+        args.no_pcap = True
     return Demo(args).run()

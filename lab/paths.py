@@ -1,7 +1,7 @@
 """The processes of `nicemu demo` and one measured exchange through each path.
 
-Emulated paths share one set-up: an emulator (`nicemu serve --pair`: nic0 and nic1 back to
-back, one process), kernel A (kstack, NAPI) on nic0 with the echo client, and on nic1, in turn,
+Emulated paths share one set-up: an emulator (lab.demo_emulator: `nicemu serve --pair`, nic0
+and nic1 back to back in one process, with a bounded pcap capture of the cable), kernel A (kstack, NAPI) on nic0 with the echo client, and on nic1, in turn,
 kernel B in interrupt mode with kstack.apps.udp_echo, kernel B in NAPI mode with udp_echo, and
 the bypass PMD echoing UDP itself (lab.l2echo responder --udp). The reference path is two Python
 processes over the real Linux kernel's UDP on loopback (lab.echo_client, lab.linux_echo).
@@ -55,10 +55,13 @@ class Lab:
     """Starts, waits for and stops the demo's processes; `stop_signal` set by a signal
     handler makes every wait raise Interrupted."""
 
-    def __init__(self, run_dir: Path, env: dict[str, str], pcap: str | None = None) -> None:
+    def __init__(self, run_dir: Path, env: dict[str, str], pcap: str | None = None,
+                 pcap_frames: int | None = None) -> None:
         self.dir = run_dir
         self.env = env
-        self.pcap = pcap
+        self.pcap = pcap  # the cable's capture file (absolute), or None
+        self.pcap_frames = pcap_frames
+        self.pcap_report: dict | None = None  # the emulator's closing "pcap" event
         self.children: list[Child] = []
         self.stop_signal: int | None = None
         self.kill_now = False
@@ -84,6 +87,11 @@ class Lab:
                 self.stop(child)
             except Exception as e:  # keep cleaning whatever happens
                 print(f"nicemu demo: stopping {child.name}: {e}", file=sys.stderr)
+        if self.emu is not None and self.pcap:  # its last words: how much of the cable it wrote
+            try:
+                self.pcap_report = self.emu.take("pcap")
+            except DemoError:
+                self.pcap_report = None
 
     def wait(self, child: Child, pred: Callable[[Child], dict | None], what: str,
              timeout: float = UP_TIMEOUT) -> dict:
@@ -127,14 +135,16 @@ class Lab:
         """The emulator and kernel A (the client's, NAPI) once for every emulated path."""
         a, b = str(self.dir / "nic0.sock"), str(self.dir / "nic1.sock")
         self.sock_b = b
-        self.emu = self.spawn("emulator", ["-m", "nicemu", "serve", "--socket", a, "--mac", MAC0,
-                                           "--socket", b, "--mac", MAC1, "--pair"])
+        argv = ["-m", "lab.demo_emulator", "--socket", a, "--mac", MAC0, "--socket", b, "--mac", MAC1]
+        if self.pcap:
+            argv += ["--pcap", self.pcap]
+            if self.pcap_frames is not None:
+                argv += ["--max-frames", str(self.pcap_frames)]
+        self.emu = self.spawn("emulator", argv)
         self.text(self.emu, "nicemu: ready")
         self.ka_sock = str(self.dir / "ka.sock")
         argv = ["-m", "kstack.kernel", "--device", f"{a},name=eth0,mode=napi",
                 "--addr", f"eth0={IP_A}/24", "--syscall-socket", self.ka_sock]
-        if self.pcap:
-            argv += ["--pcap", f"eth0={self.pcap}"]
         self.ka = self.spawn("kernel A", argv)
         self.event(self.ka, "up")
 

@@ -465,7 +465,7 @@ NEW_SOCKETS = re.compile(r"Sockets: (/\S+)/nic0\.sock")
 def test_demo_compares_four_paths_with_every_figure_and_leaves_nothing() -> None:
     shm_before = _dev_shm()
     p = subprocess.run([sys.executable, "-m", "lab", "demo", "--rounds", "200", "--pings", "30",
-                        "--repeat", "2", "--json"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                        "--repeat", "2", "--json", "--no-pcap"], cwd=ROOT, env=ENV, capture_output=True, text=True,
                        timeout=300)
     out = p.stdout
     assert p.returncode == 0, f"{out}\n{p.stderr}"
