@@ -23,8 +23,9 @@ Set-up, all real processes (bench_kstack.Lab): one emulator (`nicemu serve --pai
 3. Per-byte costs of the bulk window: bytes copied per byte of goodput (copy_from_user on A,
    the drivers' TX and RX copies, copy_to_user on B; the TCP engine's own copies into and out
    of its send queue are not counted by anything), syscalls per MB (the kernels' records and
-   the applications' library calls), segments per ACK (B's TcpInSegs / TcpOutSegs; Linux: the
-   sink socket's TCP_INFO), retransmissions, NAPI polls, and CPU ns per KB of each process
+   the applications' library calls), segments per ACK (B's wire segments in,
+   TcpInSegs with GRO's merged ones counted, / TcpOutSegs; Linux: the sink socket's TCP_INFO),
+   GRO's merging (B's gro_* counters), retransmissions, NAPI polls, and CPU ns per KB of each process
    from /proc/PID/schedstat with its run-queue wait.
 
 Every figure is repeated --repeat times: median (min-max, n). The machine line (CPUs, load) is
@@ -147,7 +148,15 @@ def kstack_bulk(lab: Lab, nbytes: int, port: int, seed: int) -> dict:
     sc, kc = send_rep["costs"], sink_rep["costs"]
     per["syscalls per MB: sender library (whole run)"] = sc["syscalls"] / (nbytes / 1e6)
     per["syscalls per MB: sink library (whole run)"] = kc["syscalls"] / (nbytes / 1e6)
-    per["segments per ACK (B: in / out)"] = tcp["B:TcpInSegs"] / max(tcp["B:TcpOutSegs"], 1)
+    # GRO (kstack.gro) on B: TcpInSegs counts sk_buffs as Linux's MIB does; the wire segments
+    # are the sk_buffs plus what GRO merged into them (tcp_info's segs_in, as Linux's column)
+    gro = {k: _delta(b0, b1, "devices", "eth0", "netdev", k)
+           for k in ("gro_packets", "gro_wire_packets", "gro_normal", "gro_held")}
+    wire_in = tcp["B:TcpInSegs"] - gro["gro_packets"] + gro["gro_wire_packets"]
+    per["segments per ACK (B: wire segments in / out)"] = wire_in / max(tcp["B:TcpOutSegs"], 1)
+    per["sk_buffs per ACK (B: TcpInSegs / TcpOutSegs)"] = tcp["B:TcpInSegs"] / max(tcp["B:TcpOutSegs"], 1)
+    per["GRO: wire segments per merged sk_buff (B)"] = gro["gro_wire_packets"] / max(gro["gro_packets"], 1)
+    per["GRO: share of segments merged (B)"] = gro["gro_wire_packets"] / max(wire_in, 1)
     per["data segments per MB (A out)"] = tcp["A:TcpOutSegs"] / mb
     per["retransmitted segments per MB (A)"] = tcp["A:TcpRetransSegs"] / mb
     per["NAPI polls per MB (B)"] = db.get("polls", 0) / mb
@@ -284,7 +293,7 @@ def main() -> int:
     print(f"  {'':58s}" + "".join(f"{c:>28s}" for c in cols))
     lin_map = {"syscalls per MB: sender library (whole run)": "sender_syscalls_per_mb",
                "syscalls per MB: sink library (whole run)": "sink_syscalls_per_mb",
-               "segments per ACK (B: in / out)": "segments_per_ack",
+               "segments per ACK (B: wire segments in / out)": "segments_per_ack",
                "CPU ns per KB: tcp_bulk send": "sender_cpu_ns_per_kb",
                "CPU ns per KB: tcp_bulk sink": "sink_cpu_ns_per_kb",
                "context switches per MB: tcp_bulk send": "sender_ctx_per_mb",

@@ -35,6 +35,7 @@ Sent sk_buffs are copied into DMA buffers and freed (consumed) once the device w
 from __future__ import annotations
 
 import enum
+import os
 import time
 from dataclasses import dataclass, field, fields
 from typing import Callable
@@ -158,6 +159,9 @@ class E1000Config:
     strip_fcs: bool = False  # RCTL.SECRC; off as in Linux's e1000 (the driver trims the FCS)
     rx_csum: bool = True  # RXCSUM IPOFL | TUOFL (NETIF_F_RXCSUM)
     tx_csum: bool = True  # TX checksum insertion, legacy descriptor IC/CSO/CSS (NETIF_F_IP_CSUM)
+    # software offloads of the stack above (ethtool -K gro/gso; NICEMU_GRO=0 / NICEMU_GSO=0)
+    gro: bool = field(default_factory=lambda: os.environ.get("NICEMU_GRO") != "0")
+    gso: bool = field(default_factory=lambda: os.environ.get("NICEMU_GSO") != "0")
     promisc: bool = False
     long_packets: bool = False  # RCTL.LPE: frames up to 16 KB
     watchdog_interval: float = 2.0  # seconds between statistics updates (e1000_watchdog)
@@ -275,7 +279,9 @@ class E1000(NetDevice):
         self.allocator = allocator
         self.clock = clock
         self.features = ((NetdevFeatures.IP_CSUM if cfg.tx_csum else 0)
-                         | (NetdevFeatures.RXCSUM if cfg.rx_csum else 0))
+                         | (NetdevFeatures.RXCSUM if cfg.rx_csum else 0)
+                         | (NetdevFeatures.GRO if cfg.gro else 0)
+                         | (NetdevFeatures.GSO if cfg.gso else 0))
         if receive is not None or on_carrier is not None or on_tx_wake is not None:
             self.set_callbacks(receive=receive, on_carrier=on_carrier, on_tx_wake=on_tx_wake)
         self.stats = DriverStats()
@@ -611,7 +617,9 @@ class E1000(NetDevice):
         With a stack above and a fast path chosen (rx_fast), kstack.rxfast runs this same
         loop and takes the common UDP case through the stack in one step."""
         if self.rx_fast is not None and self.stack is not None:
-            return self.rx_fast(self, budget)
+            work = self.rx_fast(self, budget)
+            self.napi_gro_flush()
+            return work
         ring = self.rx_ring
         desc = ring.desc
         count = ring.count
@@ -668,7 +676,7 @@ class E1000(NetDevice):
                         st.rx_copied_bytes += length
                         skb.protocol = skb.buf[skb.data + 12] << 8 | skb.buf[skb.data + 13]
                         skb.ip_summed = ip_summed
-                        self.netif_receive_skb(skb)
+                        self.napi_gro_receive(skb)
             # the data is copied out: the buffer goes back to the pool, and the refill takes
             # one from there (a fixed pool smaller than the ring still cycles through it)
             pool.put(ring.buffer_addr[i])
@@ -687,6 +695,7 @@ class E1000(NetDevice):
         unused = ring.unused()
         if unused:
             self.alloc_rx_buffers(unused)
+        self.napi_gro_flush()
         return work_done
 
     def _rx_checksum(self, status: int, errors: int) -> int:

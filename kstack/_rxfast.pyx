@@ -324,7 +324,7 @@ def clean_rx(object drv, Py_ssize_t budget):
                         else:
                             # the slow path may look at the driver's state: bring it up to date
                             drv._discarding = discarding
-                            drv.netif_receive_skb(skb_around(skpool, buf, length, ip_summed))
+                            drv.napi_gro_receive(skb_around(skpool, buf, length, ip_summed))
             _pool_put(pool, baddr[i], pbase, stride, pcount)
             baddr[i] = None
             desc[o + 12] = 0

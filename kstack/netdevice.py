@@ -7,6 +7,8 @@ event loop needs from a driver is here too: the interrupt fd to wait on, the han
 when it fires (the top half), and the softirq work it schedules (bottom half or NAPI poll).
 
     driver -> stack:  netif_receive_skb(skb)   a received frame (from the bottom half / poll)
+                      napi_gro_receive(skb)    the same through GRO (kstack.gro) when on
+                      napi_gro_flush()         the poll's end: GRO delivers what it holds
                       netif_carrier_on/off()   link state (from the watchdog)
                       netif_stop_queue()       the TX ring is full: stop calling start_xmit
                       netif_wake_queue()       room again: the qdisc dequeues
@@ -44,6 +46,9 @@ class NetdevFeatures:
 
     IP_CSUM = 1 << 0  # NETIF_F_IP_CSUM: the device inserts TCP/UDP checksums (TX IC)
     RXCSUM = 1 << 1  # NETIF_F_RXCSUM: the device verifies checksums on receive
+    GRO = 1 << 2  # NETIF_F_GRO: napi_gro_receive merges TCP segments (kstack.gro)
+    GSO = 1 << 3  # NETIF_F_GSO: TCP may send segments larger than the MTU, split at
+    #               dev_queue_xmit (kstack.gso) since the device does not do TSO
 
 
 @dataclass
@@ -140,6 +145,27 @@ class NetDevice(abc.ABC):
         NET_IP_ALIGN bytes of headroom so the IP header after Ethernet is 4-byte aligned."""
         pool = self.stack.pool if self.stack is not None else default_pool()
         return pool.alloc(length, _RX_HEADROOM)
+
+    gro: Any = None  # kstack.gro.Gro, made on first use (the NAPI context's gro_hash)
+
+    def napi_gro_receive(self, skb: "SkBuff") -> None:
+        """A received frame through GRO when NETIF_F_GRO is on, else netif_receive_skb."""
+        if self.features & NetdevFeatures.GRO:
+            gro = self.gro
+            if gro is None:
+                from kstack.gro import Gro
+                gro = self.gro = Gro(self)
+            gro.receive(skb)
+            return
+        if self.gro is not None and self.gro.held:
+            self.gro.flush()  # turned off while packets were held: they go first
+        self.netif_receive_skb(skb)
+
+    def napi_gro_flush(self) -> None:
+        """napi_gro_flush at the end of a poll (and of a bottom half): deliver what is held."""
+        gro = self.gro
+        if gro is not None and gro.held:
+            gro.flush()
 
     def netif_receive_skb(self, skb: "SkBuff") -> None:
         skb.dev = self

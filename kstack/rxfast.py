@@ -315,7 +315,7 @@ def clean_rx(drv: Any, budget: int) -> int:
                         if ctx is not None and udp_fast(ctx, buf, length, ip_summed):
                             free_rx_buf(skpool, buf)  # consume_skb after copy_to_user
                         else:
-                            drv.netif_receive_skb(skb_around(skpool, buf, length, ip_summed))
+                            drv.napi_gro_receive(skb_around(skpool, buf, length, ip_summed))
             pool.put(ring.buffer_addr[i])
             ring.buffer_addr[i] = None
             desc[o + 12] = 0
