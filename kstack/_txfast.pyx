@@ -14,6 +14,7 @@ from kstack.neighbour import SKB_TRUESIZE_OVERHEAD
 from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_PARTIAL, MAX_HEADER, SKB_DATA_ALIGN, SkBuff, SkbPool, _SharedInfo
 from kstack.txfast import FAST_NUD, sock_wfree
 from wire.udp import UDP_MAX_PAYLOAD
+from kstack.syscall.channel import MAX_MMSG as _CH_MAX_MMSG
 
 cdef int _FAST_NUD = FAST_NUD
 cdef int _IFF_UP = IFF_UP
@@ -191,6 +192,77 @@ cdef bint _udp_send(sk, d, data, int dport) except -1:
         dv = data
         nlen = dv.shape[0]
         src_p = &dv[0] if nlen else NULL
+    return _udp_send_p(sk, d, src_p, nlen, dport)
+
+
+cdef Py_ssize_t _MAX_MMSG = 1024  # kstack.syscall.channel.MAX_MMSG (checked at import below)
+
+
+def mmsg_check(const uint8_t[::1] p, Py_ssize_t count):
+    """kstack.syscall.channel.unpack_mmsg's checks, compiled: `count` (1..MAX_MMSG) entries of
+    a u16 little-endian length and the bytes, covering the payload exactly; else ValueError."""
+    cdef Py_ssize_t n = p.shape[0], off = 0, i, ln
+    if count < 1 or count > _MAX_MMSG:
+        raise ValueError("sendmmsg count out of range")
+    for i in range(count):
+        if off + 2 > n:
+            raise ValueError("sendmmsg entry header past the payload")
+        ln = p[off] | (<Py_ssize_t>p[off + 1] << 8)
+        off += 2
+        if off + ln > n:
+            raise ValueError("sendmmsg entry past the payload")
+        off += ln
+    if off != n:
+        raise ValueError("sendmmsg payload longer than its entries")
+
+
+def mmsg_entry(payload, Py_ssize_t count, Py_ssize_t k):
+    """Datagram k of a checked SENDMMSG payload (mmsg_check first), as a memoryview slice;
+    kstack.syscall.channel.mmsg_entry is the twin."""
+    cdef const uint8_t[::1] p = payload
+    mmsg_check(p, count)
+    if not 0 <= k < count:
+        raise IndexError("sendmmsg entry out of range")
+    cdef Py_ssize_t off = 0, i, ln
+    for i in range(k):
+        off += 2 + (p[off] | (<Py_ssize_t>p[off + 1] << 8))
+    ln = p[off] | (<Py_ssize_t>p[off + 1] << 8)
+    return memoryview(payload)[off + 2:off + 2 + ln]
+
+
+def sendmmsg_connected(sk, payload, Py_ssize_t count, Py_ssize_t start=0):
+    """sendmmsg(2)'s loop over a checked SENDMMSG payload (mmsg_check first: nothing is sent
+    from a malformed one) for a connected socket, each datagram as sendmsg_connected sends
+    one, without an object per datagram: the copy_from_user goes from the record straight into
+    the sk_buff. Starts at datagram `start` (the ones before it were sent by an earlier
+    call); returns the index of the first not sent (count: all); the caller sends that one the
+    usual way (it failed a fast-path condition: the layered path decides, raises or parks).
+    kstack.txfast.sendmmsg_connected is the twin."""
+    cdef const uint8_t[::1] p = payload
+    mmsg_check(p, count)
+    cdef Py_ssize_t n = p.shape[0], off = 0, i, ln
+    if start < 0:
+        raise ValueError("negative start")
+    for i in range(count):
+        ln = p[off] | (<Py_ssize_t>p[off + 1] << 8)
+        if i < start:
+            off += 2 + ln
+            continue
+        if sk.closed or sk.err or not sk.connected:
+            return i
+        d = sk._dst
+        if d is None or ln > _UDP_MAX or d.genid != sk.inet.fib.genid or sk.wmem >= sk.sndbuf:
+            return i
+        nb = d.neigh
+        if nb is None or nb.dead:
+            return i
+        if not _udp_send_p(sk, d, &p[off + 2] if ln else NULL, ln, sk.dport):
+            return i
+        off += 2 + ln
+    return count
+
+
+cdef bint _udp_send_p(sk, d, const uint8_t* src_p, Py_ssize_t nlen, int dport) except -1:
     n = d.neigh
     dev = d.dev
     qd = dev.qdisc
@@ -302,3 +374,7 @@ cdef bint _udp_send(sk, d, data, int dport) except -1:
     if more and dev not in batch:
         batch.append(dev)
     return True
+
+
+if _CH_MAX_MMSG != _MAX_MMSG:
+    raise ImportError("kstack.syscall.channel.MAX_MMSG changed: update kstack/_txfast.pyx")

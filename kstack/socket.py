@@ -65,7 +65,7 @@ from kstack.sock import (AF_INET, IP_TOS, IP_TTL, IPPROTO_ICMP, IPPROTO_IP, IPPR
                          SO_KEEPALIVE, SO_LINGER, SO_RCVBUF, SO_REUSEADDR, SO_SNDBUF, SOCK_DGRAM,
                          SOCK_RAW, SOCK_STREAM, SOL_SOCKET, TCP_NODELAY)
 from kstack.tcp_sock import TCP_KEEPCNT, TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_MAXSEG
-from kstack.syscall.channel import POLLFD, Op
+from kstack.syscall.channel import MAX_MMSG, POLLFD, Op, pack_mmsg
 from kstack.syscall.client import KernelChannel
 
 __all__ = ["socket", "select", "poll", "connect_kernel", "disconnect_kernel", "kernel", "costs", "timeout", "error",
@@ -316,6 +316,101 @@ class socket:
         self._bound = True
         _copies["bytes_sent"] += len(view)
         return n
+
+    def sendmmsg(self, datagrams: Iterable, flags: int = 0, address: Any = None) -> int:
+        """sendmmsg(2) for a datagram socket: the datagrams to `address` (or the connected
+        peer) in as few calls as fit (MAX_MMSG datagrams and the channel's payload size per
+        call; each call is one syscall, as Linux counts sendmmsg). Returns how many were sent:
+        async (see _send) all of them; synchronous, a short count when one failed after
+        others went (its error then comes with the next call, as Linux does), the error itself
+        when the first of a call failed."""
+        if self.type == SOCK_STREAM:
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+        addr = _addr(address) if address is not None else None
+        views = [d if type(d) is bytes else memoryview(d).cast("B") for d in datagrams]
+        if not views:
+            return 0
+        fd = self._live()
+        for v in views:
+            if len(v) > UDP_MAX:
+                raise OSError(errno.EMSGSIZE, os.strerror(errno.EMSGSIZE))
+        if not self._bound:  # the first send autobinds synchronously, its errors seen at once
+            self._send(views[0], flags, addr)
+            return 1 + self.sendmmsg(views[1:], flags, address) if len(views) > 1 else 1
+        if self._ch.errors:
+            self._pending_error(fd)
+        limit = self._ch.layout.max_payload
+        sent = 0
+        i = 0
+        while i < len(views):
+            j, size = i, 0
+            while j < len(views) and j - i < MAX_MMSG and size + 2 + len(views[j]) <= limit:
+                size += 2 + len(views[j])
+                j += 1
+            if j == i:  # one datagram larger than a call's payload: alone, as sendto
+                sent += self._send(views[i], flags, addr) >= 0
+                i += 1
+                continue
+            chunk = views[i:j]
+            payload = pack_mmsg(chunk)
+            nbytes = size - 2 * len(chunk)
+            if (self.async_send and (addr is not None or self._connected)
+                    and not flags & ~MSG_DONTWAIT):
+                t = 0.0 if flags & MSG_DONTWAIT else self._timeout
+                self._ch.submit_async(Op.SENDMMSG, fd, flags, len(chunk), -1, payload, addr, timeout=t)
+                _copies["bytes_sent"] += nbytes
+                sent += len(chunk)
+            else:
+                try:
+                    n = self._call(Op.SENDMMSG, fd, flags, len(chunk), self._tmo(flags), payload, addr).result
+                except OSError:
+                    if sent:
+                        return sent
+                    raise
+                _copies["bytes_sent"] += sum(len(v) for v in chunk[:n])
+                sent += n
+                if n < len(chunk):
+                    return sent
+            i = j
+        return sent
+
+    def recvmmsg(self, vlen: int, bufsize: int = 65535, flags: int = 0) -> list:
+        """recvmmsg(2) for a datagram socket: up to `vlen` datagrams as (data, address); waits
+        (as recvfrom does, by the socket's timeout and MSG_DONTWAIT) for the first only, then
+        takes what else is already here: the multishot receive's datagrams in this process's
+        queue and the completion ring, reaped once without sleeping. A pending error stops the
+        batch and comes with the next call, as Linux does."""
+        if vlen < 1:
+            raise ValueError("vlen must be at least 1")
+        out = [self.recvfrom(bufsize, flags)]
+        if vlen == 1 or flags & ~MSG_DONTWAIT or not self.multishot or self.type == SOCK_STREAM:
+            return out
+        ch = self._ch
+        fd = self._fd
+        with ch._lock:
+            st = ch.rx.get(fd)
+            if st is None:
+                return out
+            if len(st.queue) < vlen - 1 and not ch.errors:
+                ch._take(block=False)
+            if ch.errors or ch.rx.get(fd) is not st:
+                return out
+            q = st.queue
+            k = min(vlen - 1, len(q))
+            nbytes = 0
+            popleft = q.popleft
+            append = out.append
+            for _ in range(k):
+                data, addr = popleft()
+                if len(data) > bufsize:
+                    data = data[:bufsize]
+                nbytes += len(data)
+                append((data, addr))
+            st.consumed += k
+            if st.consumed * 2 >= st.credit:
+                ch.grant(fd, st)
+        _copies["bytes_received"] += nbytes
+        return out
 
     def recvfrom(self, bufsize: int, flags: int = 0) -> tuple[bytes, tuple[str, int] | None]:
         if bufsize < 0:

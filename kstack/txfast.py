@@ -28,7 +28,7 @@ from kstack.netdevice import NETDEV_TX_BUSY, IFF_UP, NetdevFeatures
 from kstack.skbuff import CHECKSUM_PARTIAL, MAX_HEADER
 from nicemu import tracepoint
 
-__all__ = ["UdpDst", "udp_send", "sock_wfree", "FAST_NUD", "IP_IDENTS_MUL"]
+__all__ = ["UdpDst", "udp_send", "sendmmsg_connected", "sock_wfree", "FAST_NUD", "IP_IDENTS_MUL"]
 
 FAST_NUD = NUD_CONNECTED | NUD_DELAY | NUD_PROBE
 IP_IDENTS_MUL = 2654435761  # ip_select_ident's hash (kstack.ipv4.Ipv4.select_ident)
@@ -176,6 +176,35 @@ def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int) -> bool:
     if more and dev not in batch:
         batch.append(dev)
     return True
+
+
+def sendmmsg_connected(sk: Any, payload: bytes, count: int, start: int = 0, send: Any = None) -> int:
+    """sendmmsg(2)'s loop for a connected socket, the twin of kstack._txfast.sendmmsg_connected:
+    the payload is checked whole first (kstack.syscall.channel.unpack_mmsg: ValueError, nothing
+    sent), then each datagram goes as UdpSock.sendmsg's fast case sends one, through `send`
+    (this module's udp_send unless given), from datagram `start`. Returns the index of the
+    first not sent (count: all); the caller sends that one the usual way."""
+    from kstack.syscall.channel import unpack_mmsg
+    from wire.udp import UDP_MAX_PAYLOAD
+
+    views = unpack_mmsg(payload, count)
+    if start < 0:
+        raise ValueError("negative start")
+    send = send or udp_send
+    for i, v in enumerate(views):
+        if i < start:
+            continue
+        if sk.closed or sk.err or not sk.connected:
+            return i
+        d = sk._dst
+        if d is None or len(v) > UDP_MAX_PAYLOAD or d.genid != sk.inet.fib.genid or sk.wmem >= sk.sndbuf:
+            return i
+        nb = d.neigh
+        if nb is None or nb.dead:
+            return i
+        if not send(sk, d, v, sk.dport):
+            return i
+    return count
 
 
 def select(kind: str | None = None) -> Any:

@@ -30,7 +30,7 @@ from kstack.netdevice import NetdevFeatures
 from kstack.route import RTN_BROADCAST, RTN_LOCAL, RTN_UNICAST
 from kstack.rxfast import ms_deliver
 from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, MAX_HEADER, SkBuff
-from kstack.txfast import UdpDst, select as txfast_select, sock_wfree
+from kstack.txfast import UdpDst, select as txfast_select, sendmmsg_connected as txfast_sendmmsg, sock_wfree
 from kstack.sock import (IPPROTO_UDP, MSG_PEEK, POLLERR, POLLIN, POLLNVAL, POLLOUT,
                          SO_BROADCAST, SOL_SOCKET, Address, Sock, inet_addr, pick_ephemeral)
 from wire.checksum import fold, ones_sum
@@ -40,9 +40,10 @@ from wire.ipv4 import IPV4_MIN_HLEN, is_lbcast, ntoa
 from wire.udp import UDP_HLEN, UDP_MAX_PAYLOAD
 
 try:  # the compiled send: udp_send and the connected case of sendmsg before it
-    from kstack._txfast import sendmsg_connected as _c_sendmsg_connected, udp_send as _c_udp_send
+    from kstack._txfast import (sendmmsg_connected as _c_sendmmsg_connected,
+                                sendmsg_connected as _c_sendmsg_connected, udp_send as _c_udp_send)
 except ImportError:
-    _c_sendmsg_connected = _c_udp_send = None
+    _c_sendmmsg_connected = _c_sendmsg_connected = _c_udp_send = None
 
 if TYPE_CHECKING:
     from kstack.inet import Inet
@@ -66,6 +67,10 @@ ICMP_ERR_CONVERT = (
 
 
 _addr = inet_addr
+
+
+def _never(sk: Any, d: Any, data: Any, dport: int) -> bool:
+    return False  # no fast path (KSTACK_TXFAST=off): every datagram goes the layered way
 
 
 class UdpSock(Sock):
@@ -232,6 +237,16 @@ class UdpSock(Sock):
         stack.snmp["UdpOutDatagrams"] += 1
         inet.ip.output(skb, src, dst, IPPROTO_UDP, res, tos=self.tos, ttl=self.ttl)
         return n
+
+    def sendmmsg_fast(self, payload: bytes, count: int, start: int = 0) -> int:
+        """Datagrams `start`.. of a sendmmsg(2) batch (kstack.syscall.channel's SENDMMSG
+        payload, checked whole first: ValueError) sent by the fast path of a connected socket:
+        the index of the first not sent. The syscall layer sends that one with sendmsg
+        (errors, SO_SNDBUF full) and comes back here for the rest."""
+        fast = self._tx_fast
+        if fast is not None and fast is _c_udp_send:
+            return _c_sendmmsg_connected(self, payload, count, start)
+        return txfast_sendmmsg(self, payload, count, start, fast or _never)
 
     # --- receive ------------------------------------------------------------------------------
 

@@ -9,9 +9,15 @@ import struct
 from typing import Any
 
 from kstack.sock import MSG_DONTWAIT, SOCK_STREAM
-from kstack.syscall.channel import F_ASYNC, F_MORE, MAX_CREDIT, Op
+from kstack.syscall.channel import F_ASYNC, F_MORE, MAX_CREDIT, Op, unpack_mmsg
 from kstack.syscall.ring import Record, RingCorrupt, int_to_ip, ip_to_int
-from kstack.syscall.state import _RECV_MS, _App, _Multishot, _SendQueue
+from kstack.syscall.state import _RECV_MS, _SENDMMSG, _SENDTO, _App, _Multishot, _SendQueue
+
+try:
+    from kstack._txfast import mmsg_check, mmsg_entry
+except ImportError:  # not built: the channel's own (the twins)
+    from kstack.syscall.channel import mmsg_entry
+    mmsg_check = unpack_mmsg
 
 
 class AsyncOpsMixin:
@@ -31,22 +37,28 @@ class AsyncOpsMixin:
             return False
         app.syscalls += 1
         self._async_sends += 1
-        addr = (int_to_ip(r[7]), r[8]) if r[9] else None
-        q = app.sendq.get(r[3])
+        self._send_one_async(app, sock, r, (int_to_ip(r[7]), r[8]) if r[9] else None, r[10])
+        return True
+
+    def _send_one_async(self, app: _App, sock: Any, r: tuple, addr: Any, data: Any) -> int:
+        """One async datagram of the raw record r: sent, queued behind earlier ones (0), or
+        failed, its async error posted (the errno)."""
+        fd = r[3]
+        q = app.sendq.get(fd)
         if q is None:
-            ps = app.parked.get(r[3])
-            if ps and any(p.rec is not None and p.rec.op == Op.SENDTO for p in ps):
-                q = self._sendq(app, r[3])  # behind a parked blocking send, in order
+            ps = app.parked.get(fd)
+            if ps and any(p.rec is not None and p.rec.op in (Op.SENDTO, Op.SENDMMSG) for p in ps):
+                q = self._sendq(app, fd)  # behind a parked blocking send, in order
         if q is not None:
             # an earlier send on this socket waits for SO_SNDBUF room: this one queues behind
             # it, in order, as a blocked sender's next call would
             app.inflight += 1
-            q.recs.append(Record(*r[:7], addr, r[10]))
+            q.recs.append(Record(_SENDTO, F_ASYNC, r[2], fd, r[4], 0, -1, addr, bytes(data)))
             self.counters["parked"] += 1
-            return True
+            return 0
         try:
-            sock.sendmsg(r[10], addr, r[4] & ~MSG_DONTWAIT)
-            return True
+            sock.sendmsg(data, addr, r[4] & ~MSG_DONTWAIT)
+            return 0
         except BlockingIOError:
             err = 0
         except OSError as e:
@@ -56,14 +68,89 @@ class AsyncOpsMixin:
         except Exception:
             self.counters["sock_errors"] += 1
             err = errno.EIO
-        rec = Record(*r[:7], addr, r[10])
+        rec = Record(_SENDTO, F_ASYNC, r[2], fd, r[4], 0, -1, addr, bytes(data))
         app.inflight += 1  # not done at once (the Sock was asked once: its error is consumed)
         if err:
             self._complete(app, rec, -err)
         else:
-            self._sendq(app, r[3]).recs.append(rec)
+            self._sendq(app, fd).recs.append(rec)
             self.counters["parked"] += 1
+        return err
+
+    def _sendmmsg_async(self, app: _App, r: tuple) -> bool:
+        """An async SENDMMSG (sendmmsg(2) with IOSQE_CQE_SKIP_SUCCESS): one call, many
+        datagrams. The payload is checked whole before anything is sent (a malformed one is
+        EINVAL, counted in mmsg_malformed). The datagrams go in order, a connected socket's
+        through the compiled loop (UdpSock.sendmmsg_fast: no object per datagram); when
+        SO_SNDBUF is full the call waits in the socket's send queue as *one* entry with its
+        progress, resumed by the socket's wake-up; at the first error that error is posted
+        (the call's async failure) and the datagrams after it are dropped (mmsg_dropped), as
+        sendmmsg stops at the first failure. False: no such datagram socket (_submit answers)."""
+        fd = r[3]
+        sock = app.socks.get(fd)
+        if sock is None or sock.type == SOCK_STREAM:
+            return False
+        app.syscalls += 1
+        self._async_mmsg += 1
+        count = r[5]
+        payload = r[10]
+        addr = (int_to_ip(r[7]), r[8]) if r[9] else None
+        rec = Record(*r[:7], addr, payload)
+        try:
+            mmsg_check(payload, count)
+        except (ValueError, TypeError):
+            self.counters["mmsg_malformed"] += 1
+            app.inflight += 1
+            self._complete(app, rec._replace(payload=b""), -errno.EINVAL)
+            return True
+        q = app.sendq.get(fd)
+        if q is None:
+            ps = app.parked.get(fd)
+            if ps and any(p.rec is not None and p.rec.op in (Op.SENDTO, Op.SENDMMSG) for p in ps):
+                q = self._sendq(app, fd)  # behind a parked blocking send, in order
+        if q is None:
+            k, err = self._mmsg_send(sock, rec, 0)
+            if k >= count:
+                return True
+            app.inflight += 1
+            if err:
+                self.counters["mmsg_dropped"] += count - k - 1
+                self._complete(app, rec._replace(payload=b""), -err)
+                return True
+            q = self._sendq(app, fd)
+            q.pos = k
+        else:
+            app.inflight += 1
+        q.recs.append(rec)
+        self.counters["parked"] += 1
         return True
+
+    def _mmsg_send(self, sock: Any, rec: Record, k: int) -> tuple[int, int]:
+        """Send datagrams k.. of a checked SENDMMSG record: (the index reached, errno). Stops
+        at the first failure: errno 0 there means SO_SNDBUF is full (resume from the index)."""
+        count = rec.a1
+        payload = rec.payload
+        addr = rec.addr
+        fast = getattr(sock, "sendmmsg_fast", None) if addr is None else None
+        flags = rec.a0 & ~MSG_DONTWAIT
+        while k < count:
+            if fast is not None:
+                k = fast(payload, count, k)
+                if k >= count:
+                    break
+            try:
+                sock.sendmsg(mmsg_entry(payload, count, k), addr, flags)
+            except BlockingIOError:
+                return k, 0
+            except OSError as e:
+                return k, e.errno or errno.EIO
+            except (ValueError, TypeError, OverflowError, struct.error):
+                return k, errno.EINVAL
+            except Exception:
+                self.counters["sock_errors"] += 1
+                return k, errno.EIO
+            k += 1
+        return k, 0
 
     def _sendq(self, app: _App, fd: int) -> _SendQueue:
         """fd's queue of async sends waiting for room, parked on fd (no timeout)."""
@@ -79,6 +166,23 @@ class AsyncOpsMixin:
         while recs:
             rec = recs[0]
             err = 0
+            if rec.op == _SENDMMSG:  # a batch: from its progress, as far as the socket takes
+                if sock is None:
+                    err = errno.EBADF
+                else:
+                    k, err = self._mmsg_send(sock, rec, q.pos)
+                    if k < rec.a1 and not err:
+                        q.pos = k
+                        return
+                    if err:
+                        self.counters["mmsg_dropped"] += rec.a1 - k - 1
+                recs.popleft()
+                q.pos = 0
+                if err:
+                    self._complete(app, rec._replace(payload=b""), -err)
+                else:
+                    app.inflight -= 1
+                continue
             try:
                 if sock is None:
                     raise OSError(errno.EBADF, "bad file descriptor")

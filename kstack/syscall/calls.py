@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from kstack.sock import MSG_DONTWAIT, POLLERR, POLLHUP, POLLIN, POLLNVAL, SOCK_STREAM
-from kstack.syscall.channel import F_ASYNC, MAX_POLL_FDS, POLLFD, Op
+from kstack.syscall.channel import F_ASYNC, MAX_POLL_FDS, POLLFD, Op, unpack_mmsg
 from kstack.syscall.ring import Record, RingCorrupt
 from kstack.syscall.state import _WAITING_OPS, _App, _need_addr, _Parked, _SendQueue
 
@@ -30,7 +30,8 @@ class CallsMixin:
     def _timeout(rec: Record) -> int:
         if rec.flags & F_ASYNC:
             return -1  # already returned to the application: waits for room, never times out
-        if rec.op == Op.SENDTO and rec.a0 & MSG_DONTWAIT or rec.op == Op.RECVFROM and rec.a1 & MSG_DONTWAIT:
+        if (rec.op in (Op.SENDTO, Op.SENDMMSG) and rec.a0 & MSG_DONTWAIT
+                or rec.op == Op.RECVFROM and rec.a1 & MSG_DONTWAIT):
             return 0
         if rec.op in _WAITING_OPS:
             return rec.a2
@@ -57,6 +58,8 @@ class CallsMixin:
             if sock.type == SOCK_STREAM:
                 return self._stream_send(app, rec, sock), b"", None
             return sock.sendmsg(rec.payload, rec.addr, rec.a0 & ~MSG_DONTWAIT), b"", None
+        if op == Op.SENDMMSG:
+            return self._sendmmsg(app, rec, self._sock(app, rec.fd)), b"", None
         if op == Op.ACCEPT:
             return self._accept_call(app, rec)
         if op == Op.POLL:
@@ -155,6 +158,44 @@ class CallsMixin:
         if not ready:
             raise BlockingIOError(errno.EAGAIN, "nothing ready")
         return ready, bytes(out), None
+
+    def _sendmmsg(self, app: _App, rec: Record, sock: Any) -> int:
+        """sendmmsg(2), synchronous: the datagrams in order (a connected socket's through the
+        compiled loop first); the result is how many were sent. An error or EAGAIN on the first
+        is the call's; after some were sent, the count is returned (a later error is the
+        next call's, as the socket keeps it). A blocking call that finds SO_SNDBUF full keeps
+        its progress (app.partial) and is parked until it has sent all or times out."""
+        if sock.type == SOCK_STREAM:
+            raise OSError(errno.EOPNOTSUPP, "sendmmsg on a stream socket")
+        count = rec.a1
+        cid = rec.call_id
+        done = app.partial.get(cid, 0)
+        try:
+            fast = getattr(sock, "sendmmsg_fast", None)
+            if not done and rec.addr is None and fast is not None:
+                done = fast(rec.payload, count)
+            views = unpack_mmsg(rec.payload, count)
+        except (ValueError, TypeError):
+            self.counters["mmsg_malformed"] += 1
+            app.partial.pop(cid, None)
+            raise OSError(errno.EINVAL, "malformed sendmmsg") from None
+        flags = rec.a0 & ~MSG_DONTWAIT
+        while done < count:
+            try:
+                sock.sendmsg(views[done], rec.addr, flags)
+            except BlockingIOError:
+                if done and self._timeout(rec) == 0:
+                    break
+                app.partial[cid] = done
+                raise
+            except OSError:
+                if done:
+                    break
+                app.partial.pop(cid, None)
+                raise
+            done += 1
+        app.partial.pop(cid, None)
+        return done
 
     # --- stream sockets ----------------------------------------------------------------------
 

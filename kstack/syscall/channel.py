@@ -64,7 +64,7 @@ from dataclasses import dataclass
 
 from kstack.syscall.ring import HEADER_BYTES, LAYOUT, MAGIC, VERSION, record_bytes
 
-__all__ = ["Op", "F_ASYNC", "F_MORE", "MAX_CREDIT", "Layout", "HELLO", "REPLY", "POLLFD", "create_shared", "send_accept",
+__all__ = ["Op", "F_ASYNC", "F_MORE", "MAX_CREDIT", "MAX_MMSG", "MMSG_HDR", "pack_mmsg", "unpack_mmsg", "mmsg_entry", "Layout", "HELLO", "REPLY", "POLLFD", "create_shared", "send_accept",
            "send_refuse", "recv_hello", "connect", "SEALS"]
 
 
@@ -85,6 +85,7 @@ class Op(enum.IntEnum):
     LISTEN = 14
     ACCEPT = 15
     STATS = 16
+    SENDMMSG = 17  # sendmmsg(2): several datagrams in one record (see MMSG_HDR)
 
 
 # record flags (the header's u16 flags word)
@@ -92,6 +93,11 @@ F_ASYNC = 0x1  # SQ: post no completion on success (IOSQE_CQE_SKIP_SUCCESS); CQ:
 #                completion of such a call, reported as the socket's pending error
 F_MORE = 0x2  # CQ: a multishot receive's datagram; the receive stays armed (IORING_CQE_F_MORE)
 MAX_CREDIT = 4096  # datagrams one multishot receive may have granted and not yet delivered
+# SENDMMSG: a0 flags, a1 the number of datagrams (1..MAX_MMSG, Linux's UIO_MAXIOV bound), the
+# record's address (or the connected peer) for all of them; the payload is each datagram as
+# MMSG_HDR (its length, u16 little-endian) and its bytes, back to back, nothing after the last
+MAX_MMSG = 1024
+MMSG_HDR = struct.Struct("<H")
 
 
 HELLO = struct.Struct("<QII")  # magic, version, pid
@@ -222,3 +228,45 @@ def connect(path: str, timeout: float = 5.0) -> Accepted:
         for fd in fds:
             os.close(fd)
         raise
+
+
+def pack_mmsg(datagrams) -> bytes:
+    """A SENDMMSG payload from a sequence of bytes-like datagrams (each at most 65535 bytes)."""
+    parts = []
+    pack = MMSG_HDR.pack
+    for d in datagrams:
+        parts.append(pack(len(d)))
+        parts.append(d)
+    return b"".join(parts)
+
+
+def unpack_mmsg(payload, count: int) -> list:
+    """The datagrams of a SENDMMSG payload (memoryview slices), checked: exactly `count`
+    (1..MAX_MMSG) entries covering the payload; anything else is ValueError."""
+    if not 1 <= count <= MAX_MMSG:
+        raise ValueError("sendmmsg count out of range")
+    mv = memoryview(payload).cast("B")
+    b = payload if type(payload) is bytes else mv  # bytes index faster than a memoryview
+    n = len(mv)
+    off = 0
+    out = []
+    for _ in range(count):
+        if off + 2 > n:
+            raise ValueError("sendmmsg entry header past the payload")
+        ln = b[off] | b[off + 1] << 8
+        off += 2
+        if off + ln > n:
+            raise ValueError("sendmmsg entry past the payload")
+        out.append(mv[off:off + ln])
+        off += ln
+    if off != n:
+        raise ValueError("sendmmsg payload longer than its entries")
+    return out
+
+
+def mmsg_entry(payload, count: int, k: int):
+    """Datagram k of a SENDMMSG payload, the whole payload checked (unpack_mmsg)."""
+    views = unpack_mmsg(payload, count)
+    if not 0 <= k < count:
+        raise IndexError("sendmmsg entry out of range")
+    return views[k]

@@ -49,6 +49,7 @@ __all__ = ["KernelChannel", "Completion", "RxState"]
 _OP_NAMES = {int(op): op.name.lower() for op in Op}
 _RECV_MS = int(Op.RECV_MULTISHOT)
 _SENDTO = int(Op.SENDTO)
+_SENDMMSG = int(Op.SENDMMSG)
 MAX_ERRNO = 4095
 
 
@@ -360,7 +361,7 @@ class KernelChannel:
                             raise RingCorrupt(f"multishot error for fd {fd} with no receive")
                         self._error(fd, a0)
                     elif flags & F_ASYNC:
-                        if flags != F_ASYNC or op not in (_SENDTO, _RECV_MS):
+                        if flags != F_ASYNC or op not in (_SENDTO, _SENDMMSG, _RECV_MS):
                             raise RingCorrupt(f"async completion of op {op}")
                         self._error(fd, a0)
                         st = rx.get(fd)

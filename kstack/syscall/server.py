@@ -36,10 +36,10 @@ from typing import Any, Callable
 from nicemu import tracepoint
 from kstack.syscall.async_ops import AsyncOpsMixin
 from kstack.syscall.calls import CallsMixin
-from kstack.syscall.channel import (F_ASYNC, Layout, Op, create_shared, recv_hello, send_accept,
+from kstack.syscall.channel import (F_ASYNC, MAX_MMSG, Layout, Op, create_shared, recv_hello, send_accept,
                                     send_refuse)
 from kstack.syscall.ring import Record, Ring, RingCorrupt, int_to_ip, ip_to_int
-from kstack.syscall.state import (_CONN, _LISTEN, _OP_NAMES, _PEERCRED, _REFUSED, _SENDTO, _SQ,
+from kstack.syscall.state import (_CONN, _LISTEN, _OP_NAMES, _PEERCRED, _REFUSED, _SENDMMSG, _SENDTO, _SQ,
                                   _WAKE, FIRST_FD, MAX_REFUSED, _App, _eventfd_clear, _Multishot,
                                   _Parked, _SendQueue)
 from kstack.timer import Timer, TimerQueue
@@ -75,6 +75,7 @@ class SyscallServer(AsyncOpsMixin, CallsMixin):
         self._woken: dict[_App, set[int]] = {}
         self._wake_signaled = False
         self._async_sends = 0  # async sends done by the fast path (counted as sendto calls)
+        self._async_mmsg = 0  # async sendmmsg calls done by the fast path (counted as sendmmsg)
         if os.path.exists(path) and stat.S_ISSOCK(os.lstat(path).st_mode):
             os.unlink(path)  # a dead kernel's socket
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -139,6 +140,8 @@ class SyscallServer(AsyncOpsMixin, CallsMixin):
         syscalls = self.syscalls.copy()
         if self._async_sends:
             syscalls["sendto"] += self._async_sends
+        if self._async_mmsg:
+            syscalls["sendmmsg"] += self._async_mmsg
         return {
             "apps": len(self._apps),
             "syscalls": dict(syscalls),
@@ -341,8 +344,13 @@ class SyscallServer(AsyncOpsMixin, CallsMixin):
                         copied += len(r[10])
                         if tracepoint.enabled:
                             tracepoint.emit("sys.enter", op=r[0], fd=r[3], bytes=len(r[10]), copy_from_user="SQ ring (shared memory)")
-                        if r[0] == _SENDTO and r[1] == F_ASYNC and self._send_async(app, r):
-                            continue
+                        if r[1] == F_ASYNC:
+                            if r[0] == _SENDTO and self._send_async(app, r):
+                                continue
+                            if r[0] == _SENDMMSG and self._sendmmsg_async(app, r):
+                                # the budget is in datagrams: a batch takes its count
+                                budget = max(budget - min(max(r[5], 1), MAX_MMSG) + 1, 0)
+                                continue
                         self._submit(app, Record(*r[:7], (int_to_ip(r[7]), r[8]) if r[9] else None, r[10]))
                 finally:
                     self.stack.xmit_batch_end()
@@ -418,7 +426,7 @@ class SyscallServer(AsyncOpsMixin, CallsMixin):
         app.inflight += 1
         app.syscalls += 1
         self.syscalls[_OP_NAMES.get(rec.op, "unknown")] += 1
-        if rec.flags & ~F_ASYNC or rec.flags and rec.op not in (Op.SENDTO, Op.RECV_MULTISHOT):
+        if rec.flags & ~F_ASYNC or rec.flags and rec.op not in (Op.SENDTO, Op.SENDMMSG, Op.RECV_MULTISHOT):
             self.counters["bad_flags"] += 1
             self._complete(app, rec._replace(flags=0), -errno.EINVAL)  # a plain completion
             return

@@ -23,8 +23,9 @@ _CONN, _SQ, _LISTEN, _WAKE, _REFUSED = range(5)
 MAX_REFUSED = 16  # refused connections kept until they said hello (so the answer is read)
 _OP_NAMES = {int(op): op.name.lower() for op in Op}
 _SENDTO = int(Op.SENDTO)
+_SENDMMSG = int(Op.SENDMMSG)
 _RECV_MS = int(Op.RECV_MULTISHOT)
-_WAITING_OPS = (Op.SENDTO, Op.RECVFROM, Op.POLL, Op.CONNECT, Op.ACCEPT)  # a2 is their timeout
+_WAITING_OPS = (Op.SENDTO, Op.SENDMMSG, Op.RECVFROM, Op.POLL, Op.CONNECT, Op.ACCEPT)  # a2 is their timeout
 _PEERCRED = struct.Struct("3i")
 
 
@@ -46,11 +47,12 @@ class _SendQueue(_Parked):
     socket takes them, so a full send buffer costs one attempt per wake-up, not one per call
     (each record is still a call in flight, counted as parked, and completes only on error)."""
 
-    __slots__ = ("recs",)
+    __slots__ = ("recs", "pos")
 
     def __init__(self, app: "_App", fd: int) -> None:
         super().__init__(app, None, [fd])  # type: ignore[arg-type]
         self.recs: deque[Record] = deque()
+        self.pos = 0  # datagrams of the first record already sent (a SENDMMSG's progress)
 
 
 class _Multishot:
