@@ -496,11 +496,16 @@ def test_demo_compares_four_paths_with_every_figure_and_leaves_nothing() -> None
 def test_demo_sigterm_mid_run_leaves_nothing() -> None:
     shm_before = _dev_shm()
     p = subprocess.Popen([sys.executable, "-m", "lab", "demo", "--rounds", "100000", "--pings", "10",
-                          "--repeat", "1"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                          "--repeat", "1", "--no-pcap"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
         r = _Reader(p)
-        r.until(r"ping-pong: ", 120)
+        try:
+            r.until(r"ping-pong: ", 120)
+        except AssertionError as e:
+            p.kill()  # its children die with it (PR_SET_PDEATHSIG)
+            p.wait()
+            raise AssertionError(f"{e}\nstderr:\n{p.stderr.read()}") from None
         time.sleep(0.5)  # the stream is running
         run_dir = NEW_SOCKETS.search(" ".join("".join(r.seen).split())).group(1)
         p.send_signal(signal.SIGTERM)
