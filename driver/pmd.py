@@ -394,6 +394,10 @@ class Pmd:
             "mempool_available": self.pool.available, "mempool_in_use": self.pool.in_use,
         }
         out.update({f"hw_{k.lower()}": v for k, v in self._hw.items()})
+        inner = getattr(self.bus, "inner", None)
+        if getattr(inner, "doorbell_page", False):  # VfioUserBus with the doorbell page on
+            out["page_doorbells"] = inner.page_doorbells  # tails written to the page alone
+            out["page_wakeups"] = inner.page_wakeups  # ... and also sent: the emulator slept
         return out
 
     def stats_reset(self) -> None:
@@ -515,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds between 'stats' lines")
     ap.add_argument("--seconds", "--duration", dest="seconds", type=float, default=0.0, metavar="S",
                     help="stop after this long (0: run until SIGTERM/SIGINT)")
+    ap.add_argument("--no-doorbell-page", action="store_true",
+                    help="do not ask for the doorbell page: every TDT/RDT write is a REGION_WRITE "
+                         "message (by default the page is used when the emulator offers it; "
+                         "docs/transport.md)")
     ap.add_argument("--engine", choices=ENGINES, default="auto",
                     help="the ring code: cython, python (the reference) or auto (cython if built)")
     args = ap.parse_args(argv)
@@ -555,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(line), flush=True)
 
     try:
-        bus = VfioUserBus(args.socket, mem_size=8 << 20)
+        bus = VfioUserBus(args.socket, mem_size=8 << 20, doorbell_page=not args.no_doorbell_page)
     except BusError as e:
         print(json.dumps({"event": "error", "message": str(e)}), flush=True)
         return 1

@@ -13,7 +13,9 @@ Every failure of the transport (EOF, a socket error, an Error reply, a timeout) 
 from __future__ import annotations
 
 import errno
+import fcntl
 import math
+import mmap
 import os
 import select
 import socket
@@ -22,6 +24,8 @@ import time
 
 from driver.bus import BusError
 from nicemu.dma import DmaMemory
+from nicemu.regs import RDT, TDT
+from nicemu.vfio_user import doorbell as db
 from nicemu.vfio_user import protocol as p
 from nicemu.vfio_user.protocol import Command, Flags
 
@@ -50,13 +54,21 @@ class VfioUserBus:
     context does.
     """
 
-    def __init__(self, socket_path: str, mem_size: int = DEFAULT_MEM_SIZE, *, timeout: float = 5.0) -> None:
+    def __init__(self, socket_path: str, mem_size: int = DEFAULT_MEM_SIZE, *, timeout: float = 5.0,
+                 doorbell_page: bool = False, page_engine: str = "cython") -> None:
         self.socket_path = socket_path
         self.timeout = timeout
         self.bar0_size = 0
         self.reads = 0  # BAR0 accesses, as InProcessBus counts them (the driver's stats show them)
         self.writes = 0
         self._id = 0
+        self._sent = 0  # messages sent on this connection (the doorbell page's `after`)
+        # the doorbell page (docs/transport.md): asked for with doorbell_page=True, used if offered
+        self.page = None  # DoorbellPage / DoorbellPageRef once the emulator took it
+        self._page_mm: mmap.mmap | None = None
+        self._page_seq = [0, 0]
+        self.page_doorbells = 0  # tail writes that went to the page alone
+        self.page_wakeups = 0  # ... that found NEED_WAKE set and were sent as a REGION_WRITE too
         self._buf = bytearray(p.HEADER_SIZE + p.REGION_ACCESS.size + p.MAX_DATA_XFER_SIZE)
         self._view = memoryview(self._buf)
         self._eventfd: int | None = None
@@ -76,13 +88,15 @@ class VfioUserBus:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
             try:
-                self._negotiate()
+                self._negotiate(doorbell_page)
             except (p.ProtocolError, struct.error, ValueError, TypeError, AttributeError, OverflowError,
                     RecursionError) as e:
                 # the emulator is as untrusted as any peer: a bad reply is a bus error, not a crash
                 raise BusError(f"malformed reply from the emulator: {type(e).__name__}: {e}") from None
             self.mem = DmaMemory(mem_size, name="nicemu-driver-dma")
             self.dma_map(self.mem.fd, 0, mem_size)
+            if self._page_offer is not None:
+                self._setup_page(page_engine)
             self._eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             self._set_irq_eventfd(self._eventfd)
             self._poll = select.poll()  # poll, not select(): no FD_SETSIZE limit on fd numbers
@@ -101,14 +115,23 @@ class VfioUserBus:
 
     # --- setup ----------------------------------------------------------------------------
 
-    def _negotiate(self) -> None:
-        reply = self._request(Command.VERSION, p.pack_version(p.VERSION_MAJOR, p.VERSION_MINOR, {
-            "capabilities": {"max_msg_fds": 1, "max_data_xfer_size": p.MAX_DATA_XFER_SIZE}}))
+    def _negotiate(self, doorbell_page: bool = False) -> None:
+        ours: dict = {"max_msg_fds": 1, "max_data_xfer_size": p.MAX_DATA_XFER_SIZE}
+        if doorbell_page:
+            ours[db.CAPABILITY] = {"version": 1}
+        reply = self._request(Command.VERSION, p.pack_version(p.VERSION_MAJOR, p.VERSION_MINOR,
+                                                              {"capabilities": ours}))
         major, minor, caps = p.parse_version(reply)
         if major != p.VERSION_MAJOR:
             raise BusError(f"emulator speaks vfio-user {major}.{minor}")
         self.server_caps = caps.get("capabilities", {})
         self.max_data_xfer_size = int(self.server_caps.get("max_data_xfer_size", 4096))
+        offer = self.server_caps.get(db.CAPABILITY) if doorbell_page else None
+        # the page as this client knows it, or nothing: an emulator that does not offer it (or
+        # offers another layout) gets the plain protocol
+        self._page_offer = offer if (isinstance(offer, dict) and offer.get("version") == 1
+                                     and offer.get("command") == db.COMMAND
+                                     and offer.get("size") == db.PAGE_SIZE) else None
 
         info = self._request(Command.DEVICE_GET_INFO, p.DEVICE_INFO.pack(p.DEVICE_INFO.size, 0, 0, 0))
         _, self.device_flags, self.num_regions, self.num_irqs = p.DEVICE_INFO.unpack(info)
@@ -122,6 +145,30 @@ class VfioUserBus:
         _, irq_flags, _, count = p.IRQ_INFO.unpack(irq)
         if count < 1 or not irq_flags & p.IRQ_INFO_EVENTFD:
             raise BusError("the device has no INTx that can signal an eventfd")
+
+    def _setup_page(self, engine: str) -> None:
+        """A sealed memfd page of our own, sent with NICEMU_DOORBELL_PAGE; from then on TDT and
+        RDT writes go to it (write32)."""
+        fd = os.memfd_create("nicemu-doorbell", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, db.PAGE_SIZE)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            mm = mmap.mmap(fd, db.PAGE_SIZE, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            try:
+                self._request(db.COMMAND, db.PAGE_REQUEST.pack(db.PAGE_REQUEST.size, db.FLAG_ENABLE, 0,
+                                                               db.PAGE_SIZE), fds=[fd])
+            except BaseException:
+                mm.close()
+                raise
+        finally:
+            os.close(fd)
+        self._page_mm = mm
+        self.page = db.make_page(mm, engine)
+
+    @property
+    def doorbell_page(self) -> bool:
+        """Whether TDT/RDT writes go to the doorbell page."""
+        return self.page is not None
 
     def region_info(self, index: int) -> tuple[int, int]:
         """(flags, size) of region `index`."""
@@ -153,6 +200,16 @@ class VfioUserBus:
         if not 0 <= offset < self.bar0_size:  # as Nic.write32: a driver bug, not a device error
             raise ValueError(f"BAR0 offset {offset:#x} is outside [0, {self.bar0_size:#x})")
         self.writes += 1
+        page = self.page
+        if page is not None and (offset == TDT or offset == RDT):
+            # the tail goes to the page; a REGION_WRITE of it only if the emulator sleeps
+            slot = db.SLOT_TDT if offset == TDT else db.SLOT_RDT
+            seq = self._page_seq[slot] = (self._page_seq[slot] + 1) & 0xFFFF
+            if not page.client_write(slot, (value & 0xFFFF) | seq << 16 | (self._sent & 0xFFFFFFFF) << 32):
+                self.page_doorbells += 1
+                return
+            self.page_wakeups += 1
+        self._sent += 1
         self._id = msg_id = (self._id + 1) & 0xFFFF
         msg = _WRITE32.pack(msg_id, _REGION_WRITE, _WRITE32.size, _NO_REPLY, 0, offset, p.BAR0_REGION, 4,
                             value & 0xFFFFFFFF)
@@ -240,6 +297,12 @@ class VfioUserBus:
         if self._eventfd is not None:
             os.close(self._eventfd)
             self._eventfd = None
+        if self.page is not None:
+            self.page.release()
+            self.page = None
+        if self._page_mm is not None:
+            self._page_mm.close()
+            self._page_mm = None
         if self.mem is not None:
             self.mem.close()
 
@@ -252,6 +315,7 @@ class VfioUserBus:
     # --- messages -------------------------------------------------------------------------
 
     def _region_read(self, region: int, offset: int, count: int) -> memoryview:
+        self._sent += 1
         self._id = msg_id = (self._id + 1) & 0xFFFF
         try:
             self.sock.sendall(_READ.pack(msg_id, _REGION_READ, _READ.size, 0, 0, offset, region, count))
@@ -264,6 +328,7 @@ class VfioUserBus:
 
     def _request(self, command: int, payload: bytes, fds: list[int] | None = None) -> memoryview:
         """Send a command and return its reply's payload (valid until the next request)."""
+        self._sent += 1
         self._id = msg_id = (self._id + 1) & 0xFFFF
         msg = p.pack_message(msg_id, command, payload)
         try:

@@ -141,6 +141,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     help="without --pair: the link state of each device's port; its transmitted "
                          "frames leave the device and are dropped (default up)")
     _add_engine(ps)
+    ps.add_argument("--no-doorbell-page", action="store_true",
+                    help="do not offer the doorbell page to clients that ask (docs/transport.md)")
     ps.add_argument("--config", metavar="FILE", help="YAML topology (see docs/topology.md)")
     ps.add_argument("--process", metavar="NAME", help="with --config: which process of the topology to run")
     _add_log_level(ps, "on stderr")
@@ -168,7 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         macs = _device_macs(args.mac, len(paths))
         dirs = _socket_dirs(paths)
         try:
-            emu = Emulator()
+            emu = Emulator(doorbell_page=not args.no_doorbell_page)
         except BaseException:
             dirs.close()
             raise

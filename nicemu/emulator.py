@@ -49,7 +49,8 @@ DMA_ERROR_LOG_INTERVAL = 1_000_000_000  # ns between two DMA-error warnings of o
 ENGINE_COUNTERS = ("dma_errors", "tx_dropped", "rx_dropped", "tx_dext_skipped", "tx_descs_fetched",
                    "rx_written")
 SERVER_COUNTERS = ("clients_served", "clients_refused", "messages", "error_replies", "posted_errors",
-                   "irqs_signalled", "fds_refused", "clients_dropped", "accept_errors")
+                   "irqs_signalled", "fds_refused", "clients_dropped", "accept_errors",
+                   "page_doorbells", "page_bad", "page_wakeups", "page_sleeps")
 CABLE_COUNTERS = ("tx_dropped", "rx_errors", "rx_foreign", "tx_bad_fcs")
 
 
@@ -83,8 +84,9 @@ class Emulator:
     `clock` must be the clock the Nics use (ns); it only turns deadlines into select timeouts.
     """
 
-    def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns, *, doorbell_page: bool = True) -> None:
         self.clock = clock
+        self.doorbell_page = doorbell_page  # offer the doorbell page (docs/transport.md) to clients that ask
         self.selector = selectors.DefaultSelector()
         self.servers: dict[str, VfioUserServer] = {}
         self.nics: list[Any] = []
@@ -112,8 +114,10 @@ class Emulator:
         """Serve `nic` over vfio-user on `socket_path` (created 0600 in a 0700 directory)."""
         if name in self.servers:
             raise ValueError(f"device name {name!r} is used twice")
-        server = VfioUserServer(nic, socket_path, name=name, clock=self.clock)
+        server = VfioUserServer(nic, socket_path, name=name, clock=self.clock,
+                                doorbell_page=self.doorbell_page)
         server.register(self.selector)
+        server.before_page_tx = self._sync_rx_pages
         self.servers[name] = server
         self._served_nics += (nic,)
         # The server's timer: the next batch of a client's buffered messages (each turn handles
@@ -124,6 +128,12 @@ class Emulator:
         self._sources_changed()
         log.info("%s: %s listening on %s", name, nic.mac, server.socket_path)
         return server
+
+    def _sync_rx_pages(self) -> None:
+        """Before a TDT from a doorbell page is applied: every device's pending RDT from its
+        page first, as the drivers wrote them before that TDT (docs/transport.md)."""
+        for server in self.servers.values():
+            server.page_sync_rx()
 
     def add_nic(self, nic: Any) -> None:
         """A device without a socket (e.g. the far end of an in-process pair): its timers run."""

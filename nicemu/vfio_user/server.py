@@ -29,7 +29,9 @@ polled for a while (`ACCEPT_BACKOFF_*`), logged once per episode.
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
+import mmap
 import os
 import select
 import selectors
@@ -41,8 +43,9 @@ from typing import Any, Callable
 
 from nicemu.dma import DmaError
 from nicemu.pci import COMMAND as PCI_COMMAND, CONFIG_SIZE
-from nicemu.regs import BAR0_SIZE, ICR, IMS, RDT, TDT
+from nicemu.regs import BAR0_SIZE, DESC_SIZE, ICR, IMS, RDLEN, RDT, RING_LEN_MASK, TDLEN, TDT
 from nicemu.private_dir import check_private_dir
+from nicemu.vfio_user import doorbell as db
 from nicemu.vfio_user import protocol as p
 from nicemu.vfio_user.protocol import Command, Flags, FramingError, Message, ProtocolError
 
@@ -67,6 +70,13 @@ ACCEPT_BACKOFF_MIN_NS = 10_000_000
 ACCEPT_BACKOFF_MAX_NS = 1_000_000_000
 # Warnings a client's messages can cause, per second (then counted and summarised)
 WARNINGS_PER_SECOND = 10
+# The doorbell page (docs/transport.md): the emulator polls it for this long after the last
+# thing the client did (a slot changed, a message came), then sets NEED_WAKE and sleeps
+PAGE_POLL_IDLE_NS = 200_000
+_DB_COMMAND = db.COMMAND
+# (slot, register, ring length register) in the order a poll applies them: RX buffers first
+_PAGE_RDT = (db.SLOT_RDT, RDT, RDLEN >> 2)
+_PAGE_TDT = (db.SLOT_TDT, TDT, TDLEN >> 2)
 _ANC_SIZE = socket.CMSG_SPACE(p.MAX_MSG_FDS * 4)
 _REPLY = int(p.MsgType.REPLY)
 _NO_REPLY = int(Flags.NO_REPLY)
@@ -160,7 +170,8 @@ class VfioUserServer:
     """One device (`nic`) on one socket (`socket_path`)."""
 
     def __init__(self, nic: Any, socket_path: str, *, name: str = "nic",
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns, doorbell_page: bool = True,
+                 page_engine: str = "cython") -> None:
         self.nic = nic
         self.name = name
         self.clock = clock  # ns; the emulator's clock (deadlines go into its loop)
@@ -196,6 +207,25 @@ class VfioUserServer:
         self.fds_refused = 0  # fds closed unused: with a message that takes none, too many, skipped
         self.clients_dropped = 0  # connections closed for a protocol violation
         self.accept_errors = 0  # failed accept() calls (each episode is logged once)
+        # the doorbell page (docs/transport.md): offered in VERSION to a client that asks
+        self.offer_doorbell_page = doorbell_page
+        self.page_engine = page_engine  # "cython" (nicemu/vfio_user/_doorbell.pyx) or "python"
+        self._page_negotiated = False  # this client asked for it and was offered it
+        self._page: Any = None  # DoorbellPage / DoorbellPageRef while one is set up
+        self._page_mm: mmap.mmap | None = None
+        self._page_last = [0, 0]  # the slot words last taken (applied, or refused as bad)
+        self._page_sleeping = False  # NEED_WAKE is set: no polling until a message comes
+        self._page_idle_at = 0  # clock ns: arm NEED_WAKE and sleep if nothing happens by then
+        self._conn_base = 0  # self.messages when this client connected
+        self._skipped_msgs = 0  # messages of this client refused unread (oversized)
+        self.page_doorbells = 0  # tail values taken from the page and applied
+        self.page_bad = 0  # ... of them not a descriptor index of the ring (applied as a register write is)
+        self.page_wakeups = 0  # tail REGION_WRITEs while the page is on (wake-ups; value not applied)
+        self.page_sleeps = 0  # times the emulator set NEED_WAKE and stopped polling
+        # Called before a TDT from the page is applied: the emulator applies every device's
+        # pending RDT from its page first (Emulator._sync_rx_pages), so that frames sent to a
+        # device of this process find the buffers its driver gave back before it rang this TDT
+        self.before_page_tx: Callable[[], None] | None = None
         nic.on_irq = self._on_irq
         self._handlers: dict[int, Callable[[Message, list[int]], bytes | None]] = {
             Command.VERSION: self._version,
@@ -208,6 +238,7 @@ class VfioUserServer:
             Command.REGION_READ: self._region_read,
             Command.REGION_WRITE: self._region_write,
             Command.DEVICE_RESET: self._device_reset,
+            _DB_COMMAND: self._doorbell_page,
         }
 
     # --- event loop wiring -------------------------------------------------------------
@@ -226,6 +257,8 @@ class VfioUserServer:
         when the listening socket is to be polled again after a failed accept()."""
         if self._more and not self._out:
             return 0
+        if self._page is not None and not self._page_sleeping:
+            return 0  # polling the doorbell page
         return self._accept_retry_at
 
     def run_timers(self) -> None:
@@ -243,6 +276,8 @@ class VfioUserServer:
                 self._batch_done = False
             else:
                 self._serve()
+        if self._page is not None and not self._page_sleeping:
+            self._page_poll()
 
     def _on_accept(self, _mask: int) -> None:
         try:
@@ -271,6 +306,9 @@ class VfioUserServer:
         self.conn = conn
         self.clients_served += 1
         self._negotiated = False
+        self._page_negotiated = False
+        self._conn_base = self.messages
+        self._skipped_msgs = 0
         self.decoder = p.Decoder()
         if self.selector is not None:
             self.selector.register(conn, selectors.EVENT_READ, self._on_conn_event)
@@ -369,6 +407,8 @@ class VfioUserServer:
                 self.disconnect("client closed the connection")
             return
         dec.commit(n)
+        if self._page is not None:
+            self._page_wake()
         self._serve()
         self._batch_done = self._more
 
@@ -387,6 +427,8 @@ class VfioUserServer:
         self._more = False
         if self._process() and self._fds and self.conn is not None:
             self._check_tail_fds()
+        if self._page is not None:
+            self._page_sync()  # tails that waited for the messages just handled
 
     def _check_tail_fds(self) -> None:
         """Every complete message has been handled, and a read happens only then (see
@@ -401,7 +443,7 @@ class VfioUserServer:
             self._drop_for_fds(f"{total} fds sent with one message (max_msg_fds is {p.MAX_MSG_FDS})")
             return
         hdr = self.decoder.peek_header()
-        if hdr is None or hdr[1] in FD_COMMANDS:
+        if hdr is None or hdr[1] in FD_COMMANDS or (hdr[1] == _DB_COMMAND and self._page_negotiated):
             return  # the message may take them: held, at most max_msg_fds
         held = [fd for _, fds, _ in self._fds for fd in fds]
         if held:
@@ -508,6 +550,14 @@ class VfioUserServer:
                         return True
                     if region == 0 and count == 4 and offset <= _BAR0_LAST32:
                         nxt = start + 36
+                        if self._page is not None:
+                            if offset in _TAILS:  # the page owns the tails: a wake-up
+                                dec.start = nxt
+                                self.messages += 1
+                                self.page_wakeups += 1
+                                self._page_sync()
+                                continue
+                            self._page_sync()  # tails the client wrote before this message
                         if offset in _TAILS and end - nxt >= 36:
                             left = budget - self.messages - self._work
                             self._tail_run(start, min(end, start + 36 * left), offset, value)
@@ -529,6 +579,8 @@ class VfioUserServer:
                     if count < 0:
                         offset, region, count = unpack_r(buf, start + 16)
                     if region == 0 and count == 4 and offset <= _BAR0_LAST32:
+                        if self._page is not None:
+                            self._page_sync()  # a read flushes the page's tails too
                         dec.start = start + 32
                         self.messages += 1
                         try:
@@ -555,6 +607,7 @@ class VfioUserServer:
                     self._warn("%s: %s", self.name, e)
                     self._send(p.pack_error(msg_id, cmd, e.errno))
                 self._work += 1  # refused unread, but it is work all the same
+                self._skipped_msgs += 1
                 if self._fds:
                     self._drop_stale_fds()
                 continue
@@ -590,6 +643,8 @@ class VfioUserServer:
 
     def _handle(self, msg: Message) -> None:
         """One message through its command handler; every failure becomes an Error reply."""
+        if self._page is not None:
+            self._page_sync()  # tails the client wrote to the page before this message
         self.messages += 1
         cmd = msg.command
         fds, refused = self._fds_for(msg) if self._fds else ([], 0)
@@ -603,6 +658,8 @@ class VfioUserServer:
                 raise ProtocolError(errno.EINVAL, f"message {msg.msg_id} is not a command "
                                                   f"(type {msg.flags & p.TYPE_MASK})")
             handler = self._handlers.get(cmd)
+            if cmd == _DB_COMMAND and not self._page_negotiated:
+                handler = None  # not negotiated: as unknown as any other number
             if handler is None:
                 raise ProtocolError(errno.ENOSYS, f"unknown command {cmd}")
             if not self._negotiated and cmd != _VERSION:
@@ -704,7 +761,12 @@ class VfioUserServer:
         return value
 
     def _bar0_write(self, offset: int, value: int) -> None:
-        """A BAR0 write; after an IMS write a line still high is signalled again (see above)."""
+        """A BAR0 write; after an IMS write a line still high is signalled again (see above).
+        With the doorbell page on, a write of TDT or RDT is a wake-up: the page's value is
+        applied (_page_sync), never the message's, which may be older."""
+        if self._page is not None and offset in _TAILS:
+            self.page_wakeups += 1
+            return
         if offset != IMS:
             self.nic.write32(offset, value)
             return
@@ -717,11 +779,19 @@ class VfioUserServer:
 
     def _version(self, msg: Message, fds: list[int]) -> bytes:
         self._no_fds(msg, fds)
-        major, minor, _caps = p.parse_version(msg.payload)
+        major, minor, caps = p.parse_version(msg.payload)
         if major != p.VERSION_MAJOR:
             raise ProtocolError(errno.ENOTSUP, f"client speaks vfio-user {major}.{minor}, server {p.VERSION_MAJOR}.x")
         self._negotiated = True
-        payload = p.pack_version(p.VERSION_MAJOR, min(minor, p.VERSION_MINOR), p.server_capabilities())
+        client_caps = caps.get("capabilities")
+        asked = isinstance(client_caps, dict) and client_caps.get(db.CAPABILITY) not in (None, False)
+        self._page_close()
+        self._page_negotiated = self.offer_doorbell_page and asked
+        reply_caps = p.server_capabilities()
+        if self._page_negotiated:  # only to a client that asked: the others see the old reply
+            reply_caps["capabilities"][db.CAPABILITY] = {"version": 1, "command": db.COMMAND,
+                                                         "size": db.PAGE_SIZE}
+        payload = p.pack_version(p.VERSION_MAJOR, min(minor, p.VERSION_MINOR), reply_caps)
         return p.pack_message(msg.msg_id, msg.command, payload, flags=_REPLY)
 
     def _dma_map(self, msg: Message, fds: list[int]) -> bytes:
@@ -888,6 +958,140 @@ class VfioUserServer:
                 nic.config_write(offset + off, _U32.unpack_from(payload, 16 + off)[0], 4)
         return _HDR_ACCESS.pack(msg.msg_id, msg.command, _ACCESS_FIXED, _REPLY, 0, offset, region, count)
 
+    def _doorbell_page(self, msg: Message, fds: list[int]) -> bytes:
+        """NICEMU_DOORBELL_PAGE (docs/transport.md, "The doorbell page"): with FLAG_ENABLE and
+        one fd, map PAGE_SIZE bytes of it (a memfd sealed against shrinking) as the doorbell
+        page; without, stop using the page. Unknown (ENOSYS) unless negotiated in VERSION."""
+        if not self._page_negotiated:
+            raise ProtocolError(errno.ENOSYS, f"unknown command {msg.command}")
+        payload = msg.payload
+        if len(payload) != db.PAGE_REQUEST.size:
+            raise ProtocolError(errno.EINVAL, f"NICEMU_DOORBELL_PAGE payload is {len(payload)} bytes, "
+                                              f"expected {db.PAGE_REQUEST.size}")
+        argsz, flags, offset, size = db.PAGE_REQUEST.unpack_from(payload)
+        if argsz < db.PAGE_REQUEST.size:
+            raise ProtocolError(errno.EINVAL, f"argsz {argsz} is below the fixed part ({db.PAGE_REQUEST.size})")
+        if flags & ~db.FLAG_ENABLE:
+            raise ProtocolError(errno.EINVAL, f"NICEMU_DOORBELL_PAGE flags {flags:#x}: only ENABLE (1)")
+        if not flags & db.FLAG_ENABLE:
+            self._no_fds(msg, fds)
+            self._page_close()
+            log.info("%s: doorbell page off", self.name)
+            return p.pack_message(msg.msg_id, msg.command, flags=_REPLY)
+        if len(fds) != 1:
+            raise ProtocolError(errno.EINVAL, f"NICEMU_DOORBELL_PAGE needs exactly one fd, got {len(fds)}")
+        if size != db.PAGE_SIZE or offset % db.PAGE_SIZE or offset > 1 << 62:
+            raise ProtocolError(errno.EINVAL, f"doorbell page {offset:#x}+{size:#x}: {db.PAGE_SIZE} bytes "
+                                              f"at a page-aligned offset")
+        fd = fds.pop()
+        try:
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                seals = 0
+            if not seals & fcntl.F_SEAL_SHRINK:  # a file that can shrink under the mapping faults us
+                raise ProtocolError(errno.EINVAL, "the doorbell page fd must be a memfd sealed with F_SEAL_SHRINK")
+            if os.fstat(fd).st_size < offset + size:
+                raise ProtocolError(errno.EINVAL, "the doorbell page runs past the end of its fd")
+            try:
+                mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset)
+            except (OSError, ValueError) as e:
+                raise ProtocolError(errno.EINVAL, f"cannot map the doorbell page: {e}") from None
+        finally:
+            os.close(fd)
+        page = db.make_page(mm, self.page_engine)
+        self._page_close()
+        self._page, self._page_mm = page, mm
+        # what the page holds now is not a doorbell: only words that change from here on are
+        self._page_last = [page.load(db.SLOT_TDT), page.load(db.SLOT_RDT)]
+        page.disarm()
+        self._page_sleeping = False
+        self._page_idle_at = self.clock() + PAGE_POLL_IDLE_NS
+        log.info("%s: doorbell page on", self.name)
+        return p.pack_message(msg.msg_id, msg.command, flags=_REPLY)
+
+    # --- the doorbell page ------------------------------------------------------------------
+
+    def _page_sync(self) -> bool:
+        """Apply each slot (RDT, then TDT) whose word changed and whose `after` (messages the
+        client had sent when it wrote it) this server has reached; True if one was applied."""
+        if self._page is None:
+            return False
+        rx = self._page_apply(_PAGE_RDT)
+        page = self._page
+        if page is not None and page.load(db.SLOT_TDT) != self._page_last[db.SLOT_TDT]:
+            if self.before_page_tx is not None:
+                self.before_page_tx()
+            return self._page_apply(_PAGE_TDT) or rx
+        return rx
+
+    def page_sync_rx(self) -> None:
+        """Apply this device's pending RDT from the page (Emulator._sync_rx_pages)."""
+        if self._page is not None:
+            self._page_apply(_PAGE_RDT)
+
+    def _page_apply(self, spec: tuple[int, int, int]) -> bool:
+        """One slot: applied as a REGION_WRITE of its value would be (Nic.write32: masked, and
+        an index beyond the ring is no work for the device), once its word changed and the
+        messages it was written after have been taken; a value that is not a descriptor index of
+        the ring is counted in page_bad. One load and at most one register write: bounded,
+        whatever the page holds."""
+        slot, reg, len_i = spec
+        word = self._page.load(slot)
+        if word == self._page_last[slot]:
+            return False
+        handled = (self.messages - self._conn_base + self._skipped_msgs) & 0xFFFFFFFF
+        if (handled - (word >> 32)) & 0xFFFFFFFF >= 0x80000000:
+            return False  # written after messages that have not arrived yet: wait for them
+        self._page_last[slot] = word
+        value = word & 0xFFFF
+        nic = self.nic
+        n = (nic.regs[len_i] & RING_LEN_MASK) // DESC_SIZE
+        if value >= n and (n or value):
+            self.page_bad += 1
+        self.page_doorbells += 1
+        try:
+            nic.write32(reg, value)
+        except Exception:
+            log.exception("%s: device failed on a doorbell-page write to %#x", self.name, reg)
+            self.posted_errors += 1
+        return True
+
+    def _page_poll(self) -> None:
+        """A loop turn while polling: apply what changed; after PAGE_POLL_IDLE_NS with nothing,
+        set NEED_WAKE, fence, look once more (a tail stored before the client could see the
+        flag), and sleep (next_deadline: no more polling) unless that found one."""
+        page = self._page
+        now = self.clock()
+        if self._page_sync():
+            self._page_idle_at = now + PAGE_POLL_IDLE_NS
+            return
+        if now < self._page_idle_at or self._more:
+            return
+        page.arm()
+        if self._page_sync():
+            page.disarm()
+            self._page_idle_at = now + PAGE_POLL_IDLE_NS
+            return
+        self._page_sleeping = True
+        self.page_sleeps += 1
+
+    def _page_wake(self) -> None:
+        """The client sent something: poll the page again (NEED_WAKE off) for a while."""
+        if self._page_sleeping:
+            self._page.disarm()
+            self._page_sleeping = False
+        self._page_idle_at = self.clock() + PAGE_POLL_IDLE_NS
+
+    def _page_close(self) -> None:
+        page, mm = self._page, self._page_mm
+        self._page = self._page_mm = None
+        self._page_sleeping = False
+        if page is not None:
+            page.release()
+        if mm is not None:
+            mm.close()
+
     def _device_reset(self, msg: Message, fds: list[int]) -> bytes:
         self._no_fds(msg, fds)
         p.expect_size(msg.command, msg.payload, 0)
@@ -924,6 +1128,8 @@ class VfioUserServer:
         self._skipped_fds = (-1, 0)
         self._more = False
         self._close_irq_fd()
+        self._page_close()
+        self._page_negotiated = False
         self._negotiated = False
         if self._warn_suppressed:
             log.warning("%s: %d more warning(s) about this client were suppressed", self.name,
