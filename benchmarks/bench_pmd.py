@@ -16,7 +16,12 @@
    involuntary context switches of both processes, frames per CPU-second of the busiest one.
 2. Ping-pong round-trip latency through the PMD: nic0 sends one frame, nic1's PMD turns it
    around, nic0's PMD receives it; p50/p99 over many rounds, both set-ups.
-3. What an idle port costs in CPU, in poll and in adaptive mode.
+3. What an idle port costs in CPU, in poll and in adaptive mode, and what an idle emulator
+   process costs (its CPU time over a second with both drivers attached and no traffic, from
+   /proc/PID/task/*/schedstat), with and without the doorbell page.
+The emulator-process rows run with the plain protocol (every TDT/RDT a REGION_WRITE message)
+and with the doorbell page (docs/transport.md, "The doorbell page"). The ping-pong prints Python
+over the real Linux kernel's UDP on loopback (benchmarks/linux_udp.py) beside the PMD's.
 Figures are printed, never asserted. The machine's load average is printed with them.
 """
 from __future__ import annotations
@@ -85,7 +90,8 @@ class EmulatorPair:
     onto our core each time a doorbell wakes it (wake-affine placement), which turns two
     busy processes on two cores into two processes taking turns on one."""
 
-    def __init__(self, engine: str = "cython", mem: int = 16 << 20, pin: bool = False) -> None:
+    def __init__(self, engine: str = "cython", mem: int = 16 << 20, pin: bool = False,
+                 doorbell_page: bool = False) -> None:
         from driver.vfio_user_client import VfioUserBus
 
         self.dir = tempfile.mkdtemp(prefix="nicemu-bench-")
@@ -101,7 +107,7 @@ class EmulatorPair:
                 self.close()
                 raise RuntimeError("the emulator did not start")
             time.sleep(0.02)
-        self.buses = [VfioUserBus(s, mem) for s in socks]
+        self.buses = [VfioUserBus(s, mem, doorbell_page=doorbell_page) for s in socks]
         self.engine = engine
         self._irq_fd_count = 0
         self._affinity = os.sched_getaffinity(0)
@@ -110,6 +116,14 @@ class EmulatorPair:
             cpus = sorted(self._affinity)
             os.sched_setaffinity(self.p.pid, {cpus[1]})
             os.sched_setaffinity(0, {cpus[0]})
+
+    def cpu_ns(self) -> int:
+        """The emulator's CPU time so far, in ns (schedstat: not rounded to clock ticks)."""
+        total = 0
+        for tid in os.listdir(f"/proc/{self.p.pid}/task"):
+            with open(f"/proc/{self.p.pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        return total
 
     def irqs(self) -> int:
         # the device signals the eventfd; count what is pending without sleeping
@@ -375,6 +389,29 @@ def idle_cpu(mode: str, seconds: float) -> tuple[float, dict]:
         pair.close()
 
 
+def idle_emulator(doorbell_page: bool, seconds: float = 1.0) -> float:
+    """CPU share of an emulator process whose two drivers are attached but send nothing (after
+    a few frames, and a pause past the doorbell page's polling window)."""
+    pair = EmulatorPair(doorbell_page=doorbell_page)
+    try:
+        a, b = Pmd(pair.buses[0], rx_count=256, tx_count=256), Pmd(pair.buses[1], rx_count=256, tx_count=256)
+        frame = mac_bytes(MAC1) + mac_bytes(MAC0) + b"\x88\xb5" + bytes(46)
+        for _ in range(10):
+            a.send(frame)
+        end = time.monotonic() + 5
+        while time.monotonic() < end and not b.rx_burst():
+            pass
+        time.sleep(0.1)
+        c0, t0 = pair.cpu_ns(), time.monotonic_ns()
+        time.sleep(seconds)
+        share = (pair.cpu_ns() - c0) / (time.monotonic_ns() - t0)
+        a.close()
+        b.close()
+        return share
+    finally:
+        pair.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -424,8 +461,14 @@ def main() -> int:
             runs.insert(2, ("whole bursts, 1024-descriptor rings, pure busy-poll, emulator and this process "
                             "pinned to a CPU each", dict(burst=args.process_burst, rx_count=1024, tx_count=1024,
                                                          rx_free_thresh=64, pin=True)))
+        runs.insert(2, ("whole bursts, 1024-descriptor rings, pure busy-poll, doorbell page",
+                        dict(burst=args.process_burst, rx_count=1024, tx_count=1024, rx_free_thresh=64,
+                             doorbell_page=True)))
+        runs.append(("the same with the doorbell page",
+                     dict(burst=args.process_burst, rx_count=1024, tx_count=1024, rx_free_thresh=64, yield_idle=True,
+                          doorbell_page=True)))
         for what, opts in runs:
-            pair = EmulatorPair(pin=opts.pop("pin", False))
+            pair = EmulatorPair(pin=opts.pop("pin", False), doorbell_page=opts.pop("doorbell_page", False))
             try:
                 r = rx_rate(pair, args.seconds, args.size, rx_burst=256, **opts)
                 print_rate(f"emulator process (nicemu serve --pair, vfio-user), Cython PMD core: {what}", r)
@@ -452,6 +495,26 @@ def main() -> int:
                   f"p99 {r['p99']:7.1f} us   mean {r['mean']:7.1f} us")
         finally:
             pair.close()
+        pair = EmulatorPair(doorbell_page=True)
+        try:
+            r = ping_pong(pair, max(1000, args.rounds // 4), args.size)
+            print(f"  emulator process, doorbell page: p50 {r['p50']:7.1f} us   p99 {r['p99']:7.1f} us   "
+                  f"mean {r['mean']:7.1f} us   (wake-up messages {sum(b.page_wakeups for b in pair.buses)}, "
+                  f"tails through the page alone {sum(b.page_doorbells for b in pair.buses)})")
+            r = ping_pong(pair, max(1000, args.rounds // 4), args.size, spin=64)
+            print(f"  emulator process, doorbell page, yielding every 64 empty polls: p50 {r['p50']:7.1f} us   "
+                  f"p99 {r['p99']:7.1f} us   mean {r['mean']:7.1f} us")
+        finally:
+            pair.close()
+        try:
+            sys.path.insert(0, str(ROOT / "benchmarks"))
+            from _common import run_json
+
+            u = run_json("linux_udp.py", "pingpong", "--rounds", "5000")
+            print(f"  Linux UDP on loopback (Python, benchmarks/linux_udp.py): p50 {u['p50_us']:7.1f} us   "
+                  f"p99 {u['p99_us']:7.1f} us")
+        except Exception as e:  # the reference is a comparison, not the benchmark
+            print(f"  Linux UDP on loopback: not measured ({e})")
         if args.pin:
             pair = EmulatorPair(pin=True)
             try:
@@ -466,6 +529,11 @@ def main() -> int:
         cpu, x = idle_cpu(mode, 1.0)
         print(f"  {mode:8s}: {cpu:.3f} CPU-seconds per second; {x['empty_polls']} empty polls, "
               f"{x['sleeps']} sleeps on the RXT0 eventfd")
+    if not args.no_process:
+        print("an idle emulator process (both drivers attached, no traffic for 1 s; schedstat)")
+        for page in (False, True):
+            share = idle_emulator(page)
+            print(f"  {'doorbell page' if page else 'plain protocol':14s}: {share * 100:.3f}% of a CPU")
     print(f"after: {load()}")
     return 0
 
