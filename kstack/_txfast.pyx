@@ -232,34 +232,203 @@ def mmsg_entry(payload, Py_ssize_t count, Py_ssize_t k):
 
 def sendmmsg_connected(sk, payload, Py_ssize_t count, Py_ssize_t start=0):
     """sendmmsg(2)'s loop over a checked SENDMMSG payload (mmsg_check first: nothing is sent
-    from a malformed one) for a connected socket, each datagram as sendmsg_connected sends
-    one, without an object per datagram: the copy_from_user goes from the record straight into
-    the sk_buff. Starts at datagram `start` (the ones before it were sent by an earlier
-    call); returns the index of the first not sent (count: all); the caller sends that one the
-    usual way (it failed a fast-path condition: the layered path decides, raises or parks).
-    kstack.txfast.sendmmsg_connected is the twin."""
+    from a malformed one) for a connected socket, each datagram as sendmsg_connected and
+    udp_send send one, without an object per datagram: the copy_from_user goes from the record
+    straight into the sk_buff. Starts at datagram `start` (the ones before it were sent by an
+    earlier call); returns the index of the first not sent (count: all); the caller sends that
+    one the usual way (it failed a fast-path condition: the layered path decides, raises or
+    parks). kstack.txfast.sendmmsg_connected is the twin.
+
+    What cannot change while the batch runs (the route, the neighbour, the device's address,
+    flags, MTU and features, the socket's options: no timer, softirq or call runs in between)
+    is looked up once per batch, with one clock read; what can (SO_SNDBUF room, the driver's
+    queue, the qdisc) is checked before every datagram; the counters are added once at the end
+    (in a finally: a batch that stops on an exception counts what it sent)."""
     cdef const uint8_t[::1] p = payload
     mmsg_check(p, count)
-    cdef Py_ssize_t n = p.shape[0], off = 0, i, ln
+    cdef Py_ssize_t off = 0, i = 0, ln
     if start < 0:
         raise ValueError("negative start")
-    for i in range(count):
-        ln = p[off] | (<Py_ssize_t>p[off + 1] << 8)
-        if i < start:
+    while i < start and i < count:
+        off += 2 + (p[off] | (<Py_ssize_t>p[off + 1] << 8))
+        i += 1
+    if i >= count:
+        return count
+    if sk.closed or sk.err or not sk.connected:
+        return i
+    d = sk._dst
+    if d is None or d.genid != sk.inet.fib.genid:
+        return i
+    n = d.neigh
+    if n is None or n.dead:
+        return i
+    dev = d.dev
+    qd = dev.qdisc
+    ha = n.ha
+    pool = d.pool
+    if (not (<int>n.nud_state & _FAST_NUD) or ha is None or not (<int>dev.flags & _IFF_UP)
+            or type(qd) is not _PFifoFast or d.ip.pmtu or d.taps.get(dev.ifindex)
+            or type(pool) is not _SkbPool):
+        return i
+    dev_addr = dev.dev_addr
+    if type(ha) is not bytes or type(dev_addr) is not bytes or PyBytes_GET_SIZE(ha) != 6 \
+            or PyBytes_GET_SIZE(dev_addr) != 6:
+        raise TypeError("link-layer addresses are 6 bytes")
+    cdef Py_ssize_t mtu = dev.mtu
+    cdef Py_ssize_t sndbuf = sk.sndbuf
+    cdef bint hw = (<int>dev.features & _IP_CSUM) != 0
+    cdef int tos = sk.tos
+    ttl = sk.ttl or d.stack.sysctl.ip_default_ttl
+    cdef uint8_t ttl8 = <uint8_t>(<int>ttl)
+    cdef uint32_t src = d.src
+    cdef uint32_t dst = d.daddr
+    cdef uint32_t sport = <uint32_t>(<int>sk.sport)
+    cdef uint32_t dport = <uint32_t>(<int>sk.dport)
+    prio = _TOS2PRIO[(tos & 0x1E) >> 1]
+    idents = d.idents
+    ident_i = d.ident_i
+    cache = pool._cache
+    cdef Py_ssize_t bsize = pool.buffer_size
+    batch = d.batch.xmit_batch_devs
+    cdef bint more = batch is not None
+    ops = getattr(dev, "tx_c", None)
+    now = d.stack.clock()
+    cdef const uint8_t* hap = <const uint8_t*>PyBytes_AS_STRING(ha)
+    cdef const uint8_t* sap = <const uint8_t*>PyBytes_AS_STRING(dev_addr)
+    cdef Py_ssize_t sent = 0, hits = 0, allocs = 0, copied = 0, qpk = 0, qbytes = 0
+    cdef Py_ssize_t ulen, tot, need, o = _MAX_HEADER, mh = _MAX_HEADER - 34, w
+    cdef uint32_t ident, c
+    cdef uint64_t psum
+    cdef uint8_t* b
+    cdef uint8_t* ip
+    cdef uint8_t* uh
+    cdef bint queued = False
+    try:
+        while i < count:
+            ln = p[off] | (<Py_ssize_t>p[off + 1] << 8)
+            ulen = 8 + ln
+            tot = ulen + 20
+            if ln > _UDP_MAX or tot > mtu:
+                break
+            w = sk.wmem
+            if w >= sndbuf or dev.queue_stopped or qd._qlen or qd._requeued is not None:
+                break
+            # sock_alloc_send_skb: SkbPool.alloc for the pool class (see _alloc), the
+            # counters kept here until the end of the batch
+            need = (ulen + _MAX_HEADER + _ALIGN - 1) & ~(_ALIGN - 1)
+            if need <= bsize and cache:
+                buf = cache.pop()
+                hits += 1
+            else:
+                buf = bytearray(bsize if need <= bsize else need)
+            allocs += 1
+            sh = _sh_tp_new(_Shinfo)
+            sh.buf = buf
+            sh.dataref = 1
+            sk.wmem = w + PyByteArray_GET_SIZE(buf) + _OVERHEAD
+            b = <uint8_t*>PyByteArray_AS_STRING(buf)
+            if ln:
+                memcpy(b + o + 8, &p[off + 2], ln)
+            copied += ln
+            ident = (<uint32_t>idents[ident_i] + 1) & 0xFFFF
+            idents[ident_i] = ident
+            psum = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + 17 + ulen
+            ip = b + o - 20
+            ip[0] = 0x45
+            ip[1] = tos
+            _put16(ip + 2, <uint32_t>tot)
+            _put16(ip + 4, ident)
+            _put16(ip + 6, 0x4000)
+            ip[8] = ttl8
+            ip[9] = 17
+            ip[10] = 0
+            ip[11] = 0
+            _put32(ip + 12, src)
+            _put32(ip + 16, dst)
+            _put16(ip + 10, ~_fold(_sum16(ip, 20)) & 0xFFFF)
+            uh = b + o
+            _put16(uh, sport)
+            _put16(uh + 2, dport)
+            _put16(uh + 4, <uint32_t>ulen)
+            if hw:
+                c = _fold(psum)
+            else:
+                uh[6] = 0
+                uh[7] = 0
+                c = ~_fold(_sum16(uh, ulen) + psum) & 0xFFFF
+                if c == 0:
+                    c = 0xFFFF
+            _put16(uh + 6, c)
+            memcpy(b + mh, hap, 6)
+            memcpy(b + mh + 6, sap, 6)
+            b[mh + 12] = 0x08
+            b[mh + 13] = 0x00
+            # SkBuff(pool, shinfo) with its final fields, each set once (see _skb_new)
+            skb = _skb_tp_new(_SkBuff)
+            skb.pool = pool
+            skb.shinfo = sh
+            skb.head = 0
+            skb.end = PyByteArray_GET_SIZE(buf)
+            skb.data = mh
+            skb.tail = o + ulen
+            skb.mac_header = mh
+            skb.network_header = o - 20
+            skb.transport_header = o
+            skb.protocol = 0x0800
+            skb.dev = dev
+            skb.tstamp = now
+            skb.priority = prio
+            skb.mark = 0
+            if hw:
+                skb.ip_summed = _PARTIAL
+                skb.csum_start = o
+                skb.csum_offset = 6
+            else:
+                skb.ip_summed = 0
+                skb.csum_start = 0
+                skb.csum_offset = 0
+            skb.csum = 0
+            skb.pkt_type = 4  # PACKET_OUTGOING
+            skb.cb = {}
+            skb.sk = sk
+            skb.destructor = _wfree
+            skb.freed = False
+            skb.cloned = False
+            sent += 1
             off += 2 + ln
-            continue
-        if sk.closed or sk.err or not sk.connected:
-            return i
-        d = sk._dst
-        if d is None or ln > _UDP_MAX or d.genid != sk.inet.fib.genid or sk.wmem >= sk.sndbuf:
-            return i
-        nb = d.neigh
-        if nb is None or nb.dead:
-            return i
-        if not _udp_send_p(sk, d, &p[off + 2] if ln else NULL, ln, sk.dport):
-            return i
-        off += 2 + ln
-    return count
+            i += 1
+            if ops is not None:
+                r = ops.xmit(dev, skb, more)
+            else:
+                r = dev.ndo_start_xmit(skb, more)
+            if r == _TX_BUSY:
+                qd._requeue(skb)
+                break
+            qpk += 1
+            qbytes += tot + 14
+            if more and not queued:
+                queued = True
+                if dev not in batch:
+                    batch.append(dev)
+    finally:
+        if allocs:
+            pool.allocs += allocs
+            pool.live += allocs
+            pool.cache_hits += hits
+            pool.bytes_copied += copied
+        if sent:
+            snmp = d.snmp
+            snmp["UdpOutDatagrams"] += sent
+            snmp["IpOutRequests"] += sent
+            ns = d.nstats
+            ns["lookups"] += sent
+            ns["hits"] += sent
+            n.used = now
+            qd.runs += sent
+        if qpk:
+            qd.packets += qpk
+            qd.bytes += qbytes
+    return i
 
 
 cdef bint _udp_send_p(sk, d, const uint8_t* src_p, Py_ssize_t nlen, int dport) except -1:

@@ -84,7 +84,7 @@ def _fold(s: int) -> int:
     return s
 
 
-def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int) -> bool:
+def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int, now: int | None = None) -> bool:
     """udp_sendmsg -> ip_output -> neigh_output -> dev_queue_xmit (bypass) -> ndo_start_xmit,
     in one step for the common case. See the module docstring."""
     n = d.neigh
@@ -99,7 +99,8 @@ def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int) -> bool:
             or tot > dev.mtu or d.ip.pmtu or d.taps.get(dev.ifindex)):
         return False
     stack = d.stack
-    now = stack.clock()
+    if now is None:  # a batch (sendmmsg_connected) reads the clock once for all its datagrams
+        now = stack.clock()
     pool = d.pool
     # sock_alloc_send_skb: the buffer, charged to the socket's send memory (sock_wfree gives
     # it back when the driver frees the skb after DD)
@@ -190,7 +191,11 @@ def sendmmsg_connected(sk: Any, payload: bytes, count: int, start: int = 0, send
     views = unpack_mmsg(payload, count)
     if start < 0:
         raise ValueError("negative start")
-    send = send or udp_send
+    now = None
+    if send is None:
+        send = udp_send
+        d = sk._dst
+        now = d.stack.clock() if d is not None else None  # one clock read per batch
     for i, v in enumerate(views):
         if i < start:
             continue
@@ -202,7 +207,7 @@ def sendmmsg_connected(sk: Any, payload: bytes, count: int, start: int = 0, send
         nb = d.neigh
         if nb is None or nb.dead:
             return i
-        if not send(sk, d, v, sk.dport):
+        if not (send(sk, d, v, sk.dport, now) if now is not None else send(sk, d, v, sk.dport)):
             return i
     return count
 

@@ -30,7 +30,8 @@ from kstack.netdevice import NetdevFeatures
 from kstack.route import RTN_BROADCAST, RTN_LOCAL, RTN_UNICAST
 from kstack.rxfast import ms_deliver
 from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, MAX_HEADER, SkBuff
-from kstack.txfast import UdpDst, select as txfast_select, sendmmsg_connected as txfast_sendmmsg, sock_wfree
+from kstack.txfast import (UdpDst, select as txfast_select, sendmmsg_connected as txfast_sendmmsg, sock_wfree,
+                           udp_send as txfast_udp_send)
 from kstack.sock import (IPPROTO_UDP, MSG_PEEK, POLLERR, POLLIN, POLLNVAL, POLLOUT,
                          SO_BROADCAST, SOL_SOCKET, Address, Sock, inet_addr, pick_ephemeral)
 from wire.checksum import fold, ones_sum
@@ -246,6 +247,8 @@ class UdpSock(Sock):
         fast = self._tx_fast
         if fast is not None and fast is _c_udp_send:
             return _c_sendmmsg_connected(self, payload, count, start)
+        if fast is txfast_udp_send:  # the twin, with its one clock read per batch
+            return txfast_sendmmsg(self, payload, count, start)
         return txfast_sendmmsg(self, payload, count, start, fast or _never)
 
     # --- receive ------------------------------------------------------------------------------
