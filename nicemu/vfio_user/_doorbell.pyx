@@ -4,7 +4,7 @@
 test_doorbell_page.py holds the two equal. Every word is loaded and stored whole (an aligned
 64-bit atomic), and each side's store-then-load has a sequentially consistent fence between
 (Dekker's pattern: see docs/transport.md, "The doorbell page")."""
-from libc.stdint cimport uint64_t
+from libc.stdint cimport uint32_t, uint64_t
 
 from nicemu.vfio_user.doorbell import PAGE_SIZE as _PAGE_SIZE, WORD_NEED_WAKE as _NEED_WAKE
 
@@ -73,3 +73,37 @@ cdef class DoorbellPage:
     def release(self):
         self._w = NULL
         self._mv = None
+
+
+cdef extern from "<string.h>" nogil:
+    int memcmp(const void *a, const void *b, size_t n)
+
+
+def scan_tail_run(const unsigned char[::1] buf, Py_ssize_t start, Py_ssize_t end):
+    """nicemu/vfio_user/doorbell.py's scan_tail_run_ref in C: the run of posted 32-bit writes
+    identical but for id and data from `start` to at most `end`, decoded without a Python step
+    per message: (where it ends, the data dwords)."""
+    cdef Py_ssize_t nxt, n = buf.shape[0]
+    cdef const unsigned char *p
+    cdef uint32_t v
+    if end > n:
+        end = n
+    if start < 0 or end - start < 36:
+        raise ValueError("no whole posted write at start")
+    p = &buf[0]
+    values = []
+    memcpy_u32(&v, p + start + 32)
+    values.append(v)
+    nxt = start + 36
+    while end - nxt >= 36 and memcmp(p + nxt + 2, p + start + 2, 30) == 0:
+        memcpy_u32(&v, p + nxt + 32)
+        values.append(v)
+        nxt += 36
+    return nxt, values
+
+
+cdef inline void memcpy_u32(uint32_t *dst, const unsigned char *src) noexcept nogil:
+    (<unsigned char *>dst)[0] = src[0]
+    (<unsigned char *>dst)[1] = src[1]
+    (<unsigned char *>dst)[2] = src[2]
+    (<unsigned char *>dst)[3] = src[3]

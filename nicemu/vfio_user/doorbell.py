@@ -34,7 +34,8 @@ from __future__ import annotations
 import threading
 
 __all__ = ["PAGE_SIZE", "SLOT_TDT", "SLOT_RDT", "WORD_NEED_WAKE", "CAPABILITY", "COMMAND",
-           "PAGE_REQUEST", "FLAG_ENABLE", "pack_slot", "unpack_slot", "DoorbellPageRef", "make_page"]
+           "PAGE_REQUEST", "FLAG_ENABLE", "pack_slot", "unpack_slot", "DoorbellPageRef", "make_page",
+           "scan_tail_run", "scan_tail_run_ref"]
 
 import struct
 
@@ -117,3 +118,34 @@ def make_page(buf, engine: str = "cython"):
             return DoorbellPageRef(buf)
         return DoorbellPage(buf)
     return DoorbellPageRef(buf)
+
+
+# --- runs of posted tail writes (the plain protocol's doorbells) ----------------------------------
+
+_POSTED32_KEY = struct.Struct("=2x30sI")  # a posted 32-bit REGION_WRITE: (all but msg id and data, data)
+POSTED32_SIZE = 36
+
+
+def scan_tail_run_ref(buf, start: int, end: int) -> tuple[int, list[int]]:
+    """The posted 32-bit write at `start` and every one right after it that is the same message
+    but for its id and data (same command, flags, region, offset, count), up to `end`: (where
+    the run ends, the data dwords in order). The server hands them to Nic.write_tail together.
+    Reference of nicemu/vfio_user/_doorbell.pyx's scan_tail_run; the caller checked that a whole
+    message lies at `start`."""
+    unpack = _POSTED32_KEY.unpack_from
+    key, value = unpack(buf, start)
+    values = [value]
+    nxt = start + POSTED32_SIZE
+    while end - nxt >= POSTED32_SIZE:
+        k, v = unpack(buf, nxt)
+        if k != key:
+            break
+        values.append(v)
+        nxt += POSTED32_SIZE
+    return nxt, values
+
+
+try:
+    from nicemu.vfio_user._doorbell import scan_tail_run
+except ImportError:  # not built: the reference
+    scan_tail_run = scan_tail_run_ref

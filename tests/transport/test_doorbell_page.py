@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -565,3 +566,30 @@ def test_kill9_mid_stream_with_the_page_leaves_nothing(victim) -> None:
         e.close()
     assert set(os.listdir("/dev/shm")) - shm == set()
     assert e.p.poll() is not None and (gen is None or gen.poll() is not None)
+
+
+# --- the plain protocol's doorbell runs: the compiled scan against the reference ---------------------
+
+def test_compiled_tail_run_scan_agrees_with_the_reference() -> None:
+    rng = random.Random(5)
+    for _ in range(300):
+        msgs = []
+        for i in range(rng.randrange(1, 40)):
+            offset = rng.choice((R.TDT, R.TDT, R.TDT, R.RDT, R.TCTL))
+            flags = p.Flags.NO_REPLY if rng.random() < 0.95 else 0
+            count = 4 if rng.random() < 0.97 else 8
+            msgs.append(struct.pack("=HHIIIQIII", rng.getrandbits(16), Command.REGION_WRITE, 36, flags, 0,
+                                    offset, 0, count, rng.getrandbits(32)))
+        buf = bytearray(b"".join(msgs) + bytes(rng.randrange(0, 40)))
+        for _ in range(5):
+            start = 36 * rng.randrange(len(msgs))
+            end = rng.randrange(start + 36, len(buf) + 1)
+            assert _doorbell.scan_tail_run(buf, start, end) == db.scan_tail_run_ref(buf, start, end)
+    with pytest.raises(ValueError):
+        _doorbell.scan_tail_run(bytearray(40), 8, 40)  # no whole message at start
+
+
+def test_the_server_takes_tail_runs_through_the_compiled_scan() -> None:
+    import nicemu.vfio_user.server as server_module
+
+    assert server_module._scan_tail_run is _doorbell.scan_tail_run
