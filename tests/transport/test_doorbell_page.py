@@ -440,13 +440,15 @@ def _frame(i: int, size: int) -> bytes:
     return body + bytes((i * 7 + k) & 0xFF for k in range(size - len(body)))
 
 
-@pytest.mark.parametrize("page", [True, False], ids=["page", "plain"])
-def test_frames_are_byte_exact_and_counters_exact_with_the_page(pair, page) -> None:
+@pytest.mark.parametrize("page, engine", [(True, "cython"), (False, "cython"), (True, "python")],
+                         ids=["page", "plain", "page-python-pmd"])
+def test_frames_are_byte_exact_and_counters_exact_with_the_page(pair, page, engine) -> None:
     b0 = VfioUserBus(pair.socks[0], 8 << 20, doorbell_page=page)
     b1 = VfioUserBus(pair.socks[1], 8 << 20, doorbell_page=page)
     try:
         assert b0.doorbell_page is page and b1.doorbell_page is page
-        gen, pmd = Pmd(b0, rx_count=256, tx_count=256), Pmd(b1, rx_count=256, tx_count=256)
+        gen = Pmd(b0, rx_count=256, tx_count=256, engine=engine)
+        pmd = Pmd(b1, rx_count=256, tx_count=256, engine=engine)
         rng = random.Random(7)
         sent = [_frame(i, rng.randrange(60, 1515)) for i in range(3000)]
         got: list[bytes] = []
