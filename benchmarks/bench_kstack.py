@@ -258,11 +258,12 @@ def kstack_rate(lab: Lab, seconds: float, warmup: float, port: int, payload: int
     """udp_send on A as fast as it goes, udp_sink on B; the window's figures and costs
     (`payload` UDP bytes: the frame is payload + 46 bytes with the FCS). batch > 1: the apps
     use sendmmsg / recvmmsg with that many datagrams per call (--batch)."""
-    sink = lab.app("kstack.apps.udp_sink", "--port", str(port), "--idle", "1.5", "--batch", str(batch),
+    batch_args = ("--batch", str(batch)) if batch > 1 else ()
+    sink = lab.app("kstack.apps.udp_sink", "--port", str(port), "--idle", "1.5", *batch_args,
                    "--duration", str(warmup + seconds + 20), "--kernel", lab.kb_sock, name="udp_sink")
     sink.line(lambda ln: ln.startswith("udp_sink: listening"))
     send = lab.app("kstack.apps.udp_send", IP_B, str(port), "--size", str(payload), "--count", "0",
-                   "--batch", str(batch),
+                   *batch_args,
                    "--duration", str(warmup + seconds + 0.5), "--kernel", lab.ka_sock, name="udp_send")
     time.sleep(warmup)
     pids = {"emulator": lab.emu.pid, "kernel A": lab.ka.pid, "kernel B": lab.kb.pid,
