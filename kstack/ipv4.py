@@ -284,11 +284,13 @@ class Ipv4:
     def _dst_of(skb: SkBuff) -> int:
         return _U32.unpack_from(skb.shinfo.buf, skb.network_header + 16)[0]
 
-    def select_ident(self, dst: int, proto: int) -> int:
-        """ip_select_ident: ids from a counter per destination hash, so that a peer sees
-        increasing ids without one global counter leaking traffic rates."""
+    def select_ident(self, dst: int, proto: int, segs: int = 1) -> int:
+        """ip_select_ident(_segs): ids from a counter per destination hash, so that a peer sees
+        increasing ids without one global counter leaking traffic rates; a GSO packet
+        reserves one per segment (the split numbers them from the first)."""
         i = (dst * 2654435761 ^ proto) % IP_IDENTS_SZ
-        v = self.idents[i] = (self.idents[i] + 1) & 0xFFFF
+        v = (self.idents[i] + 1) & 0xFFFF
+        self.idents[i] = (v + segs - 1) & 0xFFFF
         return v
 
     def output(self, skb: SkBuff, src: int, dst: int, proto: int, res: FibResult,
@@ -302,10 +304,11 @@ class Ipv4:
             return
         skb.reset_transport_header()
         off = skb.push(IPV4_MIN_HLEN)
+        segs = skb.cb.get("gso_segs", 1) if skb.cb else 1  # a GSO packet (kstack.gso)
         if df is None:
-            df = tot <= self.path_mtu(res, dst)
+            df = segs > 1 or tot <= self.path_mtu(res, dst)
         buf = skb.shinfo.buf
-        HDR.pack_into(buf, off, 0x45, tos, tot, self.select_ident(dst, proto), IP_DF if df else 0,
+        HDR.pack_into(buf, off, 0x45, tos, tot, self.select_ident(dst, proto, segs), IP_DF if df else 0,
                       ttl or self.stack.sysctl.ip_default_ttl, proto, 0, src, dst)
         c = internet_checksum(memoryview(buf)[off:off + IPV4_MIN_HLEN])
         buf[off + 10] = c >> 8
@@ -326,7 +329,20 @@ class Ipv4:
         self.finish_output(skb, res, now)
 
     def finish_output(self, skb: SkBuff, res: FibResult, now: int) -> None:
-        """ip_finish_output: fragment when larger than the MTU, then the neighbour."""
+        """ip_finish_output: fragment when larger than the MTU, then the neighbour. A GSO
+        packet is split at dev_queue_xmit, unless a segment would not fit the path MTU: then
+        here, each segment then fragmented as needed (ip_finish_output_gso)."""
+        if skb.cb and "gso_size" in skb.cb:
+            mtu = self.path_mtu(res, self._dst_of(skb)) if self.pmtu else res.dev.mtu
+            th = skb.transport_header
+            seg_len = th - skb.network_header + ((skb.shinfo.buf[th + 12] >> 4) << 2) + skb.cb["gso_size"]
+            if seg_len > mtu:
+                from kstack.gso import skb_gso_segment
+                for seg in skb_gso_segment(skb, skb.data):
+                    self.finish_output(seg, res, now)
+                return
+            self.neigh_output(skb, res, now)
+            return
         if skb.len > res.dev.mtu or (self.pmtu and skb.len > self.path_mtu(res, self._dst_of(skb))):
             self.fragment(skb, res, now)
         else:

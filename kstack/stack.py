@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from nicemu import tracepoint
 from kstack.dropreason import SkbDropReason
+from kstack.gso import skb_gso_segment
 from kstack.netdevice import IFF_UP, NetDevice, NetDeviceHooks
 from kstack.skbuff import SkBuff, SkbPool
 from kstack.timer import TimerQueue
@@ -213,6 +214,15 @@ class NetStack:
         if not skb.tstamp:
             skb.tstamp = self.clock()
         skb.pkt_type = PACKET_OUTGOING
+        if skb.cb and "gso_size" in skb.cb:  # validate_xmit_skb: no TSO here, GSO splits it
+            queued = False
+            for seg in skb_gso_segment(skb):
+                if self._taps.get(dev.ifindex):
+                    self._run_taps(dev, seg, True)
+                queued = dev.qdisc.enqueue(seg) or queued
+            if queued:
+                dev.qdisc.run()
+            return
         if self._taps.get(dev.ifindex):
             self._run_taps(dev, skb, True)
         if dev.qdisc.enqueue(skb):

@@ -445,8 +445,9 @@ class TcpSock(Sock):
         if conn is None:
             return
         table = self.table
+        mss = conn.mss
         for seg in conn.segments_to_send(now):
-            table.xmit(seg, self.saddr, self.daddr, self.tos, self.ttl)
+            table.xmit(seg, self.saddr, self.daddr, self.tos, self.ttl, False, mss)
         ev = conn.take_events()
         st = conn.state
         edge = st != self.state_seen

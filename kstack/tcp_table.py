@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kstack.dropreason import SkbDropReason
+from kstack.gso import TCP_GSO_MAX_PAYLOAD
 from kstack.netdevice import NetdevFeatures
 from kstack.route import RTN_LOCAL
 from kstack.skbuff import CHECKSUM_PARTIAL, CHECKSUM_UNNECESSARY, MAX_HEADER
@@ -192,28 +193,38 @@ class TcpTable:
     def _set_mss(self, sk: TcpSock, res: Any, dst: int) -> None:
         mtu = self.inet.ip.path_mtu(res, dst) if res is not None else 1500
         sk.config.mss = max(88, min(sk.config.mss, mtu - IPV4_MIN_HLEN - 20))
+        # sk_setup_caps: GSO when the device has NETIF_F_GSO (never for a local route)
+        gso = (res is not None and res.type != RTN_LOCAL and res.dev.features & NetdevFeatures.GSO)
+        sk.config.gso_max_size = TCP_GSO_MAX_PAYLOAD if gso else 0
 
     # --- output -----------------------------------------------------------------------------
 
     def xmit(self, seg: TcpSegment, src: int, dst: int, tos: int = 0, ttl: int = 0,
-             count: bool = False) -> None:
+             count: bool = False, gso_size: int = 0) -> None:
         """tcp_transmit_skb -> ip_queue_xmit: the segment with its checksum (or the device's
         CHECKSUM_PARTIAL) to IP. The engine counts its own segments; `count` counts
-        TcpOutSegs and TcpOutRsts for this layer's RSTs."""
+        TcpOutSegs and TcpOutRsts for this layer's RSTs. A payload larger than `gso_size`
+        (the connection's MSS) makes a GSO sk_buff: CHECKSUM_PARTIAL, cb gso_size and
+        gso_segs, split into MSS-sized frames at dev_queue_xmit (kstack.gso)."""
         inet = self.inet
         res = inet.ip.route_output(dst)
         snmp = self.snmp
         if res is None:
             return  # IpOutNoRoutes counted; the retransmission timer tries again
-        offload = (res.type != RTN_LOCAL and res.dev.features & NetdevFeatures.IP_CSUM)
+        plen = len(seg.payload)
+        gso = 0 < gso_size < plen
+        offload = gso or (res.type != RTN_LOCAL and res.dev.features & NetdevFeatures.IP_CSUM)
         raw = seg.emit() if offload else seg.emit(src, dst)
         n = len(raw)
         skb = self.stack.pool.alloc(n, MAX_HEADER)
         o = skb.put(n)
         buf = skb.shinfo.buf
         buf[o:o + n] = raw
-        self.stack.pool.bytes_copied += len(seg.payload)
-        if offload and n + IPV4_MIN_HLEN <= inet.ip.path_mtu(res, dst):
+        self.stack.pool.bytes_copied += plen
+        if gso:
+            skb.cb["gso_size"] = gso_size
+            skb.cb["gso_segs"] = -(-plen // gso_size)
+        if gso or offload and n + IPV4_MIN_HLEN <= inet.ip.path_mtu(res, dst):
             psum = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + IPPROTO_TCP + n
             c = fold(psum)
             buf[o + 16] = c >> 8

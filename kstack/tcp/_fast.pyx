@@ -216,8 +216,14 @@ def xmit_full_segments(conn, int64_t now, list out, Py_ssize_t mss):
         tsval, tsecr = conn._ts_now(now) if now < 0 else \
             (now // 1000000 + <int64_t>conn.ts_offset) & 0xFFFFFFFF, conn.ts_recent
     first = nxt
-    for i in range(k):
-        end = off + mss
+    # GSO: up to `per` full-sized segments in one (TcpConnection._xmit_full_segments)
+    cdef Py_ssize_t gso = conn.config.gso_max_size, per, n, left
+    per = gso // mss if gso > mss else 1
+    left = k
+    while left:
+        n = per if per < left else left
+        left -= n
+        end = off + n * mss
         seg = _new_segment(_Segment)
         seg.sport = lport
         seg.dport = rport
@@ -236,7 +242,7 @@ def xmit_full_segments(conn, int64_t now, list out, Py_ssize_t mss):
         seg.checksum = 0
         out.append(seg)
         off = end
-        nxt = nxt + <uint32_t>mss
+        nxt = nxt + <uint32_t>(n * mss)
     conn.counters["TcpOutSegs"] += k
     if conn.rtt_seq is None:
         conn.rtt_seq = <uint32_t>(first + <uint32_t>mss)

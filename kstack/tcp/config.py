@@ -41,6 +41,10 @@ class TcpConfig:
     keepalive_intvl: int = 75 * S  # net.ipv4.tcp_keepalive_intvl
     keepalive_probes: int = 9  # net.ipv4.tcp_keepalive_probes
     slow_start_after_idle: bool = True  # net.ipv4.tcp_slow_start_after_idle (RFC 5681 4.1)
+    # GSO (tcp_tso_autosize without pacing): new data goes out in segments of up to this many
+    # payload bytes (whole MSS multiples), split at dev_queue_xmit (kstack.gso); 0 = off. The
+    # socket layer sets it from the route's device (NETIF_F_GSO): GSO_MAX_SIZE - 1 - MAX_TCP_HEADER
+    gso_max_size: int = 0
     invalid_ratelimit: int = 500 * MS  # net.ipv4.tcp_invalid_ratelimit: dup ACKs to out-of-window segments
     # net.ipv4.tcp_challenge_ack_limit, shared by every connection of a stack (Linux's is per
     # netns): pass the same limiter in every config of one stack.

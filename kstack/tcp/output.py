@@ -163,8 +163,10 @@ class TcpOutput:
             self.cwnd = min(self.cwnd, cfg.init_cwnd * self.mss)
         force = self._force_send
         self._force_send = False
-        if self.fast_path and not force and self.fin_seq is None and self.ca_state is CA_OPEN \
-                and not self.sb.intervals and self.t_persist is None:
+        # the full-segment loop: the common path's, and GSO's (only it builds GSO segments;
+        # the per-segment loop below sends partial ones, and retransmissions are MSS-sized)
+        if (self.fast_path or cfg.gso_max_size) and not force and self.fin_seq is None \
+                and self.ca_state is CA_OPEN and not self.sb.intervals and self.t_persist is None:
             if self.sndq_seq + len(self.sndq) & SEQ_MASK == self.snd_nxt:
                 return  # nothing unsent: the loop below would stop at once and change nothing
             if not sack:
@@ -281,7 +283,9 @@ class TcpOutput:
         does not change between them (the window field: _select_window gives the same field
         again until RCV.NXT or the queues move; the timestamp). The same segments, counters
         and timers as the loop; whatever remains (a partial segment, Nagle, SWS, a blocked
-        window and the persist timer) is left to it."""
+        window and the persist timer) is left to it. With GSO (config.gso_max_size) the k
+        segments go as few large ones of whole MSS multiples; TcpOutSegs counts the k
+        (tcp_skb_pcount)."""
         sndq = self.sndq
         qlen = len(sndq)
         nxt = self.snd_nxt
@@ -307,8 +311,14 @@ class TcpOutput:
         if ts:
             tsval, tsecr = self._ts_now(now), self.ts_recent
         append = out.append
-        for _ in range(k):
-            end = off + mss
+        # GSO: up to `per` full-sized segments in one (the device's split gives the same wire)
+        gso = self.config.gso_max_size
+        per = gso // mss if gso > mss else 1
+        left = k
+        while left:
+            n = per if per < left else left
+            left -= n
+            end = off + n * mss
             seg = TcpSegment(lport, rport, nxt, rcv_nxt, TH_ACK | TH_PSH if end == qlen else TH_ACK,
                              field, sndq[off:end])
             if ts:
@@ -316,7 +326,7 @@ class TcpOutput:
                 seg.tsecr = tsecr
             append(seg)
             off = end
-            nxt = (nxt + mss) & SEQ_MASK
+            nxt = (nxt + n * mss) & SEQ_MASK
         # _emit_range's and _segment's state changes, once for the k segments
         self.counters["TcpOutSegs"] += k
         if self.rtt_seq is None:

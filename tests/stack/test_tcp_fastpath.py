@@ -88,8 +88,9 @@ SCENARIOS = [
     {"sack": False},
     {"timestamps": False, "window_scaling": False},
     {"rcvbuf": 20000, "sndbuf": 8000, "nodelay": True},
+    {"gso_max_size": 65215, "rcvbuf": 262144, "sndbuf": 262144},  # GSO segments, unsplit
 ]
-SCENARIO_IDS = ["defaults", "nosack", "nots-nows", "small-buffers"]
+SCENARIO_IDS = ["defaults", "nosack", "nots-nows", "small-buffers", "gso"]
 FAULTS = [(0.0, 0.0, 0.0), (0.02, 0.0, 0.0), (0.02, 0.05, 0.01)]
 
 
@@ -161,3 +162,21 @@ def test_output_prediction_is_taken_on_bulk_data(impl, monkeypatch):
     data = bytes(range(256)) * 1000
     assert transfer(link, link.a, data) == data
     assert calls["full"] < calls["all"] // 4
+
+
+def test_gso_builds_segments_of_whole_mss_multiples(impl):
+    """With config.gso_max_size the full-segment loop sends few large segments (whole MSS
+    multiples up to the cap); TcpOutSegs counts the wire segments they stand for."""
+    cfg = dict(gso_max_size=65215, rcvbuf=262144, sndbuf=262144)
+    link, counters = established_pair(cfg_a=TcpConfig(**cfg), cfg_b=TcpConfig(**cfg))
+    out0, log0 = counters["TcpOutSegs"], len(link.log)
+    data = bytes(range(256)) * 2000
+    assert transfer(link, link.a, data) == data
+    mss = link.a.mss
+    log = link.log[log0:]
+    sizes = [len(s.payload) for f, s in log if f == "a" and s.payload]
+    big = [n for n in sizes if n > mss]
+    assert big and all(n % mss == 0 and n <= 65215 for n in big)
+    wire = sum(-(-n // mss) for n in sizes)
+    acks = sum(1 for f, s in log if not s.payload)
+    assert counters["TcpOutSegs"] - out0 == wire + acks
