@@ -160,7 +160,7 @@ def sendmsg_connected(sk, data):
     generation, room in SO_SNDBUF, the neighbour entry alive, and udp_send taking it.
     Returns the bytes sent, or -1 with nothing changed: UdpSock.sendmsg then runs its own
     checks in their order (and raises what they raise)."""
-    if sk.closed or sk.err or not sk.connected:
+    if sk.closed or sk.err or not sk.connected or sk._tx_fast is not _udp_send_fn:
         return -1
     d = sk._dst
     if d is None:
@@ -171,6 +171,15 @@ def sendmsg_connected(sk, data):
     nb = d.neigh
     if nb is None or nb.dead:
         return -1
+    cdef const uint8_t[::1] dv
+    cdef const uint8_t* src_p
+    if type(d.pool) is _SkbPool:  # sendmmsg's loop for one datagram: each field set once
+        if type(data) is bytes:
+            src_p = <const uint8_t*>PyBytes_AS_STRING(data)
+        else:
+            dv = data
+            src_p = &dv[0] if n else NULL
+        return n if _send_run(sk, src_p, 1, 0, 0, n) == 1 else -1
     if _udp_send(sk, d, data, sk.dport):
         return n
     return -1
@@ -179,6 +188,9 @@ def sendmsg_connected(sk, data):
 def udp_send(sk, d, data, int dport):
     """See kstack.txfast.udp_send."""
     return _udp_send(sk, d, data, dport)
+
+
+cdef object _udp_send_fn = udp_send  # sendmsg_connected serves sockets whose fast path is this
 
 
 cdef bint _udp_send(sk, d, data, int dport) except -1:
@@ -246,7 +258,7 @@ def sendmmsg_connected(sk, payload, Py_ssize_t count, Py_ssize_t start=0):
     (in a finally: a batch that stops on an exception counts what it sent)."""
     cdef const uint8_t[::1] p = payload
     mmsg_check(p, count)
-    cdef Py_ssize_t off = 0, i = 0, ln
+    cdef Py_ssize_t off = 0, i = 0
     if start < 0:
         raise ValueError("negative start")
     while i < start and i < count:
@@ -254,6 +266,15 @@ def sendmmsg_connected(sk, payload, Py_ssize_t count, Py_ssize_t start=0):
         i += 1
     if i >= count:
         return count
+    return _send_run(sk, &p[0], count, off, i, -1)
+
+
+cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off, Py_ssize_t i,
+                          Py_ssize_t raw_len) except -1:
+    """The loop of sendmmsg_connected from datagram i at offset off of the entries at p; with
+    raw_len >= 0, one datagram of raw_len bytes at p instead (sendmsg_connected: count 1).
+    Returns the index of the first datagram not sent."""
+    cdef Py_ssize_t ln
     if sk.closed or sk.err or not sk.connected:
         return i
     d = sk._dst
@@ -305,7 +326,11 @@ def sendmmsg_connected(sk, payload, Py_ssize_t count, Py_ssize_t start=0):
     cdef bint queued = False
     try:
         while i < count:
-            ln = p[off] | (<Py_ssize_t>p[off + 1] << 8)
+            if raw_len >= 0:
+                ln = raw_len
+                off = -2  # the datagram's bytes at p + off + 2 = p
+            else:
+                ln = p[off] | (<Py_ssize_t>p[off + 1] << 8)
             ulen = 8 + ln
             tot = ulen + 20
             if ln > _UDP_MAX or tot > mtu:

@@ -239,6 +239,11 @@ class UdpSock(Sock):
         inet.ip.output(skb, src, dst, IPPROTO_UDP, res, tos=self.tos, ttl=self.ttl)
         return n
 
+    # UdpSock.sendmsg's compiled common case for callers that want no Python frame (the
+    # syscall server's async sends): (sk, data) -> bytes sent, or -1 when the socket's fast
+    # path is not the compiled one or any of its checks fails (then call sendmsg)
+    sendmsg_c = staticmethod(_c_sendmsg_connected) if _c_sendmsg_connected is not None else None
+
     def sendmmsg_fast(self, payload: bytes, count: int, start: int = 0) -> int:
         """Datagrams `start`.. of a sendmmsg(2) batch (kstack.syscall.channel's SENDMMSG
         payload, checked whole first: ValueError) sent by the fast path of a connected socket:

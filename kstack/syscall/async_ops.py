@@ -163,9 +163,15 @@ class AsyncOpsMixin:
         EAGAIN per wake-up); an error completes that call (async_errors). Empty: unparked."""
         app, fd, recs = q.app, q.fds[0], q.recs
         sock = app.socks.get(fd)
+        send_c = getattr(sock, "sendmsg_c", None)  # UdpSock's compiled common case
         while recs:
             rec = recs[0]
             err = 0
+            if (send_c is not None and rec.addr is None and rec.op == _SENDTO
+                    and not rec.a0 & ~MSG_DONTWAIT and send_c(sock, rec.payload) >= 0):
+                recs.popleft()
+                app.inflight -= 1
+                continue
             if rec.op == _SENDMMSG:  # a batch: from its progress, as far as the socket takes
                 if sock is None:
                     err = errno.EBADF

@@ -36,6 +36,7 @@ from typing import Any, Callable
 from nicemu import tracepoint
 from kstack.syscall.async_ops import AsyncOpsMixin
 from kstack.syscall.calls import CallsMixin
+from kstack.sock import MSG_DONTWAIT
 from kstack.syscall.channel import (F_ASYNC, MAX_MMSG, Layout, Op, create_shared, recv_hello, send_accept,
                                     send_refuse)
 from kstack.syscall.ring import Record, Ring, RingCorrupt, int_to_ip, ip_to_int
@@ -333,7 +334,9 @@ class SyscallServer(AsyncOpsMixin, CallsMixin):
                     for fd in list(app.ms):
                         self._ms_drain(app, fd)
                 copied = 0
+                fast_sends = 0
                 pop = sq.pop_raw
+                socks, sendq, parked = app.socks, app.sendq, app.parked
                 self.stack.xmit_batch_begin()  # one doorbell per device for the batch (xmit_more)
                 try:
                     while budget and app.inflight < lim and not app.backlog:
@@ -345,8 +348,19 @@ class SyscallServer(AsyncOpsMixin, CallsMixin):
                         if tracepoint.enabled:
                             tracepoint.emit("sys.enter", op=r[0], fd=r[3], bytes=len(r[10]), copy_from_user="SQ ring (shared memory)")
                         if r[1] == F_ASYNC:
-                            if r[0] == _SENDTO and self._send_async(app, r):
-                                continue
+                            if r[0] == _SENDTO:
+                                # an async send on a connected UDP socket with nothing queued
+                                # before it: the compiled send (UdpSock.sendmsg_c) with no
+                                # Python frame; anything else, or its -1, goes the usual way
+                                if not r[9] and not r[4] & ~MSG_DONTWAIT:
+                                    fd = r[3]
+                                    c = getattr(socks.get(fd), "sendmsg_c", None)
+                                    if (c is not None and fd not in sendq and fd not in parked
+                                            and c(socks[fd], r[10]) >= 0):
+                                        fast_sends += 1
+                                        continue
+                                if self._send_async(app, r):
+                                    continue
                             if r[0] == _SENDMMSG and self._sendmmsg_async(app, r):
                                 # the budget is in datagrams: a batch takes its count
                                 budget = max(budget - min(max(r[5], 1), MAX_MMSG) + 1, 0)
@@ -354,6 +368,9 @@ class SyscallServer(AsyncOpsMixin, CallsMixin):
                         self._submit(app, Record(*r[:7], (int_to_ip(r[7]), r[8]) if r[9] else None, r[10]))
                 finally:
                     self.stack.xmit_batch_end()
+                    if fast_sends:  # each a sendto call, counted as _send_async counts it
+                        app.syscalls += fast_sends
+                        self._async_sends += fast_sends
                 self.counters["bytes_copied_in"] += copied
                 if sq.release():  # the application waits for room in the SQ
                     self._ring(app)

@@ -185,8 +185,12 @@ def test_a_batch_takes_its_datagrams_from_the_servers_budget(path):
         ch = KernelChannel(path)
         _udp(ch, 4108)
         tx = _udp(ch, 4109)
-        for _ in range(4):
-            ch.submit_async(Op.SENDMMSG, tx, 0, 60, -1, pack_mmsg([b"b"] * 60), ("198.18.0.1", 4108))
+        from kstack.syscall.ring import ip_to_int
+        for i in range(4):  # all four in the ring before the kernel looks: one wake-up
+            assert ch.sq.push(Op.SENDMMSG, 900 + i, tx, 0, 60, -1, pack_mmsg([b"b"] * 60),
+                              (ip_to_int("198.18.0.1"), 4108), F_ASYNC)
+        ch.sq.publish()
+        os.eventfd_write(ch.sq_efd, 1)
         assert ch.call(Op.GETSOCKNAME, tx).result == 0
         assert len(st.net.ports[4108].queue) == 240
         assert st.server.stats()["counters"]["budget_yields"] >= 2  # about one per batch
