@@ -20,6 +20,7 @@ from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.stdlib cimport free, malloc, realloc
 from libc.string cimport memcpy, memset
+from nicemu.cable._capring cimport CapRing
 
 cdef extern from "nicemu_crc32.h" nogil:
     void nicemu_crc32_init()
@@ -377,6 +378,7 @@ cdef class Datapath:
     cdef public unsigned long long tx_descs_fetched
     cdef public unsigned long long rx_dropped
     cdef public unsigned long long rx_written
+    cdef public CapRing capture  # a capture ring: every frame put on the wire is recorded
 
     cdef uint32_t *r  # the register file
     cdef Py_buffer _regs_buf
@@ -850,6 +852,8 @@ cdef class Datapath:
 
     cdef inline void _send_fcs_deferred(self, uint8_t *f, uint32_t n) noexcept nogil:
         """_send to the linked Cython peer of a frame whose FCS is owed, not yet written."""
+        if self.capture is not None:
+            self.capture.put(f, n, True)  # its FCS is written by the capture's drain
         self._peer_c._events |= self._peer_c._rx_fcs(f, n, True)
         self._count_tx(f, n)
 
@@ -864,6 +868,8 @@ cdef class Datapath:
                 return 0
         else:
             self._sent.append(PyBytes_FromStringAndSize(<const char *>f, n))
+        if self.capture is not None:
+            self.capture.put(f, n, False)
         self._count_tx(f, n)
         return 1
 

@@ -197,6 +197,7 @@ class RefDatapath:
         self.bus_master = False
         self.sink: Callable[[bytes], bool] | None = None
         self.peer = None
+        self.capture = None  # a capture ring: every frame put on the wire is recorded
         self.dma_errors = 0  # descriptor or buffer accesses outside mapped (writable) memory
         self.tx_dropped = 0  # TX packets not sent: too long, no EOP in a full ring, DMA fault, empty
         self.tx_dext_skipped = 0  # extended (DEXT=1) TX descriptors: not modeled, skipped
@@ -524,6 +525,8 @@ class RefDatapath:
                     break
             else:
                 self._sent.append(frame)
+            if self.capture is not None:  # a capture ring (nicemu.cable.capring)
+                self.capture.push(frame)
             self._txq.popleft()
             self._tx_used -= pb_record_size(len(frame))
             self._count_tx(frame)

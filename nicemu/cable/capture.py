@@ -28,7 +28,7 @@ import os
 import struct
 import time
 from pathlib import Path
-from typing import BinaryIO, Callable, NamedTuple
+from typing import Any, BinaryIO, Callable, NamedTuple
 
 from nicemu.cable.base import CableEnd
 
@@ -38,6 +38,7 @@ __all__ = [
     "CapturedEnd",
     "PcapRecord",
     "PcapWriter",
+    "RingCapture",
     "read_pcap",
 ]
 
@@ -101,6 +102,16 @@ class PcapWriter:
         self._f.write(RECORD_HEADER.pack(sec & 0xFFFFFFFF, ns // 1000, incl, len(frame)))
         self._f.write(frame[:incl])
         self.count += 1
+        if self.flush_each:
+            self._f.flush()
+
+    def write_records(self, records: bytes, count: int) -> None:
+        """Append `count` records already in this format (RECORD_HEADER, then the bytes, at
+        most snaplen of them): what a capture ring's drain() returns (nicemu.cable.capring)."""
+        if self._f is None:
+            raise ValueError("pcap writer is closed")
+        self._f.write(records)
+        self.count += count
         if self.flush_each:
             self._f.flush()
 
@@ -225,3 +236,133 @@ class CapturedEnd:
         finally:
             if self._close_writer:
                 self.writer.close()
+
+
+class RingCapture:
+    """The capture of a linked pair of engines (`nicemu serve --pair --pcap`): one capture ring
+    (nicemu.cable.capring) shared by both engines, which record every frame they put on the
+    wire into it (both directions, in time order) with a clock read and one copy of at most
+    `snaplen` bytes; the emulator's loop drains it into one pcap file (PcapWriter) as a timer
+    source, `interval_ns` after the first frame waiting, and on close.
+
+    Bounded: a frame that finds the ring full (`capacity` bytes) is not captured; after
+    `max_frames` records (None: no limit) the rest are dropped at the drain; both are counted
+    in report()["not_written"]. report() is the closing JSON line of `nicemu serve --pcap`."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        snaplen: int = 65535,
+        max_frames: int | None = None,
+        capacity: int = 1 << 23,
+        interval_ns: int = 100_000_000,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        from nicemu.cable.capring import make_ring
+
+        if max_frames is not None and max_frames < 0:
+            raise ValueError(f"capture max_frames must be >= 0, got {max_frames}")
+        self.writer = PcapWriter(path, snaplen=snaplen, flush_each=False)
+        self.path = self.writer.path
+        self.snaplen = snaplen
+        self.max_frames = max_frames
+        self.interval_ns = interval_ns
+        self.clock = clock
+        self._compiled = make_ring(capacity, snaplen)
+        self._ref = None  # a pure-Python ring, made only if a Python engine is attached
+        self._capacity = capacity
+        self.engines: list[Any] = []
+        self.dropped = 0  # records beyond max_frames
+        self.truncated = 0  # records written shorter than their frame
+        self._due: int | None = None
+
+    def attach(self, *engines: Any) -> None:
+        """Record what these data-path engines send (a Nic's .engine)."""
+        from nicemu.cable.capring import CapRingRef
+
+        for e in engines:
+            try:
+                e.capture = self._compiled
+            except TypeError:  # a Python engine with a compiled ring, or the reverse
+                if self._ref is None:
+                    self._ref = CapRingRef(self._capacity, self.snaplen)
+                e.capture = self._ref
+            self.engines.append(e)
+
+    def _rings(self) -> list[Any]:
+        return [r for r in (self._compiled, self._ref) if r is not None]
+
+    def fileno(self) -> None:
+        return None
+
+    def next_deadline(self) -> int | None:
+        if not (len(self._compiled) or (self._ref is not None and len(self._ref))):
+            self._due = None
+            return None
+        if self._due is None:
+            self._due = self.clock() + self.interval_ns
+        return self._due
+
+    def run_timers(self) -> None:
+        if self._due is not None and self.clock() >= self._due:
+            self.drain()
+
+    def drain(self) -> int:
+        """Write what the ring holds (up to max_frames in all); returns records written."""
+        self._due = None
+        parts = []
+        count = self.writer.count
+        for ring in self._rings():
+            left = -1 if self.max_frames is None else max(0, self.max_frames - count)
+            blob, n, cut, dropped = ring.drain(left)
+            self.dropped += dropped
+            self.truncated += cut
+            count += n
+            if n:
+                parts.append((blob, n))
+        if len(parts) == 2:  # mixed engines: two rings, each in time order
+            records = _merge(parts[0][0], parts[1][0])
+            parts = [(b"".join(records), len(records))]
+        written = 0
+        for blob, n in parts:
+            self.writer.write_records(blob, n)
+            written += n
+        if written:
+            self.writer.flush()
+        return written
+
+    @property
+    def not_captured(self) -> int:
+        """Frames the full ring refused."""
+        return sum(r.not_captured for r in self._rings())
+
+    def report(self) -> dict:
+        return {"event": "pcap", "path": os.path.abspath(self.path) if self.path else None,
+                "written": self.writer.count, "not_written": self.dropped + self.not_captured,
+                "not_captured": self.not_captured, "snaplen": self.snaplen,
+                "max_frames": self.max_frames, "truncated": self.truncated}
+
+    def close(self) -> None:
+        """Detach from the engines, write what is left, close the file."""
+        if self.writer._f is None:
+            return
+        for e in self.engines:
+            e.capture = None
+        try:
+            self.drain()
+        finally:
+            self.writer.close()
+
+
+def _merge(a: bytes, b: bytes) -> list[bytes]:
+    """The pcap records of two blobs, in timestamp order."""
+    def split(blob: bytes) -> list[tuple[tuple[int, int], bytes]]:
+        out, off = [], 0
+        while off < len(blob):
+            sec, usec, incl, _ = RECORD_HEADER.unpack_from(blob, off)
+            out.append(((sec, usec), blob[off : off + RECORD_HEADER.size + incl]))
+            off += RECORD_HEADER.size + incl
+        return out
+
+    return [r for _, r in sorted(split(a) + split(b), key=lambda t: t[0])]

@@ -684,3 +684,104 @@ def test_cython_engine_writes_the_status_byte_last_with_a_release_store() -> Non
     import re
 
     assert not re.search(r"\b[dw]\[12\]\s*=(?!=)", pyx)  # no plain store to a status byte anywhere
+
+
+# --- the capture ring on the linked send path (nicemu.cable.capring) ----------------------------
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_linked_pairs_capture_the_same_records(seed: int) -> None:
+    """Both engines of a linked pair record what they send into one capture ring: the Cython
+    pair (CapRing, frames handed over with their FCS owed) and the reference pair (CapRingRef)
+    drain the same pcap records (timestamps from a step clock), with snap-length cuts and a ring
+    that fills up, and the engines still agree on everything else."""
+    from nicemu.cable._capring import CapRing
+    from nicemu.cable.capring import CapRingRef
+
+    rng = random.Random(seed)
+    seed_mem = random.Random(seed + 11).randbytes(MEM_SIZE)
+    ref_pair, cy_pair = _pair(RefDatapath, seed_mem), _pair(Datapath, seed_mem)
+    sides = [*ref_pair, *cy_pair]
+    capacity = rng.choice([200, 3000, 1 << 20])
+    snaplen = rng.choice([60, 64, 100, 1518, 65535])
+    rings = CapRingRef(capacity, snaplen, 1000), CapRing(capacity, snaplen, 1000)
+    for s in ref_pair:
+        s.engine.capture = rings[0]
+    for s in cy_pair:
+        s.engine.capture = rings[1]
+    try:
+        geo = program(rng, sides)
+        rctl = int(R.Rctl.EN | R.Rctl.UPE | R.Rctl.MPE | R.Rctl.BAM)
+        rctl |= int(R.Rctl.SECRC) if rng.random() < 0.5 else 0
+        for s in sides:
+            s.w(R.RCTL, rctl)
+            s.w(R.PBA, R.PBA_DEFAULT)
+            s.w(R.RDBAL, RX_BASE)
+            s.w(R.RDBAH, 0)
+            s.w(R.TDBAL, TX_BASE)
+            s.w(R.TDBAH, 0)
+        write_rx_descs(random.Random(seed), sides, geo)
+        rx_n = geo["rx_n"]
+        tails = [ref_pair[0].regs[R.TDT >> 2], ref_pair[1].regs[R.TDT >> 2]]
+        drained = 0
+        for step in range(60):
+            which = rng.randrange(2)
+            pair = (ref_pair[which], cy_pair[which])
+            roll = rng.random()
+            if roll < 0.15:
+                for s in pair:
+                    s.w(R.RCTL, s.regs[R.RCTL >> 2] ^ int(R.Rctl.SECRC))
+            elif roll < 0.35:
+                new = (ref_pair[which].regs[R.RDH >> 2] + rng.randrange(rx_n)) % rx_n
+                for s in pair:
+                    s.w(R.RDT, new)
+                assert pair[0].engine.drain_rx() == pair[1].engine.drain_rx()
+            elif roll < 0.45:
+                limit = rng.choice([-1, 1, 4])
+                got = rings[0].drain(limit), rings[1].drain(limit)
+                assert got[0] == got[1], f"(seed {seed} step {step})"
+                drained += got[0][1]
+            else:
+                tails[which] = queue_tx(rng, list(pair), geo, tails[which])
+                for s in pair:
+                    s.w(R.TDT, tails[which])
+                assert pair[0].engine.transmit() == pair[1].engine.transmit()
+            for k in range(2):
+                assert ref_pair[k].engine.take_events() == cy_pair[k].engine.take_events()
+                compare(ref_pair[k], cy_pair[k], f"(seed {seed} step {step} side {k})")
+            assert (rings[0].captured, rings[0].not_captured) == (rings[1].captured, rings[1].not_captured)
+        assert rings[0].drain() == rings[1].drain()
+        assert rings[0].captured > 0
+    finally:
+        for s in sides:
+            s.close()
+
+
+def test_capture_ring_records_a_sinks_frames_too() -> None:
+    """Unlinked, an engine records the frames its cable (the sink) took, not the refused ones
+    until they go."""
+    from nicemu.cable._capring import CapRing
+    from nicemu.cable.capring import CapRingRef
+
+    seed_mem = random.Random(3).randbytes(MEM_SIZE)
+    rng = random.Random(4)
+    answers = [rng.random() < 0.7 for _ in range(200)]
+    ref, cy = Side(RefDatapath, seed_mem, answers), Side(Datapath, seed_mem, answers)
+    rings = CapRingRef(1 << 20, 128, 10), CapRing(1 << 20, 128, 10)
+    try:
+        geo = program(rng, [ref, cy])
+        tail = ref.regs[R.TDT >> 2]
+        for s, ring in zip((ref, cy), rings):
+            s.engine.sink = s.sink
+            s.engine.capture = ring
+        for _ in range(40):
+            tail = queue_tx(rng, [ref, cy], geo, tail)
+            for s in (ref, cy):
+                s.w(R.TDT, tail)
+            assert ref.engine.transmit() == cy.engine.transmit()
+            compare(ref, cy, "(sink)")
+        assert rings[0].drain() == rings[1].drain()
+        assert rings[0].captured == len(ref.wire) > 0
+    finally:
+        ref.close()
+        cy.close()
