@@ -9,6 +9,7 @@ package imports neither driver/ nor kstack/. Exit status: 0 success, 1 runtime f
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -137,6 +138,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     help="MAC of the device with the same position (default 52:54:00:12:34:56, +1 per device)")
     ps.add_argument("--pair", action="store_true",
                     help="join the two devices given back to back (an in-process cable)")
+    ps.add_argument("--pcap", metavar="FILE",
+                    help="with --pair: capture the cable (both directions, FCS included) to FILE, classic "
+                         "pcap, through a capture ring the engines fill on their fast path and the "
+                         "loop drains (docs/cables.md); at the end a JSON line {\"event\": \"pcap\", ...} "
+                         "says how many frames were written and not written")
+    ps.add_argument("--snaplen", type=int, default=65535, metavar="N",
+                    help="with --pcap: bytes kept of each frame (default 65535)")
+    ps.add_argument("--pcap-frames", type=int, default=None, metavar="N",
+                    help="with --pcap: frames written at most; later ones are counted (default: no limit)")
     ps.add_argument("--link", choices=("up", "down"), default="up",
                     help="without --pair: the link state of each device's port; its transmitted "
                          "frames leave the device and are dropped (default up)")
@@ -153,9 +163,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from nicemu.emulator import Emulator
 
     ready_fd = _take_ready_fd()
+    capture = None  # --pair --pcap: its closing report
     if args.config:
-        if args.socket or args.mac or args.pair:
-            raise CliError("serve: --config cannot be combined with --socket/--mac/--pair", 2)
+        if args.socket or args.mac or args.pair or args.pcap:
+            raise CliError("serve: --config cannot be combined with --socket/--mac/--pair/--pcap", 2)
         emu = _emulator_from_config(args.config, args.process)
     else:
         if args.process:
@@ -166,6 +177,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CliError(f"serve: {len(args.mac)} --mac for {len(args.socket)} --socket", 2)
         if args.pair and len(args.socket) != 2:
             raise CliError("serve: --pair joins exactly two devices (give --socket twice)", 2)
+        if args.pcap and not args.pair:
+            raise CliError("serve: --pcap captures the --pair cable (other cables: a YAML topology's capture)", 2)
+        if not 0 < args.snaplen <= 0x7FFFFFFF or (args.pcap_frames is not None and args.pcap_frames < 0):
+            raise CliError("serve: --snaplen must be positive and --pcap-frames >= 0", 2)
         paths = _socket_paths(args.socket)
         macs = _device_macs(args.mac, len(paths))
         dirs = _socket_dirs(paths)
@@ -187,6 +202,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 nics.append(nic)
             if args.pair:
                 emu.add_pair(nics[0], nics[1])
+                if args.pcap:
+                    capture = _pair_capture(emu, nics, args)
             else:
                 for nic in nics:
                     nic.attach(unplugged)  # no cable: frames leave the port and are gone
@@ -200,8 +217,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _say_next_steps(emu)  # before "ready", the line scripts wait for, so it stays the last
     print("nicemu: ready", flush=True)
     _notify_ready(ready_fd)
-    emu.run()
+    try:
+        emu.run()
+    finally:
+        if capture is not None:  # closed with the emulator: its file is complete
+            print(json.dumps(capture.report()), flush=True)
     return 0
+
+
+def _pair_capture(emu, nics: list, args: argparse.Namespace):
+    """--pcap: a capture ring both engines of the pair fill, drained into the file by the loop."""
+    from nicemu.cable.capture import RingCapture
+
+    try:
+        capture = RingCapture(args.pcap, snaplen=args.snaplen, max_frames=args.pcap_frames, clock=emu.clock)
+    except OSError as e:
+        raise CliError(f"serve: --pcap {args.pcap}: {e.strerror or e}", 2) from None
+    capture.attach(nics[0].engine, nics[1].engine)
+    emu.add_timer_source(capture)
+    emu.add_closeable(capture)
+    return capture
 
 
 def _say_next_steps(emu) -> None:
