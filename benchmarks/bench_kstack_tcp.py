@@ -25,7 +25,8 @@ Set-up, all real processes (bench_kstack.Lab): one emulator (`nicemu serve --pai
    of its send queue are not counted by anything), syscalls per MB (the kernels' records and
    the applications' library calls), segments per ACK (B's wire segments in,
    TcpInSegs with GRO's merged ones counted, / TcpOutSegs; Linux: the sink socket's TCP_INFO),
-   GRO's merging (B's gro_* counters), retransmissions, NAPI polls, and CPU ns per KB of each process
+   GRO's merging (B's gro_* counters), GSO's splitting (A's gso_*; NICEMU_GRO=0 / NICEMU_GSO=0
+   in the environment turn them off in both kernels), retransmissions, NAPI polls, and CPU ns per KB of each process
    from /proc/PID/schedstat with its run-queue wait.
 
 Every figure is repeated --repeat times: median (min-max, n). The machine line (CPUs, load) is
@@ -157,6 +158,9 @@ def kstack_bulk(lab: Lab, nbytes: int, port: int, seed: int) -> dict:
     per["sk_buffs per ACK (B: TcpInSegs / TcpOutSegs)"] = tcp["B:TcpInSegs"] / max(tcp["B:TcpOutSegs"], 1)
     per["GRO: wire segments per merged sk_buff (B)"] = gro["gro_wire_packets"] / max(gro["gro_packets"], 1)
     per["GRO: share of segments merged (B)"] = gro["gro_wire_packets"] / max(wire_in, 1)
+    gso = {k: _delta(a0, a1, "devices", "eth0", "netdev", k) for k in ("gso_packets", "gso_wire_packets")}
+    per["GSO: wire segments per GSO segment (A)"] = gso["gso_wire_packets"] / max(gso["gso_packets"], 1)
+    per["GSO: share of data segments sent as GSO (A)"] = gso["gso_wire_packets"] / max(tcp["A:TcpOutSegs"], 1)
     per["data segments per MB (A out)"] = tcp["A:TcpOutSegs"] / mb
     per["retransmitted segments per MB (A)"] = tcp["A:TcpRetransSegs"] / mb
     per["NAPI polls per MB (B)"] = db.get("polls", 0) / mb
