@@ -25,7 +25,6 @@ from typing import Any
 
 from lab import paths as P
 from lab import report
-from lab.demo_emulator import DEFAULT_MAX_FRAMES, DEFAULT_SNAPLEN
 from lab.measure import idle_cpu, load_warning, machine_line
 from lab.procs import DemoError, Interrupted, remove_parent_if_empty, run_directory
 
@@ -35,6 +34,7 @@ DEFAULT_REPEAT = 3
 DEFAULT_WINDOW = 16
 PAYLOAD = 18
 DEFAULT_PCAP = "nicemu-demo.pcap"
+DEFAULT_SNAPLEN, DEFAULT_MAX_FRAMES = P.PCAP_SNAPLEN, P.PCAP_FRAMES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -127,10 +127,11 @@ class Demo:
         if self.pcap and any(P.PATHS.get(p) for p in self.paths):
             self.say(f"The cable between nic0 and nic1 is captured to {self.pcap} (both directions, FCS "
                      f"included; {DEFAULT_SNAPLEN} bytes of each frame, the first {self.args.pcap_frames:,} "
-                     f"frames). Capturing takes the cable off the emulator's fast path (each frame "
-                     f"through Python): the emulator's CPU per packet is higher and the rates lower "
-                     f"than without it (bypass: about 1.5 to 2 times the emulator CPU per echo, "
-                     f"measured); the figures below are with it on; --no-pcap for figures without it.")
+                     f"frames). The devices' engines copy each frame into a capture ring on their fast "
+                     f"path (a clock read and one copy, no Python) and the emulator writes the ring to "
+                     f"the file every 100 ms: measured on the bypass path, 7 runs with and 7 without it, "
+                     f"its CPU per echo was within the run-to-run spread (medians 30.9 and 30.6 us; about "
+                     f"0.2 us per frame in all in-process); --no-pcap for figures without it.")
         self.say("")
 
     def _path(self, path: str) -> None:
@@ -148,7 +149,7 @@ class Demo:
         else:
             if lab.emu is None:
                 lab.up()
-                self.say(f"One emulator process (nicemu's, started as lab.demo_emulator; pid {lab.emu.pid}) holds both devices, "
+                self.say(f"One emulator process (nicemu serve --pair; pid {lab.emu.pid}) holds both devices, "
                          f"nic0 ({P.MAC0}) and nic1 ({P.MAC1}), joined by a pair cable; kstack kernel A "
                          f"(pid {lab.ka.pid}, NAPI, {P.IP_A}) drives nic0 and carries the echo client. "
                          f"Sockets: {lab.dir}/nic0.sock and {lab.dir}/nic1.sock.", "setup")
@@ -241,8 +242,11 @@ class Demo:
             self.say(f"The capture in {self.pcap} may be incomplete: the emulator did not say how much "
                      f"it wrote.", "pcap")
             return
-        more = (f"; {rep['not_written']:,} later frames not written (the limit is {rep['max_frames']:,}: "
-                f"--pcap-frames)" if rep["not_written"] else "")
+        full = rep.get("not_captured", 0)  # the capture ring was full between two drains
+        later = rep["not_written"] - full
+        more = (f"; {later:,} later frames not written (the limit is {rep['max_frames']:,}: "
+                f"--pcap-frames)" if later else "")
+        more += f"; {full:,} not captured (the capture ring was full)" if full else ""
         cut = f"; {rep['truncated']:,} cut to {rep['snaplen']} bytes" if rep.get("truncated") else ""
         self.say(f"{rep['written']:,} frames of the cable written to {self.pcap}{more}{cut}. Read it "
                  f"with:", "pcap")

@@ -1,7 +1,8 @@
 """The processes of `nicemu demo` and one measured exchange through each path.
 
-Emulated paths share one set-up: an emulator (lab.demo_emulator: `nicemu serve --pair`, nic0
-and nic1 back to back in one process, with a bounded pcap capture of the cable), kernel A (kstack, NAPI) on nic0 with the echo client, and on nic1, in turn,
+Emulated paths share one set-up: an emulator (`nicemu serve --pair`, nic0 and nic1 back to
+back in one process, with --pcap a bounded capture of the cable through the engines' capture
+ring), kernel A (kstack, NAPI) on nic0 with the echo client, and on nic1, in turn,
 kernel B in interrupt mode with kstack.apps.udp_echo, kernel B in NAPI mode with udp_echo, and
 the bypass PMD echoing UDP itself (lab.l2echo responder --udp). The reference path is two Python
 processes over the real Linux kernel's UDP on loopback (lab.echo_client, lab.linux_echo).
@@ -26,6 +27,8 @@ MAC0, MAC1 = "52:54:00:12:34:56", "52:54:00:12:34:57"
 IP_A, IP_B = "198.18.0.1", "198.18.0.2"
 PORT = 7
 UP_TIMEOUT = 30.0
+PCAP_SNAPLEN = 256  # every header of the demo's frames; TCP's 1514-byte segments are cut
+PCAP_FRAMES = 100_000  # at most 100,000 x (16 + 256) bytes: 27 MB; the demo writes ~40,000 small ones
 
 # path name -> how nic1 is driven (None: the real kernel, no emulator)
 PATHS = {"kstack irq": "interrupt", "kstack napi": "napi", "bypass pmd": "pmd", "linux": None}
@@ -135,11 +138,10 @@ class Lab:
         """The emulator and kernel A (the client's, NAPI) once for every emulated path."""
         a, b = str(self.dir / "nic0.sock"), str(self.dir / "nic1.sock")
         self.sock_b = b
-        argv = ["-m", "lab.demo_emulator", "--socket", a, "--mac", MAC0, "--socket", b, "--mac", MAC1]
+        argv = ["-m", "nicemu", "serve", "--socket", a, "--mac", MAC0, "--socket", b, "--mac", MAC1, "--pair"]
         if self.pcap:
-            argv += ["--pcap", self.pcap]
-            if self.pcap_frames is not None:
-                argv += ["--max-frames", str(self.pcap_frames)]
+            argv += ["--pcap", self.pcap, "--snaplen", str(PCAP_SNAPLEN),
+                     "--pcap-frames", str(PCAP_FRAMES if self.pcap_frames is None else self.pcap_frames)]
         self.emu = self.spawn("emulator", argv)
         self.text(self.emu, "nicemu: ready")
         self.ka_sock = str(self.dir / "ka.sock")
