@@ -39,15 +39,19 @@ gro_held, gro_merged, gro_normal (delivered without merging), gro_flush (napi_gr
 calls that delivered something), gro_packets (merged sk_buffs delivered), gro_wire_packets
 (the segments inside them), gro_bytes (their payload), gro_csum_bad (segments whose checksum
 GRO found bad).
+
+`Gro` is the compiled kstack._gro.Gro when it is built, else GroRef (this file's twin, which
+NICEMU_PY_GRO=1 forces); tests hold the two equal.
 """
 from __future__ import annotations
 
+import os
 import struct
 from typing import Any
 
 from kstack.skbuff import CHECKSUM_UNNECESSARY, NET_IP_ALIGN, NET_SKB_PAD
 
-__all__ = ["Gro", "MAX_GRO_SKBS", "GRO_COUNTERS"]
+__all__ = ["Gro", "GroRef", "MAX_GRO_SKBS", "GRO_COUNTERS", "KIND"]
 
 MAX_GRO_SKBS = 8  # Linux's per-bucket limit of held packets
 GRO_MAX_IP_LEN = 65535
@@ -78,8 +82,9 @@ class _Held:
         self.skbs: list[Any] = []
 
 
-class Gro:
-    """One NAPI context's GRO state (napi_struct's gro_hash): the held packets by flow."""
+class GroRef:
+    """One NAPI context's GRO state (napi_struct's gro_hash): the held packets by flow.
+    The readable twin of kstack/_gro.pyx's Gro (the one used when it is built)."""
 
     def __init__(self, dev: Any) -> None:
         self.dev = dev
@@ -251,3 +256,17 @@ class Gro:
         c["gro_wire_packets"] += len(skbs)
         c["gro_bytes"] += payload
         dev.netif_receive_skb(m)
+
+
+def _select() -> tuple[type, str]:
+    if os.environ.get("NICEMU_PY_GRO") != "1":
+        try:
+            from kstack._gro import Gro as _Compiled
+        except ImportError:
+            pass
+        else:
+            return _Compiled, "cython"
+    return GroRef, "python"
+
+
+Gro, KIND = _select()

@@ -14,17 +14,20 @@ on the first, FIN and PSH only on the last; the TCP checksum left to the device
 (CHECKSUM_PARTIAL, the field seeded with the segment's pseudo-header sum, as the large one
 was) or, for an sk_buff that was not CHECKSUM_PARTIAL, computed here. The payload is copied
 into each segment (counted in the pool's bytes_copied): Linux's skb_segment shares page
-fragments instead; our sk_buffs are linear. Counters in dev.counters: gso_packets (large
+fragments instead; our sk_buffs are linear. `skb_gso_segment` is the compiled
+kstack._gso.skb_gso_segment when it is built, else skb_gso_segment_ref (this file's twin,
+which NICEMU_PY_GSO=1 forces); tests hold the two equal. Counters in dev.counters: gso_packets (large
 segments split), gso_wire_packets (the segments made), gso_bytes (their payload).
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from kstack.skbuff import CHECKSUM_PARTIAL, NET_SKB_PAD
 from wire.checksum import fold
 
-__all__ = ["skb_gso_segment", "skb_is_gso", "GSO_MAX_SIZE", "MAX_TCP_HEADER", "TCP_GSO_MAX_PAYLOAD"]
+__all__ = ["skb_gso_segment", "skb_gso_segment_ref", "KIND", "skb_is_gso", "GSO_MAX_SIZE", "MAX_TCP_HEADER", "TCP_GSO_MAX_PAYLOAD"]
 
 GSO_MAX_SIZE = 65536  # GSO_LEGACY_MAX_SIZE: a GSO packet's IP length is below this
 MAX_TCP_HEADER = 320  # L1_CACHE_ALIGN(128 + MAX_HEADER) on x86-64
@@ -38,8 +41,8 @@ def skb_is_gso(skb: Any) -> bool:
     return bool(cb) and cb.get("gso_size", 0) > 0
 
 
-def skb_gso_segment(skb: Any, nh: int | None = None) -> list[Any]:
-    """Split a GSO sk_buff (skb.data at the link header, or at the IP header when `nh` is
+def skb_gso_segment_ref(skb: Any, nh: int | None = None) -> list[Any]:
+    """The readable twin of kstack/_gso.pyx's skb_gso_segment. Split a GSO sk_buff (skb.data at the link header, or at the IP header when `nh` is
     skb.data) into MSS-sized ones; the original is consumed. `nh`: the IP header's offset in
     the buffer (default: skb.network_header)."""
     buf = skb.shinfo.buf
@@ -53,6 +56,8 @@ def skb_gso_segment(skb: Any, nh: int | None = None) -> list[Any]:
     mss = skb.cb["gso_size"]
     start = d + hlen
     total = skb.tail - start
+    if mss <= 0 or total < 0:
+        raise ValueError("skb_gso_segment: bad gso_size or headers past the end")
     ipid0 = buf[ip + 4] << 8 | buf[ip + 5]
     seq0 = int.from_bytes(buf[th + 4:th + 8], "big")
     flags0 = buf[th + 13]
@@ -130,3 +135,17 @@ def skb_gso_segment(skb: Any, nh: int | None = None) -> list[Any]:
         c["gso_bytes"] = c.get("gso_bytes", 0) + total
     skb.consume()
     return out
+
+
+def _select() -> tuple[Any, str]:
+    if os.environ.get("NICEMU_PY_GSO") != "1":
+        try:
+            from kstack._gso import skb_gso_segment as _compiled
+        except ImportError:
+            pass
+        else:
+            return _compiled, "cython"
+    return skb_gso_segment_ref, "python"
+
+
+skb_gso_segment, KIND = _select()

@@ -2,13 +2,18 @@
 addresses, ports, sequence numbers, IDs and payloads, checksums from wire.checksum), handed
 to a device's napi_gro_receive; what reaches netif_receive_skb is compared byte for byte with
 the frame a merge must give (built the same way), and the frames that must not merge must
-come up alone and unchanged, in their flow's order."""
+come up alone and unchanged, in their flow's order. Every case runs on both implementations
+(the compiled kstack._gro.Gro and its twin kstack.gro.GroRef), and random bursts hold the two
+equal: the same frames up, in the same order, the same counters and pool counts."""
 from __future__ import annotations
 
+import os
+import random
 import struct
 
 import pytest
 
+from kstack import gro as gro_mod
 from kstack.netdevice import NetdevFeatures
 from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_UNNECESSARY, SkbPool
 from kstack_fakes import FakeDevice
@@ -79,9 +84,25 @@ def valid(f: bytes) -> bool:
     return checksum_ok(ip) and checksum_ok(seg, pseudo_header_sum(SRC, DST, 6, len(seg)))
 
 
+try:
+    from kstack._gro import Gro as CompiledGro
+except ImportError:  # not built: the compiled cases say so
+    CompiledGro = None
+
+IMPLS = [pytest.param(gro_mod.GroRef, id="python"),
+         pytest.param(CompiledGro, id="cython",
+                      marks=pytest.mark.skipif(CompiledGro is None, reason="kstack._gro not built"))]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
+
+
 @pytest.fixture
-def dev():
+def dev(impl):
     d = RecDev()
+    d.gro = impl(d)
     yield d
     assert d.gro is None or not d.gro.held
     assert d.pool.live == 0  # every sk_buff GRO took was freed or handed up
@@ -254,3 +275,88 @@ def test_turning_gro_off_flushes_what_is_held_first(dev):
     dev.features &= ~NetdevFeatures.GRO
     dev.rx(f2)
     assert dev.frames() == [f1, f2]
+
+
+def test_the_selected_gro_is_the_compiled_one_when_built():
+    compiled = CompiledGro if os.environ.get("NICEMU_PY_GRO") != "1" else None  # NICEMU_PY_GRO=1 forces the twin
+    assert gro_mod.Gro is (compiled or gro_mod.GroRef)
+    assert gro_mod.KIND == ("cython" if compiled is not None else "python")
+
+
+# --- the compiled GRO against its twin -----------------------------------------------------------
+
+def _burst(rng: random.Random, n: int) -> list[tuple[bytes, bool] | None]:
+    """A random burst of frames of three flows (None: a napi_gro_flush): mostly in order and
+    mergeable, with what must not merge mixed in (flags, options, TTL, DF, IDs, gaps, sizes
+    odd and short, bad checksums, IP options, fragments, other protocols), SEQ and IP ID near
+    their wrap."""
+    seqs = {40000: 0xFFFFFFFF - rng.randrange(20000), 40001: rng.randrange(1 << 32), 40002: 5}
+    ids = {40000: 0xFFFF - rng.randrange(30), 40001: rng.randrange(1 << 16), 40002: 0}
+    mss = {40000: 1448, 40001: 1001, 40002: rng.randrange(1, 1460)}
+    out: list[tuple[bytes, bool] | None] = []
+    for k in range(n):
+        r = rng.random()
+        if r < 0.04:
+            out.append(None)
+            continue
+        if r < 0.06:
+            out.append((DST_MAC + SRC_MAC + b"\x08\x06" + bytes(46), True))
+            continue
+        sport = rng.choice((40000, 40000, 40000, 40001, 40002))
+        size = mss[sport] if rng.random() < 0.8 else rng.randrange(0, mss[sport] + 2)
+        kw: dict = {}
+        x = rng.random()
+        if x < 0.03:
+            kw["flags"] = rng.choice((ACK | PSH, ACK | FIN, ACK | FIN | PSH, ACK | CWR, ACK | ECE,
+                                      ACK | URG, ACK | RST, SYN | ACK))
+        elif x < 0.05:
+            kw["opts"] = rng.choice((b"", b"\x01\x01\x08\x0a" + struct.pack("!II", 1001, 2000),
+                                     b"\x01\x01\x05\x0a" + struct.pack("!II", 1, 2) + TS))
+        elif x < 0.06:
+            kw["ttl"] = 63
+        elif x < 0.07:
+            kw["df"] = False
+        elif x < 0.08:
+            kw["ip_opts"] = b"\x01\x01\x01\x00"
+        elif x < 0.09:
+            kw["frag"] = rng.choice((0x2000, 10))
+            kw["df"] = False
+        elif x < 0.10:
+            kw["ack"] = 5001
+        elif x < 0.11:
+            kw["bad_csum"] = True
+        elif x < 0.13:
+            seqs[sport] = (seqs[sport] + rng.choice((-1448, 1448, 1))) & 0xFFFFFFFF  # a gap
+        elif x < 0.14:
+            ids[sport] = (ids[sport] + 5) & 0xFFFF
+        f = frame(seqs[sport], payload(k, size), ipid=ids[sport], sport=sport, **kw)
+        out.append((f, not kw.get("bad_csum") and rng.random() < 0.9))  # a device flags bad ones
+        seqs[sport] = (seqs[sport] + size) & 0xFFFFFFFF
+        ids[sport] = (ids[sport] + 1) & 0xFFFF
+    return out
+
+
+def _run(impl, burst) -> tuple:
+    d = RecDev()
+    d.gro = impl(d)
+    for item in burst:
+        if item is None:
+            d.napi_gro_flush()
+        else:
+            d.rx(*item)
+    d.napi_gro_flush()
+    pool = d.pool
+    return (d.up, {k: d.counters[k] for k in gro_mod.GRO_COUNTERS},
+            (pool.allocs, pool.frees, pool.live, pool.bytes_copied, pool.cache_hits))
+
+
+@pytest.mark.skipif(CompiledGro is None, reason="kstack._gro not built")
+@pytest.mark.parametrize("seed", range(12))
+def test_compiled_gro_equals_its_twin_on_random_bursts(seed):
+    burst = _burst(random.Random(seed), 400)
+    want = _run(gro_mod.GroRef, burst)
+    got = _run(CompiledGro, burst)
+    assert got[0] == want[0]  # the same sk_buffs up: bytes, ip_summed, gso_segs/gso_size
+    assert got[1:] == want[1:]  # every counter, and the pool's
+    assert want[1]["gro_merged"] > 0 and want[1]["gro_normal"] > 0  # both paths were taken
+    assert all(valid(f) for f, _, cb in want[0] if cb)  # merged ones carry good checksums

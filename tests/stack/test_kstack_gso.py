@@ -3,24 +3,42 @@ byte here is split into MSS-sized frames that must equal, byte for byte, the fra
 without GSO would have sent (sizes, SEQ, FIN/PSH only on the last, CWR only on the first, IP
 IDs one apart, IP and TCP checksums by wire.checksum); and in-process TCP between two stacks
 with NETIF_F_GSO on sends large segments that reach the device as frames within the MTU, the
-data byte-exact, with loss too."""
+data byte-exact, with loss too. The split cases run on both implementations (the compiled
+kstack._gso.skb_gso_segment and its twin kstack.gso.skb_gso_segment_ref), and random large
+segments hold the two equal: bytes, metadata, counters and pool counts."""
 from __future__ import annotations
 
+import os
 import random
 
 import pytest
 
-from kstack.gso import TCP_GSO_MAX_PAYLOAD, skb_gso_segment
+from kstack import gso as gso_mod
+from kstack.gso import TCP_GSO_MAX_PAYLOAD, skb_gso_segment_ref
 from kstack.netdevice import NetdevFeatures
 from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_PARTIAL, SkbPool
 from kstack.sock import SOCK_STREAM
 from kstack_fakes import MS, FakeNet
 from kstack_fakes import net  # noqa: F401 (fixtures)
-from test_kstack_gro import ACK, CWR, FIN, PSH, DST, SRC, frame, payload, valid
+from test_kstack_gro import ACK, CWR, ECE, FIN, PSH, DST, SRC, TS, frame, payload, valid
 from test_kstack_tcp_sock import B, established_pair
 from wire.checksum import fold, ones_sum, pseudo_header_sum
 
 SEQ0 = 0xFFFFFF00  # the split wraps the sequence space
+
+try:
+    from kstack._gso import skb_gso_segment as compiled_segment
+except ImportError:  # not built: the compiled cases say so
+    compiled_segment = None
+
+IMPLS = [pytest.param(skb_gso_segment_ref, id="python"),
+         pytest.param(compiled_segment, id="cython",
+                      marks=pytest.mark.skipif(compiled_segment is None, reason="kstack._gso not built"))]
+
+
+@pytest.fixture(params=IMPLS)
+def impl(request):
+    return request.param
 
 
 class Dev:
@@ -47,10 +65,10 @@ def gso_skb(data: bytes, mss: int, partial: bool = False):
     return pool, skb
 
 
-def split(big: bytes, mss: int, partial: bool = False):
+def split(impl, big: bytes, mss: int, partial: bool = False):
     pool, skb = gso_skb(big, mss, partial)
     dev = skb.dev
-    segs = skb_gso_segment(skb)
+    segs = impl(skb)
     out = [(s.tobytes(), s.ip_summed, s.csum_start - s.data) for s in segs]
     for s in segs:
         s.consume()
@@ -58,10 +76,10 @@ def split(big: bytes, mss: int, partial: bool = False):
     return out, dev.counters
 
 
-def test_split_gives_the_frames_a_sender_without_gso_sends():
+def test_split_gives_the_frames_a_sender_without_gso_sends(impl):
     ps = [payload(i) for i in range(5)] + [payload(5, 300)]
     big = frame(SEQ0, b"".join(ps), flags=ACK | PSH | FIN, ipid=40)
-    out, counters = split(big, 1448)
+    out, counters = split(impl, big, 1448)
     seq = SEQ0
     want = []
     for i, p in enumerate(ps):
@@ -74,17 +92,17 @@ def test_split_gives_the_frames_a_sender_without_gso_sends():
     assert counters == {"gso_packets": 1, "gso_wire_packets": 6, "gso_bytes": 5 * 1448 + 300}
 
 
-def test_cwr_only_on_the_first_segment():
+def test_cwr_only_on_the_first_segment(impl):
     ps = [payload(i, 1000) for i in range(3)]
-    out, _ = split(frame(1, b"".join(ps), flags=ACK | CWR, ipid=0xFFFF), 1000)
+    out, _ = split(impl, frame(1, b"".join(ps), flags=ACK | CWR, ipid=0xFFFF), 1000)
     assert [f for f, _, _ in out] == [frame(1, ps[0], flags=ACK | CWR, ipid=0xFFFF),
                                       frame(1001, ps[1], ipid=0), frame(2001, ps[2], ipid=1)]
 
 
-def test_checksum_partial_is_left_to_the_device_with_each_pseudo_header():
+def test_checksum_partial_is_left_to_the_device_with_each_pseudo_header(impl):
     ps = [payload(i) for i in range(3)]
     big = bytearray(frame(SEQ0, b"".join(ps), ipid=7))
-    out, _ = split(bytes(big), 1448, partial=True)
+    out, _ = split(impl, bytes(big), 1448, partial=True)
     for i, (f, summed, start) in enumerate(out):
         assert summed == CHECKSUM_PARTIAL and start == 34
         seg_len = len(f) - 34
@@ -95,9 +113,9 @@ def test_checksum_partial_is_left_to_the_device_with_each_pseudo_header():
         assert bytes(done) == frame(SEQ0 + 1448 * i, ps[i], ipid=7 + i)
 
 
-def test_an_exact_multiple_has_no_short_tail():
+def test_an_exact_multiple_has_no_short_tail(impl):
     ps = [payload(i, 500) for i in range(4)]
-    out, counters = split(frame(10, b"".join(ps), flags=ACK | PSH, ipid=1), 500)
+    out, counters = split(impl, frame(10, b"".join(ps), flags=ACK | PSH, ipid=1), 500)
     assert [len(f) - 66 for f, _, _ in out] == [500] * 4
     assert [f[47] for f, _, _ in out] == [ACK, ACK, ACK, ACK | PSH]
     assert counters["gso_wire_packets"] == 4
@@ -193,3 +211,52 @@ def test_tcp_with_gso_under_loss_is_byte_exact(net):  # noqa: F811
     for x in (c, s, L):
         x.close()
     net.advance(200 * MS)
+
+
+def test_the_selected_gso_is_the_compiled_one_when_built():
+    compiled = compiled_segment if os.environ.get("NICEMU_PY_GSO") != "1" else None  # NICEMU_PY_GSO=1 forces the twin
+    assert gso_mod.skb_gso_segment is (compiled or skb_gso_segment_ref)
+    assert gso_mod.KIND == ("cython" if compiled is not None else "python")
+
+
+# --- the compiled GSO against its twin -----------------------------------------------------------
+
+def _segment_all(impl, big: bytes, mss: int, partial: bool, at_ip: bool) -> tuple:
+    """Split `big` with `impl`; what came out: each segment's bytes and metadata, the
+    counters, the pool's counts. at_ip: skb.data at the IP header (ip_finish_output_gso)."""
+    pool, skb = gso_skb(big, mss, partial)
+    skb.priority, skb.mark, skb.tstamp, skb.pkt_type, skb.sk = 6, 0x55, 123456789, 4, object()
+    if at_ip:
+        skb.pull(14)
+    dev, sk = skb.dev, skb.sk
+    segs = impl(skb, skb.data) if at_ip else impl(skb)
+    out = []
+    for s in segs:
+        assert s.dev is dev and s.sk is sk
+        out.append((s.tobytes(), s.ip_summed, s.csum_start - s.data if s.csum_start else 0,
+                    s.csum_offset, s.mac_header - s.data if s.mac_header >= 0 else -1,
+                    s.network_header - s.data, s.transport_header - s.data, s.protocol,
+                    s.priority, s.mark, s.tstamp, s.pkt_type))
+        s.consume()
+    return out, dev.counters, (pool.allocs, pool.frees, pool.live, pool.bytes_copied, pool.cache_hits)
+
+
+@pytest.mark.skipif(compiled_segment is None, reason="kstack._gso not built")
+@pytest.mark.parametrize("seed", range(40))
+def test_compiled_gso_equals_its_twin_on_random_segments(seed):
+    rng = random.Random(seed)
+    mss = rng.choice((1448, 1460, 536, 1, 7, rng.randrange(1, 1461)))
+    n = rng.choice((0, 1, mss - 1, mss, mss + 1, 3 * mss, rng.randrange(0, 64000 // max(mss, 40) * mss + 1)))
+    n = max(0, min(n, 65000))
+    flags = ACK | rng.choice((0, PSH, FIN, PSH | FIN, CWR, CWR | ECE | PSH))
+    opts = rng.choice((b"", TS, b"\x01\x01\x05\x0a" + bytes(8) + TS))
+    ip_opts = rng.choice((b"", b"\x01\x01\x01\x00"))
+    big = frame(rng.choice((SEQ0, rng.randrange(1 << 32))), rng.randbytes(n), flags=flags,
+                ipid=rng.choice((0xFFFF, 0xFFF0, rng.randrange(1 << 16))), opts=opts, ip_opts=ip_opts)
+    partial, at_ip = rng.random() < 0.5, rng.random() < 0.3
+    want = _segment_all(skb_gso_segment_ref, big, mss, partial, at_ip)
+    got = _segment_all(compiled_segment, big, mss, partial, at_ip)
+    assert got == want
+    assert len(want[0]) == -(-n // mss)
+    if not partial and not ip_opts and not at_ip:
+        assert all(valid(f[0]) for f in want[0])
