@@ -169,7 +169,7 @@ class Emulator:
         self.pairs.append(pair)
         self.add_nic(nic_a)
         self.add_nic(nic_b)
-        if not getattr(pair, "fast", False):  # engine to engine: the cable itself never holds a frame
+        if pair.needs_timers:  # faults hold frames, a capture ring is drained
             self.add_timer_source(pair)
         self.closeables.append(pair)
         return pair
@@ -284,8 +284,8 @@ class Emulator:
                 if nic is pair.nic_a or nic is pair.nic_b:
                     d["link"] = nic.link_up
                     end = pair.end_a if nic is pair.nic_a else pair.end_b
-                    # engine to engine (no capture, no faults): no cable end, nothing to count
-                    d["cable"] = {"kind": "pair"} if end is None else _cable_stats(end)
+                    # engine to engine (no faults): no cable end; the capture's counts, if any
+                    d["cable"] = pair.stats() if end is None else _cable_stats(end)
             devices[name] = d
         return {"pid": os.getpid(), "devices": devices}
 

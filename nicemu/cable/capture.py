@@ -28,7 +28,7 @@ import os
 import struct
 import time
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, NamedTuple
+from typing import Any, BinaryIO, Callable, NamedTuple, Sequence
 
 from nicemu.cable.base import CableEnd
 
@@ -247,12 +247,16 @@ class RingCapture:
 
     Bounded: a frame that finds the ring full (`capacity` bytes) is not captured; after
     `max_frames` records (None: no limit) the rest are dropped at the drain; both are counted
-    in report()["not_written"]. report() is the closing JSON line of `nicemu serve --pcap`."""
+    in report()["not_written"]. report() is the closing JSON line of `nicemu serve --pcap`.
+
+    `also`: more files that get the same records (a topology's `pair` cable with a capture on
+    each port: on a cable without faults both ports see the same frames)."""
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         *,
+        also: Sequence[str | os.PathLike[str]] = (),
         snaplen: int = 65535,
         max_frames: int | None = None,
         capacity: int = 1 << 23,
@@ -265,6 +269,14 @@ class RingCapture:
             raise ValueError(f"capture max_frames must be >= 0, got {max_frames}")
         self.writer = PcapWriter(path, snaplen=snaplen, flush_each=False)
         self.path = self.writer.path
+        self.also: list[PcapWriter] = []
+        try:
+            for p in also:
+                self.also.append(PcapWriter(p, snaplen=snaplen, flush_each=False))
+        except BaseException:
+            for w in (self.writer, *self.also):
+                w.close()
+            raise
         self.snaplen = snaplen
         self.max_frames = max_frames
         self.interval_ns = interval_ns
@@ -326,10 +338,12 @@ class RingCapture:
             parts = [(b"".join(records), len(records))]
         written = 0
         for blob, n in parts:
-            self.writer.write_records(blob, n)
+            for w in (self.writer, *self.also):
+                w.write_records(blob, n)
             written += n
         if written:
-            self.writer.flush()
+            for w in (self.writer, *self.also):
+                w.flush()
         return written
 
     @property
@@ -352,7 +366,8 @@ class RingCapture:
         try:
             self.drain()
         finally:
-            self.writer.close()
+            for w in (self.writer, *self.also):
+                w.close()
 
 
 def _merge(a: bytes, b: bytes) -> list[bytes]:

@@ -1,10 +1,13 @@
 """In-process cables: two devices back to back inside one emulator process.
 
-`PairCable(nic_a, nic_b)` plugs two Nics together. With no capture and no faults it uses
+`PairCable(nic_a, nic_b)` plugs two Nics together. With no faults it uses
 `nic_a.connect(nic_b)`: frames go from one data-path engine to the other without a Python
-object per frame (the fast default). With a capture or faults on either side it builds a
-Python-level pair of `PipeEnd`s wrapped in `FaultyEnd` / `CapturedEnd`, and delivers
-synchronously: a frame the TX ring sends is in the peer's RX ring when the TDT write returns,
+object per frame (the fast default); a capture then rides on the engines' capture ring
+(nicemu.cable.capture.RingCapture: a clock read and one copy per frame in C, drained into the
+pcap by the event loop every 100 ms, by `run_timers()`, and at close). Without faults both
+ports see the same frames, so a capture on each port writes the same records to both files.
+With faults on either side it builds a Python-level pair of `PipeEnd`s wrapped in
+`FaultyEnd` / `CapturedEnd`, and delivers synchronously: a frame the TX ring sends is in the peer's RX ring when the TDT write returns,
 unless a fault holds it (then `run_timers()` at `next_deadline()` releases it; `fileno()` is
 a timerfd-backed descriptor an event loop can wait on).
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import os
+import time
 from typing import Any, Callable, Mapping
 
 from nicemu.cable.base import CableEnd, Poller, eventfd_clear, unplugged
@@ -113,21 +117,27 @@ class PairCable:
         clock: Callable[[], int] | None = None,
     ) -> None:
         from nicemu.cable.faults import FaultConfig, FaultyEnd
-        from nicemu.cable.capture import CapturedEnd
+        from nicemu.cable.capture import CapturedEnd, RingCapture
 
         if nic_a is nic_b:
             raise ValueError("pair cable: both ends are the same device")
         self.nic_a, self.nic_b = nic_a, nic_b
         fab = FaultConfig.from_dict(faults_ab)
         fba = FaultConfig.from_dict(faults_ba)
-        self.fast = capture_a is None and capture_b is None and not fab.active and not fba.active
+        self.fast = not fab.active and not fba.active  # engine to engine, in C
         self.end_a: CableEnd | None = None
         self.end_b: CableEnd | None = None
+        self.capture: RingCapture | None = None  # the fast path's capture (both ports' files)
         self._poller: Poller | None = None
+        clk = clock or getattr(nic_a, "clock", None)
         if self.fast:
+            paths = [p for p in (capture_a, capture_b) if p is not None]
+            if paths:
+                self.capture = RingCapture(paths[0], also=paths[1:],
+                                           clock=clk if callable(clk) else time.monotonic_ns)
+                self.capture.attach(nic_a.engine, nic_b.engine)
             nic_a.connect(nic_b)
         else:
-            clk = clock or getattr(nic_a, "clock", None)
             pa, pb = pipe()
             ea: CableEnd = pa
             eb: CableEnd = pb
@@ -161,11 +171,27 @@ class PairCable:
 
         return sink
 
+    @property
+    def needs_timers(self) -> bool:
+        """Whether an event loop must call run_timers() at next_deadline(): faults hold
+        frames, a capture ring is drained."""
+        return not self.fast or self.capture is not None
+
+    def stats(self) -> dict:
+        """The cable's counters on the fast path (the slow path's ends have their own)."""
+        out: dict[str, Any] = {"kind": "pair"}
+        if self.capture is not None:
+            out["captured"] = self.capture.writer.count
+            out["not_captured"] = self.capture.not_captured
+        return out
+
     def fileno(self) -> int | None:
         """Readable when a held (delayed) frame may be due; None on the fast path."""
         return None if self._poller is None else self._poller.fileno()
 
     def next_deadline(self) -> int | None:
+        if self.capture is not None:
+            return self.capture.next_deadline()
         ts = []
         for e in (self.end_a, self.end_b):
             nd = getattr(e, "next_deadline", None)  # None on the fast path (no ends)
@@ -175,7 +201,10 @@ class PairCable:
         return min(ts) if ts else None
 
     def run_timers(self) -> None:
-        """Release frames whose delay has passed, in both directions, and resume TX buffers."""
+        """Release frames whose delay has passed, in both directions, and resume TX buffers;
+        on the fast path, write what the capture ring holds when its time has come."""
+        if self.capture is not None:
+            self.capture.run_timers()
         if self.end_a is None or self.end_b is None:
             return
         for _ in range(2):  # tx releases on one side become rx arrivals on the other
@@ -191,6 +220,8 @@ class PairCable:
         pulled cable (the engines are unlinked on the fast path)."""
         if self.fast:
             self.nic_a.disconnect()
+            if self.capture is not None:
+                self.capture.close()  # detach from the engines, write the rest, close the files
         elif self.end_a is not None:
             self.end_a.close()
             self.end_b.close()

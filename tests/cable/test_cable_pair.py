@@ -126,8 +126,9 @@ def test_fast_pair_carries_frames_both_ways(make_nic) -> None:
 def test_wrapped_pair_is_synchronous_like_the_fast_one(make_nic, tmp_path) -> None:
     a = make_nic()
     b = make_nic(mac=PEER_MAC)
-    cable = PairCable(a, b, capture_a=tmp_path / "a.pcap")
-    assert not cable.fast
+    # faults on b -> a (a rate no frame here reaches) put the cable on its Python ends
+    cable = PairCable(a, b, capture_a=tmp_path / "a.pcap", faults_ba={"rate_bps": 10**12})
+    assert not cable.fast and cable.needs_timers
     txa, rxa, txb, rxb = setup_pair(a, b)
     frames = [make_frame(dst=PEER_BYTES, payload=bytes([i]) * 8, fcs=False)[:60] for i in range(10)]
     txa.send(frames)

@@ -100,11 +100,18 @@ def test_captured_end_refused_frames_are_not_captured(tmp_path) -> None:
     assert [r.data for r in read_pcap(tmp_path / "a.pcap")[1]] == [f]
 
 
-def test_capture_of_two_real_devices(make_nic, clock, tmp_path) -> None:
+@pytest.mark.parametrize("path", ["capture ring", "captured ends"])
+def test_capture_of_two_real_devices(make_nic, clock, tmp_path, path: str) -> None:
+    """Without faults the engines stay linked and record into the capture ring (one copy in
+    C per frame, both files get the records); with faults the ends are Python CapturedEnds.
+    The files are the same either way."""
     a = make_nic()
     b = make_nic(mac=PEER_MAC)
-    cable = PairCable(a, b, capture_a=tmp_path / "a.pcap", capture_b=tmp_path / "b.pcap")
-    assert not cable.fast
+    faults = {"faults_ba": {"rate_bps": 10**12}} if path == "captured ends" else {}
+    cable = PairCable(a, b, capture_a=tmp_path / "a.pcap", capture_b=tmp_path / "b.pcap", **faults)
+    assert cable.fast == (path == "capture ring") and cable.needs_timers
+    if cable.fast:
+        assert a.engine.capture is not None and a.engine.capture is b.engine.capture
     txa = TxRing(a).setup()
     RxRing(a).setup()
     txb = TxRing(b).setup()
@@ -113,7 +120,14 @@ def test_capture_of_two_real_devices(make_nic, clock, tmp_path) -> None:
     dst_a = bytes.fromhex("525400123456")
     txa.send([make_frame(dst=dst_b, payload=b"ping", fcs=False)[:60]])
     txb.send([make_frame(dst=dst_a, payload=b"pong", fcs=False)[:60]])
+    if cable.fast:
+        assert cable.stats() == {"kind": "pair", "captured": 0, "not_captured": 0}  # not drained yet
+    else:
+        clock.advance(1_000_000)  # the rate line releases pong
+        cable.run_timers()
     cable.close()
+    if path == "capture ring":
+        assert a.engine.capture is None and cable.stats()["captured"] == 2
     assert b.read32(R.GPRC) == 1 and a.read32(R.GPRC) == 1
     _, ra = read_pcap(tmp_path / "a.pcap")
     _, rb = read_pcap(tmp_path / "b.pcap")

@@ -128,3 +128,62 @@ def test_serve_pcap_usage_errors(tmp_path: Path, args: list[str], why: str) -> N
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and why in p.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_config_pair_capture_rides_on_the_capture_ring(tmp_path: Path) -> None:
+    """A topology's `pair` cable with a capture on each port and no faults keeps the engines
+    linked (frames engine to engine in C) and records into the capture ring: both files get
+    the same records, the stats line counts them, SIGTERM writes the rest."""
+    import signal
+
+    from driver.pmd import Pmd
+    from driver.vfio_user_client import VfioUserBus
+
+    cfg = tmp_path / "pair.yaml"
+    cfg.write_text(f"runtime_dir: {tmp_path / 'run'}\n"
+                   f"devices:\n  nic0: {{mac: \"{MAC0}\"}}\n  nic1: {{mac: \"{MAC1}\"}}\n"
+                   "cables:\n  - kind: pair\n    ends: [nic0, nic1]\n"
+                   "    capture: {nic0: nic0.pcap, nic1: nic1.pcap}\n")
+    p = subprocess.Popen([sys.executable, "-m", "nicemu", "serve", "--config", str(cfg)], env=ENV, cwd=tmp_path,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    s0, s1 = str(tmp_path / "run" / "nic0.sock"), str(tmp_path / "run" / "nic1.sock")
+    sent = [_frame(M1, M0, i, 60 + (i * 53) % 1455) for i in range(120)]
+    try:
+        _wait(lambda: os.path.exists(s1) or p.poll() is not None, "the emulator's sockets")
+        assert p.poll() is None, p.stderr.read()
+        bus0, bus1 = VfioUserBus(s0, 8 << 20), VfioUserBus(s1, 8 << 20)
+        try:
+            a, b = Pmd(bus0, rx_count=256, tx_count=256), Pmd(bus1, rx_count=256, tx_count=256)
+            got: list[bytes] = []
+            for k in range(0, 120, 40):
+                assert a.tx_burst([a.alloc().set_data(f) for f in sent[k:k + 40]]) == 40
+                end = time.monotonic() + 10
+                while len(got) < k + 40 and time.monotonic() < end:
+                    for m in b.rx_burst(64):
+                        got.append(bytes(m))
+                        m.free()
+            assert got == sent
+            _wait(lambda: (tmp_path / "nic1.pcap").stat().st_size >= 24 + 120 * 16 + 120 * 60, "a timed drain")
+            p.send_signal(signal.SIGUSR1)
+            a.close()
+            b.close()
+        finally:
+            bus0.close()
+            bus1.close()
+    finally:
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=20)
+    assert p.returncode == 0, err[-2000:]
+    stats = [json.loads(ln.split(" ", 2)[2]) for ln in out.splitlines() if ln.startswith("nicemu: stats ")]
+    assert stats, out
+    cables = [d["cable"] for d in stats[-1]["devices"].values()]
+    assert cables and all(c == {"kind": "pair", "captured": 120, "not_captured": 0} for c in cables), cables
+    files = [(tmp_path / n).read_bytes() for n in ("nic0.pcap", "nic1.pcap")]
+    assert files[0] == files[1]
+    data, off, frames = files[0], 24, []
+    assert struct.unpack_from("<I", data, 20)[0] == 0x24000001  # Ethernet, FCS present (4 bytes)
+    while off < len(data):
+        _s, _u, incl, orig = struct.unpack_from("<IIII", data, off)
+        frames.append(data[off + 16:off + 16 + incl])
+        off += 16 + incl
+    assert frames == [f + zlib.crc32(f).to_bytes(4, "little") for f in sent]
