@@ -201,9 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 emu.add_device(f"nic{i}", nic, path)
                 nics.append(nic)
             if args.pair:
-                emu.add_pair(nics[0], nics[1])
-                if args.pcap:
-                    capture = _pair_capture(emu, nics, args)
+                capture = _add_pair(emu, nics, args)
             else:
                 for nic in nics:
                     nic.attach(unplugged)  # no cable: frames leave the port and are gone
@@ -225,18 +223,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pair_capture(emu, nics: list, args: argparse.Namespace):
-    """--pcap: a capture ring both engines of the pair fill, drained into the file by the loop."""
-    from nicemu.cable.capture import RingCapture
-
+def _add_pair(emu, nics: list, args: argparse.Namespace):
+    """--pair: the two devices back to back; with --pcap the pair's capture ring (both engines
+    fill it on their fast path, the loop drains it into the file). Returns the capture or None."""
     try:
-        capture = RingCapture(args.pcap, snaplen=args.snaplen, max_frames=args.pcap_frames, clock=emu.clock)
+        pair = emu.add_pair(nics[0], nics[1], capture_a=args.pcap, capture_snaplen=args.snaplen,
+                            capture_max_frames=args.pcap_frames)
     except OSError as e:
         raise CliError(f"serve: --pcap {args.pcap}: {e.strerror or e}", 2) from None
-    capture.attach(nics[0].engine, nics[1].engine)
-    emu.add_timer_source(capture)
-    emu.add_closeable(capture)
-    return capture
+    return pair.capture
 
 
 def _say_next_steps(emu) -> None:

@@ -13,6 +13,9 @@ a timerfd-backed descriptor an event loop can wait on).
 
 Options (the YAML keys of a `pair` cable):
     capture_a, capture_b   pcap path for port a / port b (None: no capture)
+    capture_snaplen, capture_max_frames
+                           bytes kept of each frame, records written at most (None: no
+                           limit) by the capture ring (`nicemu serve --pair --pcap`)
     faults_ab, faults_ba   fault settings (nicemu.cable.faults.FaultConfig keys) for the direction
                            a -> b and b -> a
     clock                  callable returning ns, for fault timing (default: nic_a.clock)
@@ -115,6 +118,8 @@ class PairCable:
         faults_ab: Mapping[str, Any] | None = None,
         faults_ba: Mapping[str, Any] | None = None,
         clock: Callable[[], int] | None = None,
+        capture_snaplen: int = 65535,
+        capture_max_frames: int | None = None,
     ) -> None:
         from nicemu.cable.faults import FaultConfig, FaultyEnd
         from nicemu.cable.capture import CapturedEnd, RingCapture
@@ -133,7 +138,8 @@ class PairCable:
         if self.fast:
             paths = [p for p in (capture_a, capture_b) if p is not None]
             if paths:
-                self.capture = RingCapture(paths[0], also=paths[1:],
+                self.capture = RingCapture(paths[0], also=paths[1:], snaplen=capture_snaplen,
+                                           max_frames=capture_max_frames,
                                            clock=clk if callable(clk) else time.monotonic_ns)
                 self.capture.attach(nic_a.engine, nic_b.engine)
             nic_a.connect(nic_b)
