@@ -18,6 +18,8 @@ kernel it has one event loop for everything, and nothing in it blocks except tha
 Options (repeatable where it makes sense):
   --device SOCKET[,name=eth0][,mode=napi|interrupt][,qdisc=pfifo_fast][,txqueuelen=1000]
            [,itr=0][,rx_ring=256][,tx_ring=256][,tx_csum=on|off][,rx_csum=on|off]
+           [,gro=on|off][,gso=on|off]   (ethtool -K DEV gro/gso; the default: on unless
+                                         NICEMU_GRO=0 / NICEMU_GSO=0 in the environment)
   --addr eth0=198.18.0.1/24        --route 0.0.0.0/0,via=198.18.0.254[,dev=eth0]
   --forward (net.ipv4.ip_forward=1)     --syscall-socket PATH     --pcap eth0=FILE
   --stats-interval S
@@ -102,7 +104,8 @@ def parse_device(text: str, index: int) -> DeviceSpec:
     for key, conv, target in (("txqueuelen", int, None), ("rx_ring", int, "rx_ring_size"),
                               ("tx_ring", int, "tx_ring_size"), ("budget", int, "budget"),
                               ("itr", str, "itr"), ("tx_csum", "bool", "tx_csum"),
-                              ("rx_csum", "bool", "rx_csum")):
+                              ("rx_csum", "bool", "rx_csum"), ("gro", "bool", "gro"),
+                              ("gso", "bool", "gso")):
         if key not in kv:
             continue
         raw = kv.pop(key)
@@ -133,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", action="append", default=[], metavar="SOCKET[,key=value...]",
                     help="a device's vfio-user socket, with name=, mode=napi|interrupt, qdisc=, "
-                         "txqueuelen=, itr=, rx_ring=, tx_ring=, tx_csum=, rx_csum=")
+                         "txqueuelen=, itr=, rx_ring=, tx_ring=, tx_csum=, rx_csum=, gro=, gso=")
     ap.add_argument("--addr", action="append", default=[], metavar="DEV=ADDR/LEN")
     ap.add_argument("--route", action="append", default=[], metavar="PREFIX[,via=GW][,dev=DEV]")
     ap.add_argument("--forward", action="store_true", help="forward IPv4 between devices")

@@ -40,7 +40,8 @@ DEFAULT_APP_TIMEOUT = 300.0
 
 MODES = ("napi", "interrupt")
 HOST_KEYS = ("interfaces", "routes", "forward", "capture")
-INTERFACE_KEYS = ("device", "mode", "addresses")
+INTERFACE_KEYS = ("device", "mode", "addresses", "gro", "gso")
+OFFLOAD_KEYS = ("gro", "gso")  # software offloads of the host's stack (kernel --device gro=, gso=)
 ROUTE_KEYS = ("to", "via", "dev")
 APP_KEYS = ("name", "host", "run", "args", "wait", "timeout")
 
@@ -77,6 +78,9 @@ class InterfaceSpec:
     device: str
     mode: str = "napi"
     addresses: tuple[str, ...] = ()  # "198.18.0.1/24"
+    # ethtool -K gro/gso: None leaves the kernel's default (on unless NICEMU_GRO=0/NICEMU_GSO=0)
+    gro: bool | None = None
+    gso: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -281,6 +285,14 @@ def _check_interfaces(c: "_Checker", h: dict, path: str, devices: Mapping[str, M
             c.err(f"{p}.mode", f"must be one of {', '.join(MODES)}, got {T._describe(mode)}"
                                f"{T._suggest(mode, MODES)}", spec, "mode")
             ok = False
+        offload: dict[str, bool | None] = {}
+        for key in OFFLOAD_KEYS:
+            v = spec.get(key)
+            if key in spec and not isinstance(v, bool):
+                c.err(f"{p}.{key}", f"must be true or false, got {T._describe(v)}", spec, key)
+                ok = False
+                v = None
+            offload[key] = v
         got: list[str] = []
         if "addresses" in spec:
             av = spec["addresses"]
@@ -306,7 +318,7 @@ def _check_interfaces(c: "_Checker", h: dict, path: str, devices: Mapping[str, M
                 addrs[parsed[0]] = f"{p}.addresses[{j}]"
                 got.append(a)
         if ok:
-            out[ifn] = InterfaceSpec(ifn, dev, mode, tuple(got))
+            out[ifn] = InterfaceSpec(ifn, dev, mode, tuple(got), **offload)
     return out
 
 
@@ -523,6 +535,10 @@ def kernel_command(topo: "Topology", host: HostSpec) -> list[str]:
         for key, arg in (("rx_ring_size", "rx_ring"), ("tx_ring_size", "tx_ring")):
             if key in d.driver:
                 opt += f",{arg}={d.driver[key]}"
+        for key in OFFLOAD_KEYS:
+            v = getattr(i, key)
+            if v is not None:
+                opt += f",{key}={'on' if v else 'off'}"
         cmd += ["--device", opt]
     for i in host.interfaces.values():
         for a in i.addresses:

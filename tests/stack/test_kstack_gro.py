@@ -360,3 +360,27 @@ def test_compiled_gro_equals_its_twin_on_random_bursts(seed):
     assert got[1:] == want[1:]  # every counter, and the pool's
     assert want[1]["gro_merged"] > 0 and want[1]["gro_normal"] > 0  # both paths were taken
     assert all(valid(f) for f, _, cb in want[0] if cb)  # merged ones carry good checksums
+
+
+# --- the kernel's --device gro= / gso= (ethtool -K DEV gro/gso) ---------------------------------
+
+@pytest.mark.parametrize("env", [None, "0", "1"])
+def test_the_device_option_sets_gro_and_gso_over_the_environment(monkeypatch, env):
+    from driver.e1000 import E1000Config
+    from kstack.kernel import OptionError, parse_device
+    for var in ("NICEMU_GRO", "NICEMU_GSO"):
+        if env is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, env)
+    default = env != "0"
+    spec = parse_device("/tmp/x.sock,name=eth1", 0)
+    cfg = E1000Config(mode=spec.mode, **spec.config)
+    assert (cfg.gro, cfg.gso) == (default, default)  # left out: NICEMU_GRO / NICEMU_GSO decide
+    for gro, gso in (("off", "on"), ("on", "off"), ("0", "1")):
+        spec = parse_device(f"/tmp/x.sock,gro={gro},gso={gso}", 0)
+        cfg = E1000Config(mode=spec.mode, **spec.config)
+        assert (cfg.gro, cfg.gso) == (gro in ("on", "1"), gso in ("on", "1"))
+    for bad in ("gro=maybe", "gso=", "gso=2"):
+        with pytest.raises(OptionError):
+            parse_device(f"/tmp/x.sock,{bad}", 0)
