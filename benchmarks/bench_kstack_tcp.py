@@ -26,7 +26,8 @@ Set-up, all real processes (bench_kstack.Lab): one emulator (`nicemu serve --pai
    the applications' library calls), segments per ACK (B's wire segments in,
    TcpInSegs with GRO's merged ones counted, / TcpOutSegs; Linux: the sink socket's TCP_INFO),
    GRO's merging (B's gro_* counters), GSO's splitting (A's gso_*; NICEMU_GRO=0 / NICEMU_GSO=0
-   in the environment turn them off in both kernels), retransmissions, NAPI polls, and CPU ns per KB of each process
+   in the environment turn them off in both kernels, NICEMU_PY_GRO=1 / NICEMU_PY_GSO=1 run
+   the Python twins of the compiled kstack/_gro.pyx and _gso.pyx), retransmissions, NAPI polls, and CPU ns per KB of each process
    from /proc/PID/schedstat with its run-queue wait.
 
 Every figure is repeated --repeat times: median (min-max, n). The machine line (CPUs, load) is
@@ -51,6 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import machine_line, run_json, run_main  # noqa: E402
 from bench_kstack import IP_B, Costs, Lab, _delta, _dev, fmt_num, idle_cpu, print_cpu_shares, sp  # noqa: E402
+from kstack import gro as _gro, gso as _gso  # noqa: E402  (the kernels choose as this process does)
 from kstack.apps.tcp_bulk import stream_sha256  # noqa: E402
 
 TARGET_MBPS = 1000.0  # the 82540EM's line rate
@@ -220,6 +222,9 @@ def main() -> int:
     print(f"bench_kstack_tcp: TCP bulk {args.mbytes:g} MB per transfer, NAPI, 1500-byte MTU, "
           f"{args.repeat} repetitions; request/response {PAYLOAD} bytes, {args.rounds} rounds")
     print(machine_line())
+    print(f"  GRO/GSO: {'on' if os.environ.get('NICEMU_GRO') != '0' else 'off'}/"
+          f"{'on' if os.environ.get('NICEMU_GSO') != '0' else 'off'}, implementation {_gro.KIND}/{_gso.KIND} "
+          "(NICEMU_GRO=0 / NICEMU_GSO=0 turn them off; NICEMU_PY_GRO=1 / NICEMU_PY_GSO=1 force the Python twins)")
     print("  the machine is shared with other work (tests, other sessions' benchmarks) while this runs: "
           "the load average above and below, and each process's run-queue wait, are part of every figure")
 
