@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from nicemu.cable import cable_kind, layer_name
+from nicemu.vfio_user.page_service import PagePolling
 from nicemu.vfio_user.server import VfioUserServer
 
 _EPOLL_RESOLUTION_S = 0.001  # epoll_wait's timeout is in milliseconds
@@ -93,6 +94,7 @@ class Emulator:
         self.ports: list[Port] = []
         self.pairs: list[Any] = []  # PairCables between two devices of this process
         self.timer_sources: list[Any] = []  # objects with next_deadline()/run_timers()
+        self.page_polling: PagePolling | None = None  # the devices' doorbell pages (page_service.py)
         self.closeables: list[Any] = []  # cables and other objects to close() at the end
         self._stopping = False  # set by stop(); never reset, so a stop before run() is kept
         self._report_requested = False  # set by SIGUSR1; the loop prints stats()
@@ -117,7 +119,10 @@ class Emulator:
         server = VfioUserServer(nic, socket_path, name=name, clock=self.clock,
                                 doorbell_page=self.doorbell_page)
         server.register(self.selector)
-        server.before_page_tx = self._sync_rx_pages
+        if self.page_polling is None:  # the doorbell pages of all devices, polled together
+            self.page_polling = PagePolling(self)
+            self.timer_sources.append(self.page_polling)
+        self.page_polling.attach(server)
         self.servers[name] = server
         self._served_nics += (nic,)
         # The server's timer: the next batch of a client's buffered messages (each turn handles
@@ -128,12 +133,6 @@ class Emulator:
         self._sources_changed()
         log.info("%s: %s listening on %s", name, nic.mac, server.socket_path)
         return server
-
-    def _sync_rx_pages(self) -> None:
-        """Before a TDT from a doorbell page is applied: every device's pending RDT from its
-        page first, as the drivers wrote them before that TDT (docs/transport.md)."""
-        for server in self.servers.values():
-            server.page_sync_rx()
 
     def add_nic(self, nic: Any) -> None:
         """A device without a socket (e.g. the far end of an in-process pair): its timers run."""

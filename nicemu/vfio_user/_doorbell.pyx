@@ -24,8 +24,7 @@ cdef Py_ssize_t NEED_WAKE = _NEED_WAKE
 
 
 cdef class DoorbellPage:
-    cdef object _mv
-    cdef uint64_t *_w
+    # attributes (_mv, _w): _doorbell.pxd
 
     def __init__(self, buf):
         cdef unsigned char[::1] view

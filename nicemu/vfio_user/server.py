@@ -43,9 +43,11 @@ from typing import Any, Callable
 
 from nicemu.dma import DmaError
 from nicemu.pci import COMMAND as PCI_COMMAND, CONFIG_SIZE
-from nicemu.regs import BAR0_SIZE, DESC_SIZE, ICR, IMS, RDLEN, RDT, RING_LEN_MASK, TDLEN, TDT
+from nicemu.regs import BAR0_SIZE, ICR, IMS, RDT, TDT
 from nicemu.private_dir import check_private_dir
 from nicemu.vfio_user import doorbell as db
+from nicemu.vfio_user import page_service as ps
+from nicemu.vfio_user import pagepoll as pp
 from nicemu.vfio_user import protocol as p
 from nicemu.vfio_user.protocol import Command, Flags, FramingError, Message, ProtocolError
 
@@ -75,9 +77,6 @@ WARNINGS_PER_SECOND = 10
 PAGE_POLL_IDLE_NS = 200_000
 _DB_COMMAND = db.COMMAND
 _scan_tail_run = db.scan_tail_run  # the run of a tail register's posted writes (doorbell.py)
-# (slot, register, ring length register) in the order a poll applies them: RX buffers first
-_PAGE_RDT = (db.SLOT_RDT, RDT, RDLEN >> 2)
-_PAGE_TDT = (db.SLOT_TDT, TDT, TDLEN >> 2)
 _ANC_SIZE = socket.CMSG_SPACE(p.MAX_MSG_FDS * 4)
 _REPLY = int(p.MsgType.REPLY)
 _NO_REPLY = int(Flags.NO_REPLY)
@@ -213,19 +212,22 @@ class VfioUserServer:
         self._page_negotiated = False  # this client asked for it and was offered it
         self._page: Any = None  # DoorbellPage / DoorbellPageRef while one is set up
         self._page_mm: mmap.mmap | None = None
-        self._page_last = [0, 0]  # the slot words last taken (applied, or refused as bad)
+        # The poll step (page_service.py, pagepoll.py / _pagepoll.pyx): this page's port in a
+        # poller, the emulator's shared one (page_polling: its timer source, which spins over
+        # every device's page) or, without one or for a page of another kind, a private one
+        # polled from this server's own run_timers
+        self.page_polling: Any = None
+        self._page_port: Any = None
+        self._page_poller: Any = None
+        self._page_shared = False
+        self._page_peer: Any = None  # the Nic's linked peer when the port was made
         self._page_sleeping = False  # NEED_WAKE is set: no polling until a message comes
         self._page_idle_at = 0  # clock ns: arm NEED_WAKE and sleep if nothing happens by then
         self._conn_base = 0  # self.messages when this client connected
         self._skipped_msgs = 0  # messages of this client refused unread (oversized)
-        self.page_doorbells = 0  # tail values taken from the page and applied
-        self.page_bad = 0  # ... of them not a descriptor index of the ring (applied as a register write is)
+        self._page_counts = [0, 0]  # page_doorbells, page_bad of ports let go
         self.page_wakeups = 0  # tail REGION_WRITEs while the page is on (wake-ups; value not applied)
         self.page_sleeps = 0  # times the emulator set NEED_WAKE and stopped polling
-        # Called before a TDT from the page is applied: the emulator applies every device's
-        # pending RDT from its page first (Emulator._sync_rx_pages), so that frames sent to a
-        # device of this process find the buffers its driver gave back before it rang this TDT
-        self.before_page_tx: Callable[[], None] | None = None
         nic.on_irq = self._on_irq
         self._handlers: dict[int, Callable[[Message, list[int]], bytes | None]] = {
             Command.VERSION: self._version,
@@ -257,8 +259,8 @@ class VfioUserServer:
         when the listening socket is to be polled again after a failed accept()."""
         if self._more and not self._out:
             return 0
-        if self._page is not None and not self._page_sleeping:
-            return 0  # polling the doorbell page
+        if self._page is not None and not self._page_sleeping and not self._page_shared:
+            return 0  # polling the doorbell page (the emulator's PagePolling does it if shared)
         return self._accept_retry_at
 
     def run_timers(self) -> None:
@@ -276,8 +278,20 @@ class VfioUserServer:
                 self._batch_done = False
             else:
                 self._serve()
-        if self._page is not None and not self._page_sleeping:
+        if self._page is not None and not self._page_sleeping and not self._page_shared:
             self._page_poll()
+
+    @property
+    def page_doorbells(self) -> int:
+        """Tail values taken from the page and applied."""
+        port = self._page_port
+        return self._page_counts[0] + (port.doorbells if port is not None else 0)
+
+    @property
+    def page_bad(self) -> int:
+        """... of them not a descriptor index of the ring (applied as a register write is)."""
+        port = self._page_port
+        return self._page_counts[1] + (port.bad if port is not None else 0)
 
     def _on_accept(self, _mask: int) -> None:
         try:
@@ -992,8 +1006,13 @@ class VfioUserServer:
         page = db.make_page(mm, self.page_engine)
         self._page_close()
         self._page, self._page_mm = page, mm
+        kind = "python" if isinstance(page, db.DoorbellPageRef) else "cython"
+        polling = self.page_polling
+        self._page_shared = polling is not None and polling.kind == kind
+        self._page_poller = polling.poller if self._page_shared else pp.make_poller(kind)
         # what the page holds now is not a doorbell: only words that change from here on are
-        self._page_last = [page.load(db.SLOT_TDT), page.load(db.SLOT_RDT)]
+        self._page_port = ps.make_port(self, self._page_poller, page)
+        self._page_poller.add(self._page_port)
         page.disarm()
         self._page_sleeping = False
         self._page_idle_at = self.clock() + PAGE_POLL_IDLE_NS
@@ -1003,64 +1022,57 @@ class VfioUserServer:
     # --- the doorbell page ------------------------------------------------------------------
 
     def _page_sync(self) -> bool:
-        """Apply each slot (RDT, then TDT) whose word changed and whose `after` (messages the
-        client had sent when it wrote it) this server has reached; True if one was applied."""
-        if self._page is None:
+        """Apply each slot (RDT, then TDT: every device's RDT first) whose word changed and
+        whose `after` (messages the client had sent when it wrote it) this server has reached
+        (the poll step: page_service.py); True if one of this page's was applied."""
+        port = self._page_port
+        if port is None:
             return False
-        rx = self._page_apply(_PAGE_RDT)
-        page = self._page
-        if page is not None and page.load(db.SLOT_TDT) != self._page_last[db.SLOT_TDT]:
-            if self.before_page_tx is not None:
-                self.before_page_tx()
-            return self._page_apply(_PAGE_TDT) or rx
-        return rx
+        poller = self._page_poller
+        servers = [q.owner for q in poller.ports]
+        for server in servers:
+            ps.refresh(server)
+        port = self._page_port  # refresh may have made a new one (the Nic's peer changed)
+        before = port.doorbells
+        ps.run(poller, lambda: poller.sync(port), servers)
+        return port.doorbells != before
 
-    def page_sync_rx(self) -> None:
-        """Apply this device's pending RDT from the page (Emulator._sync_rx_pages)."""
-        if self._page is not None:
-            self._page_apply(_PAGE_RDT)
-
-    def _page_apply(self, spec: tuple[int, int, int]) -> bool:
-        """One slot: applied as a REGION_WRITE of its value would be (Nic.write32: masked, and
-        an index beyond the ring is no work for the device), once its word changed and the
-        messages it was written after have been taken; a value that is not a descriptor index of
-        the ring is counted in page_bad. One load and at most one register write: bounded,
-        whatever the page holds."""
-        slot, reg, len_i = spec
-        word = self._page.load(slot)
-        if word == self._page_last[slot]:
-            return False
-        handled = (self.messages - self._conn_base + self._skipped_msgs) & 0xFFFFFFFF
-        if (handled - (word >> 32)) & 0xFFFFFFFF >= 0x80000000:
-            return False  # written after messages that have not arrived yet: wait for them
-        self._page_last[slot] = word
-        value = word & 0xFFFF
-        nic = self.nic
-        n = (nic.regs[len_i] & RING_LEN_MASK) // DESC_SIZE
-        if value >= n and (n or value):
-            self.page_bad += 1
-        self.page_doorbells += 1
-        try:
-            nic.write32(reg, value)
-        except Exception:
-            log.exception("%s: device failed on a doorbell-page write to %#x", self.name, reg)
-            self.posted_errors += 1
-        return True
+    def _page_rebuild_port(self) -> None:
+        """The Nic was linked to or unlinked from a peer since the port was made: a new port
+        (the peer's register file and engine are part of it), the same last words."""
+        old = self._page_port
+        last = old.last
+        self._page_poller.remove(old)
+        self._page_counts[0] += old.doorbells
+        self._page_counts[1] += old.bad
+        port = ps.make_port(self, self._page_poller, self._page)
+        port.set_last(last[0], last[1])
+        self._page_port = port
+        self._page_poller.add(port)
 
     def _page_poll(self) -> None:
-        """A loop turn while polling: apply what changed; after PAGE_POLL_IDLE_NS with nothing,
+        """A loop turn while polling a private poller (no emulator's, see page_service.py)."""
+        self._page_sync()
+        self._page_after_poll(self.clock())
+
+    def _page_after_poll(self, now: int) -> None:
+        """After a poll: if a slot was taken, poll on; after PAGE_POLL_IDLE_NS with nothing,
         set NEED_WAKE, fence, look once more (a tail stored before the client could see the
         flag), and sleep (next_deadline: no more polling) unless that found one."""
-        page = self._page
-        now = self.clock()
-        if self._page_sync():
+        port = self._page_port
+        if self._page_sleeping or port is None:
+            return
+        if port.active:
+            port.active = False
             self._page_idle_at = now + PAGE_POLL_IDLE_NS
             return
         if now < self._page_idle_at or self._more:
             return
+        page = self._page
         page.arm()
         if self._page_sync():
             page.disarm()
+            port.active = False
             self._page_idle_at = now + PAGE_POLL_IDLE_NS
             return
         self._page_sleeping = True
@@ -1074,9 +1086,16 @@ class VfioUserServer:
         self._page_idle_at = self.clock() + PAGE_POLL_IDLE_NS
 
     def _page_close(self) -> None:
+        port = self._page_port
+        if port is not None:  # first: once remove() returns no poll reads the page
+            self._page_poller.remove(port)
+            self._page_counts[0] += port.doorbells
+            self._page_counts[1] += port.bad
+            self._page_port = None
         page, mm = self._page, self._page_mm
         self._page = self._page_mm = None
         self._page_sleeping = False
+        self._page_shared = False
         if page is not None:
             page.release()
         if mm is not None:
