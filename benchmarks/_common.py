@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing import get_context
 from typing import Any, Callable
@@ -14,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from lab.measure import (ProcCost, cpu_ns, ctx_switches, machine_line, percentile,  # noqa: E402,F401
                          run_delay_ns, spread)
-from lab.procs import die_with, pdeathsig_preexec  # noqa: E402,F401  every child dies with us
+from lab.procs import die_with, pdeathsig_preexec, reaped_tempdir  # noqa: E402,F401  every child dies with us
 
 __all__ = ["machine_line", "cpu_ns", "run_delay_ns", "ctx_switches", "ProcCost", "spread", "percentile",
            "run_json", "timed_rounds", "run_main", "start_echo", "die_with", "pdeathsig_preexec"]
@@ -26,6 +27,7 @@ def run_json(script: str, what: str, *args: str) -> dict:
     """Run benchmarks/<script> WHAT ARGS in a fresh interpreter; its last stdout line, as JSON."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), what, *args],
                        capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       env={**os.environ, "TMPDIR": tempfile.gettempdir()},  # our watched run directory
                        preexec_fn=pdeathsig_preexec())
     if r.returncode:
         raise RuntimeError(f"{script} {what}: {r.stderr.strip()[-500:]}")
@@ -58,9 +60,16 @@ def start_echo(target: Callable) -> tuple[Any, Any, int]:
 
 
 def run_main(main: Callable[[], int]) -> None:
-    """sys.exit(main()), and a ^C said plainly (every process a benchmark starts is stopped)."""
+    """sys.exit(main()), and a ^C said plainly (every process a benchmark starts is stopped).
+    What the benchmark makes with tempfile (sockets, run directories) goes in a run directory
+    that is removed at the end, and by a watcher if the benchmark is killed with SIGKILL
+    (lab.procs.reaped_tempdir); under `nicemu bench` the one of that run is used."""
     try:
-        sys.exit(main())
+        if tempfile.gettempdir().startswith(f"/tmp/nicemu-{os.getuid()}/_bench-"):
+            sys.exit(main())  # already in a watched run directory (nicemu bench's)
+        with reaped_tempdir("_bench"):
+            code = main()
+        sys.exit(code)
     except KeyboardInterrupt:
         print("interrupted: every process started was stopped", file=sys.stderr)
         sys.exit(130)

@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from driver.e1000 import E1000, E1000Config  # noqa: E402
 from kstack.skbuff import default_pool  # noqa: E402
+from _common import pdeathsig_preexec, run_main  # noqa: E402  (benchmarks/ is the script's directory)
 
 MAC0 = "52:54:00:12:34:56"
 MAC1 = "52:54:00:12:34:57"
@@ -70,7 +71,7 @@ class Child:
 
     def __init__(self, args: list[str]) -> None:
         self.p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                                  env=ENV, cwd=ROOT)
+                                  env=ENV, cwd=ROOT, preexec_fn=pdeathsig_preexec())  # dies with us
         self.q: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
 
@@ -133,7 +134,7 @@ class Setup:
     """An emulator process with two devices back to back, in a private directory."""
 
     def __init__(self) -> None:
-        self.dir = tempfile.mkdtemp(prefix="nkbench", dir="/tmp")
+        self.dir = tempfile.mkdtemp(prefix="nkbench")  # in run_main's watched run directory
         self.a = os.path.join(self.dir, "a.sock")
         self.b = os.path.join(self.dir, "b.sock")
         self.children: list[Child] = []
@@ -315,4 +316,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

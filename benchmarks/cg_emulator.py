@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from _common import machine_line  # noqa: E402
+from _common import machine_line, run_main  # noqa: E402
 from bench_pmd import MAC0, MAC1, mac_bytes  # noqa: E402
 from driver.pmd import Pmd  # noqa: E402
 from driver.vfio_user_client import VfioUserBus  # noqa: E402
@@ -100,4 +100,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

@@ -23,10 +23,8 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -211,19 +209,10 @@ def run(args: argparse.Namespace) -> int:
     # Every process a benchmark starts dies with us (PR_SET_PDEATHSIG), and their sockets go in
     # one run directory (the benchmarks' tempfile.mkdtemp) that a watcher removes when we are
     # gone, even after kill -9.
-    from lab.procs import Reaper, remove_parent_if_empty, run_directory
+    from lab.procs import reaped_tempdir
 
-    run_dir, made_parent = run_directory("_bench")
-    reaper = Reaper(run_dir, made_parent)  # forked before any thread starts
-    saved_tempdir, tempfile.tempdir = tempfile.tempdir, str(run_dir)
-    try:
+    with reaped_tempdir("_bench"):  # before any thread starts: its watcher forks
         return _run(args, sizes, paths, out)
-    finally:
-        tempfile.tempdir = saved_tempdir
-        shutil.rmtree(run_dir, ignore_errors=True)
-        if made_parent:
-            remove_parent_if_empty(run_dir)
-        reaper.close()
 
 
 def _run(args: argparse.Namespace, sizes: list[int], paths: list[str], out: Path) -> int:

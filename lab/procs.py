@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import tempfile
 import sys
 import time
 from collections import deque
@@ -302,3 +303,23 @@ class Reaper:
         self._w = None
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+
+
+@contextlib.contextmanager
+def reaped_tempdir(kind: str = "_bench") -> Iterator[Path]:
+    """A run directory (run_directory(kind)) that is this process's tempfile.tempdir while the
+    block runs, removed at its end and, if this process is killed with SIGKILL, by a Reaper.
+    What a benchmark makes with tempfile (its sockets, its run directories) goes in there, so
+    that nothing stays behind however it ends. Enter it before any thread starts (the Reaper
+    forks)."""
+    run_dir, made_parent = run_directory(kind)
+    reaper = Reaper(run_dir, made_parent)
+    saved, tempfile.tempdir = tempfile.tempdir, str(run_dir)
+    try:
+        yield run_dir
+    finally:
+        tempfile.tempdir = saved
+        shutil.rmtree(run_dir, ignore_errors=True)
+        if made_parent:
+            remove_parent_if_empty(run_dir)
+        reaper.close()

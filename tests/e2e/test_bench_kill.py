@@ -114,3 +114,50 @@ def test_kill_9_mid_linux_udp_leaves_nothing(tmp_path: Path) -> None:
     # runs until told to stop (ping-pong: 100,000 rounds, several seconds)
     _run_and_kill(tmp_path, "Linux UDP", "Linux UDP:", 2.5, sockets=False,
                   timing=("--seconds", "0.3", "--rounds", "100000"))
+
+
+def _run_script_and_kill(tmp_path: Path, script: str, *args: str, settle: float = 1.5) -> None:
+    """A benchmark run as a script (not under `nicemu bench`): its tempfile run directory is
+    /tmp/nicemu-UID/_bench-PID (benchmarks/_common.run_main), removed by the watcher after
+    kill -9; its children die with it."""
+    shm_before = set(os.listdir("/dev/shm"))
+    p = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / script), *args], cwd=tmp_path, env=ENV,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = Path(f"/tmp/nicemu-{os.getuid()}/_bench-{p.pid}")
+    try:
+        end = time.monotonic() + 60
+        while not (run_dir.is_dir() and any(run_dir.rglob("*.sock"))):
+            assert p.poll() is None, f"{script} ended before it made its sockets"
+            assert time.monotonic() < end, f"no sockets in {run_dir}"
+            time.sleep(0.05)
+        kids: set[int] = set()
+        end = time.monotonic() + settle
+        while time.monotonic() < end:
+            kids |= _descendants(p.pid)
+            time.sleep(0.05)
+        assert p.poll() is None and kids, "the benchmark ended before it was killed, or had no child"
+        p.kill()
+        p.wait(10)
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline and (any(_alive(k) for k in kids) or run_dir.exists()):
+            time.sleep(0.1)
+        assert not [k for k in kids if _alive(k)], "processes left after kill -9"
+        assert not run_dir.exists(), f"{run_dir} left after kill -9: {list(run_dir.rglob('*'))}"
+        assert not set(os.listdir("/dev/shm")) - shm_before, "/dev/shm entries left"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_kill_9_of_bench_kstack_run_directly_leaves_nothing(tmp_path: Path) -> None:
+    _run_script_and_kill(tmp_path, "bench_kstack.py", "--rate-only", "--repeat", "1", "--seconds", "3",
+                         "--modes", "napi", settle=2.0)
+
+
+def test_kill_9_of_bench_driver_irq_run_directly_leaves_nothing(tmp_path: Path) -> None:
+    _run_script_and_kill(tmp_path, "bench_driver_irq.py", settle=1.0)
+
+
+def test_kill_9_of_bench_pmd_run_directly_leaves_nothing(tmp_path: Path) -> None:
+    _run_script_and_kill(tmp_path, "bench_pmd.py", "--seconds", "2", settle=1.0)
