@@ -13,12 +13,12 @@ from libc.string cimport memcpy, memcmp, memset
 from kstack.rxfast import RX_HEADROOM as _PY_RX_HEADROOM, MAX_ADDRS as _PY_MAX_ADDRS
 from kstack.rxfast import batch_ctx, finish_batch, skb_around, RECV_MULTISHOT, F_MORE
 from kstack.netdevice import NetdevFeatures
-from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_UNNECESSARY
+from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_UNNECESSARY, skb_truesize_for as _py_truesize_for
+from kstack._truesize cimport skb_truesize_for
 from nicemu.regs import RDT
 
 DEF RX_HEADROOM = 66
 DEF MAX_ADDRS = 16
-DEF TRUESIZE_OVERHEAD = 256
 DEF ETH_HLEN = 14
 DEF DESC = 16
 DEF DD = 0x01
@@ -28,6 +28,9 @@ DEF TCPCS = 0x20
 DEF FRAME_ERR = 0x01 | 0x02 | 0x04 | 0x10 | 0x80
 DEF CSUM_ERR = 0x20 | 0x40
 assert _PY_RX_HEADROOM == RX_HEADROOM and _PY_MAX_ADDRS == MAX_ADDRS
+for _n in (0, 1, 60, 126, 127, 200, 1000, 1600, 3000, 8000, 9000, 70000):
+    if skb_truesize_for(_n) != _py_truesize_for(_n):
+        raise ImportError("kstack.skbuff.skb_truesize_for changed: update kstack/_truesize.pxd")
 
 cdef int _RECV_MS = RECV_MULTISHOT
 cdef int _F_MORE = F_MORE
@@ -91,7 +94,7 @@ cdef void _free_buf(object pool, object buf) except *:
 
 
 cdef bint _ms_deliver(object ms, object sk, object buf, Py_ssize_t off, Py_ssize_t n,
-                      uint32_t saddr, uint32_t sport) except -1:
+                      uint32_t saddr, uint32_t sport, Py_ssize_t truesize) except -1:
     """rxfast.ms_deliver: copy_to_user into the multishot receive's completion ring."""
     app = ms.app
     if ms.credit <= 0 or app.dead or app.ms_starved or app.backlog:
@@ -100,7 +103,6 @@ cdef bint _ms_deliver(object ms, object sk, object buf, Py_ssize_t off, Py_ssize
     if n > maxp:
         n = maxp
     cdef const char *p = PyByteArray_AS_STRING(buf)
-    truesize = PyByteArray_GET_SIZE(buf) + TRUESIZE_OVERHEAD
     sk.rmem += truesize
     ok = ms.cq.push(_RECV_MS, ms.call_id, ms.fd, n, 0, 0, PyBytes_FromStringAndSize(p + off, n),
                     (saddr, sport), _F_MORE)
@@ -173,7 +175,8 @@ cdef bint _udp_fast(Ctx *c, object ports, object udp, object buf, Py_ssize_t len
         return False
     if sk.rmem > sk.rcvbuf:
         return False
-    if not _ms_deliver(ms, sk, buf, (th - b) + 8, ulen - 8, src, sport):
+    if not _ms_deliver(ms, sk, buf, (th - b) + 8, ulen - 8, src, sport,
+                       skb_truesize_for(RX_HEADROOM + length)):
         return False
     c.ip_in += 1
     c.ip_deliv += 1

@@ -9,9 +9,11 @@ from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from kstack.netdevice import NETDEV_TX_BUSY, IFF_UP, NetdevFeatures
-from kstack.qdisc import IP_TOS2PRIO, PFifoFast
-from kstack.neighbour import SKB_TRUESIZE_OVERHEAD
+from kstack.qdisc import DEV_TX_WEIGHT, IP_TOS2PRIO, PFifoFast
+from nicemu import tracepoint
 from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_PARTIAL, MAX_HEADER, SKB_DATA_ALIGN, SkBuff, SkbPool, _SharedInfo
+from kstack.skbuff import skb_truesize_for as _py_truesize_for
+from kstack._truesize cimport skb_truesize_for
 from kstack.txfast import FAST_NUD, sock_wfree
 from wire.udp import UDP_MAX_PAYLOAD
 from kstack.syscall.channel import MAX_MMSG as _CH_MAX_MMSG
@@ -22,7 +24,6 @@ cdef int _IP_CSUM = NetdevFeatures.IP_CSUM
 cdef int _TX_BUSY = NETDEV_TX_BUSY
 cdef int _PARTIAL = CHECKSUM_PARTIAL
 cdef Py_ssize_t _MAX_HEADER = MAX_HEADER
-cdef Py_ssize_t _OVERHEAD = SKB_TRUESIZE_OVERHEAD
 cdef object _PFifoFast = PFifoFast
 cdef tuple _TOS2PRIO = tuple(IP_TOS2PRIO)
 
@@ -31,8 +32,7 @@ def sock_wfree_c(skb):
     """kstack.txfast.sock_wfree compiled (the destructor the compiled udp_send sets): the
     skb's truesize back to the socket, and a writer woken once half of SO_SNDBUF is free."""
     sk = skb.sk
-    cdef object buf = skb.shinfo.buf
-    cdef Py_ssize_t w = <Py_ssize_t>sk.wmem - (len(buf) + _OVERHEAD)
+    cdef Py_ssize_t w = <Py_ssize_t>sk.wmem - <Py_ssize_t>skb.truesize
     sk.wmem = w
     if sk.nospace and w << 1 <= <Py_ssize_t>sk.sndbuf:
         sk.nospace = False
@@ -64,7 +64,7 @@ cdef object _alloc(object pool, Py_ssize_t size, Py_ssize_t headroom):
     sh = _sh_tp_new(_Shinfo)  # _SharedInfo(buf)
     sh.buf = buf
     sh.dataref = 1
-    skb = _skb_new(pool, sh, len(buf))
+    skb = _skb_new(pool, sh, len(buf), skb_truesize_for(size + headroom))
     pool.allocs += 1
     skb.data = headroom  # skb_reserve on the empty buffer
     skb.tail = headroom
@@ -76,7 +76,7 @@ cdef object _alloc(object pool, Py_ssize_t size, Py_ssize_t headroom):
 _SKB_FIELDS = ("pool", "shinfo", "head", "data", "tail", "end", "mac_header", "network_header",
                "transport_header", "protocol", "dev", "tstamp", "priority", "mark", "ip_summed",
                "csum", "csum_start", "csum_offset", "pkt_type", "cb", "sk", "freed", "cloned",
-               "destructor")
+               "destructor", "truesize")
 if set(SkBuff.__slots__) != set(_SKB_FIELDS):
     raise ImportError("kstack.skbuff.SkBuff's fields changed: update kstack/_txfast.pyx _skb_new")
 cdef object _skb_tp_new = SkBuff.__new__
@@ -84,6 +84,9 @@ if set(_SharedInfo.__slots__) != {"buf", "dataref"}:
     raise ImportError("kstack.skbuff._SharedInfo's fields changed: update kstack/_txfast.pyx _alloc")
 cdef object _sh_tp_new = _SharedInfo.__new__
 assert CHECKSUM_NONE == 0
+for _n in (0, 1, 60, 126, 154, 155, 200, 1000, 1600, 3000, 8000, 9000, 70000):
+    if skb_truesize_for(_n) != _py_truesize_for(_n):
+        raise ImportError("kstack.skbuff.skb_truesize_for changed: update kstack/_truesize.pxd")
 
 
 def skb_alloc(pool, Py_ssize_t size, Py_ssize_t headroom):
@@ -91,13 +94,14 @@ def skb_alloc(pool, Py_ssize_t size, Py_ssize_t headroom):
     return _alloc(pool, size, headroom)
 
 
-cdef object _skb_new(object pool, object shinfo, Py_ssize_t end):
-    """SkBuff(pool, shinfo): the same fields with the same initial values."""
+cdef object _skb_new(object pool, object shinfo, Py_ssize_t end, Py_ssize_t truesize):
+    """SkBuff(pool, shinfo, truesize): the same fields with the same initial values."""
     skb = _skb_tp_new(_SkBuff)
     skb.pool = pool
     skb.shinfo = shinfo
     skb.head = 0
     skb.end = end
+    skb.truesize = truesize
     skb.data = 0
     skb.tail = 0
     skb.mac_header = -1
@@ -152,6 +156,19 @@ cdef inline void _put32(uint8_t* p, uint32_t v) noexcept nogil:
 
 
 cdef Py_ssize_t _UDP_MAX = UDP_MAX_PAYLOAD
+cdef Py_ssize_t _DEV_TX_WEIGHT = DEV_TX_WEIGHT
+
+
+cdef void _qdisc_xmit(qd, skb) except *:
+    """__dev_xmit_skb without the bypass (the driver's queue is stopped, or frames wait in the
+    qdisc): enqueue (a drop is counted and freed), then __qdisc_run, as dev_queue_xmit does;
+    pfifo_fast's compiled ones (kstack/_qdisc.pyx) unless tracepoints want the twins."""
+    c = qd.c_ops
+    if c is not None and not tracepoint.enabled:
+        if c.enqueue(qd, skb):
+            c.run(qd, _DEV_TX_WEIGHT)
+    elif qd.enqueue(skb):
+        qd.run()
 
 
 def sendmsg_connected(sk, data):
@@ -316,8 +333,8 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
     now = d.stack.clock()
     cdef const uint8_t* hap = <const uint8_t*>PyBytes_AS_STRING(ha)
     cdef const uint8_t* sap = <const uint8_t*>PyBytes_AS_STRING(dev_addr)
-    cdef Py_ssize_t sent = 0, hits = 0, allocs = 0, copied = 0, qpk = 0, qbytes = 0
-    cdef Py_ssize_t ulen, tot, need, o = _MAX_HEADER, mh = _MAX_HEADER - 34, w
+    cdef Py_ssize_t sent = 0, hits = 0, allocs = 0, copied = 0, qpk = 0, qbytes = 0, byp = 0
+    cdef Py_ssize_t ulen, tot, need, o = _MAX_HEADER, mh = _MAX_HEADER - 34, w, ts
     cdef uint32_t ident, c
     cdef uint64_t psum
     cdef uint8_t* b
@@ -336,7 +353,7 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
             if ln > _UDP_MAX or tot > mtu:
                 break
             w = sk.wmem
-            if w >= sndbuf or dev.queue_stopped or qd._qlen or qd._requeued is not None:
+            if w >= sndbuf:
                 break
             # sock_alloc_send_skb: SkbPool.alloc for the pool class (see _alloc), the
             # counters kept here until the end of the batch
@@ -350,7 +367,8 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
             sh = _sh_tp_new(_Shinfo)
             sh.buf = buf
             sh.dataref = 1
-            sk.wmem = w + PyByteArray_GET_SIZE(buf) + _OVERHEAD
+            ts = skb_truesize_for(ulen + _MAX_HEADER)
+            sk.wmem = w + ts
             b = <uint8_t*>PyByteArray_AS_STRING(buf)
             if ln:
                 memcpy(b + o + 8, &p[off + 2], ln)
@@ -394,6 +412,7 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
             skb.shinfo = sh
             skb.head = 0
             skb.end = PyByteArray_GET_SIZE(buf)
+            skb.truesize = ts
             skb.data = mh
             skb.tail = o + ulen
             skb.mac_header = mh
@@ -422,6 +441,10 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
             sent += 1
             off += 2 + ln
             i += 1
+            if dev.queue_stopped or qd._qlen or qd._requeued is not None:
+                _qdisc_xmit(qd, skb)  # behind the frames queued before it
+                continue
+            byp += 1
             if ops is not None:
                 r = ops.xmit(dev, skb, more)
             else:
@@ -449,7 +472,7 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
             ns["lookups"] += sent
             ns["hits"] += sent
             n.used = now
-            qd.runs += sent
+            qd.runs += byp
         if qpk:
             qd.packets += qpk
             qd.bytes += qbytes
@@ -464,8 +487,7 @@ cdef bint _udp_send_p(sk, d, const uint8_t* src_p, Py_ssize_t nlen, int dport) e
     cdef Py_ssize_t tot = ulen + 20
     ha = n.ha
     if (not (<int>n.nud_state & _FAST_NUD) or n.dead or ha is None
-            or not (<int>dev.flags & _IFF_UP) or dev.queue_stopped
-            or type(qd) is not _PFifoFast or qd._qlen or qd._requeued is not None
+            or not (<int>dev.flags & _IFF_UP) or type(qd) is not _PFifoFast
             or tot > <Py_ssize_t>dev.mtu or d.ip.pmtu or d.taps.get(dev.ifindex)):
         return False
     stack = d.stack
@@ -475,7 +497,7 @@ cdef bint _udp_send_p(sk, d, const uint8_t* src_p, Py_ssize_t nlen, int dport) e
     buf = skb.shinfo.buf
     if type(buf) is not bytearray:
         raise TypeError("sk_buff buffers are bytearrays")
-    sk.wmem += PyByteArray_GET_SIZE(buf) + _OVERHEAD
+    sk.wmem += <Py_ssize_t>skb.truesize
     skb.sk = sk
     skb.destructor = _wfree
     cdef uint8_t* b = <uint8_t*>PyByteArray_AS_STRING(buf)
@@ -550,6 +572,9 @@ cdef bint _udp_send_p(sk, d, const uint8_t* src_p, Py_ssize_t nlen, int dport) e
     ns["lookups"] += 1
     ns["hits"] += 1
     n.used = now
+    if dev.queue_stopped or qd._qlen or qd._requeued is not None:
+        _qdisc_xmit(qd, skb)  # behind the frames queued before it
+        return True
     qd.runs += 1
     batch = d.batch.xmit_batch_devs
     more = batch is not None

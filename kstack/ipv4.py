@@ -28,7 +28,7 @@ from kstack.dropreason import SkbDropReason
 from kstack.route import RTN_BROADCAST, RTN_LOCAL, RTN_UNICAST, FibResult
 from kstack.skbuff import (CHECKSUM_COMPLETE, CHECKSUM_NONE, CHECKSUM_PARTIAL,
                            CHECKSUM_UNNECESSARY, MAX_HEADER, SkBuff)
-from kstack.neighbour import NUD_CONNECTED, SKB_TRUESIZE_OVERHEAD
+from kstack.neighbour import NUD_CONNECTED
 from kstack.stack import PACKET_HOST, PACKET_OTHERHOST
 from wire.checksum import fold, ones_sum, internet_checksum
 from wire.ethernet import ETH_HLEN, EtherType
@@ -437,7 +437,7 @@ class Ipv4:
             if skb.destructor is not None:  # skb_set_owner_w: each fragment is charged
                 sk = f.sk = skb.sk
                 f.destructor = skb.destructor
-                sk.wmem += len(fb) + SKB_TRUESIZE_OVERHEAD
+                sk.wmem += f.truesize
             snmp["IpFragCreates"] += 1
             self.neigh_output(f, res, now)
             pos += ln

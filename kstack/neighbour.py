@@ -66,9 +66,9 @@ def nud_name(state: int) -> str:
 
 
 def skb_truesize(skb: SkBuff) -> int:
-    """skb->truesize: what an skb costs in memory (its buffer plus the bookkeeping), the unit
-    socket and queue limits count in."""
-    return len(skb.shinfo.buf) + SKB_TRUESIZE_OVERHEAD
+    """skb->truesize: what an skb costs in memory (set where its head was allocated, see
+    kstack.skbuff.skb_truesize_for), the unit socket and queue limits count in."""
+    return skb.truesize
 
 
 class Neighbour:

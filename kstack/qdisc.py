@@ -15,11 +15,15 @@ three bands, from skb->priority, which the IP layer sets from the TOS byte).
 NETDEV_TX_BUSY (the driver refused a frame it should have stopped for) puts the frame back
 at the head (dev_requeue_skb, counted in `requeues`); the driver's netif_wake_queue makes the
 stack call run() again. A new discipline is one class plus one row in QDISCS.
+
+pfifo_fast, the default, has its enqueue and run compiled (kstack/_qdisc.pyx, selected by
+$KSTACK_QDISC: c or py); the methods here are their readable twins, used when it is not
+built, for a subclass, and while tracepoints are on (the compiled ones emit none).
 """
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from nicemu import tracepoint
 from kstack.dropreason import SkbDropReason
@@ -29,7 +33,7 @@ if TYPE_CHECKING:
     from kstack.netdevice import NetDevice
     from kstack.skbuff import SkBuff
 
-__all__ = ["Qdisc", "PFifo", "PFifoFast", "NoQueue", "QDISCS", "make_qdisc", "rt_tos2priority",
+__all__ = ["Qdisc", "PFifo", "PFifoFast", "NoQueue", "QDISCS", "make_qdisc", "rt_tos2priority", "select",
            "PRIO2BAND", "IP_TOS2PRIO", "DEV_TX_WEIGHT", "TC_PRIO_BESTEFFORT", "TC_PRIO_FILLER",
            "TC_PRIO_BULK", "TC_PRIO_INTERACTIVE_BULK", "TC_PRIO_INTERACTIVE", "TC_PRIO_CONTROL",
            "TC_PRIO_MAX"]
@@ -225,11 +229,26 @@ class PFifoFast(Qdisc):
 
     kind = "pfifo_fast"
     BANDS = 3
+    # kstack/_qdisc.pyx (enqueue, run) or None for the twins in this file; per instance
+    # too (tests drive both), set for the class below
+    c_ops: Any = None
 
     def __init__(self, dev: "NetDevice", limit: int | None = None) -> None:
         super().__init__(dev, limit)
         self.bands: tuple[deque[SkBuff], ...] = tuple(deque() for _ in range(self.BANDS))
         self._qlen = 0
+
+    def enqueue(self, skb: "SkBuff") -> bool:
+        c = self.c_ops
+        if c is not None and type(self) is PFifoFast and not tracepoint.enabled:
+            return c.enqueue(self, skb)
+        return Qdisc.enqueue(self, skb)
+
+    def run(self, quota: int = DEV_TX_WEIGHT) -> int:
+        c = self.c_ops
+        if c is not None and type(self) is PFifoFast and not tracepoint.enabled:
+            return c.run(self, quota)
+        return Qdisc.run(self, quota)
 
     @property
     def qlen(self) -> int:
@@ -314,3 +333,24 @@ def make_qdisc(name: str, dev: "NetDevice", limit: int | None = None) -> Qdisc:
     except KeyError:
         raise ValueError(f"unknown qdisc {name!r}: one of {', '.join(QDISCS)}") from None
     return cls(dev, limit)
+
+
+def select(kind: str | None = None) -> Any:
+    """pfifo_fast's compiled enqueue and run: "c" (kstack/_qdisc.pyx; None, the twins, when
+    it is not built) or "py" (None). Default: $KSTACK_QDISC, else "c"."""
+    import os
+
+    kind = kind or os.environ.get("KSTACK_QDISC", "c")
+    if kind == "py":
+        return None
+    if kind != "c":
+        raise ValueError(f"KSTACK_QDISC={kind!r}: c or py")
+    try:
+        from kstack import _qdisc
+    except ImportError:
+        return None
+    _qdisc.check_priomap(PRIO2BAND)
+    return _qdisc
+
+
+PFifoFast.c_ops = select()

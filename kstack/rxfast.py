@@ -29,7 +29,7 @@ from typing import Any
 
 from kstack.netdevice import NetdevFeatures
 from kstack.syscall.channel import F_MORE, Op
-from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_UNNECESSARY, SkBuff, _SharedInfo, _align
+from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_UNNECESSARY, SkBuff, _SharedInfo, _align, skb_truesize_for
 from nicemu import tracepoint
 from nicemu.regs import DESC_SIZE, RxdErrors, RxdStatus
 from wire.ethernet import ETH_HLEN
@@ -39,7 +39,6 @@ __all__ = ["BatchCtx", "batch_ctx", "clean_rx", "udp_fast", "ms_deliver", "alloc
 
 RX_HEADROOM = 64 + 2  # NET_SKB_PAD + NET_IP_ALIGN (netdev_alloc_skb_ip_align)
 MAX_ADDRS = 16  # local + broadcast addresses the fast path keeps per poll (more: slow path)
-SKB_TRUESIZE_OVERHEAD = 256  # kstack.neighbour's: sizeof(sk_buff) + skb_shared_info
 ETH_P_IP = 0x0800
 IPPROTO_UDP = 17
 RECV_MULTISHOT = int(Op.RECV_MULTISHOT)
@@ -125,7 +124,7 @@ def free_rx_buf(pool: Any, buf: bytearray) -> None:
 def skb_around(pool: Any, buf: bytearray, length: int, ip_summed: int) -> SkBuff:
     """The sk_buff head over a buffer the fast path allocated and filled (already counted),
     for the slow path: as if netdev_alloc_skb + skb_put_data had made it."""
-    skb = SkBuff(pool, _SharedInfo(buf))
+    skb = SkBuff(pool, _SharedInfo(buf), skb_truesize_for(RX_HEADROOM + length))
     skb.data = RX_HEADROOM
     skb.tail = RX_HEADROOM + length
     skb.protocol = buf[RX_HEADROOM + 12] << 8 | buf[RX_HEADROOM + 13]
@@ -205,7 +204,7 @@ def udp_fast(ctx: BatchCtx, buf: bytearray, length: int, ip_summed: int) -> bool
         return False  # no multishot, or datagrams before this one: the socket queue keeps order
     if sk.rmem > sk.rcvbuf:
         return False  # the slow path drops it (SOCKET_RCVBUFF) and counts it
-    if not ms_deliver(ms, sk, buf, th + 8, ulen - 8, src, sport):
+    if not ms_deliver(ms, sk, buf, th + 8, ulen - 8, src, sport, skb_truesize_for(RX_HEADROOM + length)):
         return False
     ctx.ip_in += 1
     ctx.ip_deliv += 1
@@ -213,7 +212,8 @@ def udp_fast(ctx: BatchCtx, buf: bytearray, length: int, ip_summed: int) -> bool
     return True
 
 
-def ms_deliver(ms: Any, sk: Any, buf: bytearray, off: int, n: int, saddr: int, sport: int) -> bool:
+def ms_deliver(ms: Any, sk: Any, buf: bytearray, off: int, n: int, saddr: int, sport: int,
+               truesize: int) -> bool:
     """copy_to_user into the armed multishot receive's completion ring, charging the socket's
     receive memory for the time the datagram is held (__udp_enqueue_schedule_skb, then the
     receive). False when the receive cannot take it now (no credit, its ring full, the
@@ -223,8 +223,7 @@ def ms_deliver(ms: Any, sk: Any, buf: bytearray, off: int, n: int, saddr: int, s
         return False
     if n > ms.max_payload:
         n = ms.max_payload  # recvmsg(max_payload) truncates the same way
-    truesize = len(buf) + SKB_TRUESIZE_OVERHEAD
-    sk.rmem += truesize
+    sk.rmem += truesize  # the skb's (skb_truesize_for its head)
     ok = ms.cq.push(RECV_MULTISHOT, ms.call_id, ms.fd, n, 0, 0, bytes(buf[off:off + n]),
                     (saddr, sport), F_MORE)
     if tracepoint.enabled and ok:

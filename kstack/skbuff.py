@@ -14,6 +14,12 @@ clones: skb_clone makes a second sk_buff over the same bytes, as a tap (tcpdump)
 Whoever wants to change shared bytes first takes a private copy (skb_cow / skb_unshare).
 Buffers come from an SkbPool that counts allocations, frees, clones and copies, and takes
 freed buffers back for reuse; every drop is freed with a reason (kfree_skb_reason).
+
+What an skb costs is `truesize`, the unit socket buffers (SO_SNDBUF, SO_RCVBUF), the
+neighbour queue and IP reassembly count in. It is set once, where the head is allocated, as
+Linux's __alloc_skb sets it: the head asked for (SKB_DATA_ALIGN'ed) plus skb_shared_info,
+rounded up to its kmalloc bucket, plus the struct sk_buff (skb_truesize_for). The pool hands
+out larger cached buffers (a slab stand-in); the charge follows the request, not the cache.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "SkBuff", "SkbPool", "CHECKSUM_NONE", "CHECKSUM_UNNECESSARY", "CHECKSUM_COMPLETE",
     "CHECKSUM_PARTIAL", "NET_SKB_PAD", "NET_IP_ALIGN", "MAX_HEADER", "SKB_DATA_ALIGN",
+    "SKB_STRUCT_SIZE", "SKB_SHINFO_SIZE", "kmalloc_size_roundup", "skb_truesize_for",
     "default_pool",
 ]
 
@@ -41,10 +48,36 @@ NET_SKB_PAD = 64  # headroom a driver reserves on receive (max(32, L1_CACHE_BYTE
 NET_IP_ALIGN = 2  # so the IP header after the 14-byte Ethernet header is 4-byte aligned
 MAX_HEADER = 128  # headroom the stack reserves on transmit for link + network + transport
 SKB_DATA_ALIGN = 64
+SKB_STRUCT_SIZE = 256  # SKB_DATA_ALIGN(sizeof(struct sk_buff)): 232 on x86-64
+SKB_SHINFO_SIZE = 320  # SKB_DATA_ALIGN(sizeof(struct skb_shared_info)): 320 on x86-64
+PAGE_SIZE = 4096
+KMALLOC_MAX_CACHE_SIZE = 2 * PAGE_SIZE  # larger kmallocs come from the page allocator
 
 
 def _align(n: int) -> int:
     return (n + SKB_DATA_ALIGN - 1) & ~(SKB_DATA_ALIGN - 1)
+
+
+def kmalloc_size_roundup(n: int) -> int:
+    """The size kmalloc really gives for n bytes: its slab bucket (8, 16, 32, 64, 96, 128,
+    192, then powers of two up to 8 KiB), beyond that whole pages (mm/slab_common.c)."""
+    if n > KMALLOC_MAX_CACHE_SIZE:
+        return (n + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+    if n <= 8:
+        return 8
+    if 64 < n <= 96:
+        return 96
+    if 128 < n <= 192:
+        return 192
+    return 1 << (n - 1).bit_length()
+
+
+def skb_truesize_for(size: int) -> int:
+    """skb->truesize of an skb whose head holds `size` bytes (alloc_skb's size plus the
+    reserved headroom): __alloc_skb's SKB_HEAD_ALIGN(size) rounded to the kmalloc bucket,
+    then SKB_TRUESIZE (the shared info is inside the bucket, the struct sk_buff beside it).
+    A 64-byte UDP frame: 128 + 154 bytes -> 192 + 320 = 512 -> 768, as Linux charges."""
+    return kmalloc_size_roundup(_align(size) + SKB_SHINFO_SIZE) + SKB_STRUCT_SIZE
 
 
 class _SharedInfo:
@@ -64,13 +97,17 @@ class SkBuff:
         "pool", "shinfo", "head", "data", "tail", "end", "mac_header", "network_header",
         "transport_header", "protocol", "dev", "tstamp", "priority", "mark", "ip_summed", "csum",
         "csum_start", "csum_offset", "pkt_type", "cb", "sk", "freed", "cloned", "destructor",
+        "truesize",
     )
 
-    def __init__(self, pool: "SkbPool", shinfo: _SharedInfo) -> None:
+    def __init__(self, pool: "SkbPool", shinfo: _SharedInfo, truesize: int | None = None) -> None:
         self.pool = pool
         self.shinfo = shinfo
         self.head = 0
         self.end = len(shinfo.buf)
+        # skb->truesize: what this skb is charged (see the module docstring); a head made
+        # around a whole buffer is charged the whole buffer
+        self.truesize = skb_truesize_for(self.end) if truesize is None else truesize
         self._reset_meta()
 
     def _reset_meta(self) -> None:
@@ -233,6 +270,8 @@ class SkBuff:
         old.dataref -= 1
         self.shinfo = _SharedInfo(buf)
         self.end = len(buf)
+        if extra and self.sk is None:  # pskb_expand_head: truesize grows by what was added,
+            self.truesize += extra  # unless a socket is charged for it (it keeps its charge)
         self.data += shift
         self.tail += shift
         for name in ("mac_header", "network_header", "transport_header"):
@@ -271,7 +310,7 @@ class SkBuff:
 
 _META = ("head", "data", "tail", "end", "mac_header", "network_header", "transport_header",
          "protocol", "dev", "tstamp", "priority", "mark", "ip_summed", "csum", "csum_start",
-         "csum_offset", "pkt_type")
+         "csum_offset", "pkt_type", "truesize")
 
 
 class SkbPool:
@@ -305,7 +344,7 @@ class SkbPool:
             self.cache_hits += 1
         else:
             buf = bytearray(self.buffer_size if need <= self.buffer_size else need)
-        skb = self._new_skb(_SharedInfo(buf))
+        skb = self._new_skb(_SharedInfo(buf), skb_truesize_for(size + headroom))
         self.allocs += 1
         if headroom:
             skb.reserve(headroom)
@@ -317,9 +356,9 @@ class SkbPool:
         skb.put_data(data)
         return skb
 
-    def _new_skb(self, shinfo: _SharedInfo) -> SkBuff:
+    def _new_skb(self, shinfo: _SharedInfo, truesize: int | None = None) -> SkBuff:
         self.live += 1
-        return SkBuff(self, shinfo)
+        return SkBuff(self, shinfo, truesize)
 
     def _free(self, skb: SkBuff, reason: SkbDropReason | None) -> None:
         if skb.freed:

@@ -14,8 +14,11 @@ every counter the layered path increments, and anything unusual falls back to th
 `d` is the socket's UdpDst (the dst cache: route, source address, neighbour, device). The
 fast path needs: the neighbour CONNECTED, DELAY or PROBE with an address (__neigh_event_send
 changes nothing else then; STALE, INCOMPLETE, FAILED go the slow way to run the state
-machine), the device up with no tap, a pfifo_fast qdisc with nothing queued and the driver's
-queue awake, no learned path MTU, and the datagram within the device MTU.
+machine), the device up with no tap, a pfifo_fast qdisc, no learned path MTU, and the
+datagram within the device MTU. With the pfifo_fast empty and the driver's queue awake the
+frame bypasses the qdisc (TCQ_F_CAN_BYPASS); otherwise it is enqueued behind the others and
+the qdisc runs, as dev_queue_xmit does (kstack/_qdisc.pyx makes that cheap): more datagrams
+than the TX ring holds may be in flight, as SO_SNDBUF allows once truesize is Linux's.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ import struct
 from typing import Any
 
 from kstack.qdisc import IP_TOS2PRIO, PFifoFast
-from kstack.neighbour import NUD_CONNECTED, NUD_DELAY, NUD_PROBE, SKB_TRUESIZE_OVERHEAD
+from kstack.neighbour import NUD_CONNECTED, NUD_DELAY, NUD_PROBE
 from kstack.netdevice import NETDEV_TX_BUSY, IFF_UP, NetdevFeatures
 from kstack.skbuff import CHECKSUM_PARTIAL, MAX_HEADER
 from nicemu import tracepoint
@@ -72,7 +75,7 @@ def sock_wfree(skb: Any) -> None:
     truesize back, and wake a writer that found SO_SNDBUF full once half is free again
     (sock_def_write_space)."""
     sk = skb.sk
-    sk.wmem -= len(skb.shinfo.buf) + SKB_TRUESIZE_OVERHEAD
+    sk.wmem -= skb.truesize
     if sk.nospace and sk.wmem << 1 <= sk.sndbuf:
         sk.nospace = False
         sk.wake()
@@ -95,8 +98,7 @@ def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int, now: int | None = None
     tot = ulen + _IP_HLEN
     ha = n.ha
     if (not n.nud_state & FAST_NUD or n.dead or ha is None or not dev.flags & IFF_UP
-            or dev.queue_stopped or type(qd) is not PFifoFast or qd._qlen or qd._requeued is not None
-            or tot > dev.mtu or d.ip.pmtu or d.taps.get(dev.ifindex)):
+            or type(qd) is not PFifoFast or tot > dev.mtu or d.ip.pmtu or d.taps.get(dev.ifindex)):
         return False
     stack = d.stack
     if now is None:  # a batch (sendmmsg_connected) reads the clock once for all its datagrams
@@ -106,7 +108,7 @@ def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int, now: int | None = None
     # it back when the driver frees the skb after DD)
     skb = pool.alloc(ulen, MAX_HEADER)
     buf = skb.shinfo.buf
-    sk.wmem += len(buf) + SKB_TRUESIZE_OVERHEAD
+    sk.wmem += skb.truesize
     skb.sk = sk
     skb.destructor = sock_wfree
     o = MAX_HEADER  # the UDP header; IP 20 and Ethernet 14 bytes in front
@@ -162,6 +164,12 @@ def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int, now: int | None = None
     ns["lookups"] += 1
     ns["hits"] += 1
     n.used = now
+    if dev.queue_stopped or qd._qlen or qd._requeued is not None:
+        # __dev_xmit_skb without the bypass: the frame waits behind the queued ones (or for
+        # the driver's netif_wake_queue): enqueue (a drop is counted), then __qdisc_run
+        if qd.enqueue(skb):
+            qd.run()
+        return True
     # __dev_xmit_skb with TCQ_F_CAN_BYPASS: qdisc_run_begin, bstats, sch_direct_xmit
     qd.runs += 1
     flen = tot + _ETH_HLEN

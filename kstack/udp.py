@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any
 
 from nicemu import tracepoint
 from kstack.dropreason import SkbDropReason
-from kstack.neighbour import SKB_TRUESIZE_OVERHEAD, skb_truesize
 from kstack.netdevice import NetdevFeatures
 from kstack.route import RTN_BROADCAST, RTN_LOCAL, RTN_UNICAST
 from kstack.rxfast import ms_deliver
@@ -209,7 +208,7 @@ class UdpSock(Sock):
         skb = stack.pool.alloc(ulen, MAX_HEADER)
         skb.sk = self
         skb.destructor = sock_wfree  # skb_set_owner_w: charged until freed
-        self.wmem += len(skb.shinfo.buf) + SKB_TRUESIZE_OVERHEAD
+        self.wmem += skb.truesize
         o = skb.put(ulen)
         buf = skb.shinfo.buf
         buf[o + UDP_HLEN:o + ulen] = data
@@ -275,11 +274,11 @@ class UdpSock(Sock):
             d = skb.data
             if ms_deliver(ms, self, buf, d + UDP_HLEN, skb.tail - d - UDP_HLEN,
                           _U32.unpack_from(buf, skb.network_header + 12)[0],
-                          buf[d] << 8 | buf[d + 1]):
+                          buf[d] << 8 | buf[d + 1], skb.truesize):
                 self.stack.snmp["UdpInDatagrams"] += 1
                 skb.consume()
                 return
-        self.rmem += len(skb.shinfo.buf) + SKB_TRUESIZE_OVERHEAD  # skb_truesize, inlined
+        self.rmem += skb.truesize
         self.queue.append(skb)
         if self._wakeups:
             self.wake()
@@ -303,7 +302,7 @@ class UdpSock(Sock):
         sport = buf[d] << 8 | buf[d + 1]
         if not flags & MSG_PEEK:
             queue.popleft()
-            self.rmem -= len(buf) + SKB_TRUESIZE_OVERHEAD
+            self.rmem -= skb.truesize
             self.stack.snmp["UdpInDatagrams"] += 1
             skb.consume()
         name = self.table._names.get(src)

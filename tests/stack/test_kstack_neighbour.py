@@ -75,7 +75,7 @@ def test_incomplete_fails_after_probes_and_drops_queue(net):
 
 
 def test_resolution_queue_is_bounded(net):
-    sc = Sysctl(neigh_queue_len_bytes=3 * 2500)
+    sc = Sysctl(neigh_queue_len_bytes=3 * 800)  # three 1-byte datagrams (truesize 768 each)
     a = net.host("a", "198.18.0.1/24", sysctl=sc)
     net.settle()
     s = a.socket(SOCK_DGRAM)

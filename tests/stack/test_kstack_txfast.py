@@ -15,6 +15,7 @@ import pytest
 from kstack import txfast
 from kstack.dropreason import SkbDropReason
 from kstack.neighbour import NUD_DELAY, NUD_REACHABLE, NUD_STALE
+from kstack.skbuff import MAX_HEADER, skb_truesize_for
 from kstack.sock import IP_TOS, IP_TTL, IPPROTO_IP, SO_SNDBUF, SOCK_DGRAM, SOL_SOCKET
 from tests.kstack_fakes import MS, FakeNet
 
@@ -137,7 +138,7 @@ def test_route_change_invalidates_the_cached_dst():
 @pytest.mark.parametrize("mode", MODES)
 def test_sndbuf_blocks_the_sender_instead_of_qdisc_drops(mode):
     net, a, _sink, s = _connected_sender(mode)
-    s.setsockopt(SOL_SOCKET, SO_SNDBUF, 8192)  # doubled: 16384, about 6 of our skbs
+    s.setsockopt(SOL_SOCKET, SO_SNDBUF, 8192)  # doubled: 16384, 22 skbs of 768 (truesize)
     s.sendmsg(b"resolve", None)
     net.settle()
     woken = []
@@ -149,7 +150,9 @@ def test_sndbuf_blocks_the_sender_instead_of_qdisc_drops(mode):
             s.sendmsg(b"d" * 18, None)
             sent += 1
     assert e.value.errno == errno.EAGAIN
-    assert 0 < sent < 10 and s.wmem >= s.sndbuf
+    # each 18-byte datagram is charged its truesize (128 + 26 bytes of head: 768, as Linux
+    # charges), so the sender stops once SO_SNDBUF is reached, not at a buffer's 2 KiB
+    assert sent == -(-s.sndbuf // skb_truesize_for(MAX_HEADER + 8 + 18)) and s.wmem >= s.sndbuf
     assert a.dev.qdisc.drops == 0 and not s.poll() & 4  # no POLLOUT while full
     a.dev.busy = False
     a.dev.netif_wake_queue()  # room in the ring: the qdisc runs, the driver frees the skbs
