@@ -30,7 +30,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-from _common import ProcCost, machine_line, spread  # noqa: E402
+from _common import ProcCost, machine_line, pdeathsig_preexec, run_main, spread  # noqa: E402
 
 PORT = 9000
 
@@ -134,7 +134,8 @@ print(json.dumps({"p50_us": percentile(rtts, 50), "p99_us": percentile(rtts, 99)
 
 def _py(code: str, env: dict, *args: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), *args], env=env, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            preexec_fn=pdeathsig_preexec())  # dies with us
 
 
 class KernelProc:
@@ -142,7 +143,7 @@ class KernelProc:
 
     def __init__(self, path: str) -> None:
         self.p = subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "kstack_loopsock.py"), path],
-                                  stdout=subprocess.PIPE, text=True)
+                                  stdout=subprocess.PIPE, text=True, preexec_fn=pdeathsig_preexec())
         if self.p.stdout.readline().strip() != "ready":
             raise RuntimeError("kernel did not start")
 
@@ -272,4 +273,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

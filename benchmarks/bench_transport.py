@@ -29,13 +29,15 @@ sys.path.insert(0, str(ROOT))
 from driver.bus import BusError  # noqa: E402
 from driver.vfio_user_client import VfioUserBus  # noqa: E402
 from nicemu import regs as R  # noqa: E402
+from _common import pdeathsig_preexec, run_main  # noqa: E402  (benchmarks/ is the script's directory)
 
 
 def _nicemu(*args: str, stdout: int) -> subprocess.Popen:
     """`python -m nicemu ARGS` from this checkout, as its own process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore::RuntimeWarning"}
     return subprocess.Popen([sys.executable, "-m", "nicemu", *args], cwd=ROOT, env=env,
-                            stdout=stdout, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+                            stdout=stdout, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL,
+                            preexec_fn=pdeathsig_preexec())  # dies with us
 
 
 def _stop(proc: subprocess.Popen, timeout: float) -> None:
@@ -249,8 +251,13 @@ def topology_up(d: str, kind: str):
         _stop(proc, 20)
 
 
-if __name__ == "__main__":
+def _main() -> int:
     try:
         main()
     except BusError as e:
         sys.exit(f"bench_transport: {e}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(_main)
