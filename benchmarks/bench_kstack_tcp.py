@@ -263,6 +263,9 @@ def main() -> int:
     print(f"  kstack NAPI (itr={args.itr}), tcp_bulk send on A -> tcp_bulk sink on B, 1500-byte MTU:")
     print(f"    goodput in the window:          {sp([r['goodput_mbps'] for r in kb_rows])} Mbit/s "
           f"(window {sp([r['window'] for r in kb_rows])} s)")
+    if statistics.median([r["window"] for r in kb_rows]) < 1.0:
+        print("    (a window under 1 s: start-up and the machine's other work weigh on every figure; "
+              "--mbytes 150 gives a window of several seconds)")
     print(f"    sender's own report (whole run): {sp([r['sender_goodput_mbps'] for r in kb_rows])} Mbit/s; "
           f"sink's {sp([r['sink_goodput_mbps'] for r in kb_rows])} Mbit/s")
     print_cpu_shares(kb_rows)
