@@ -39,26 +39,37 @@ assert DESC_SIZE == 16 and TXD_STA == 12
 
 
 cdef class _PoolMem:
-    """The TX buffer pool's DMA memory as one writable view, made once per ring (per open)
-    and kept on the ring object, so it goes away with the ring before the memory closes."""
+    """The TX buffer pool's DMA memory and the ring's descriptors as writable views of the
+    shared memory, and their addresses, made once per ring (per open) and kept on the ring
+    object, so they go away with the ring before the memory closes. (Acquiring typed views of
+    ring.desc and the pool memory on every frame cost two buffer exports per frame; the ring's
+    own `desc` view is not exported, so the ring can still release it.)"""
     cdef unsigned char[::1] mem
+    cdef unsigned char[::1] desc
+    cdef unsigned char* mp
+    cdef unsigned char* dp
     cdef object pool
     cdef Py_ssize_t base, size, stride, count
 
-    def __init__(self, drv, pool):
+    def __init__(self, drv, pool, ring):
         self.pool = pool
         self.base = pool.base
         self.stride = pool._stride
         self.count = pool.count
         self.size = self.stride * self.count
         self.mem = drv._mem.view(self.base, self.size)
+        self.desc = drv._mem.view(ring.base, ring.count * _DESC)
+        if self.desc.shape[0] != len(ring.desc):
+            raise ValueError("TX ring descriptors outside the DMA memory")
+        self.mp = &self.mem[0]
+        self.dp = &self.desc[0]
 
 
 cdef _PoolMem _pool_mem(drv, ring):
     cdef _PoolMem pm = getattr(ring, "_c_pool_mem", None)
     pool = drv.tx_pool
     if pm is None or pm.pool is not pool:
-        pm = _PoolMem(drv, pool)
+        pm = _PoolMem(drv, pool, ring)
         ring._c_pool_mem = pm
     return pm
 
@@ -131,9 +142,8 @@ def xmit(drv, skb, bint xmit_more):
         raise ValueError("sk_buff data outside its buffer")
     cdef const uint8_t* src = <const uint8_t*>PyByteArray_AS_STRING(buf) + data
     cdef _PoolMem pm = _pool_mem(drv, ring)
-    cdef unsigned char[::1] desc = ring.desc
-    cdef unsigned char* dp = &desc[0]
-    cdef unsigned char* mp = &pm.mem[0]
+    cdef unsigned char* dp = pm.dp
+    cdef unsigned char* mp = pm.mp
     free = pm.pool._free
     baddr = ring.buffer_addr
     cdef int txd_cmd = drv._txd_cmd
@@ -211,8 +221,7 @@ def clean_tx(drv):
     ring = drv.tx_ring
     cdef Py_ssize_t n = ring.count
     cdef _PoolMem pm = _pool_mem(drv, ring)
-    cdef unsigned char[::1] desc = ring.desc
-    cdef unsigned char* dp = &desc[0]
+    cdef unsigned char* dp = pm.dp
     cdef Py_ssize_t base = pm.base, stride = pm.stride, pcount = pm.count
     free = pm.pool._free
     nbw = ring.next_to_watch
