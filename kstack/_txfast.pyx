@@ -14,6 +14,10 @@ from nicemu import tracepoint
 from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_PARTIAL, MAX_HEADER, SKB_DATA_ALIGN, SkBuff, SkbPool, _SharedInfo
 from kstack.skbuff import skb_truesize_for as _py_truesize_for
 from kstack._truesize cimport skb_truesize_for
+from kstack._slots cimport slot_offset, slot_set, slots_new
+from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
+from cpython.object cimport PyObject
+from collections import Counter
 from kstack.txfast import FAST_NUD, sock_wfree
 from wire.udp import UDP_MAX_PAYLOAD
 from kstack.syscall.channel import MAX_MMSG as _CH_MAX_MMSG
@@ -84,6 +88,58 @@ if set(_SharedInfo.__slots__) != {"buf", "dataref"}:
     raise ImportError("kstack.skbuff._SharedInfo's fields changed: update kstack/_txfast.pyx _alloc")
 cdef object _sh_tp_new = _SharedInfo.__new__
 assert CHECKSUM_NONE == 0
+
+# the send loop sets an skb's fields straight into its slots (kstack/_slots.pxd): every
+# field of SkBuff (the check above), at the offsets its member descriptors give
+if SkBuff.__new__ is not object.__new__ or _SharedInfo.__new__ is not object.__new__:
+    raise ImportError("SkBuff/_SharedInfo have a __new__ of their own: update kstack/_txfast.pyx")
+cdef Py_ssize_t _O_CB = slot_offset(SkBuff, "cb")
+cdef Py_ssize_t _O_CLONED = slot_offset(SkBuff, "cloned")
+cdef Py_ssize_t _O_CSUM = slot_offset(SkBuff, "csum")
+cdef Py_ssize_t _O_CSUM_OFFSET = slot_offset(SkBuff, "csum_offset")
+cdef Py_ssize_t _O_CSUM_START = slot_offset(SkBuff, "csum_start")
+cdef Py_ssize_t _O_DATA = slot_offset(SkBuff, "data")
+cdef Py_ssize_t _O_DESTRUCTOR = slot_offset(SkBuff, "destructor")
+cdef Py_ssize_t _O_DEV = slot_offset(SkBuff, "dev")
+cdef Py_ssize_t _O_END = slot_offset(SkBuff, "end")
+cdef Py_ssize_t _O_FREED = slot_offset(SkBuff, "freed")
+cdef Py_ssize_t _O_HEAD = slot_offset(SkBuff, "head")
+cdef Py_ssize_t _O_IP_SUMMED = slot_offset(SkBuff, "ip_summed")
+cdef Py_ssize_t _O_MAC_HEADER = slot_offset(SkBuff, "mac_header")
+cdef Py_ssize_t _O_MARK = slot_offset(SkBuff, "mark")
+cdef Py_ssize_t _O_NETWORK_HEADER = slot_offset(SkBuff, "network_header")
+cdef Py_ssize_t _O_PKT_TYPE = slot_offset(SkBuff, "pkt_type")
+cdef Py_ssize_t _O_POOL = slot_offset(SkBuff, "pool")
+cdef Py_ssize_t _O_PRIORITY = slot_offset(SkBuff, "priority")
+cdef Py_ssize_t _O_PROTOCOL = slot_offset(SkBuff, "protocol")
+cdef Py_ssize_t _O_SHINFO = slot_offset(SkBuff, "shinfo")
+cdef Py_ssize_t _O_SK = slot_offset(SkBuff, "sk")
+cdef Py_ssize_t _O_TAIL = slot_offset(SkBuff, "tail")
+cdef Py_ssize_t _O_TRANSPORT_HEADER = slot_offset(SkBuff, "transport_header")
+cdef Py_ssize_t _O_TRUESIZE = slot_offset(SkBuff, "truesize")
+cdef Py_ssize_t _O_TSTAMP = slot_offset(SkBuff, "tstamp")
+cdef Py_ssize_t _O_SH_BUF = slot_offset(_SharedInfo, "buf")
+cdef Py_ssize_t _O_SH_DATAREF = slot_offset(_SharedInfo, "dataref")
+cdef object _ONE = 1
+cdef object _Counter = Counter
+
+
+cdef inline void _count(object d, object key, Py_ssize_t k) except *:
+    """d[key] += k for the stack's counters: a Counter (a missing key is 0, its __missing__)
+    or a dict, without a dict subclass's slot dispatch (Python-level d[key] on a Counter goes
+    through its type's __getitem__/__setitem__ wrappers); anything else the usual way."""
+    cdef PyObject* v
+    t = type(d)
+    if t is _Counter or t is dict:
+        v = PyDict_GetItem(d, key)
+        if v is NULL:
+            if t is dict:
+                raise KeyError(key)
+            PyDict_SetItem(d, key, k)
+        else:
+            PyDict_SetItem(d, key, <object>v + k)
+    else:
+        d[key] += k
 for _n in (0, 1, 60, 126, 154, 155, 200, 1000, 1600, 3000, 8000, 9000, 70000):
     if skb_truesize_for(_n) != _py_truesize_for(_n):
         raise ImportError("kstack.skbuff.skb_truesize_for changed: update kstack/_truesize.pxd")
@@ -196,7 +252,7 @@ def sendmsg_connected(sk, data):
         else:
             dv = data
             src_p = &dv[0] if n else NULL
-        return n if _send_run(sk, src_p, 1, 0, 0, n) == 1 else -1
+        return n if _send_run(sk, src_p, 1, 0, 0, n, d, nb) == 1 else -1
     if _udp_send(sk, d, data, sk.dport):
         return n
     return -1
@@ -287,19 +343,22 @@ def sendmmsg_connected(sk, payload, Py_ssize_t count, Py_ssize_t start=0):
 
 
 cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off, Py_ssize_t i,
-                          Py_ssize_t raw_len) except -1:
+                          Py_ssize_t raw_len, object d=None, object n=None) except -1:
     """The loop of sendmmsg_connected from datagram i at offset off of the entries at p; with
     raw_len >= 0, one datagram of raw_len bytes at p instead (sendmsg_connected: count 1).
-    Returns the index of the first datagram not sent."""
+    `d` and `n` given: the caller has just checked the socket, its dst and the neighbour
+    (sendmsg_connected), they are not looked at again. Returns the index of the first
+    datagram not sent."""
     cdef Py_ssize_t ln
-    if sk.closed or sk.err or not sk.connected:
-        return i
-    d = sk._dst
-    if d is None or d.genid != sk.inet.fib.genid:
-        return i
-    n = d.neigh
-    if n is None or n.dead:
-        return i
+    if d is None:
+        if sk.closed or sk.err or not sk.connected:
+            return i
+        d = sk._dst
+        if d is None or d.genid != sk.inet.fib.genid:
+            return i
+        n = d.neigh
+        if n is None or n.dead:
+            return i
     dev = d.dev
     qd = dev.qdisc
     ha = n.ha
@@ -364,9 +423,9 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
             else:
                 buf = bytearray(bsize if need <= bsize else need)
             allocs += 1
-            sh = _sh_tp_new(_Shinfo)
-            sh.buf = buf
-            sh.dataref = 1
+            sh = slots_new(_Shinfo)
+            slot_set(sh, _O_SH_BUF, buf)
+            slot_set(sh, _O_SH_DATAREF, _ONE)
             ts = skb_truesize_for(ulen + _MAX_HEADER)
             sk.wmem = w + ts
             b = <uint8_t*>PyByteArray_AS_STRING(buf)
@@ -407,37 +466,37 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
             b[mh + 12] = 0x08
             b[mh + 13] = 0x00
             # SkBuff(pool, shinfo) with its final fields, each set once (see _skb_new)
-            skb = _skb_tp_new(_SkBuff)
-            skb.pool = pool
-            skb.shinfo = sh
-            skb.head = 0
-            skb.end = PyByteArray_GET_SIZE(buf)
-            skb.truesize = ts
-            skb.data = mh
-            skb.tail = o + ulen
-            skb.mac_header = mh
-            skb.network_header = o - 20
-            skb.transport_header = o
-            skb.protocol = 0x0800
-            skb.dev = dev
-            skb.tstamp = now
-            skb.priority = prio
-            skb.mark = 0
+            skb = slots_new(_SkBuff)
+            slot_set(skb, _O_POOL, pool)
+            slot_set(skb, _O_SHINFO, sh)
+            slot_set(skb, _O_HEAD, 0)
+            slot_set(skb, _O_END, PyByteArray_GET_SIZE(buf))
+            slot_set(skb, _O_TRUESIZE, ts)
+            slot_set(skb, _O_DATA, mh)
+            slot_set(skb, _O_TAIL, o + ulen)
+            slot_set(skb, _O_MAC_HEADER, mh)
+            slot_set(skb, _O_NETWORK_HEADER, o - 20)
+            slot_set(skb, _O_TRANSPORT_HEADER, o)
+            slot_set(skb, _O_PROTOCOL, 0x0800)
+            slot_set(skb, _O_DEV, dev)
+            slot_set(skb, _O_TSTAMP, now)
+            slot_set(skb, _O_PRIORITY, prio)
+            slot_set(skb, _O_MARK, 0)
             if hw:
-                skb.ip_summed = _PARTIAL
-                skb.csum_start = o
-                skb.csum_offset = 6
+                slot_set(skb, _O_IP_SUMMED, _PARTIAL)
+                slot_set(skb, _O_CSUM_START, o)
+                slot_set(skb, _O_CSUM_OFFSET, 6)
             else:
-                skb.ip_summed = 0
-                skb.csum_start = 0
-                skb.csum_offset = 0
-            skb.csum = 0
-            skb.pkt_type = 4  # PACKET_OUTGOING
-            skb.cb = {}
-            skb.sk = sk
-            skb.destructor = _wfree
-            skb.freed = False
-            skb.cloned = False
+                slot_set(skb, _O_IP_SUMMED, 0)
+                slot_set(skb, _O_CSUM_START, 0)
+                slot_set(skb, _O_CSUM_OFFSET, 0)
+            slot_set(skb, _O_CSUM, 0)
+            slot_set(skb, _O_PKT_TYPE, 4)  # PACKET_OUTGOING
+            slot_set(skb, _O_CB, {})
+            slot_set(skb, _O_SK, sk)
+            slot_set(skb, _O_DESTRUCTOR, _wfree)
+            slot_set(skb, _O_FREED, False)
+            slot_set(skb, _O_CLONED, False)
             sent += 1
             off += 2 + ln
             i += 1
@@ -465,12 +524,11 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
             pool.cache_hits += hits
             pool.bytes_copied += copied
         if sent:
-            snmp = d.snmp
-            snmp["UdpOutDatagrams"] += sent
-            snmp["IpOutRequests"] += sent
+            _count(d.snmp, "UdpOutDatagrams", sent)
+            _count(d.snmp, "IpOutRequests", sent)
             ns = d.nstats
-            ns["lookups"] += sent
-            ns["hits"] += sent
+            _count(ns, "lookups", sent)
+            _count(ns, "hits", sent)
             n.used = now
             qd.runs += byp
         if qpk:
