@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from nicemu.cable import cable_kind, layer_name
-from nicemu.vfio_user.page_service import PagePolling
+from nicemu.vfio_user.page_service import EngineThreads, PagePolling
 from nicemu.vfio_user.server import VfioUserServer
 
 _EPOLL_RESOLUTION_S = 0.001  # epoll_wait's timeout is in milliseconds
@@ -85,16 +85,26 @@ class Emulator:
     `clock` must be the clock the Nics use (ns); it only turns deadlines into select timeouts.
     """
 
-    def __init__(self, clock: Callable[[], int] = time.monotonic_ns, *, doorbell_page: bool = True) -> None:
+    def __init__(self, clock: Callable[[], int] = time.monotonic_ns, *, doorbell_page: bool = True,
+                 engine_threads: bool | None = None) -> None:
         self.clock = clock
         self.doorbell_page = doorbell_page  # offer the doorbell page (docs/transport.md) to clients that ask
+        # Each device's doorbell page polled by a thread of its own (page_service.EngineThreads)
+        # instead of this loop; then `lock` is held by the loop while it handles descriptors
+        # and timers, and by an engine thread while it applies doorbells. Default: the
+        # environment's NICEMU_ENGINE_THREADS=1, else off (docs/benchmarks.md, issue 11)
+        if engine_threads is None:
+            engine_threads = os.environ.get("NICEMU_ENGINE_THREADS", "0") == "1"
+        self.engine_threads = engine_threads
+        self.lock: threading.RLock | None = threading.RLock() if engine_threads else None
+        self.lock_wanted = 0  # the loop is waiting for `lock`
         self.selector = selectors.DefaultSelector()
         self.servers: dict[str, VfioUserServer] = {}
         self.nics: list[Any] = []
         self.ports: list[Port] = []
         self.pairs: list[Any] = []  # PairCables between two devices of this process
         self.timer_sources: list[Any] = []  # objects with next_deadline()/run_timers()
-        self.page_polling: PagePolling | None = None  # the devices' doorbell pages (page_service.py)
+        self.page_polling: PagePolling | EngineThreads | None = None  # the devices' doorbell pages (page_service.py)
         self.closeables: list[Any] = []  # cables and other objects to close() at the end
         self._stopping = False  # set by stop(); never reset, so a stop before run() is kept
         self._report_requested = False  # set by SIGUSR1; the loop prints stats()
@@ -119,7 +129,9 @@ class Emulator:
         server = VfioUserServer(nic, socket_path, name=name, clock=self.clock,
                                 doorbell_page=self.doorbell_page)
         server.register(self.selector)
-        if self.page_polling is None:  # the doorbell pages of all devices, polled together
+        if self.page_polling is None and self.engine_threads:
+            self.page_polling = EngineThreads(self, self.lock)
+        elif self.page_polling is None:  # the doorbell pages of all devices, polled together
             self.page_polling = PagePolling(self)
             self.timer_sources.append(self.page_polling)
         self.page_polling.attach(server)
@@ -202,6 +214,8 @@ class Emulator:
     def run(self) -> None:
         """Serve until stop() or SIGTERM/SIGINT, then close everything."""
         self.catch_signals()
+        if isinstance(self.page_polling, EngineThreads):
+            self.page_polling.start()
         try:
             timeout = self._timeout()
             while not self._stopping:
@@ -224,14 +238,23 @@ class Emulator:
             events = self.selector.select(timeout)
         except InterruptedError:
             events = []
-        for key, mask in events:
-            try:
-                key.data(mask)
-            except Exception:  # one broken callback must not stop the other devices
-                log.exception("event handler failed")
-        self._run_due_timers()
-        if self.servers:
-            self._note_dma_errors()
+        lock = self.lock
+        if lock is not None:  # engine threads: they apply doorbells under it
+            self.lock_wanted += 1  # they let go of it and wait while this is set
+            lock.acquire()
+            self.lock_wanted -= 1
+        try:
+            for key, mask in events:
+                try:
+                    key.data(mask)
+                except Exception:  # one broken callback must not stop the other devices
+                    log.exception("event handler failed")
+            self._run_due_timers()
+            if self.servers:
+                self._note_dma_errors()
+        finally:
+            if lock is not None:
+                lock.release()
 
     def stop(self) -> None:
         """Ask run() to return (safe from a signal handler or another thread)."""
@@ -418,6 +441,8 @@ class Emulator:
         if self._closed:
             return
         self._closed = True
+        if isinstance(self.page_polling, EngineThreads):
+            self.page_polling.stop()  # first: no doorbell is applied while the devices go
         for server in self.servers.values():
             try:
                 server.close()

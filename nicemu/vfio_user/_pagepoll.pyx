@@ -244,7 +244,8 @@ cdef class PagePort:
 
 cdef class PagePoller:
     """pagepoll.PagePollerRef in C."""
-    cdef list _ports
+    cdef list _ports  # polled: their TDT and RDT, waited on in spin / wait
+    cdef list _rx_ports  # whose RDT goes first before a TDT is applied: all of them
     cdef public object act_port
     cdef public int act_kind
     cdef public uint32_t act_reg
@@ -256,16 +257,24 @@ cdef class PagePoller:
 
     def __init__(self):
         self._ports = []
+        self._rx_ports = []
         self.act_port = None
 
     @property
     def ports(self):
         return list(self._ports)
 
-    def add(self, PagePort port not None):
-        if len(self._ports) >= MAX_WAIT_PORTS:
+    @property
+    def rx_ports(self):
+        return list(self._rx_ports)
+
+    def add(self, PagePort port not None, bint polled=True):
+        """Poll `port` (PagePollerRef.add); not `polled`: only its RDT, before a TDT."""
+        if len(self._rx_ports) >= MAX_WAIT_PORTS:
             raise ValueError(f"at most {MAX_WAIT_PORTS} doorbell pages per poller")
-        self._ports.append(port)
+        if polled:
+            self._ports.append(port)
+        self._rx_ports.append(port)
 
     def remove(self, PagePort port not None):
         """Stop polling `port`; returns once no thread reads its page (it may be let go then)."""
@@ -275,6 +284,8 @@ cdef class PagePoller:
                 pp_relax()
         if port in self._ports:
             self._ports.remove(port)
+        if port in self._rx_ports:
+            self._rx_ports.remove(port)
 
     cdef int act(self, PagePort port, int kind, uint32_t reg, uint32_t value, uint64_t ev,
                  uint64_t pev) except -1:
@@ -287,15 +298,18 @@ cdef class PagePoller:
         return kind
 
     cdef int _rx_all(self) except -1:
+        """Every port's RDT: NONE, WAIT if one waits for messages, or an action."""
         cdef PagePort p
-        cdef int res
-        for p in self._ports:
+        cdef int res, out = NONE
+        for p in self._rx_ports:
             res = p.take_slot(self, SLOT_RDT)
             if res >= SLOW:
                 return res
-        return NONE
+            if res == WAIT:
+                out = WAIT
+        return out
 
-    cdef int _sync(self, PagePort port) except -1:
+    cdef int _sync(self, PagePort port, bint defer) except -1:
         cdef int res = port.take_slot(self, SLOT_RDT)
         if res >= SLOW:
             return res
@@ -304,18 +318,21 @@ cdef class PagePoller:
         res = self._rx_all()
         if res >= SLOW:
             return res
+        if res == WAIT and defer:
+            port.waiting = True  # the TDT after the RDT's messages (PagePollerRef.sync)
+            return NONE
         res = port.take_slot(self, SLOT_TDT)
         return res if res >= SLOW else NONE
 
-    def sync(self, PagePort port not None):
+    def sync(self, PagePort port not None, bint defer=False):
         """PagePollerRef.sync."""
-        return self._sync(port)
+        return self._sync(port, defer)
 
     cdef int _poll_all(self) except -1:
         cdef PagePort p
         cdef int res
         for p in self._ports:
-            res = self._sync(p)
+            res = self._sync(p, True)
             if res >= SLOW:
                 return res
         return NONE
@@ -328,12 +345,7 @@ cdef class PagePoller:
         """PagePollerRef.spin; between passes it waits for a slot word to change (or the
         clock to reach `until_ns`) with the GIL released."""
         cdef PagePort p
-        cdef int res, k, n
-        cdef uint64_t *words[2 * MAX_WAIT_PORTS]
-        cdef uint64_t lasts[2 * MAX_WAIT_PORTS]
-        cdef int *busy[MAX_WAIT_PORTS]
-        cdef int *closing[MAX_WAIT_PORTS]
-        cdef bint changed
+        cdef int res
         for p in self._ports:
             p.waiting = False
         while True:
@@ -341,34 +353,48 @@ cdef class PagePoller:
             res = self._poll_all()
             if res >= SLOW:
                 return res
-            n = 0
             for p in self._ports:
                 if p.waiting:
                     return NONE
-                if n < MAX_WAIT_PORTS:
-                    words[2 * n] = &p.w[SLOT_TDT]
-                    words[2 * n + 1] = &p.w[SLOT_RDT]
-                    lasts[2 * n] = p._last[0]
-                    lasts[2 * n + 1] = p._last[1]
-                    busy[n] = &p._busy
-                    closing[n] = &p._closing
-                    n += 1
-            changed = False
-            with nogil:
-                for k in range(n):
-                    pp_store_int(busy[k], 1)
-                while True:
-                    for k in range(n):
-                        if pp_load_int(closing[k]):
-                            changed = True  # let go of it now; the pass skips it
-                            break
-                        if pp_load(words[2 * k]) != lasts[2 * k] or pp_load(words[2 * k + 1]) != lasts[2 * k + 1]:
-                            changed = True
-                            break
-                    if changed or pp_now() >= until_ns:
-                        break
-                    pp_relax()
-                for k in range(n):
-                    pp_store_int(busy[k], 0)
-            if not changed:
+            if not self._wait(until_ns):
                 return NONE
+
+    def wait(self, int64_t until_ns):
+        """Wait, with the GIL released, until a polled port's slot word differs from the last
+        taken (True), the clock reaches `until_ns` (False) or a port is being removed (True)."""
+        return self._wait(until_ns)
+
+    cdef bint _wait(self, int64_t until_ns) except -1:
+        cdef PagePort p
+        cdef int k, n = 0
+        cdef uint64_t *words[2 * MAX_WAIT_PORTS]
+        cdef uint64_t lasts[2 * MAX_WAIT_PORTS]
+        cdef int *busy[MAX_WAIT_PORTS]
+        cdef int *closing[MAX_WAIT_PORTS]
+        cdef bint changed = False
+        for p in self._ports:
+            if n < MAX_WAIT_PORTS:
+                words[2 * n] = &p.w[SLOT_TDT]
+                words[2 * n + 1] = &p.w[SLOT_RDT]
+                lasts[2 * n] = p._last[0]
+                lasts[2 * n + 1] = p._last[1]
+                busy[n] = &p._busy
+                closing[n] = &p._closing
+                n += 1
+        with nogil:
+            for k in range(n):
+                pp_store_int(busy[k], 1)
+            while True:
+                for k in range(n):
+                    if pp_load_int(closing[k]):
+                        changed = True  # let go of it now; the next pass skips it
+                        break
+                    if pp_load(words[2 * k]) != lasts[2 * k] or pp_load(words[2 * k + 1]) != lasts[2 * k + 1]:
+                        changed = True
+                        break
+                if changed or pp_now() >= until_ns:
+                    break
+                pp_relax()
+            for k in range(n):
+                pp_store_int(busy[k], 0)
+        return changed

@@ -115,8 +115,21 @@ class PagePolling:
 
     def attach(self, server: Any) -> None:
         self.servers.append(server)
-        server.page_poller = self.poller
         server.page_polling = self
+
+    def poller_for(self, server: Any) -> Any:
+        return self.poller
+
+    def add_port(self, server: Any, port: Any) -> None:
+        self.poller.add(port)
+
+    def remove_port(self, port: Any) -> None:
+        self.poller.remove(port)
+
+    wake_on_message = False
+
+    def wake(self, server: Any) -> None:
+        """A sleeping device polls again: the loop sees it in next_deadline."""
 
     def polling(self) -> bool:
         for s in self.servers:
@@ -149,3 +162,115 @@ class PagePolling:
         for s in servers:
             if s._page_port is not None:
                 s._page_after_poll(now)
+
+
+class EngineThreads:
+    """The option `Emulator(engine_threads=True)` (`nicemu serve --engine-threads`): each
+    device's doorbell page polled by a thread of its own instead of the event loop.
+
+    A device's thread waits for its page's slots to change with the GIL released (the compiled
+    poller's `wait`), then takes `lock` (the emulator's device lock, which the event loop holds
+    while it handles descriptors and timers: register writes, resets, DMA_MAP/UNMAP, a
+    disconnect) and runs one poll pass and the Python actions it hands back. So a control-plane
+    write and a doorbell never interleave, and a page is let go only once its thread no longer
+    reads it (the poller's remove() waits for that, the thread holds no lock while it waits). The
+    engine's work runs under that lock and the GIL: two devices' doorbells do not run at the same
+    time (a TX walk delivers into the linked peer's engine). When a device sleeps (NEED_WAKE set)
+    its thread blocks until the server's wake-up (a message came) or the end."""
+
+    def __init__(self, emulator: Any, lock: Any, engine: str = "cython") -> None:
+        import threading
+
+        self.emu = emulator
+        self.lock = lock
+        self.kind = "python" if isinstance(pp.make_poller(engine), pp.PagePollerRef) else "cython"
+        self._engine = engine
+        self.servers: list[Any] = []
+        self.pollers: dict[int, Any] = {}  # id(server) -> its thread's poller
+        self.threads: list[Any] = []
+        self._events: dict[int, Any] = {}  # id(server) -> threading.Event: wake a sleeping thread
+        self._stop = False
+        self.spin_ns = SPIN_NS
+        self._threading = threading
+
+    def attach(self, server: Any) -> None:
+        self.servers.append(server)
+        self.pollers[id(server)] = pp.make_poller(self._engine)
+        self._events[id(server)] = self._threading.Event()
+        server.page_polling = self
+
+    def poller_for(self, server: Any) -> Any:
+        return self.pollers[id(server)]
+
+    def add_port(self, server: Any, port: Any) -> None:
+        """A page is on: polled by its server's thread; every other thread takes its RDT
+        before a TDT of its own (the cross-device rule)."""
+        for s in self.servers:
+            self.pollers[id(s)].add(port, polled=s is server)
+        # ports of the other devices already on: this device's poller takes their RDT too
+        mine = self.pollers[id(server)]
+        for s in self.servers:
+            if s is not server and s._page_port is not None and s._page_port not in mine.rx_ports:
+                mine.add(s._page_port, polled=False)
+        self.wake(server)
+
+    def remove_port(self, port: Any) -> None:
+        """A page is let go: out of every poller (returns once no thread reads it)."""
+        for poller in self.pollers.values():
+            poller.remove(port)
+
+    wake_on_message = True  # the server calls wake() for every read, not only when asleep
+
+    def wake(self, server: Any) -> None:
+        """`server`'s device polls again (or got a message): every thread looks again (one
+        may hold a TDT back for this device's messages)."""
+        for ev in self._events.values():
+            ev.set()
+
+    def polling(self) -> bool:
+        return False  # the threads poll, not the loop
+
+    def start(self) -> None:
+        for s in self.servers:
+            t = self._threading.Thread(target=self._run, args=(s,), name=f"engine-{s.name}", daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    def stop(self) -> None:
+        self._stop = True
+        for ev in self._events.values():
+            ev.set()
+        for t in self.threads:
+            t.join(5)
+        self.threads = []
+
+    def _run(self, server: Any) -> None:
+        poller = self.pollers[id(server)]
+        event = self._events[id(server)]
+        lock = self.lock
+        clock = self.emu.clock
+        emu = self.emu
+        while not self._stop:
+            while emu.lock_wanted and not self._stop:  # the loop waits for the lock: let it have it
+                time.sleep(0)
+            with lock:
+                port = server._page_port
+                polling = port is not None and not server._page_sleeping
+                waiting = False
+                if polling:
+                    port.waiting = False
+                    servers = [q.owner for q in poller.rx_ports]
+                    for s in servers:
+                        refresh(s)
+                    run(poller, poller.poll_all, servers)
+                    server._page_after_poll(clock())
+                    waiting = port.waiting
+                    polling = server._page_port is not None and not server._page_sleeping
+                if not polling or waiting:
+                    event.clear()
+            if not polling:
+                event.wait(1.0)  # a wake-up (a message, a page on) or the end
+            elif waiting:  # a tail written after messages the loop has not taken yet
+                event.wait(0.001)  # woken when a message comes (wake_on_message)
+            else:
+                poller.wait(time.monotonic_ns() + self.spin_ns)

@@ -175,20 +175,27 @@ class PagePollerRef:
     """The ports of one emulator, polled together (the RDT-before-TDT rule spans devices)."""
 
     def __init__(self) -> None:
-        self.ports: list[PagePortRef] = []
+        self.ports: list[PagePortRef] = []  # polled: TDT and RDT, waited on
+        self.rx_ports: list[PagePortRef] = []  # whose RDT goes first before a TDT: all of them
         self.act_port: PagePortRef | None = None
         self.act_kind = NONE
         self.act_reg = self.act_value = self.act_ev = self.act_pev = 0
         self.spins = 0  # passes over the ports in spin()
 
-    def add(self, port: PagePortRef) -> None:
-        self.ports.append(port)
+    def add(self, port: PagePortRef, polled: bool = True) -> None:
+        """Poll `port`; not `polled` (another thread polls it): only its RDT, before a TDT
+        of a polled port is applied."""
+        if polled:
+            self.ports.append(port)
+        self.rx_ports.append(port)
 
     def remove(self, port: PagePortRef) -> None:
         """Stop polling `port` (its page is let go after this returns)."""
         port.closed = True
         if port in self.ports:
             self.ports.remove(port)
+        if port in self.rx_ports:
+            self.rx_ports.remove(port)
 
     def _act(self, port, kind: int, reg: int, value: int, ev: int, pev: int) -> int:
         self.act_port, self.act_kind = port, kind
@@ -196,16 +203,26 @@ class PagePollerRef:
         return kind
 
     def _rx_all(self) -> int:
-        for p in self.ports:
+        """Every port's RDT: NONE, WAIT if one waits for messages, or an action."""
+        out = NONE
+        for p in self.rx_ports:
             res = p.take_slot(self, db.SLOT_RDT)
             if res >= SLOW:
                 return res
-        return NONE
+            if res == WAIT:
+                out = WAIT
+        return out
 
-    def sync(self, port: PagePortRef) -> int:
+    def sync(self, port: PagePortRef, defer: bool = False) -> int:
         """The page before a message of `port`'s client (and when polled): its RDT; then, if
         its TDT changed, every port's RDT and its TDT. NONE when done (port.active says whether
-        something was taken), else an action for Python, after which sync is called again."""
+        something was taken), else an action for Python, after which sync is called again.
+
+        `defer` (a poll, not a message of this client): if another port's RDT waits for
+        messages of its client, the TDT waits too (port.waiting), so that a TDT rung after
+        that RDT in real time - a driver that frees buffers, then its peer sends - never finds
+        the ring without them. Before a message of this client (a read flushes the TDT) it
+        does not wait."""
         res = port.take_slot(self, db.SLOT_RDT)
         if res >= SLOW:
             return res
@@ -214,13 +231,16 @@ class PagePollerRef:
         res = self._rx_all()
         if res >= SLOW:
             return res
+        if res == WAIT and defer:
+            port.waiting = True
+            return NONE
         res = port.take_slot(self, db.SLOT_TDT)
         return res if res >= SLOW else NONE
 
     def poll_all(self) -> int:
-        """One pass over every port (sync of each); NONE or an action."""
+        """One pass over every port (sync of each, deferring); NONE or an action."""
         for p in self.ports:
-            res = self.sync(p)
+            res = self.sync(p, True)
             if res >= SLOW:
                 return res
         return NONE
@@ -228,7 +248,6 @@ class PagePollerRef:
     def spin(self, until_ns: int) -> int:
         """Poll every port until the clock reaches `until_ns` or a slot waits for messages (the
         loop must read them) or an action is due; NONE or the action."""
-        clock = time.monotonic_ns
         for p in self.ports:
             p.waiting = False
         while True:
@@ -236,8 +255,19 @@ class PagePollerRef:
             res = self.poll_all()
             if res >= SLOW:
                 return res
-            if any(p.waiting for p in self.ports) or clock() >= until_ns:
+            if any(p.waiting for p in self.ports) or not self.wait(until_ns):
                 return NONE
+
+    def wait(self, until_ns: int) -> bool:
+        """Until a polled port's slot word differs from the last taken (True), the clock
+        reaches `until_ns` (False) or a port is being removed (True)."""
+        clock = time.monotonic_ns
+        while True:
+            for p in self.ports:
+                if p.closed or p.page.load(db.SLOT_TDT) != p.last[0] or p.page.load(db.SLOT_RDT) != p.last[1]:
+                    return True
+            if clock() >= until_ns:
+                return False
 
 
 def make_poller(engine: str = "cython"):

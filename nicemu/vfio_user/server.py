@@ -1009,11 +1009,11 @@ class VfioUserServer:
         kind = "python" if isinstance(page, db.DoorbellPageRef) else "cython"
         polling = self.page_polling
         self._page_shared = polling is not None and polling.kind == kind
-        self._page_poller = polling.poller if self._page_shared else pp.make_poller(kind)
+        self._page_poller = polling.poller_for(self) if self._page_shared else pp.make_poller(kind)
         # what the page holds now is not a doorbell: only words that change from here on are
         self._page_port = ps.make_port(self, self._page_poller, page)
-        self._page_poller.add(self._page_port)
         page.disarm()
+        self._page_add_port()
         self._page_sleeping = False
         self._page_idle_at = self.clock() + PAGE_POLL_IDLE_NS
         log.info("%s: doorbell page on", self.name)
@@ -1029,7 +1029,7 @@ class VfioUserServer:
         if port is None:
             return False
         poller = self._page_poller
-        servers = [q.owner for q in poller.ports]
+        servers = [q.owner for q in poller.rx_ports]
         for server in servers:
             ps.refresh(server)
         port = self._page_port  # refresh may have made a new one (the Nic's peer changed)
@@ -1042,13 +1042,28 @@ class VfioUserServer:
         (the peer's register file and engine are part of it), the same last words."""
         old = self._page_port
         last = old.last
-        self._page_poller.remove(old)
-        self._page_counts[0] += old.doorbells
-        self._page_counts[1] += old.bad
+        self._page_remove_port()
         port = ps.make_port(self, self._page_poller, self._page)
         port.set_last(last[0], last[1])
         self._page_port = port
-        self._page_poller.add(port)
+        self._page_add_port()
+
+    def _page_add_port(self) -> None:
+        if self._page_shared:
+            self.page_polling.add_port(self, self._page_port)
+        else:
+            self._page_poller.add(self._page_port)
+
+    def _page_remove_port(self) -> None:
+        """Out of its poller(s), its counters kept; returns once no thread reads the page."""
+        port = self._page_port
+        if self._page_shared:
+            self.page_polling.remove_port(port)
+        else:
+            self._page_poller.remove(port)
+        self._page_counts[0] += port.doorbells
+        self._page_counts[1] += port.bad
+        self._page_port = None
 
     def _page_poll(self) -> None:
         """A loop turn while polling a private poller (no emulator's, see page_service.py)."""
@@ -1083,15 +1098,15 @@ class VfioUserServer:
         if self._page_sleeping:
             self._page.disarm()
             self._page_sleeping = False
+            if self._page_shared:
+                self.page_polling.wake(self)
+        elif self._page_shared and self.page_polling.wake_on_message:
+            self.page_polling.wake(self)  # an engine thread may wait for this message
         self._page_idle_at = self.clock() + PAGE_POLL_IDLE_NS
 
     def _page_close(self) -> None:
-        port = self._page_port
-        if port is not None:  # first: once remove() returns no poll reads the page
-            self._page_poller.remove(port)
-            self._page_counts[0] += port.doorbells
-            self._page_counts[1] += port.bad
-            self._page_port = None
+        if self._page_port is not None:  # first: once it is out no poll reads the page
+            self._page_remove_port()
         page, mm = self._page, self._page_mm
         self._page = self._page_mm = None
         self._page_sleeping = False

@@ -405,12 +405,13 @@ def _cpu_ns(pid: int) -> int:
 class PairProc:
     """`nicemu serve --pair` in its own process."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, env: dict | None = None) -> None:
         self.dir = tempfile.mkdtemp(prefix="nicemu-db-")
         self.socks = [os.path.join(self.dir, "s", f"nic{i}.sock") for i in (0, 1)]
         self.p = subprocess.Popen([sys.executable, "-m", "nicemu", "serve", "--socket", self.socks[0], "--mac", MAC0,
                                    "--socket", self.socks[1], "--mac", MAC1, "--pair", *extra],
-                                  env=ENV, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                  env={**ENV, **(env or {})}, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True)
         wait_for(lambda: os.path.exists(self.socks[1]) or self.p.poll() is not None, 20)
         assert self.p.poll() is None, self.p.stderr.read()
 

@@ -100,27 +100,27 @@ class World:
             ps.refresh(s)
         ps.run(self.poller, self.poller.poll_all, self.servers)
 
-    def _take(self, i: int, slot: int) -> bool:
+    def _take(self, i: int, slot: int) -> int:
         """The server before the poll step (_page_apply): the slot rule, then Nic.write32."""
         s, nic = self.servers[i], self.nics[i]
         word = self.pages[i].load(slot)
         len_reg = R.TDLEN if slot == db.SLOT_TDT else R.RDLEN
         res, bad = pp.slot_result(word, s.last[slot], s.handled_msgs, nic.regs[len_reg >> 2])
         if res != pp.APPLIED:
-            return False
+            return res
         s.last[slot] = word
         s.doorbells += 1
         s.bad += bad
         nic.write32(R.TDT if slot == db.SLOT_TDT else R.RDT, word & 0xFFFF)
-        return True
+        return pp.APPLIED
 
     def _poll_write32(self) -> None:
         for i in range(2):
             self._take(i, db.SLOT_RDT)
             if self.pages[i].load(db.SLOT_TDT) != self.servers[i].last[db.SLOT_TDT]:
-                for j in range(2):
-                    self._take(j, db.SLOT_RDT)
-                self._take(i, db.SLOT_TDT)
+                waited = [self._take(j, db.SLOT_RDT) == pp.WAIT for j in range(2)]
+                if not any(waited):  # a poll holds a TDT back while an RDT waits for messages
+                    self._take(i, db.SLOT_TDT)
 
     def counters(self) -> list:
         out = []
