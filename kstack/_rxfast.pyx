@@ -69,30 +69,6 @@ cdef inline uint64_t _sum16(const uint8_t *p, Py_ssize_t n):
     return s
 
 
-cdef object _alloc_buf(object pool, Py_ssize_t length):
-    """alloc_rx_buf: counted as SkbPool.alloc counts it."""
-    cdef Py_ssize_t need = (length + RX_HEADROOM + 63) & ~63
-    cdef Py_ssize_t size = pool.buffer_size
-    cache = pool._cache
-    if need <= size and cache:
-        buf = cache.pop()
-        pool.cache_hits += 1
-    else:
-        buf = bytearray(size if need <= size else need)
-    pool.live += 1
-    pool.allocs += 1
-    return buf
-
-
-cdef void _free_buf(object pool, object buf) except *:
-    """free_rx_buf: consume_skb, counted as SkbPool._free counts it."""
-    pool.frees += 1
-    pool.live -= 1
-    cache = pool._cache
-    if PyByteArray_GET_SIZE(buf) == pool.buffer_size and len(cache) < pool.max_cached:
-        cache.append(buf)
-
-
 cdef bint _ms_deliver(object ms, object sk, object buf, Py_ssize_t off, Py_ssize_t n,
                       uint32_t saddr, uint32_t sport, Py_ssize_t truesize) except -1:
     """rxfast.ms_deliver: copy_to_user into the multishot receive's completion ring."""
@@ -244,22 +220,53 @@ cdef void _refill(object drv, Py_ssize_t cleaned_count, unsigned char[::1] desc)
         drv.stats.rx_doorbells += 1
 
 
+cdef class _RxMem:
+    """The RX ring's descriptors and the RX buffer pool's memory as views of the shared
+    memory, made once per ring (per open) and kept on the ring object, so they go away with
+    the ring before the memory closes: acquiring them on every poll cost two buffer exports
+    and a new view per poll. (The ring's own `desc` view is not exported: it can be released.)"""
+    cdef unsigned char[::1] desc
+    cdef const unsigned char[::1] dma
+    cdef object pool
+    cdef Py_ssize_t pbase, stride, pcount
+
+    def __init__(self, drv, ring, pool):
+        self.pool = pool
+        self.pbase = pool.base
+        self.stride = pool._stride
+        self.pcount = pool.count
+        self.desc = drv._mem.view(ring.base, ring.count * DESC)
+        if self.desc.shape[0] != len(ring.desc):
+            raise ValueError("RX ring descriptors outside the DMA memory")
+        self.dma = drv._mem.view(self.pbase, self.stride * self.pcount)
+
+
+cdef _RxMem _rx_mem(drv, ring):
+    cdef _RxMem m = getattr(ring, "_c_rx_mem", None)
+    pool = drv.rx_pool
+    if m is None or m.pool is not pool:
+        m = _RxMem(drv, ring, pool)
+        ring._c_rx_mem = m
+    return m
+
+
 def clean_rx(object drv, Py_ssize_t budget):
     """rxfast.clean_rx in C: e1000_clean_rx_irq with each good frame offered to the fast path."""
     ring = drv.rx_ring
-    cdef unsigned char[::1] desc = ring.desc
+    cdef _RxMem rm = _rx_mem(drv, ring)
+    cdef unsigned char[::1] desc = rm.desc
     cdef Py_ssize_t count = ring.count
     cfg = drv.config
     st = drv.stats
     cdef Py_ssize_t trim = 0 if cfg.strip_fcs else 4
     cdef Py_ssize_t batch = cfg.rx_write_batch
-    pool = drv.rx_pool
+    pool = rm.pool
     cdef Py_ssize_t buf_len = cfg.rx_buffer_len
     cdef bint rxcsum = (drv.features & _RXCSUM) != 0
-    cdef Py_ssize_t pbase = pool.base
-    cdef Py_ssize_t stride = pool._stride
-    cdef Py_ssize_t pcount = pool.count
-    cdef const unsigned char[::1] dma = drv._mem.view(pbase, stride * pcount)
+    cdef Py_ssize_t pbase = rm.pbase
+    cdef Py_ssize_t stride = rm.stride
+    cdef Py_ssize_t pcount = rm.pcount
+    cdef const unsigned char[::1] dma = rm.dma
     cdef Py_ssize_t dma_len = dma.shape[0]
     skpool = drv.stack.pool
     hooks_none = drv.hooks is None
@@ -278,7 +285,9 @@ def clean_rx(object drv, Py_ssize_t budget):
     cdef int status, errors, ip_summed
     cdef bint discarding = drv._discarding
     cdef long rx_packets = 0, rx_bytes = 0, length_errors = 0, rx_errors = 0, dropped = 0
-    cdef long csum_good = 0, csum_errors = 0, copied = 0
+    cdef long csum_good = 0, csum_errors = 0, copied = 0, allocs = 0, frees = 0, hits = 0
+    cdef Py_ssize_t need, bsize = skpool.buffer_size, maxc = skpool.max_cached
+    scache = skpool._cache
     baddr = ring.buffer_addr
     try:
         while work_done < budget and i != ntu:
@@ -318,12 +327,20 @@ def clean_rx(object drv, Py_ssize_t budget):
                         off = <Py_ssize_t>addr - pbase
                         if off < 0 or off + length > dma_len:
                             raise ValueError(f"RX buffer {addr:#x} outside the pool")
-                        buf = _alloc_buf(skpool, length)
+                        # alloc_rx_buf, its counters added once per poll (below)
+                        need = (length + RX_HEADROOM + 63) & ~63
+                        if need <= bsize and scache:
+                            buf = scache.pop()
+                            hits += 1
+                        else:
+                            buf = bytearray(bsize if need <= bsize else need)
+                        allocs += 1
                         memcpy(PyByteArray_AS_STRING(buf) + RX_HEADROOM, &dma[off], length)
-                        skpool.bytes_copied += length
                         copied += length
                         if fast and _udp_fast(&c, ports, udp, buf, length, ip_summed):
-                            _free_buf(skpool, buf)
+                            frees += 1  # free_rx_buf: consume_skb
+                            if PyByteArray_GET_SIZE(buf) == bsize and len(scache) < maxc:
+                                scache.append(buf)
                         else:
                             # the slow path may look at the driver's state: bring it up to date
                             drv._discarding = discarding
@@ -353,6 +370,13 @@ def clean_rx(object drv, Py_ssize_t budget):
         st.rx_csum_offload_good += csum_good
         st.rx_csum_offload_errors += csum_errors
         st.rx_copied_bytes += copied
+        # the sk_buff pool's counters, as SkbPool.alloc / _free count them, once per poll
+        if allocs:
+            skpool.allocs += allocs
+            skpool.live += allocs - frees
+            skpool.frees += frees
+            skpool.cache_hits += hits
+            skpool.bytes_copied += copied
         if fast:
             pc.ip_in = c.ip_in
             pc.ip_deliv = c.ip_deliv
