@@ -38,6 +38,12 @@ cdef extern from *:
         uint16_t port
         uint16_t has_addr
 
+# Op.SENDTO, F_ASYNC (kstack.syscall.channel, which imports this module's importer: the
+# values are checked there) and MSG_DONTWAIT, for pop_sends
+SENDTO, F_ASYNC, MSG_DONTWAIT = 5, 0x1, 0x40
+cdef int _SENDTO = SENDTO
+cdef int _F_ASYNC = F_ASYNC
+cdef int64_t _DONTWAIT = MSG_DONTWAIT
 cdef uint64_t REC_BYTES = 48
 cdef uint64_t HEADER_BYTES = 4096
 cdef uint32_t WRAP = 0xFFFFFFFF
@@ -239,6 +245,38 @@ cdef class CRing:
         payload = PyBytes_FromStringAndSize(<char *>(self.base + pos + REC_BYTES), r.n) if r.n else b""
         self.head = head + need
         return (r.op, r.flags, r.call_id, r.fd, r.a0, r.a1, r.a2, r.ip, r.port, r.has_addr, payload)
+
+    def pop_sends(self, socks, sendq, parked, send_c, Py_ssize_t budget):
+        """PyRing.pop_sends (see there), the loop in C."""
+        cdef Py_ssize_t sent = 0, copied = 0
+        cdef uint64_t head
+        cdef int64_t a0
+        last_fd = None
+        last_ok = False
+        while sent < budget:
+            head = self.head
+            r = self.pop_raw()
+            if r is None:
+                break
+            fd = r[3]
+            a0 = r[4]
+            if r[0] != _SENDTO or r[1] != _F_ASYNC or r[9] or a0 & ~_DONTWAIT:
+                self.head = head  # not ours: the caller pops it again
+                break
+            if fd != last_fd:
+                sock = socks.get(fd)
+                last_ok = (sock is not None and fd not in sendq and fd not in parked
+                           and getattr(sock, "sendmsg_c", None) is send_c)
+                last_fd = fd
+            if not last_ok:
+                self.head = head
+                break
+            payload = r[10]
+            if send_c(sock, payload) < 0:
+                return sent, copied, r
+            sent += 1
+            copied += PyBytes_GET_SIZE(payload)
+        return sent, copied, None
 
     def release(self):
         if self.released == self.head:

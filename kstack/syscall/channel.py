@@ -270,3 +270,18 @@ def mmsg_entry(payload, count: int, k: int):
     if not 0 <= k < count:
         raise IndexError("sendmmsg entry out of range")
     return views[k]
+
+
+def _check_ring_constants() -> None:
+    """ring.py and _ring.pyx know SENDTO, F_ASYNC and MSG_DONTWAIT by value (they are
+    imported before this module): they must be these."""
+    from kstack import sock
+    from kstack.syscall import ring
+
+    want = (int(Op.SENDTO), F_ASYNC, sock.MSG_DONTWAIT)
+    if (ring._SENDTO, ring.F_ASYNC, ring.MSG_DONTWAIT) != want or (
+            ring._c is not None and (ring._c.SENDTO, ring._c.F_ASYNC, ring._c.MSG_DONTWAIT) != want):
+        raise ImportError("kstack/syscall/ring.py or _ring.pyx: SENDTO/F_ASYNC/MSG_DONTWAIT changed")
+
+
+_check_ring_constants()

@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 __all__ = ["Ring", "PyRing", "Record", "RingCorrupt", "REC", "REC_BYTES", "WRAP", "HEADER_BYTES",
            "LAYOUT", "MAGIC", "VERSION", "fence", "record_bytes", "ip_to_int", "int_to_ip"]
@@ -93,6 +93,11 @@ def int_to_ip(v: int) -> str:
         if len(_ip_cache) < 4096:  # a bounded cache: a datagram per call formats no string
             _ip_cache[v] = s
     return s
+
+
+# Op.SENDTO, F_ASYNC (kstack.syscall.channel, which imports this module: checked there) and
+# kstack.sock.MSG_DONTWAIT, for pop_sends
+_SENDTO, F_ASYNC, MSG_DONTWAIT = 5, 0x1, 0x40
 
 
 class RingCorrupt(Exception):
@@ -301,6 +306,41 @@ class PyRing:
             raise RingCorrupt(f"record of {n} bytes at {head} runs past the tail or the end")
         self.head = head + need
         return r[1:] + (bytes(data[pos + REC_BYTES:pos + REC_BYTES + n]) if n else b"",)  # the copy
+
+    def pop_sends(self, socks: dict, sendq: dict, parked: dict, send_c: Any,
+                  budget: int) -> tuple[int, int, tuple | None]:
+        """The syscall server's async sends in a row, without a Python frame per record (the
+        C ring's loop; this is its reference): while the next record is an async SENDTO (no
+        address, no flag but MSG_DONTWAIT) on a socket of `socks` whose `sendmsg_c` is
+        `send_c`, with nothing of that fd queued (sendq) or parked, pop it and send its
+        payload with send_c(sock, payload), at most `budget` records. Returns (records sent,
+        their payload bytes, the record popped whose send_c answered -1, or None); a record
+        that is not such a send stays in the ring for pop_raw."""
+        sent = copied = 0
+        last_fd, last_ok, sock = None, False, None
+        while sent < budget:
+            head = self.head
+            r = self.pop_raw()
+            if r is None:
+                break
+            fd = r[3]
+            if r[0] != _SENDTO or r[1] != F_ASYNC or r[9] or r[4] & ~MSG_DONTWAIT:
+                self.head = head  # not ours: the caller pops it again
+                break
+            if fd != last_fd:
+                sock = socks.get(fd)
+                last_ok = (sock is not None and fd not in sendq and fd not in parked
+                           and getattr(sock, "sendmsg_c", None) is send_c)
+                last_fd = fd
+            if not last_ok:
+                self.head = head
+                break
+            payload = r[10]
+            if send_c(sock, payload) < 0:
+                return sent, copied, r
+            sent += 1
+            copied += len(payload)
+        return sent, copied, None
 
     def release(self) -> bool:
         """Publish head. True: the producer waits for space, ring it."""

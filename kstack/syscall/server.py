@@ -46,6 +46,11 @@ from kstack.syscall.state import (_CONN, _LISTEN, _OP_NAMES, _PEERCRED, _REFUSED
 from kstack.timer import Timer, TimerQueue
 
 __all__ = ["SyscallServer"]
+
+try:  # UdpSock.sendmsg_c when the send path is built: what Ring.pop_sends sends through
+    from kstack._txfast import sendmsg_connected as _SEND_C
+except ImportError:
+    _SEND_C = None
 # re-exported for the tests and tools that reach into the server's state
 _reexports = (FIRST_FD, _Multishot, _Parked, _SendQueue)
 
@@ -340,7 +345,19 @@ class SyscallServer(AsyncOpsMixin, CallsMixin):
                 self.stack.xmit_batch_begin()  # one doorbell per device for the batch (xmit_more)
                 try:
                     while budget and app.inflight < lim and not app.backlog:
-                        r = pop()
+                        refused = None
+                        if _SEND_C is not None and not tracepoint.enabled:
+                            # async sends on connected UDP sockets in a row, each through the
+                            # compiled send, with no Python frame per record (Ring.pop_sends);
+                            # a send it refused (-1) comes back to go the usual way
+                            k, nb, refused = sq.pop_sends(socks, sendq, parked, _SEND_C, budget)
+                            if k:
+                                budget -= k
+                                copied += nb
+                                fast_sends += k
+                                if refused is None:
+                                    continue
+                        r = refused if refused is not None else pop()
                         if r is None:
                             break
                         budget -= 1
@@ -352,7 +369,7 @@ class SyscallServer(AsyncOpsMixin, CallsMixin):
                                 # an async send on a connected UDP socket with nothing queued
                                 # before it: the compiled send (UdpSock.sendmsg_c) with no
                                 # Python frame; anything else, or its -1, goes the usual way
-                                if not r[9] and not r[4] & ~MSG_DONTWAIT:
+                                if refused is None and not r[9] and not r[4] & ~MSG_DONTWAIT:
                                     fd = r[3]
                                     c = getattr(socks.get(fd), "sendmsg_c", None)
                                     if (c is not None and fd not in sendq and fd not in parked
