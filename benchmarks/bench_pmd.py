@@ -20,8 +20,10 @@
    process costs (its CPU time over a second with both drivers attached and no traffic, from
    /proc/PID/task/*/schedstat), with and without the doorbell page.
 The emulator-process rows run with the plain protocol (every TDT/RDT a REGION_WRITE message)
-and with the doorbell page (docs/transport.md, "The doorbell page"). The ping-pong prints Python
-over the real Linux kernel's UDP on loopback (benchmarks/linux_udp.py) beside the PMD's.
+and with the doorbell page (docs/transport.md, "The doorbell page"), with the page polled by
+the event loop (default) and by an engine thread per device (NICEMU_ENGINE_THREADS=1). The
+ping-pong prints Python over the real Linux kernel's UDP on loopback (benchmarks/linux_udp.py)
+beside the PMD's.
 Figures are printed, never asserted. The machine's load average is printed with them.
 """
 from __future__ import annotations
@@ -91,12 +93,13 @@ class EmulatorPair:
     busy processes on two cores into two processes taking turns on one."""
 
     def __init__(self, engine: str = "cython", mem: int = 16 << 20, pin: bool = False,
-                 doorbell_page: bool = False) -> None:
+                 doorbell_page: bool = False, engine_threads: bool = False) -> None:
         from driver.vfio_user_client import VfioUserBus
 
         self.dir = tempfile.mkdtemp(prefix="nicemu-bench-")
         socks = [os.path.join(self.dir, "s", f"nic{i}.sock") for i in (0, 1)]
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # engine threads: each device's doorbell page polled by a thread of its own (docs/transport.md)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "NICEMU_ENGINE_THREADS": "1" if engine_threads else "0"}
         self.p = subprocess.Popen([sys.executable, "-m", "nicemu", "serve", "--socket", socks[0], "--mac", MAC0,
                                    "--socket", socks[1], "--mac", MAC1, "--pair"],
                                   env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -467,8 +470,15 @@ def main() -> int:
         runs.append(("the same with the doorbell page",
                      dict(burst=args.process_burst, rx_count=1024, tx_count=1024, rx_free_thresh=64, yield_idle=True,
                           doorbell_page=True)))
+        runs.append(("the same with the doorbell page and an engine thread per device",
+                     dict(burst=args.process_burst, rx_count=1024, tx_count=1024, rx_free_thresh=64, yield_idle=True,
+                          doorbell_page=True, engine_threads=True)))
+        runs.insert(3, ("whole bursts, 1024-descriptor rings, pure busy-poll, doorbell page, an engine thread per device",
+                        dict(burst=args.process_burst, rx_count=1024, tx_count=1024, rx_free_thresh=64,
+                             doorbell_page=True, engine_threads=True)))
         for what, opts in runs:
-            pair = EmulatorPair(pin=opts.pop("pin", False), doorbell_page=opts.pop("doorbell_page", False))
+            pair = EmulatorPair(pin=opts.pop("pin", False), doorbell_page=opts.pop("doorbell_page", False),
+                                engine_threads=opts.pop("engine_threads", False))
             try:
                 r = rx_rate(pair, args.seconds, args.size, rx_burst=256, **opts)
                 print_rate(f"emulator process (nicemu serve --pair, vfio-user), Cython PMD core: {what}", r)
@@ -503,6 +513,13 @@ def main() -> int:
                   f"tails through the page alone {sum(b.page_doorbells for b in pair.buses)})")
             r = ping_pong(pair, max(1000, args.rounds // 4), args.size, spin=64)
             print(f"  emulator process, doorbell page, yielding every 64 empty polls: p50 {r['p50']:7.1f} us   "
+                  f"p99 {r['p99']:7.1f} us   mean {r['mean']:7.1f} us")
+        finally:
+            pair.close()
+        pair = EmulatorPair(doorbell_page=True, engine_threads=True)
+        try:
+            r = ping_pong(pair, max(1000, args.rounds // 4), args.size)
+            print(f"  emulator process, doorbell page, engine threads: p50 {r['p50']:7.1f} us   "
                   f"p99 {r['p99']:7.1f} us   mean {r['mean']:7.1f} us")
         finally:
             pair.close()
