@@ -461,6 +461,10 @@ def main() -> int:
              dict(burst=args.process_burst, rx_count=1024, tx_count=1024, rx_free_thresh=64, yield_idle=True)),
         ]
         if args.pin:
+            runs.insert(2, ("whole bursts, 1024-descriptor rings, pure busy-poll, doorbell page, emulator and this "
+                            "process pinned to a CPU each", dict(burst=args.process_burst, rx_count=1024,
+                                                                 tx_count=1024, rx_free_thresh=64, pin=True,
+                                                                 doorbell_page=True)))
             runs.insert(2, ("whole bursts, 1024-descriptor rings, pure busy-poll, emulator and this process "
                             "pinned to a CPU each", dict(burst=args.process_burst, rx_count=1024, tx_count=1024,
                                                          rx_free_thresh=64, pin=True)))
