@@ -153,6 +153,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     _add_engine(ps)
     ps.add_argument("--no-doorbell-page", action="store_true",
                     help="do not offer the doorbell page to clients that ask (docs/transport.md)")
+    ps.add_argument("--engine-threads", action="store_true",
+                    help="poll each device's doorbell page in its own thread, waiting without the GIL "
+                         "(off by default: on 2 CPUs it measured slower; docs/transport.md; also "
+                         "NICEMU_ENGINE_THREADS=1)")
     ps.add_argument("--config", metavar="FILE", help="YAML topology (see docs/topology.md)")
     ps.add_argument("--process", metavar="NAME", help="with --config: which process of the topology to run")
     _add_log_level(ps, "on stderr")
@@ -164,6 +168,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     ready_fd = _take_ready_fd()
     capture = None  # --pair --pcap: its closing report
+    if args.engine_threads:  # read by Emulator(), for --config too
+        os.environ["NICEMU_ENGINE_THREADS"] = "1"
     if args.config:
         if args.socket or args.mac or args.pair or args.pcap:
             raise CliError("serve: --config cannot be combined with --socket/--mac/--pair/--pcap", 2)

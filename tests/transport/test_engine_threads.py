@@ -133,7 +133,7 @@ def test_reset_and_disconnect_under_traffic_then_exact(pair) -> None:
 @pytest.mark.parametrize("victim", ["driver", "emulator"])
 def test_kill9_mid_stream_with_engine_threads_leaves_nothing(victim) -> None:
     shm = set(os.listdir("/dev/shm"))
-    e = PairProc(env=MODES["threads"])
+    e = PairProc("--engine-threads")  # the command-line switch (the fixture above uses the environment)
     gen = None
     try:
         gen = _pmd_proc("--socket", e.socks[0], "--app", "gen", "--dst", MAC1, "--count", "0",
