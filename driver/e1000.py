@@ -957,6 +957,10 @@ class E1000(NetDevice):
             hw_rx_packets=h["GPRC"], hw_tx_packets=h["GPTC"], itr=self.itr,
         )
         out.update(h)
+        bus = self.bus
+        if getattr(bus, "doorbell_page", False):  # VfioUserBus with the doorbell page on
+            out.update(page_doorbells=bus.page_doorbells,  # tail writes that went to the page alone
+                       page_wakeups=bus.page_wakeups)  # ... and were sent too: the emulator slept
         return out
 
 

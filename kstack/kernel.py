@@ -20,6 +20,9 @@ Options (repeatable where it makes sense):
            [,itr=0][,rx_ring=256][,tx_ring=256][,tx_csum=on|off][,rx_csum=on|off]
            [,gro=on|off][,gso=on|off]   (ethtool -K DEV gro/gso; the default: on unless
                                          NICEMU_GRO=0 / NICEMU_GSO=0 in the environment)
+           [,doorbell_page=on|off]      (TDT/RDT in the doorbell page the emulator polls,
+                                         if it offers one; default off: every tail write
+                                         is a posted message, as an e1000's MMIO write)
   --addr eth0=198.18.0.1/24        --route 0.0.0.0/0,via=198.18.0.254[,dev=eth0]
   --forward (net.ipv4.ip_forward=1)     --syscall-socket PATH     --pcap eth0=FILE
   --stats-interval S
@@ -73,6 +76,7 @@ class DeviceSpec:
     qdisc: str = "pfifo_fast"
     txqueuelen: int = 1000
     config: dict[str, Any] = field(default_factory=dict)  # E1000Config fields
+    doorbell_page: bool = False  # TDT/RDT through the negotiated doorbell page (docs/transport.md)
 
 
 _ON_OFF = {"on": True, "off": False, "1": True, "0": False, "true": True, "false": False}
@@ -119,6 +123,11 @@ def parse_device(text: str, index: int) -> DeviceSpec:
             spec.txqueuelen = value
         else:
             spec.config[target] = value
+    if "doorbell_page" in kv:
+        raw = kv.pop("doorbell_page")
+        if raw.lower() not in _ON_OFF:
+            raise OptionError(f"--device {text!r}: bad doorbell_page {raw!r}")
+        spec.doorbell_page = _ON_OFF[raw.lower()]
     if kv:
         raise OptionError(f"--device {text!r}: unknown key(s) {', '.join(sorted(kv))}")
     return spec
@@ -136,7 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", action="append", default=[], metavar="SOCKET[,key=value...]",
                     help="a device's vfio-user socket, with name=, mode=napi|interrupt, qdisc=, "
-                         "txqueuelen=, itr=, rx_ring=, tx_ring=, tx_csum=, rx_csum=, gro=, gso=")
+                         "txqueuelen=, itr=, rx_ring=, tx_ring=, tx_csum=, rx_csum=, gro=, gso=, "
+                         "doorbell_page=")
     ap.add_argument("--addr", action="append", default=[], metavar="DEV=ADDR/LEN")
     ap.add_argument("--route", action="append", default=[], metavar="PREFIX[,via=GW][,dev=DEV]")
     ap.add_argument("--forward", action="store_true", help="forward IPv4 between devices")
@@ -185,7 +195,7 @@ class Kernel:
             cfg = E1000Config(mode=spec.mode, **spec.config)
         except (TypeError, ValueError) as e:
             raise OptionError(f"--device {spec.socket}: {e}") from None
-        bus = VfioUserBus(spec.socket, mem_size=DEVICE_MEM)
+        bus = VfioUserBus(spec.socket, mem_size=DEVICE_MEM, doorbell_page=spec.doorbell_page)
         drv = E1000(bus, cfg, name=spec.name)
         drv.tx_queue_len = spec.txqueuelen
         self.stack.register_netdev(drv, qdisc=spec.qdisc)
