@@ -190,13 +190,13 @@ class Lab:
         self.procs.append(p)
         return p
 
-    def up(self, mode: str, itr: str) -> None:
+    def up(self, mode: str, itr: str, doorbell_page: bool = False) -> None:
         a, b = str(self.dir / "a.sock"), str(self.dir / "b.sock")
         self.emu = self.start([sys.executable, "-m", "nicemu", "serve", "--socket", a, "--mac", MAC0,
                                "--socket", b, "--mac", MAC1, "--pair"], "emulator")
         self.emu.line(lambda ln: ln == "nicemu: ready")
         self.ka_sock, self.kb_sock = str(self.dir / "ka.sock"), str(self.dir / "kb.sock")
-        dev = f"mode={mode},itr={itr}"
+        dev = f"mode={mode},itr={itr}" + (",doorbell_page=on" if doorbell_page else "")
         self.ka = self.start([sys.executable, "-m", "kstack.kernel", "--device", f"{a},name=eth0,{dev}",
                               "--addr", f"eth0={IP_A}/24", "--syscall-socket", self.ka_sock], "kernel-a")
         self.kb = self.start([sys.executable, "-m", "kstack.kernel", "--device", f"{b},name=eth0,{dev}",
@@ -414,6 +414,9 @@ def main() -> int:
                          "(1, the default: one send/recv per datagram, as the Linux reference does; "
                          "Python's socket module has no sendmmsg/recvmmsg)")
     ap.add_argument("--rate-only", action="store_true", help="skip the ping-pong figures")
+    ap.add_argument("--doorbell-page", action="store_true",
+                    help="both kernels write their tails through the doorbell page (kstack.kernel "
+                         "--device ...,doorbell_page=on; docs/kstack.md), not a message each")
     args = ap.parse_args()
     if args.quick:
         args.seconds, args.repeat, args.rounds, args.modes = 1.0, 2, 500, "napi"
@@ -429,7 +432,8 @@ def main() -> int:
     print(f"bench_kstack: {PAYLOAD}-byte UDP payloads (64-byte frames), {args.repeat} repetitions, "
           f"{args.seconds:g} s windows after {warmup:g} s of warm-up; kstack apps: "
           + (f"sendmmsg/recvmmsg, {args.batch} datagrams per call" if args.batch > 1
-             else "one send/recv per datagram"))
+             else "one send/recv per datagram")
+          + ("; kernels' tails through the doorbell page" if args.doorbell_page else ""))
     print(machine_line())
     print("  the machine is shared with other work (tests, fuzzers) while this runs: the load average "
           "above and below is part of every figure")
@@ -442,7 +446,7 @@ def main() -> int:
     for mode in modes:
         lab = Lab()
         try:
-            lab.up(mode, args.itr)
+            lab.up(mode, args.itr, args.doorbell_page)
             if mode == modes[0]:
                 time.sleep(0.3)
                 idle = idle_cpu({"emulator": lab.emu.pid, "kernel A": lab.ka.pid, "kernel B": lab.kb.pid})
