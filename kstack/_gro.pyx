@@ -10,6 +10,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memcmp
+from wire._csum cimport csum_sum16 as _sum16  # RFC 1071 sums: one home
 
 from kstack.skbuff import CHECKSUM_UNNECESSARY, NET_IP_ALIGN, NET_SKB_PAD
 
@@ -31,19 +32,6 @@ DEF KEY_LEN = 24
 cdef int _UNNECESSARY = CHECKSUM_UNNECESSARY
 cdef Py_ssize_t _RX_HEADROOM = NET_SKB_PAD + NET_IP_ALIGN
 cdef int _ETH_P_IP = 0x0800
-
-
-cdef inline uint64_t _sum16(const uint8_t *p, Py_ssize_t n) noexcept:
-    """Sum of big-endian 16-bit words, an odd last byte padded with a zero (the twin's
-    int.from_bytes, shifted by 8 when odd: the same value modulo 0xFFFF)."""
-    cdef uint64_t s = 0
-    cdef Py_ssize_t k = 0
-    while k + 1 < n:
-        s += (<uint64_t>p[k] << 8) | p[k + 1]
-        k += 2
-    if n & 1:
-        s += <uint64_t>p[n - 1] << 8
-    return s
 
 
 cdef inline uint32_t _be32(const uint8_t *p) noexcept:

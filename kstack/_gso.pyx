@@ -8,6 +8,7 @@ tests/stack/test_kstack_gso.py runs its cases on both and holds them equal on ra
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+from wire._csum cimport csum_sum16 as _sum16, csum_fold as _fold  # RFC 1071 sums: one home
 
 from kstack.skbuff import CHECKSUM_PARTIAL, NET_SKB_PAD
 
@@ -18,24 +19,6 @@ DEF IPPROTO_TCP = 6
 
 cdef int _PARTIAL = CHECKSUM_PARTIAL
 cdef Py_ssize_t _PAD = NET_SKB_PAD
-
-
-cdef inline uint64_t _sum16(const uint8_t *p, Py_ssize_t n) noexcept:
-    """Sum of big-endian 16-bit words, an odd last byte padded with a zero."""
-    cdef uint64_t s = 0
-    cdef Py_ssize_t k = 0
-    while k + 1 < n:
-        s += (<uint64_t>p[k] << 8) | p[k + 1]
-        k += 2
-    if n & 1:
-        s += <uint64_t>p[n - 1] << 8
-    return s
-
-
-cdef inline uint64_t _fold(uint64_t t) noexcept:
-    while t >> 16:
-        t = (t & 0xFFFF) + (t >> 16)
-    return t
 
 
 def skb_gso_segment(skb, nh=None):

@@ -9,6 +9,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memcmp, memset
+from wire._csum cimport csum_sum16 as _sum16  # RFC 1071 sums: one home
 
 from kstack.rxfast import RX_HEADROOM as _PY_RX_HEADROOM, MAX_ADDRS as _PY_MAX_ADDRS
 from kstack.rxfast import batch_ctx, finish_batch, skb_around, RECV_MULTISHOT, F_MORE
@@ -55,18 +56,6 @@ cdef inline bint _in(const uint32_t *a, int n, uint32_t v):
         if a[k] == v:
             return True
     return False
-
-
-cdef inline uint64_t _sum16(const uint8_t *p, Py_ssize_t n):
-    """Sum of big-endian 16-bit words, an odd last byte padded with a zero."""
-    cdef uint64_t s = 0
-    cdef Py_ssize_t k = 0
-    while k + 1 < n:
-        s += (<uint64_t>p[k] << 8) | p[k + 1]
-        k += 2
-    if n & 1:
-        s += <uint64_t>p[n - 1] << 8
-    return s
 
 
 cdef bint _ms_deliver(object ms, object sk, object buf, Py_ssize_t off, Py_ssize_t n,
