@@ -539,17 +539,21 @@ def _reap(*procs: subprocess.Popen) -> None:
             pr.stdout.close()
 
 
+@pytest.mark.parametrize("threads", [False, True], ids=["loop", "engine-threads"])
 @pytest.mark.parametrize("victim", ["driver", "emulator"])
-def test_kill9_mid_stream_with_the_page_leaves_nothing(victim) -> None:
+def test_kill9_mid_stream_with_the_page_leaves_nothing(victim, threads) -> None:
     """A generator streams through the page (two busy processes: it and the emulator; nic1 has
-    no driver, so its frames are dropped), then one side is killed with SIGKILL."""
+    no driver, so its frames are dropped), then one side is killed with SIGKILL; with the
+    emulator's loop polling the page, and with an engine thread per device (`--engine-threads`)."""
     shm = set(os.listdir("/dev/shm"))
-    e = PairProc()
+    e = PairProc(*(["--engine-threads"] if threads else []))
     gen = None
     try:
         gen = _pmd_proc("--socket", e.socks[0], "--app", "gen", "--dst", MAC1, "--count", "0",
                         "--mode", "poll", "--stats-interval", "0.2")
         _wait_line(gen, "up")
+        if threads:
+            assert len(os.listdir(f"/proc/{e.p.pid}/task")) >= 3  # the loop and one engine thread per device
         wait_for(lambda: (lambda d: d["opackets"] > 1000 and d["page_doorbells"] > 0)(
             json.loads(_wait_line(gen, "stats"))), 20)
         if victim == "driver":
