@@ -1,5 +1,5 @@
 """`nicemu bench [--sizes 64,128,...] [--repeat N] [--seconds S] [--quick] [--out DIR]`: the
-four paths side by side over frame sizes, in one run, with a Markdown table and an SVG chart.
+paths side by side over frame sizes, in one run, with a Markdown table and an SVG chart.
 
 Paths, each measured with the benchmarks' own functions (imported, not copied):
 - kstack, interrupt mode (itr=0: one interrupt per event, no moderation) and kstack, NAPI with
@@ -8,13 +8,17 @@ Paths, each measured with the benchmarks' own functions (imported, not copied):
   a window after a warm-up; CPU ns of all five processes per datagram; ping-pong p50/p99
   through a client application and udp_echo);
 - the bypass PMD: benchmarks/bench_pmd.py (an emulator process with both devices, a generator
-  and the PMD in this process; rx_rate and ping_pong; CPU ns of both processes per frame);
+  and the PMD in this process; rx_rate and ping_pong; CPU ns of both processes per frame), with
+  every doorbell a vfio-user message ("bypass PMD") and with the tails through the doorbell
+  page the emulator polls ("bypass PMD + page", what `python -m driver.pmd` asks for by
+  default: fastest with a CPU for each of the two, slowest when they must share one);
 - Linux: benchmarks/linux_udp.py (Python sender and receiver processes over the real kernel's
   UDP on loopback; rate and pingpong; CPU ns of both per datagram).
 
 Frame sizes count the FCS (64..1518): a UDP payload of size - 46 bytes, a PMD buffer of size
-- 4. Every point is repeated: the median with min-max. At most one process busy-polls at any
-time (this one, in the PMD rows), the machine has 2 cores. The machine line (CPUs, load average
+- 4. Every point is repeated: the median with min-max. Busy-polling processes never outnumber
+the cores: only in the PMD rows, this one, and in the page rows also the emulator polling the
+doorbell page while traffic runs (it sleeps 200 us after the last doorbell). The machine line (CPUs, load average
 before and after) is printed and written with the table. Figures are never judged here.
 """
 from __future__ import annotations
@@ -33,7 +37,7 @@ __all__ = ["add_parser", "run", "markdown_table", "chart", "PATHS", "Point"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (64, 128, 256, 512, 1024, 1518)
-PATHS = ("kstack interrupt", "kstack NAPI", "bypass PMD", "Linux UDP")
+PATHS = ("kstack interrupt", "kstack NAPI", "bypass PMD", "bypass PMD + page", "Linux UDP")
 ETH_IP_UDP_FCS = 46
 
 Point = dict[str, Any]  # path, size, rate[], p50[], p99[], cpu_ns[]
@@ -106,12 +110,14 @@ def _kstack(bk: Any, mode: str, sizes: list[int], a: argparse.Namespace, say: Ca
     return pts
 
 
-def _pmd(bp: Any, sizes: list[int], a: argparse.Namespace, say: Callable[[str], None]) -> list[Point]:
+def _pmd(bp: Any, sizes: list[int], a: argparse.Namespace, say: Callable[[str], None],
+         page: bool = False) -> list[Point]:
     pts: list[Point] = []
     for size in sizes:
-        pt: Point = {"path": "bypass PMD", "size": size, "rate": [], "p50": [], "p99": [], "cpu_ns": []}
+        pt: Point = {"path": "bypass PMD + page" if page else "bypass PMD", "size": size,
+                     "rate": [], "p50": [], "p99": [], "cpu_ns": []}
         for _ in range(a.repeat):
-            pair = bp.EmulatorPair()
+            pair = bp.EmulatorPair(doorbell_page=page)
             try:
                 r = bp.rx_rate(pair, a.seconds, size - 4, 128)
                 pp = bp.ping_pong(pair, a.rounds, size - 4)
@@ -238,6 +244,8 @@ def _run(args: argparse.Namespace, sizes: list[int], paths: list[str], out: Path
                     points += _kstack(bk, "napi", sizes, args, say)
                 elif path == "bypass PMD":
                     points += _pmd(bp, sizes, args, say)
+                elif path == "bypass PMD + page":
+                    points += _pmd(bp, sizes, args, say, page=True)
                 else:
                     points += _linux(lu, sizes, args, say)
             except (RuntimeError, OSError, ValueError, KeyError) as e:  # one path failing is reported, not fatal
