@@ -92,7 +92,7 @@ class Emulator:
         # Each device's doorbell page polled by a thread of its own (page_service.EngineThreads)
         # instead of this loop; then `lock` is held by the loop while it handles descriptors
         # and timers, and by an engine thread while it applies doorbells. Default: the
-        # environment's NICEMU_ENGINE_THREADS=1, else off (docs/benchmarks.md, issue 11)
+        # environment's NICEMU_ENGINE_THREADS=1, else off (docs/benchmarks.md, "The compiled poll step and engine threads")
         if engine_threads is None:
             engine_threads = os.environ.get("NICEMU_ENGINE_THREADS", "0") == "1"
         self.engine_threads = engine_threads
