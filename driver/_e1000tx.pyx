@@ -16,7 +16,8 @@ from libc.string cimport memcpy, memset
 
 from kstack.dropreason import SkbDropReason
 from kstack.netdevice import NETDEV_TX_BUSY, NETDEV_TX_OK, NetdevFeatures
-from kstack.skbuff import CHECKSUM_PARTIAL, SkbPool
+from kstack.skbuff import CHECKSUM_PARTIAL, SkBuff, SkbPool, _SharedInfo
+from kstack._slots cimport slot_get, slot_offset
 from nicemu.regs import DESC_SIZE, ETH_MAX_FCS, ETH_MAX_LPE, TXD_STA, TxdCmd, TxdSta
 from wire.ethernet import ETH_FCS_LEN
 
@@ -36,6 +37,18 @@ cdef Py_ssize_t _MAX_FCS = ETH_MAX_FCS - ETH_FCS_LEN  # E1000Config.max_frame, w
 cdef Py_ssize_t _MAX_LPE = ETH_MAX_LPE - ETH_FCS_LEN
 
 assert DESC_SIZE == 16 and TXD_STA == 12
+
+# the sk_buff fields the transmit reads, straight from their slots (kstack/_slots.pxd) when
+# the skb is a SkBuff itself (a subclass is read by name)
+cdef object _SkBuff = SkBuff
+cdef Py_ssize_t _O_DATA = slot_offset(SkBuff, "data")
+cdef Py_ssize_t _O_TAIL = slot_offset(SkBuff, "tail")
+cdef Py_ssize_t _O_IP_SUMMED = slot_offset(SkBuff, "ip_summed")
+cdef Py_ssize_t _O_CSUM_START = slot_offset(SkBuff, "csum_start")
+cdef Py_ssize_t _O_CSUM_OFFSET = slot_offset(SkBuff, "csum_offset")
+cdef Py_ssize_t _O_SHINFO = slot_offset(SkBuff, "shinfo")
+cdef Py_ssize_t _O_SH_BUF = slot_offset(_SharedInfo, "buf")
+cdef object _Shinfo = _SharedInfo
 
 
 cdef class _PoolMem:
@@ -101,7 +114,9 @@ def xmit(drv, skb, bint xmit_more):
     if drv.queue_stopped:
         st.tx_busy += 1
         return _BUSY
-    cdef Py_ssize_t length = <Py_ssize_t>skb.tail - <Py_ssize_t>skb.data
+    cdef bint direct = type(skb) is _SkBuff
+    cdef Py_ssize_t data = slot_get(skb, _O_DATA) if direct else skb.data
+    cdef Py_ssize_t length = (<Py_ssize_t>slot_get(skb, _O_TAIL) if direct else <Py_ssize_t>skb.tail) - data
     if not drv.carrier or not drv.is_open:
         st.tx_dropped += 1
         skb.drop(_DEV_READY)
@@ -123,9 +138,9 @@ def xmit(drv, skb, bint xmit_more):
         return _BUSY
     cdef int cso = 0, css = 0, ic = 0
     cdef Py_ssize_t c0, c1
-    if <int>skb.ip_summed == _PARTIAL:
-        c0 = <Py_ssize_t>skb.csum_start - <Py_ssize_t>skb.data
-        c1 = c0 + <Py_ssize_t>skb.csum_offset
+    if <int>(slot_get(skb, _O_IP_SUMMED) if direct else skb.ip_summed) == _PARTIAL:
+        c0 = <Py_ssize_t>(slot_get(skb, _O_CSUM_START) if direct else skb.csum_start) - data
+        c1 = c0 + <Py_ssize_t>(slot_get(skb, _O_CSUM_OFFSET) if direct else skb.csum_offset)
         if (<int>drv.features & _IP_CSUM) and 0 <= c0 < c1 <= 0xFF and c1 + 2 <= length:
             css = c0
             cso = c1
@@ -134,10 +149,11 @@ def xmit(drv, skb, bint xmit_more):
         else:
             _checksum_help(skb)
             st.tx_csum_help += 1
-    buf = skb.shinfo.buf
+    sh = slot_get(skb, _O_SHINFO) if direct else skb.shinfo
+    buf = slot_get(sh, _O_SH_BUF) if type(sh) is _Shinfo else sh.buf
     if type(buf) is not bytearray:
         raise TypeError("sk_buff buffers are bytearrays")
-    cdef Py_ssize_t data = skb.data
+    data = slot_get(skb, _O_DATA) if direct else skb.data  # _checksum_help leaves it, as the twin reads it here
     if data < 0 or data + length > PyByteArray_GET_SIZE(buf):
         raise ValueError("sk_buff data outside its buffer")
     cdef const uint8_t* src = <const uint8_t*>PyByteArray_AS_STRING(buf) + data

@@ -43,3 +43,12 @@ cdef inline object slots_new(object tp):
     o = <object>r
     Py_DECREF(o)  # <object> took its own reference
     return o
+
+
+cdef inline object slot_get(object o, Py_ssize_t off):
+    """getattr(o, <the field at off>), for the cached send state's fields (UdpDst): a new
+    reference; an unset field is an AttributeError, as getattr would raise."""
+    cdef PyObject* v = (<PyObject**>((<char*><PyObject*>o) + off))[0]
+    if v is NULL:
+        raise AttributeError("slot not set")
+    return <object>v

@@ -2,34 +2,32 @@
 """The UDP send fast path, compiled. kstack/txfast.py is the readable twin with the same
 steps, conditions and counters (tests/test_kstack_txfast.py holds them equal); read the
 why there. Here the header building, the payload copy into the sk_buff and the checksums are
-C over the skb's buffer; the objects of the model (sk_buff, counters, driver) are the same."""
+C over the skb's buffer; the objects of the model (sk_buff, counters, driver) are the same.
+What does not change between sends (route, hh, device, socket options) is the dst's cached
+send state, read from its slots while its generation holds (kstack/dstgen.py)."""
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
-from kstack.netdevice import NETDEV_TX_BUSY, IFF_UP, NetdevFeatures
-from kstack.qdisc import DEV_TX_WEIGHT, IP_TOS2PRIO, PFifoFast
+from kstack.netdevice import NETDEV_TX_BUSY
+from kstack.qdisc import DEV_TX_WEIGHT
 from nicemu import tracepoint
 from kstack.skbuff import CHECKSUM_NONE, CHECKSUM_PARTIAL, MAX_HEADER, SKB_DATA_ALIGN, SkBuff, SkbPool, _SharedInfo
 from kstack.skbuff import skb_truesize_for as _py_truesize_for
 from kstack._truesize cimport skb_truesize_for
-from kstack._slots cimport slot_offset, slot_set, slots_new
+from kstack._slots cimport slot_get, slot_offset, slot_set, slots_new
 from cpython.dict cimport PyDict_GetItem, PyDict_SetItem
 from cpython.object cimport PyObject
 from collections import Counter
-from kstack.txfast import FAST_NUD, sock_wfree
+from kstack.txfast import UdpDst, dst_tx_fill, sock_wfree
+from kstack.dstgen import DST_GENID, DstGenid
 from wire.udp import UDP_MAX_PAYLOAD
 from kstack.syscall.channel import MAX_MMSG as _CH_MAX_MMSG
 
-cdef int _FAST_NUD = FAST_NUD
-cdef int _IFF_UP = IFF_UP
-cdef int _IP_CSUM = NetdevFeatures.IP_CSUM
 cdef int _TX_BUSY = NETDEV_TX_BUSY
 cdef int _PARTIAL = CHECKSUM_PARTIAL
 cdef Py_ssize_t _MAX_HEADER = MAX_HEADER
-cdef object _PFifoFast = PFifoFast
-cdef tuple _TOS2PRIO = tuple(IP_TOS2PRIO)
 
 
 def sock_wfree_c(skb):
@@ -122,6 +120,63 @@ cdef Py_ssize_t _O_SH_BUF = slot_offset(_SharedInfo, "buf")
 cdef Py_ssize_t _O_SH_DATAREF = slot_offset(_SharedInfo, "dataref")
 cdef object _ONE = 1
 cdef object _Counter = Counter
+
+# the socket's cached send state (kstack.txfast.UdpDst, filled by dst_tx_fill) and the
+# generation it is valid under (kstack.dstgen), read straight from their slots
+cdef object _UdpDst = UdpDst
+cdef object _GEN = DST_GENID
+cdef object _fill = dst_tx_fill
+if type(DST_GENID) is not DstGenid:
+    raise ImportError("kstack.dstgen.DST_GENID is not a DstGenid")
+cdef Py_ssize_t _O_GEN = slot_offset(DstGenid, "value")
+cdef Py_ssize_t _O_D_TX_GEN = slot_offset(UdpDst, "tx_gen")
+cdef Py_ssize_t _O_D_NEIGH = slot_offset(UdpDst, "neigh")
+cdef Py_ssize_t _O_D_DEV = slot_offset(UdpDst, "dev")
+cdef Py_ssize_t _O_D_QDISC = slot_offset(UdpDst, "qdisc")
+cdef Py_ssize_t _O_D_POOL = slot_offset(UdpDst, "pool")
+cdef Py_ssize_t _O_D_IP = slot_offset(UdpDst, "ip")
+cdef Py_ssize_t _O_D_TAPS = slot_offset(UdpDst, "taps")
+cdef Py_ssize_t _O_D_HH = slot_offset(UdpDst, "hh")
+cdef Py_ssize_t _O_D_MTU = slot_offset(UdpDst, "mtu")
+cdef Py_ssize_t _O_D_HW = slot_offset(UdpDst, "hw_csum")
+cdef Py_ssize_t _O_D_TOS = slot_offset(UdpDst, "tos")
+cdef Py_ssize_t _O_D_PRIO = slot_offset(UdpDst, "priority")
+cdef Py_ssize_t _O_D_TTL = slot_offset(UdpDst, "ttl")
+cdef Py_ssize_t _O_D_SPORT = slot_offset(UdpDst, "sport")
+cdef Py_ssize_t _O_D_DPORT = slot_offset(UdpDst, "dport")
+cdef Py_ssize_t _O_D_SNDBUF = slot_offset(UdpDst, "sndbuf")
+cdef Py_ssize_t _O_D_SRC = slot_offset(UdpDst, "src")
+cdef Py_ssize_t _O_D_DADDR = slot_offset(UdpDst, "daddr")
+cdef Py_ssize_t _O_D_IDENTS = slot_offset(UdpDst, "idents")
+cdef Py_ssize_t _O_D_IDENT_I = slot_offset(UdpDst, "ident_i")
+cdef Py_ssize_t _O_D_STACK = slot_offset(UdpDst, "stack")
+cdef Py_ssize_t _O_D_BATCH = slot_offset(UdpDst, "batch")
+cdef Py_ssize_t _O_D_SNMP = slot_offset(UdpDst, "snmp")
+cdef Py_ssize_t _O_D_NSTATS = slot_offset(UdpDst, "nstats")
+
+
+cdef int _dst_ready(sk, d) except -1:
+    """sk_dst_check + the hh_cache for the compiled send: 1 when d's cached send state is of
+    the current generation (one identity compare), else refilled by the twin's dst_tx_fill
+    (the one fill for both paths; it runs after a bump only); 0: not for the fast path."""
+    if type(d) is not _UdpDst:
+        return 0
+    if slot_get(d, _O_D_TX_GEN) is slot_get(_GEN, _O_GEN):
+        return 1
+    if sk.closed or not sk.connected:
+        return 0
+    return 1 if _fill(sk, d) else 0
+
+
+cdef inline bint _dst_per_send_ok(d, dev) except -1:
+    """What the generation does not cover and is read at each send: no learned path MTU
+    (ipv4's pmtu), no packet tap on the device, the pool of the class the loop inlines."""
+    if slot_get(d, _O_D_IP).pmtu:
+        return False
+    taps = slot_get(d, _O_D_TAPS)
+    if taps and taps.get(dev.ifindex):
+        return False
+    return True
 
 
 cdef inline void _count(object d, object key, Py_ssize_t k) except *:
@@ -229,31 +284,30 @@ cdef void _qdisc_xmit(qd, skb) except *:
 
 def sendmsg_connected(sk, data):
     """UdpSock.sendmsg for its common case, compiled: a connected socket, no address given,
-    open, no pending error, the payload within UDP's limit, its cached dst still of the FIB's
-    generation, room in SO_SNDBUF, the neighbour entry alive, and udp_send taking it.
+    no pending error, its cached dst and send state of the current generation (else refilled
+    by dst_tx_fill: open, connected, the FIB's genid, the neighbour alive and usable, the
+    device up), the payload within UDP's limit, room in SO_SNDBUF, and udp_send taking it.
     Returns the bytes sent, or -1 with nothing changed: UdpSock.sendmsg then runs its own
     checks in their order (and raises what they raise)."""
-    if sk.closed or sk.err or not sk.connected or sk._tx_fast is not _udp_send_fn:
+    if sk.err or sk._tx_fast is not _udp_send_fn:
         return -1
-    d = sk._dst
-    if d is None:
+    d = sk._dst  # None for a closed or unconnected socket
+    if d is None or not _dst_ready(sk, d):
         return -1
     cdef Py_ssize_t n = len(data)
-    if n > _UDP_MAX or d.genid != sk.inet.fib.genid or sk.wmem >= sk.sndbuf:
+    if n > _UDP_MAX or <Py_ssize_t>sk.wmem >= <Py_ssize_t>slot_get(d, _O_D_SNDBUF):
         return -1
-    nb = d.neigh
-    if nb is None or nb.dead:
-        return -1
+    nb = slot_get(d, _O_D_NEIGH)
     cdef const uint8_t[::1] dv
     cdef const uint8_t* src_p
-    if type(d.pool) is _SkbPool:  # sendmmsg's loop for one datagram: each field set once
+    if type(slot_get(d, _O_D_POOL)) is _SkbPool:  # sendmmsg's loop for one datagram: each field set once
         if type(data) is bytes:
             src_p = <const uint8_t*>PyBytes_AS_STRING(data)
         else:
             dv = data
             src_p = &dv[0] if n else NULL
         return n if _send_run(sk, src_p, 1, 0, 0, n, d, nb) == 1 else -1
-    if _udp_send(sk, d, data, sk.dport):
+    if _udp_send(sk, d, data, <int>slot_get(d, _O_D_DPORT)):
         return n
     return -1
 
@@ -351,47 +405,43 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
     datagram not sent."""
     cdef Py_ssize_t ln
     if d is None:
-        if sk.closed or sk.err or not sk.connected:
+        if sk.err:
             return i
-        d = sk._dst
-        if d is None or d.genid != sk.inet.fib.genid:
+        d = sk._dst  # None for a closed or unconnected socket
+        if d is None or not _dst_ready(sk, d):
             return i
-        n = d.neigh
-        if n is None or n.dead:
-            return i
-    dev = d.dev
-    qd = dev.qdisc
-    ha = n.ha
-    pool = d.pool
-    if (not (<int>n.nud_state & _FAST_NUD) or ha is None or not (<int>dev.flags & _IFF_UP)
-            or type(qd) is not _PFifoFast or d.ip.pmtu or d.taps.get(dev.ifindex)
-            or type(pool) is not _SkbPool):
+        n = slot_get(d, _O_D_NEIGH)
+    # everything below but the pool's cache, the batch and the clock is the dst's cached
+    # send state (dst_tx_fill): read from its slots, not looked up again
+    dev = slot_get(d, _O_D_DEV)
+    qd = slot_get(d, _O_D_QDISC)
+    pool = slot_get(d, _O_D_POOL)
+    if type(pool) is not _SkbPool or not _dst_per_send_ok(d, dev):
         return i
-    dev_addr = dev.dev_addr
-    if type(ha) is not bytes or type(dev_addr) is not bytes or PyBytes_GET_SIZE(ha) != 6 \
-            or PyBytes_GET_SIZE(dev_addr) != 6:
-        raise TypeError("link-layer addresses are 6 bytes")
-    cdef Py_ssize_t mtu = dev.mtu
-    cdef Py_ssize_t sndbuf = sk.sndbuf
-    cdef bint hw = (<int>dev.features & _IP_CSUM) != 0
-    cdef int tos = sk.tos
-    ttl = sk.ttl or d.stack.sysctl.ip_default_ttl
+    hh = slot_get(d, _O_D_HH)
+    if type(hh) is not bytes or PyBytes_GET_SIZE(hh) != 14:
+        raise TypeError("the cached hardware header is 14 bytes")
+    cdef Py_ssize_t mtu = slot_get(d, _O_D_MTU)
+    cdef Py_ssize_t sndbuf = slot_get(d, _O_D_SNDBUF)
+    cdef bint hw = slot_get(d, _O_D_HW) is True
+    cdef int tos = slot_get(d, _O_D_TOS)
+    stack = slot_get(d, _O_D_STACK)
+    ttl = slot_get(d, _O_D_TTL) or stack.sysctl.ip_default_ttl
     cdef uint8_t ttl8 = <uint8_t>(<int>ttl)
-    cdef uint32_t src = d.src
-    cdef uint32_t dst = d.daddr
-    cdef uint32_t sport = <uint32_t>(<int>sk.sport)
-    cdef uint32_t dport = <uint32_t>(<int>sk.dport)
-    prio = _TOS2PRIO[(tos & 0x1E) >> 1]
-    idents = d.idents
-    ident_i = d.ident_i
+    cdef uint32_t src = slot_get(d, _O_D_SRC)
+    cdef uint32_t dst = slot_get(d, _O_D_DADDR)
+    cdef uint32_t sport = <uint32_t>(<int>slot_get(d, _O_D_SPORT))
+    cdef uint32_t dport = <uint32_t>(<int>slot_get(d, _O_D_DPORT))
+    prio = slot_get(d, _O_D_PRIO)
+    idents = slot_get(d, _O_D_IDENTS)
+    ident_i = slot_get(d, _O_D_IDENT_I)
     cache = pool._cache
     cdef Py_ssize_t bsize = pool.buffer_size
-    batch = d.batch.xmit_batch_devs
+    batch = slot_get(d, _O_D_BATCH).xmit_batch_devs
     cdef bint more = batch is not None
     ops = getattr(dev, "tx_c", None)
-    now = d.stack.clock()
-    cdef const uint8_t* hap = <const uint8_t*>PyBytes_AS_STRING(ha)
-    cdef const uint8_t* sap = <const uint8_t*>PyBytes_AS_STRING(dev_addr)
+    now = stack.clock()
+    cdef const uint8_t* hhp = <const uint8_t*>PyBytes_AS_STRING(hh)
     cdef Py_ssize_t sent = 0, hits = 0, allocs = 0, copied = 0, qpk = 0, qbytes = 0, byp = 0
     cdef Py_ssize_t ulen, tot, need, o = _MAX_HEADER, mh = _MAX_HEADER - 34, w, ts
     cdef uint32_t ident, c
@@ -461,10 +511,7 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
                 if c == 0:
                     c = 0xFFFF
             _put16(uh + 6, c)
-            memcpy(b + mh, hap, 6)
-            memcpy(b + mh + 6, sap, 6)
-            b[mh + 12] = 0x08
-            b[mh + 13] = 0x00
+            memcpy(b + mh, hhp, 14)  # neigh_hh_output: the cached header
             # SkBuff(pool, shinfo) with its final fields, each set once (see _skb_new)
             skb = slots_new(_SkBuff)
             slot_set(skb, _O_POOL, pool)
@@ -524,9 +571,10 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
             pool.cache_hits += hits
             pool.bytes_copied += copied
         if sent:
-            _count(d.snmp, "UdpOutDatagrams", sent)
-            _count(d.snmp, "IpOutRequests", sent)
-            ns = d.nstats
+            snmp = slot_get(d, _O_D_SNMP)
+            _count(snmp, "UdpOutDatagrams", sent)
+            _count(snmp, "IpOutRequests", sent)
+            ns = slot_get(d, _O_D_NSTATS)
             _count(ns, "lookups", sent)
             _count(ns, "hits", sent)
             n.used = now
@@ -538,19 +586,21 @@ cdef Py_ssize_t _send_run(sk, const uint8_t* p, Py_ssize_t count, Py_ssize_t off
 
 
 cdef bint _udp_send_p(sk, d, const uint8_t* src_p, Py_ssize_t nlen, int dport) except -1:
-    n = d.neigh
-    dev = d.dev
-    qd = dev.qdisc
+    if not _dst_ready(sk, d):
+        return False  # sk_dst_check / hh: something changed and the fill refused
+    n = slot_get(d, _O_D_NEIGH)
+    dev = slot_get(d, _O_D_DEV)
+    qd = slot_get(d, _O_D_QDISC)
     cdef Py_ssize_t ulen = 8 + nlen
     cdef Py_ssize_t tot = ulen + 20
-    ha = n.ha
-    if (not (<int>n.nud_state & _FAST_NUD) or n.dead or ha is None
-            or not (<int>dev.flags & _IFF_UP) or type(qd) is not _PFifoFast
-            or tot > <Py_ssize_t>dev.mtu or d.ip.pmtu or d.taps.get(dev.ifindex)):
+    if tot > <Py_ssize_t>slot_get(d, _O_D_MTU) or not _dst_per_send_ok(d, dev):
         return False
-    stack = d.stack
+    hh = slot_get(d, _O_D_HH)
+    if type(hh) is not bytes or PyBytes_GET_SIZE(hh) != 14:
+        raise TypeError("the cached hardware header is 14 bytes")
+    stack = slot_get(d, _O_D_STACK)
     now = stack.clock()
-    pool = d.pool
+    pool = slot_get(d, _O_D_POOL)
     skb = _alloc(pool, ulen, _MAX_HEADER)
     buf = skb.shinfo.buf
     if type(buf) is not bytearray:
@@ -563,14 +613,14 @@ cdef bint _udp_send_p(sk, d, const uint8_t* src_p, Py_ssize_t nlen, int dport) e
     if nlen:
         memcpy(b + o + 8, src_p, nlen)
     pool.bytes_copied += nlen
-    cdef uint32_t src = d.src
-    cdef uint32_t dst = d.daddr
-    idents = d.idents
-    i = d.ident_i
+    cdef uint32_t src = slot_get(d, _O_D_SRC)
+    cdef uint32_t dst = slot_get(d, _O_D_DADDR)
+    idents = slot_get(d, _O_D_IDENTS)
+    i = slot_get(d, _O_D_IDENT_I)
     cdef uint32_t ident = (<uint32_t>idents[i] + 1) & 0xFFFF
     idents[i] = ident
-    cdef int tos = sk.tos
-    ttl = sk.ttl or stack.sysctl.ip_default_ttl
+    cdef int tos = slot_get(d, _O_D_TOS)
+    ttl = slot_get(d, _O_D_TTL) or stack.sysctl.ip_default_ttl
     cdef uint64_t psum = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + 17 + ulen
     cdef uint8_t* ip = b + o - 20
     ip[0] = 0x45
@@ -586,11 +636,11 @@ cdef bint _udp_send_p(sk, d, const uint8_t* src_p, Py_ssize_t nlen, int dport) e
     _put32(ip + 16, dst)
     _put16(ip + 10, ~_fold(_sum16(ip, 20)) & 0xFFFF)
     cdef uint8_t* uh = b + o
-    _put16(uh, <uint32_t>(<int>sk.sport))
+    _put16(uh, <uint32_t>(<int>slot_get(d, _O_D_SPORT)))
     _put16(uh + 2, <uint32_t>dport)
     _put16(uh + 4, <uint32_t>ulen)
     cdef uint32_t c
-    if <int>dev.features & _IP_CSUM:
+    if slot_get(d, _O_D_HW) is True:
         c = _fold(psum)
         skb.ip_summed = _PARTIAL
         skb.csum_start = o
@@ -603,30 +653,21 @@ cdef bint _udp_send_p(sk, d, const uint8_t* src_p, Py_ssize_t nlen, int dport) e
             c = 0xFFFF
     _put16(uh + 6, c)
     cdef Py_ssize_t mh = o - 34
-    cdef const uint8_t* hap
-    cdef const uint8_t* sap
-    dev_addr = dev.dev_addr
-    if type(ha) is not bytes or type(dev_addr) is not bytes or PyBytes_GET_SIZE(ha) != 6 \
-            or PyBytes_GET_SIZE(dev_addr) != 6:
-        raise TypeError("link-layer addresses are 6 bytes")
-    memcpy(b + mh, PyBytes_AS_STRING(ha), 6)
-    memcpy(b + mh + 6, PyBytes_AS_STRING(dev_addr), 6)
-    b[mh + 12] = 0x08
-    b[mh + 13] = 0x00
+    memcpy(b + mh, PyBytes_AS_STRING(hh), 14)  # neigh_hh_output: the cached header
     skb.data = mh
     skb.tail = o + ulen
     skb.transport_header = o
     skb.network_header = o - 20
     skb.mac_header = mh
     skb.protocol = 0x0800
-    skb.priority = _TOS2PRIO[(tos & 0x1E) >> 1]
+    skb.priority = slot_get(d, _O_D_PRIO)
     skb.dev = dev
     skb.tstamp = now
     skb.pkt_type = 4  # PACKET_OUTGOING
-    snmp = d.snmp
+    snmp = slot_get(d, _O_D_SNMP)
     snmp["UdpOutDatagrams"] += 1
     snmp["IpOutRequests"] += 1
-    ns = d.nstats
+    ns = slot_get(d, _O_D_NSTATS)
     ns["lookups"] += 1
     ns["hits"] += 1
     n.used = now
@@ -634,7 +675,7 @@ cdef bint _udp_send_p(sk, d, const uint8_t* src_p, Py_ssize_t nlen, int dport) e
         _qdisc_xmit(qd, skb)  # behind the frames queued before it
         return True
     qd.runs += 1
-    batch = d.batch.xmit_batch_devs
+    batch = slot_get(d, _O_D_BATCH).xmit_batch_devs
     more = batch is not None
     # a driver's optional compiled transmit (E1000.tx_c: xmit(dev, skb, xmit_more), what its
     # ndo_start_xmit calls) without the method's Python frame; any other device as usual

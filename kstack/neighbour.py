@@ -23,6 +23,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from kstack.dropreason import SkbDropReason
+from kstack.dstgen import dst_genid_bump
 from kstack.skbuff import SkBuff
 
 if TYPE_CHECKING:
@@ -209,6 +210,7 @@ class Neighbour:
 
     def _set_state(self, state: int, now: int) -> None:
         self.nud_state = state
+        dst_genid_bump()  # the sockets' cached hh (hh_cache) holds only while the state does
 
     # --- input --------------------------------------------------------------------------------
 
@@ -252,7 +254,9 @@ class Neighbour:
             self._set_state(new, now)
         if lladdr != self.ha and not new & NUD_CONNECTED:
             self.confirmed = now - t.base_reachable_ns() * 2
-        self.ha = lladdr
+        if lladdr != self.ha:
+            self.ha = lladdr
+            dst_genid_bump()  # neigh_update_hhs: the cached Ethernet headers are rewritten
         if not old & NUD_VALID and self.arp_queue:
             # resolved: send what waited, in order
             q, self.arp_queue = self.arp_queue, deque()
@@ -328,6 +332,7 @@ class NeighTable:
         if self.entries.get((n.dev.ifindex, n.key)) is n:
             del self.entries[(n.dev.ifindex, n.key)]
         n.dead = True
+        dst_genid_bump()  # the dsts holding it drop it at their next send
         n.timer.delete()
         n._purge(SkbDropReason.NEIGH_DEAD)
         self.stats["destroys"] += 1

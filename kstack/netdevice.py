@@ -22,6 +22,9 @@ import abc
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from operator import attrgetter
+
+from kstack.dstgen import dst_genid_bump
 from kstack.skbuff import NET_IP_ALIGN, NET_SKB_PAD, default_pool
 from wire.ethernet import ETH_DATA_LEN
 
@@ -77,6 +80,31 @@ class NetDevice(abc.ABC):
         self.qdisc: Any = None  # kstack.qdisc.Qdisc, set by the stack
         self.stack: Any = None  # the NetStack it is registered with
         self.counters: dict[str, int] = {"tx_queue_stops": 0, "tx_queue_wakes": 0}
+
+    # --- what a socket's cached send state holds (kstack/dstgen.py): a change expires it ------
+    # (NETDEV_CHANGEMTU, NETDEV_UP/DOWN and carrier (IFF_RUNNING), NETDEV_FEAT_CHANGE, a new
+    # qdisc); the reads stay C-speed (attrgetter, no Python frame)
+
+    def _set_mtu(self, v: int) -> None:
+        self._mtu = v
+        dst_genid_bump()
+
+    def _set_flags(self, v: int) -> None:
+        self._flags = v
+        dst_genid_bump()
+
+    def _set_features(self, v: int) -> None:
+        self._features = v
+        dst_genid_bump()
+
+    def _set_qdisc(self, v: Any) -> None:
+        self._qdisc = v
+        dst_genid_bump()
+
+    mtu = property(attrgetter("_mtu"), _set_mtu)
+    flags = property(attrgetter("_flags"), _set_flags)
+    features = property(attrgetter("_features"), _set_features)
+    qdisc = property(attrgetter("_qdisc"), _set_qdisc)
 
     # --- identity ----------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kstack.dstgen import dst_genid_bump
 from wire.ipv4 import format_prefix, ntoa, prefix_mask
 
 if TYPE_CHECKING:
@@ -145,14 +146,18 @@ class Fib:
             raise ValueError(f"prefix length {r.plen}")
         r.dst &= prefix_mask(r.plen)
         (self.local if r.type in (RTN_LOCAL, RTN_BROADCAST) else self.main).add(r)
-        self._cache.clear()
-        self.genid += 1
+        self._bump()
 
     def remove(self, pred) -> int:
         n = self.local.remove(pred) + self.main.remove(pred)
+        self._bump()
+        return n
+
+    def _bump(self) -> None:
+        """rt_cache_flush: the lookup cache goes, cached dsts (sockets') expire."""
         self._cache.clear()
         self.genid += 1
-        return n
+        dst_genid_bump()
 
     def routes(self, table: str = "main") -> list[Route]:
         return (self.local if table == "local" else self.main).all()

@@ -17,6 +17,7 @@ import errno
 import socket as _pysocket
 from typing import Any, Callable
 
+from kstack.dstgen import dst_genid_bump
 from wire.ipv4 import aton
 
 __all__ = ["Sock", "POLLIN", "POLLOUT", "POLLERR", "POLLHUP", "POLLNVAL", "Address",
@@ -169,6 +170,7 @@ class Sock(abc.ABC):
 
     def setsockopt(self, level: int, option: int, value: int) -> None:
         """The options every socket has; protocols extend this."""
+        dst_genid_bump()  # SO_SNDBUF, IP_TOS, IP_TTL are in the socket's cached send state
         if level == SOL_SOCKET:
             if option == SO_RCVBUF:
                 self.rcvbuf = max(SOCK_MIN_RCVBUF, min(int(value), SK_RMEM_MAX) * 2)

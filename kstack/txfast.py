@@ -11,8 +11,13 @@ every counter the layered path increments, and anything unusual falls back to th
         True: sent (or handed to the driver, which may still drop and count it).
         False: not for the fast path; nothing was changed, the caller takes the slow path.
 
-`d` is the socket's UdpDst (the dst cache: route, source address, neighbour, device). The
-fast path needs: the neighbour CONNECTED, DELAY or PROBE with an address (__neigh_event_send
+`d` is the socket's UdpDst (the dst cache: route, source address, neighbour, device) and,
+filled by dst_tx_fill under a generation of kstack.dstgen (dst_check + hh_cache), everything a
+send reads that does not change from one datagram to the next: the neighbour's Ethernet
+header, the device's MTU, checksum offload and qdisc, the socket's TOS, priority, TTL, ports
+and SO_SNDBUF. A send checks one identity (d.tx_gen is DST_GENID.value) instead of reading
+those again; whatever changes one of them bumps the generation, and the next send refills
+(or, when the fill's checks fail, takes the layered path). The fast path needs: the neighbour CONNECTED, DELAY or PROBE with an address (__neigh_event_send
 changes nothing else then; STALE, INCOMPLETE, FAILED go the slow way to run the state
 machine), the device up with no tap, a pfifo_fast qdisc, no learned path MTU, and the
 datagram within the device MTU. With the pfifo_fast empty and the driver's queue awake the
@@ -25,13 +30,14 @@ from __future__ import annotations
 import struct
 from typing import Any
 
+from kstack.dstgen import DST_GENID
 from kstack.qdisc import IP_TOS2PRIO, PFifoFast
 from kstack.neighbour import NUD_CONNECTED, NUD_DELAY, NUD_PROBE
 from kstack.netdevice import NETDEV_TX_BUSY, IFF_UP, NetdevFeatures
 from kstack.skbuff import CHECKSUM_PARTIAL, MAX_HEADER
 from nicemu import tracepoint
 
-__all__ = ["UdpDst", "udp_send", "sendmmsg_connected", "sock_wfree", "FAST_NUD", "IP_IDENTS_MUL"]
+__all__ = ["UdpDst", "dst_tx_fill", "udp_send", "sendmmsg_connected", "sock_wfree", "FAST_NUD", "IP_IDENTS_MUL"]
 
 FAST_NUD = NUD_CONNECTED | NUD_DELAY | NUD_PROBE
 IP_IDENTS_MUL = 2654435761  # ip_select_ident's hash (kstack.ipv4.Ipv4.select_ident)
@@ -49,7 +55,10 @@ class UdpDst:
     was made under (a route or address change bumps it) and its neighbour entry lives."""
 
     __slots__ = ("genid", "daddr", "res", "dev", "src", "neigh", "key", "stack", "pool", "snmp",
-                 "nstats", "idents", "ident_i", "ip", "taps", "batch")
+                 "nstats", "idents", "ident_i", "ip", "taps", "batch",
+                 # the cached send state (dst_tx_fill), valid while tx_gen is DST_GENID.value
+                 "tx_gen", "hh", "mtu", "hw_csum", "qdisc", "tos", "priority", "ttl", "sport",
+                 "dport", "sndbuf")
 
     def __init__(self, genid: int, daddr: int, res: Any, src: int, inet: Any) -> None:
         self.genid = genid
@@ -68,6 +77,44 @@ class UdpDst:
         self.ident_i = (daddr * IP_IDENTS_MUL ^ 17) % len(inet.ip.idents)
         self.taps = inet.stack._taps
         self.batch = inet.stack  # xmit_batch_devs: the syscall layer's batch (xmit_more)
+        self.tx_gen: Any = None  # not filled yet
+        self.hh = b""
+        self.mtu = self.tos = self.priority = self.ttl = self.sport = self.dport = self.sndbuf = 0
+        self.hw_csum = False
+        self.qdisc: Any = None
+
+
+def dst_tx_fill(sk: Any, d: UdpDst) -> bool:
+    """dst_check + neigh_hh_init for the fast path: check what does not change between sends
+    (the route's generation, the neighbour CONNECTED/DELAY/PROBE with an address and alive,
+    the device up with a pfifo_fast) and cache what the send reads (hh_cache: destination and
+    source MAC and the EtherType, ready to copy; MTU, checksum offload, qdisc; TOS, priority,
+    TTL, ports, SO_SNDBUF) under the current generation. False: not for the fast path (the
+    cache stays invalid). The compiled send calls this too: one fill for both."""
+    gen = DST_GENID.value  # before reading: a bump while filling leaves the cache stale
+    n = d.neigh
+    if n is None or n.dead or d.genid != sk.inet.fib.genid:
+        return False
+    dev = d.dev
+    qd = dev.qdisc
+    ha = n.ha
+    if not n.nud_state & FAST_NUD or ha is None or not dev.flags & IFF_UP or type(qd) is not PFifoFast:
+        return False
+    dev_addr = dev.dev_addr
+    if type(ha) is not bytes or type(dev_addr) is not bytes or len(ha) != 6 or len(dev_addr) != 6:
+        raise TypeError("link-layer addresses are 6 bytes")
+    d.hh = _ETH.pack(ha, dev_addr, 0x0800)
+    d.mtu = dev.mtu
+    d.hw_csum = bool(dev.features & _IP_CSUM)
+    d.qdisc = qd
+    tos = d.tos = sk.tos & 0xFF
+    d.priority = IP_TOS2PRIO[(tos & 0x1E) >> 1]
+    d.ttl = sk.ttl  # 0: ip_default_ttl, read at each send (a sysctl is not a cause)
+    d.sport = sk.sport
+    d.dport = sk.dport
+    d.sndbuf = sk.sndbuf
+    d.tx_gen = gen
+    return True
 
 
 def sock_wfree(skb: Any) -> None:
@@ -90,15 +137,15 @@ def _fold(s: int) -> int:
 def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int, now: int | None = None) -> bool:
     """udp_sendmsg -> ip_output -> neigh_output -> dev_queue_xmit (bypass) -> ndo_start_xmit,
     in one step for the common case. See the module docstring."""
+    if d.tx_gen is not DST_GENID.value and not dst_tx_fill(sk, d):
+        return False  # sk_dst_check / hh: something changed and the fill refused
     n = d.neigh
     dev = d.dev
-    qd = dev.qdisc
+    qd = d.qdisc
     nlen = len(data)
     ulen = _UDP_HLEN + nlen
     tot = ulen + _IP_HLEN
-    ha = n.ha
-    if (not n.nud_state & FAST_NUD or n.dead or ha is None or not dev.flags & IFF_UP
-            or type(qd) is not PFifoFast or tot > dev.mtu or d.ip.pmtu or d.taps.get(dev.ifindex)):
+    if tot > d.mtu or d.ip.pmtu or (d.taps and d.taps.get(dev.ifindex)):
         return False
     stack = d.stack
     if now is None:  # a batch (sendmmsg_connected) reads the clock once for all its datagrams
@@ -121,16 +168,16 @@ def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int, now: int | None = None
     idents = d.idents
     i = d.ident_i
     ident = idents[i] = (idents[i] + 1) & 0xFFFF
-    tos = sk.tos
-    ttl = sk.ttl or stack.sysctl.ip_default_ttl
+    tos = d.tos
+    ttl = d.ttl or stack.sysctl.ip_default_ttl
     psum = (src >> 16) + (src & 0xFFFF) + (dst >> 16) + (dst & 0xFFFF) + 17 + ulen
     ih = o - _IP_HLEN
     _IPUDP.pack_into(buf, ih, 0x45, tos, tot, ident, 0x4000, ttl, 17, 0, src, dst,
-                     sk.sport, dport, ulen, 0)
+                     d.sport, dport, ulen, 0)
     c = ~_fold(int.from_bytes(buf[ih:ih + _IP_HLEN], "big") % 0xFFFF or 0xFFFF) & 0xFFFF
     buf[ih + 10] = c >> 8
     buf[ih + 11] = c & 0xFF
-    if dev.features & _IP_CSUM:
+    if d.hw_csum:
         c = _fold(psum)  # udp4_hwcsum: the device finishes it (CHECKSUM_PARTIAL)
         skb.ip_summed = CHECKSUM_PARTIAL
         skb.csum_start = o
@@ -146,14 +193,14 @@ def udp_send(sk: Any, d: UdpDst, data: bytes, dport: int, now: int | None = None
     buf[o + 6] = c >> 8
     buf[o + 7] = c & 0xFF
     mh = ih - _ETH_HLEN
-    _ETH.pack_into(buf, mh, ha, dev.dev_addr, 0x0800)
+    buf[mh:ih] = d.hh  # neigh_hh_output: the cached header copied in front
     skb.data = mh
     skb.tail = o + ulen
     skb.transport_header = o
     skb.network_header = ih
     skb.mac_header = mh
     skb.protocol = 0x0800
-    skb.priority = IP_TOS2PRIO[(tos & 0x1E) >> 1]
+    skb.priority = d.priority
     skb.dev = dev
     skb.tstamp = now
     skb.pkt_type = _PACKET_OUTGOING
