@@ -9,6 +9,7 @@ from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from libc.stdint cimport uint8_t, uint32_t, uint64_t
 from libc.string cimport memcpy
+from wire._csum cimport csum_sum16 as _sum16, csum_fold as _fold  # RFC 1071 sums: one home
 
 from kstack.netdevice import NETDEV_TX_BUSY
 from kstack.qdisc import DEV_TX_WEIGHT
@@ -234,24 +235,6 @@ cdef object _skb_new(object pool, object shinfo, Py_ssize_t end, Py_ssize_t true
     skb.freed = False
     skb.cloned = False
     return skb
-
-
-cdef inline uint32_t _fold(uint64_t s) noexcept nogil:
-    while s >> 16:
-        s = (s & 0xFFFF) + (s >> 16)
-    return <uint32_t>s
-
-
-cdef inline uint64_t _sum16(const uint8_t* p, Py_ssize_t n) noexcept nogil:
-    """The unfolded sum of big-endian 16-bit words (an odd byte padded with zero)."""
-    cdef uint64_t s = 0
-    cdef Py_ssize_t i = 0
-    while i + 1 < n:
-        s += (<uint32_t>p[i] << 8) | p[i + 1]
-        i += 2
-    if n & 1:
-        s += <uint32_t>p[n - 1] << 8
-    return s
 
 
 cdef inline void _put16(uint8_t* p, uint32_t v) noexcept nogil:

@@ -1,6 +1,6 @@
 """The internet checksum (RFC 1071) for the compiled paths: wire/checksum.py's sums in C, one
-home for the loops that kstack/_gro.pyx, _gso.pyx and _rxfast.pyx cimport (inline: no module
-of its own to build)."""
+home for the loops that kstack/_gro.pyx, _gso.pyx, _rxfast.pyx and _txfast.pyx cimport (inline:
+no module of its own to build)."""
 from libc.stdint cimport uint8_t, uint64_t
 
 
