@@ -129,9 +129,8 @@ class Demo:
                      f"included; {DEFAULT_SNAPLEN} bytes of each frame, the first {self.args.pcap_frames:,} "
                      f"frames). The devices' engines copy each frame into a capture ring on their fast "
                      f"path (a clock read and one copy, no Python) and the emulator writes the ring to "
-                     f"the file every 100 ms: measured on the bypass path, 7 runs with and 7 without it, "
-                     f"its CPU per echo was within the run-to-run spread (medians 30.9 and 30.6 us; about "
-                     f"0.2 us per frame in all in-process); --no-pcap for figures without it.")
+                     f"the file every 100 ms (docs/cables.md has its measured cost per frame); "
+                     f"--no-pcap for figures without it.")
         self.say("")
 
     def _path(self, path: str) -> None:
