@@ -40,8 +40,10 @@ DEFAULT_APP_TIMEOUT = 300.0
 
 MODES = ("napi", "interrupt")
 HOST_KEYS = ("interfaces", "routes", "forward", "capture")
-INTERFACE_KEYS = ("device", "mode", "addresses", "gro", "gso")
+INTERFACE_KEYS = ("device", "mode", "addresses", "gro", "gso", "doorbell_page")
 OFFLOAD_KEYS = ("gro", "gso")  # software offloads of the host's stack (kernel --device gro=, gso=)
+# true/false switches of an interface, passed to the kernel's --device as KEY=on|off when given
+SWITCH_KEYS = OFFLOAD_KEYS + ("doorbell_page",)  # the driver's tails through the doorbell page
 ROUTE_KEYS = ("to", "via", "dev")
 APP_KEYS = ("name", "host", "run", "args", "wait", "timeout")
 
@@ -81,6 +83,7 @@ class InterfaceSpec:
     # ethtool -K gro/gso: None leaves the kernel's default (on unless NICEMU_GRO=0/NICEMU_GSO=0)
     gro: bool | None = None
     gso: bool | None = None
+    doorbell_page: bool | None = None  # None: the kernel's default (off; docs/kstack.md)
 
 
 @dataclass(frozen=True)
@@ -286,7 +289,7 @@ def _check_interfaces(c: "_Checker", h: dict, path: str, devices: Mapping[str, M
                                f"{T._suggest(mode, MODES)}", spec, "mode")
             ok = False
         offload: dict[str, bool | None] = {}
-        for key in OFFLOAD_KEYS:
+        for key in SWITCH_KEYS:
             v = spec.get(key)
             if key in spec and not isinstance(v, bool):
                 c.err(f"{p}.{key}", f"must be true or false, got {T._describe(v)}", spec, key)
@@ -535,7 +538,7 @@ def kernel_command(topo: "Topology", host: HostSpec) -> list[str]:
         for key, arg in (("rx_ring_size", "rx_ring"), ("tx_ring_size", "tx_ring")):
             if key in d.driver:
                 opt += f",{arg}={d.driver[key]}"
-        for key in OFFLOAD_KEYS:
+        for key in SWITCH_KEYS:
             v = getattr(i, key)
             if v is not None:
                 opt += f",{key}={'on' if v else 'off'}"
